@@ -1,0 +1,62 @@
+"""Starts the training loop: on Ray Train (TorchTrainer) or in-process (backend: local)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from orchestrator.recipe import Recipe
+from storage import fs
+
+log = logging.getLogger(__name__)
+
+# Quiet, non-interactive Ray: no usage-stats prompt, no V1->V2 migration banners.
+RAY_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+    "RAY_DEDUP_LOGS": "1",
+}
+
+
+def launch(recipe: Recipe, config: dict[str, Any], address: str | None) -> None:
+    if recipe.execution.backend == "local":
+        from workers.loop import train_loop
+
+        train_loop(config)
+        return
+    launch_ray(recipe, config, address)
+
+
+def launch_ray(recipe: Recipe, config: dict[str, Any], address: str | None) -> None:
+    for k, v in RAY_ENV.items():
+        os.environ.setdefault(k, v)
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from workers.loop import train_loop
+
+    ex = recipe.execution
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
+                 runtime_env={"env_vars": dict(RAY_ENV)})
+    storage_fs, storage_path = fs.pyarrow_filesystem(recipe.run.storage)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=ex.num_workers,
+            use_gpu=ex.use_gpu,
+            resources_per_worker={"CPU": ex.cpus_per_worker, **({"GPU": 1} if ex.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            # storage_path/name is the run directory every other file of the run lives in.
+            name=recipe.run.name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=ray.train.FailureConfig(max_failures=ex.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=recipe.checkpoint.keep),
+        ),
+    )
+    trainer.fit()

@@ -1,0 +1,126 @@
+"""The plan: recipe + dataset size -> a held-out eval split and stages x chunks of sample ids.
+
+A chunk is a slice of a seeded permutation of the training ids; every stage covers the
+training split once. The plan is written to run storage at the first start and read back on
+every resume, so a resumed run trains exactly the chunks it planned.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from orchestrator.recipe import Recipe
+from storage import fs
+from storage.layout import PLAN_JSON, PLAN_NPZ
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    name: str
+    chunk_size: int
+    permutation: np.ndarray  # training ids in this stage's order
+
+    @property
+    def num_chunks(self) -> int:
+        return math.ceil(len(self.permutation) / self.chunk_size)
+
+    def chunk_ids(self, chunk: int) -> np.ndarray:
+        if not 0 <= chunk < self.num_chunks:
+            raise IndexError(f"stage {self.name!r} has {self.num_chunks} chunks, not {chunk + 1}")
+        return self.permutation[chunk * self.chunk_size : (chunk + 1) * self.chunk_size]
+
+
+@dataclass(frozen=True)
+class Plan:
+    seed: int
+    num_samples: int
+    eval_ids: np.ndarray
+    train_ids: np.ndarray
+    stages: tuple[StagePlan, ...]
+
+    def chunk_ids(self, stage: int, chunk: int) -> np.ndarray:
+        return self.stages[stage].chunk_ids(chunk)
+
+    def summary(self) -> dict:
+        return {
+            "seed": self.seed,
+            "num_samples": self.num_samples,
+            "eval_samples": len(self.eval_ids),
+            "train_samples": len(self.train_ids),
+            "stages": [
+                {"name": s.name, "chunk_size": s.chunk_size, "chunks": s.num_chunks,
+                 "chunk_samples": [len(s.chunk_ids(c)) for c in range(s.num_chunks)]}
+                for s in self.stages
+            ],
+        }
+
+    def save(self, run_dir: str) -> None:
+        buf = io.BytesIO()
+        arrays = {"eval_ids": self.eval_ids, "train_ids": self.train_ids}
+        arrays.update({f"stage_{i}": s.permutation for i, s in enumerate(self.stages)})
+        np.savez(buf, **arrays)
+        fs.write_bytes(fs.join(run_dir, PLAN_NPZ), buf.getvalue())
+        # The JSON is written second: it marks the plan complete.
+        fs.write_json(fs.join(run_dir, PLAN_JSON), self.summary())
+
+    @classmethod
+    def load(cls, run_dir: str) -> Plan:
+        meta = fs.read_json(fs.join(run_dir, PLAN_JSON))
+        arrays = np.load(io.BytesIO(fs.read_bytes(fs.join(run_dir, PLAN_NPZ))))
+        stages = tuple(
+            StagePlan(s["name"], s["chunk_size"], arrays[f"stage_{i}"]) for i, s in enumerate(meta["stages"])
+        )
+        return cls(meta["seed"], meta["num_samples"], arrays["eval_ids"], arrays["train_ids"], stages)
+
+
+def make_plan(recipe: Recipe, sample_ids: np.ndarray) -> Plan:
+    """Split off the eval ids, then give each stage its own seeded order of the training ids."""
+    from orchestrator.errors import RecipeError
+
+    sample_ids = np.sort(np.asarray(sample_ids, dtype=np.int64))
+    n = len(sample_ids)
+    n_eval = recipe.data.eval_samples
+    if n_eval >= n:
+        raise RecipeError(f"data.eval_samples={n_eval} leaves no training samples (the dataset has {n})")
+    rng = np.random.default_rng([recipe.run.seed, 0])
+    shuffled = rng.permutation(sample_ids)
+    eval_ids, train_ids = np.sort(shuffled[:n_eval]), np.sort(shuffled[n_eval:])
+    min_batch = recipe.execution.num_workers
+    stages = []
+    for i, st in enumerate(recipe.stages):
+        perm = np.random.default_rng([recipe.run.seed, 1, i]).permutation(train_ids)
+        plan = StagePlan(st.name, st.chunk_size, perm)
+        last = len(plan.chunk_ids(plan.num_chunks - 1))
+        if last < min_batch:
+            raise RecipeError(
+                f"stages.{st.name}.chunk_size={st.chunk_size}: the last chunk holds {last} samples, fewer than "
+                f"the {min_batch} workers; pick a chunk_size that divides the {len(train_ids)} training samples more evenly"
+            )
+        stages.append(plan)
+    return Plan(recipe.run.seed, n, eval_ids, train_ids, tuple(stages))
+
+
+def batches_for_rank(ids: np.ndarray, batch_size: int, world_size: int, rank: int, seed: list[int]) -> list[np.ndarray]:
+    """This rank's batches of one pass over a chunk.
+
+    Rank r takes ids[r::world]; its shuffled slice is cut into the same number of steps on
+    every rank (ceil(n / global batch)), so DDP ranks never wait on a missing step and every
+    sample is trained exactly once per pass.
+    """
+    steps = num_steps(len(ids), batch_size, world_size)
+    mine = ids[rank::world_size]
+    order = np.random.default_rng(seed + [rank]).permutation(mine)
+    return [b for b in np.array_split(order, steps)]
+
+
+def num_steps(n: int, batch_size: int, world_size: int) -> int:
+    """Steps of one pass over n samples; capped so that no rank gets an empty batch."""
+    return max(1, min(math.ceil(n / batch_size), n // world_size))
+
+
+def steps_per_chunk(n: int, batch_size: int, epochs: int, world_size: int) -> int:
+    return epochs * num_steps(n, batch_size, world_size)

@@ -1,0 +1,91 @@
+"""Live progress on the driver: stage, chunk i/N, step, loss, samples/s, ETA.
+
+The chief worker writes progress.json into run storage; the driver polls it. This works the
+same whether the worker is in-process, on a local Ray cluster or on a remote node.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn
+
+from storage import fs
+from storage.layout import PROGRESS_JSON
+
+POLL_S = 1.0
+PLAIN_EVERY_S = 15.0  # without a terminal (CI, logs, notebooks' captured output): one line per interval
+
+
+def format_eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "--:--"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+def describe(p: dict[str, Any]) -> str:
+    loss = f"{p['loss']:.4f}" if p.get("loss") is not None else "-"
+    rate = f"{p['samples_per_s']:.1f}" if p.get("samples_per_s") else "-"
+    return (
+        f"stage {p['stage_index'] + 1}/{p['stages']} {p['stage']} | chunk {min(p['chunk'] + 1, p['chunks'])}/{p['chunks']} | "
+        f"step {p['global_step']}/{p['total_steps']} | loss {loss} | {rate} samples/s | ETA {format_eta(p.get('eta_s'))} | {p['phase']}"
+    )
+
+
+class ProgressDisplay:
+    """Context manager that follows a run's progress.json until the block exits."""
+
+    def __init__(self, run_dir: str, console: Console | None = None) -> None:
+        self.uri = fs.join(run_dir, PROGRESS_JSON)
+        self.console = console or Console(stderr=True)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, name="progress", daemon=True)
+        self._started_at = time.time()
+
+    def __enter__(self) -> ProgressDisplay:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _read(self) -> dict[str, Any] | None:
+        try:
+            p = fs.read_json(self.uri)
+        except Exception:  # noqa: BLE001 - not written yet, or mid-write on an object store
+            return None
+        # A progress file left by an earlier attempt says nothing about this one.
+        return p if p.get("updated_at", 0) >= self._started_at - 1 else None
+
+    def _follow(self) -> None:
+        if self.console.is_terminal:
+            self._follow_live()
+        else:
+            self._follow_plain()
+
+    def _follow_live(self) -> None:
+        cols = (TextColumn("[bold]{task.description}"), BarColumn(bar_width=24))
+        with Progress(*cols, console=self.console, transient=False) as bar:
+            task = bar.add_task("starting workers...", total=None)
+            while not self._stop.wait(POLL_S):
+                p = self._read()
+                if p:
+                    bar.update(task, description=describe(p), completed=p["global_step"], total=p["total_steps"])
+            p = self._read()
+            if p:
+                bar.update(task, description=describe(p), completed=p["global_step"], total=p["total_steps"])
+
+    def _follow_plain(self) -> None:
+        last = 0.0
+        while not self._stop.wait(POLL_S):
+            p = self._read()
+            if p and time.monotonic() - last >= PLAIN_EVERY_S:
+                last = time.monotonic()
+                self.console.print(describe(p), highlight=False)

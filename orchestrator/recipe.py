@@ -1,0 +1,261 @@
+"""The typed recipe: YAML on disk, validated by pydantic, overridable with `--set a.b=value`."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from orchestrator.errors import RecipeError
+
+PARTS = ("head", "spine", "tail", "all")
+
+
+class _Strict(BaseModel):
+    # Unknown keys are typos, and a typo silently ignored costs a night of training.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Run name: the run's folder under `storage` and its MLflow run name.")
+    storage: str = Field("runs", description="Run storage root, any fsspec URI; the run lives at <storage>/<name>.")
+    seed: int = Field(0, description="Seed of the plan's permutations, initial weights and augmentation.")
+    deterministic: bool = Field(True, description="Deterministic kernels and seeded order, so a resumed run reproduces an uninterrupted one on CPU.")
+
+
+class SynthSection(_Strict):
+    samples: int = Field(4096, ge=16, description="Samples to synthesize when data.uri is empty.")
+    seed: int = Field(0, description="Seed of the synthetic dataset.")
+    image_size: int = Field(200, ge=32, description="Side of the synthesized square images, px (the source used 200).")
+
+
+class DataSection(_Strict):
+    uri: str = Field("", description="Packed dataset URI (manifest.json + shards). Empty: synthesize to data/<run.name> (when data.synthesize is set).")
+    synthesize: bool = Field(False, description="When uri is empty, synthesize a dataset on first run (quickstart).")
+    synth: SynthSection = Field(default_factory=SynthSection, description="Synthetic dataset settings.")
+    eval_samples: int = Field(256, ge=1, description="Held-out eval split size, kept apart from every training chunk.")
+    expected_samples: int | None = Field(None, ge=1, description="If set, the dataset must hold exactly this many samples.")
+    image_size: tuple[int, int] | None = Field(None, description="If set, every stored image must be this [height, width].")
+    decode_workers: int = Field(0, ge=0, description="DataLoader worker processes that decode JPEG/PNG; 0 decodes in the training process.")
+    hflip: float = Field(0.5, ge=0.0, le=1.0, description="Probability of a horizontal flip of a training sample.")
+
+
+class ModelSection(_Strict):
+    name: str = Field("unet224", description="Model name from the model registry (`orchestrator models`).")
+    width: float = Field(1.0, gt=0.0, le=4.0, description="Channel width multiplier; 1.0 is the source's 17.5M-param model.")
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        from workers.models import MODELS
+
+        if v not in MODELS:
+            raise ValueError(f"unknown model {v!r}; valid: {', '.join(MODELS.names())}")
+        return v
+
+
+LossSpec = dict[str, Annotated[float, Field(ge=0.0)]]
+
+
+class LossSection(_Strict):
+    mask: LossSpec = Field(default_factory=lambda: {"l1": 1.0, "dice": 1.0}, description="Mask loss terms (name: weight); the source's final pick is L1 + Dice.")
+    depth: LossSpec = Field(default_factory=lambda: {"rmse": 1.0, "ssim": 1.0}, description="Depth loss terms (name: weight); the source's final pick is RMSE + SSIM.")
+    depth_weight: float = Field(1.0, ge=0.0, description="Weight of the depth loss against the mask loss.")
+
+    @field_validator("mask", "depth")
+    @classmethod
+    def _known_losses(cls, v: dict[str, float]) -> dict[str, float]:
+        from workers.losses import LOSSES
+
+        if not v:
+            raise ValueError(f"needs at least one loss; valid: {', '.join(LOSSES.names())}")
+        for name in v:
+            if name not in LOSSES:
+                raise ValueError(f"unknown loss {name!r}; valid: {', '.join(LOSSES.names())}")
+        return v
+
+
+class OptimizerSection(_Strict):
+    name: Literal["adamw", "sgd"] = Field("adamw", description="Optimizer.")
+    weight_decay: float = Field(1e-4, ge=0.0, description="Weight decay.")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum (sgd only).")
+
+
+class StageSection(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$", description="Stage name, shown in progress and MLflow.")
+    forward: Literal["spine", "full"] = Field(description="Which network runs: the 56-px spine alone, or head + spine + tail.")
+    trainable: list[Literal["head", "spine", "tail", "all"]] = Field(description="Parts whose weights train; the rest are frozen.")
+    resolution: int = Field(ge=16, description="Input side in px for this stage.")
+    batch_size: int = Field(ge=1, description="Global batch size (split across workers).")
+    chunk_size: int = Field(ge=1, description="Samples per chunk; the stage covers the training split once, chunk by chunk.")
+    epochs_per_chunk: int = Field(1, ge=1, description="Passes over each chunk before moving to the next.")
+    lr: float = Field(gt=0.0, description="Peak learning rate.")
+    scheduler: Literal["onecycle", "constant"] = Field("onecycle", description="LR schedule over the stage's steps.")
+
+    @model_validator(mode="after")
+    def _resolution_fits_network(self) -> StageSection:
+        # The full path's head and tail scale by 4 around the spine, which needs at least 16 px.
+        if self.forward == "full" and (self.resolution % 4 or self.resolution < 64):
+            raise ValueError(f"resolution {self.resolution} must be a multiple of 4 and at least 64 for forward='full'")
+        return self
+
+
+class CheckpointSection(_Strict):
+    every_steps: int = Field(200, ge=1, description="Checkpoint every N optimizer steps (and at every chunk end).")
+    every_seconds: float = Field(600.0, gt=0, description="Checkpoint when this many seconds passed since the last one.")
+    keep: int = Field(3, ge=1, description="Complete checkpoints kept; older ones are deleted.")
+
+
+class TrackingSection(_Strict):
+    uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI; a relative sqlite path is relative to the current directory.")
+    experiment: str = Field("orchestrator", description="MLflow experiment name.")
+    flush_every_steps: int = Field(20, ge=1, description="Train losses are sent to MLflow in batches of this many steps.")
+    grid_samples: int = Field(4, ge=1, le=16, description="Eval samples in the prediction grid logged at each stage end.")
+
+
+class ExecutionSection(_Strict):
+    backend: Literal["ray", "local"] = Field("ray", description="ray: Ray Train TorchTrainer; local: the same loop in-process (tests, debugging).")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel ranks).")
+    use_gpu: bool = Field(False, description="Give each worker one GPU.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
+    max_failures: int = Field(3, ge=-1, description="Worker-group restarts Ray Train attempts before the run fails (-1: unlimited).")
+    torch_threads: int = Field(0, ge=0, description="torch intra-op threads per worker; 0 = cpus_per_worker.")
+
+
+class Recipe(_Strict):
+    run: RunSection
+    data: DataSection = Field(default_factory=DataSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    loss: LossSection = Field(default_factory=LossSection)
+    optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
+    stages: list[StageSection] = Field(min_length=1, description="Training stages, run in order.")
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
+    execution: ExecutionSection = Field(default_factory=ExecutionSection)
+
+    @model_validator(mode="after")
+    def _unique_stage_names(self) -> Recipe:
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique, got {names}")
+        return self
+
+    def sha256(self) -> str:
+        """Identity of what the run trains, to tell a resumed run from a changed one.
+
+        `execution` is left out: a run may resume with other resources (more workers, a GPU).
+        """
+        body = self.model_dump(mode="json", exclude={"execution"})
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+    def flat_params(self) -> dict[str, str]:
+        """The recipe flattened with dotted keys (stages by name), secrets redacted, for MLflow params."""
+        from orchestrator.redact import redact
+
+        out: dict[str, str] = {}
+
+        def walk(prefix: str, obj: Any) -> None:
+            if isinstance(obj, dict):
+                for k, v in obj.items():
+                    walk(f"{prefix}.{k}" if prefix else str(k), v)
+            elif isinstance(obj, list) and obj and all(isinstance(x, dict) and "name" in x for x in obj):
+                for x in obj:
+                    walk(f"{prefix}.{x['name']}", x)
+            else:
+                out[prefix] = redact(prefix, json.dumps(obj) if isinstance(obj, list) else str(obj))
+
+        walk("", self.model_dump(mode="json"))
+        return out
+
+
+def _format_validation_error(source: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if p not in ("function-after",))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check its spelling against the recipe reference in README)"
+        lines.append(f"{source}: field '{loc or '<root>'}': {msg}")
+    return "\n".join(lines)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise RecipeError(f"--set {item!r}: expected KEY=VALUE, e.g. --set stages.spine.batch_size=64")
+    key, _, raw = item.partition("=")
+    if not key or any(not p for p in key.split(".")):
+        raise RecipeError(f"--set {item!r}: bad key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"--set {item!r}: value is not valid YAML ({exc.__class__.__name__})") from None
+    return key.split("."), value
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Set a dotted key; list items are addressed by index or, for stages, by name."""
+    parts, value = _parse_override(item)
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            idx = _list_index(node, part, item)
+            if last:
+                node[idx] = value
+            else:
+                node = node[idx]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise RecipeError(f"--set {item!r}: '{'.'.join(parts[:i])}' is a value, not a section")
+
+
+def _list_index(node: list[Any], part: str, item: str) -> int:
+    if part.lstrip("-").isdigit():
+        idx = int(part)
+        if not -len(node) <= idx < len(node):
+            raise RecipeError(f"--set {item!r}: index {idx} out of range (there are {len(node)})")
+        return idx
+    for idx, x in enumerate(node):
+        if isinstance(x, dict) and x.get("name") == part:
+            return idx
+    names = [x.get("name") for x in node if isinstance(x, dict)]
+    raise RecipeError(f"--set {item!r}: no item named {part!r}; valid: {', '.join(map(str, names))}")
+
+
+def load_recipe_dict(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(f"{path}: malformed YAML{where}: {problem}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a YAML mapping with at least 'run' and 'stages'")
+    return data
+
+
+def validate_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(_format_validation_error(source, err)) from None
+
+
+def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
+    data = copy.deepcopy(load_recipe_dict(path))
+    for item in overrides or []:
+        apply_override(data, item)
+    return validate_recipe(data, source=path)

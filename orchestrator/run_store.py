@@ -1,0 +1,55 @@
+"""The run's record in run storage (run.json) and the files workers leave beside it.
+
+Everything needed to resume lives under <run.storage>/<run.name>/: the recipe, the plan, the
+MLflow run id, checkpoints and the cursor, so a lost driver (an expired notebook) costs nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from storage import fs
+from storage.layout import RUN_JSON
+
+STATES = ("pending", "running", "interrupted", "completed", "failed")
+# A running run whose progress file has not moved for this long has lost its driver or workers.
+STALE_AFTER_S = 120.0
+
+
+@dataclass
+class RunRecord:
+    run_name: str
+    recipe: dict[str, Any]
+    recipe_sha256: str
+    state: str = "pending"
+    data_uri: str = ""
+    mlflow_run_id: str | None = None
+    mlflow_experiment_id: str | None = None
+    tracking_uri: str = ""
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+    attempts: int = 0
+    error: str | None = None
+
+
+def run_dir(recipe_storage: str, run_name: str) -> str:
+    return fs.join(recipe_storage, run_name)
+
+
+def load(run_dir_uri: str) -> RunRecord | None:
+    uri = fs.join(run_dir_uri, RUN_JSON)
+    if not fs.exists(uri):
+        return None
+    return RunRecord(**fs.read_json(uri))
+
+
+def save(run_dir_uri: str, rec: RunRecord) -> None:
+    rec.updated_at = time.time()
+    fs.write_json(fs.join(run_dir_uri, RUN_JSON), asdict(rec))
+
+
+def read_optional(run_dir_uri: str, name: str) -> Any:
+    uri = fs.join(run_dir_uri, name)
+    return fs.read_json(uri) if fs.exists(uri) else None

@@ -1,0 +1,184 @@
+"""`orchestrator run`: start a run, or resume it, or report it when it already finished."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+
+from orchestrator import run_store, tracking
+from orchestrator.errors import RecipeError, RunError
+from orchestrator.plan import Plan, make_plan
+from orchestrator.progress import ProgressDisplay
+from orchestrator.recipe import Recipe
+from storage import fs
+from storage.layout import ERROR_JSON, FINAL_JSON
+from storage.retry import StorageError
+
+log = logging.getLogger(__name__)
+
+
+def resolve_data(recipe: Recipe, console: Console) -> str:
+    """The dataset URI; quickstart-style recipes synthesize it on first run."""
+    from storage.shards import DatasetError, open_dataset
+
+    uri = recipe.data.uri
+    if not uri:
+        if not recipe.data.synthesize:
+            raise RecipeError(
+                "field 'data.uri' is empty: point it at a packed dataset (--set data.uri=gs://bucket/dataset or a local path), "
+                "or make one with `orchestrator data synth DEST`"
+            )
+        uri = fs.normalize(fs.join("data", recipe.run.name))
+        if not fs.exists(fs.join(uri, "manifest.json")):
+            from storage.synth import synthesize
+
+            sy = recipe.data.synth
+            console.print(f"data.uri is empty: synthesizing {sy.samples} samples into {uri} (first run only)")
+            with _count_progress(console, "synthesizing", sy.samples) as advance:
+                synthesize(uri, sy.samples, seed=sy.seed, image_size=sy.image_size, progress=advance)
+    try:
+        ds = open_dataset(uri)
+    except DatasetError as exc:
+        raise RunError(str(exc)) from None
+    except StorageError as exc:
+        raise RunError(f"{exc}. Check data.uri and your credentials") from None
+    if recipe.data.expected_samples and ds.num_samples != recipe.data.expected_samples:
+        raise RunError(
+            f"{uri}: holds {ds.num_samples} samples, the recipe's data.expected_samples is {recipe.data.expected_samples}; "
+            "point data.uri at the full dataset or change data.expected_samples"
+        )
+    return fs.normalize(uri)
+
+
+class _count_progress:  # noqa: N801 - used as a context manager
+    def __init__(self, console: Console, what: str, total: int) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self.bar = Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console,
+                            disable=not console.is_terminal)
+        self.total = total
+
+    def __enter__(self):
+        self.bar.start()
+        task = self.bar.add_task("", total=self.total)
+        return lambda n=1: self.bar.advance(task, n)
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.stop()
+
+
+def baseline_depth(uri: str, train_ids: np.ndarray) -> float:
+    """Mean depth of the training split: the constant the baseline RMSE predicts."""
+    from storage.shards import open_dataset
+
+    ds = open_dataset(uri)
+    means = ds.depth_means(train_ids)
+    return float(np.mean(means))
+
+
+def run(recipe: Recipe, address: str | None = None, console: Console | None = None) -> dict[str, Any]:
+    """Run to completion; returns the final record. Raises OrchestratorError subclasses."""
+    console = console or Console(stderr=True)
+    storage_root = fs.normalize(recipe.run.storage)
+    rdir = run_store.run_dir(storage_root, recipe.run.name)
+    try:
+        fs.probe_writable(storage_root)
+    except StorageError as exc:
+        raise RunError(f"run.storage {exc}") from None
+    rec = run_store.load(rdir)
+    if rec is not None:
+        if rec.recipe_sha256 != recipe.sha256():
+            raise RecipeError(
+                f"run '{recipe.run.name}' already exists in {rdir} with a different recipe; "
+                "re-run it with the recipe it started with, or pick a new run.name (--set run.name=...)"
+            )
+        if rec.state == "completed":
+            final = run_store.read_optional(rdir, FINAL_JSON)
+            console.print(f"run '{recipe.run.name}' already completed; not training again. `orchestrator status {recipe.run.name}` shows it.")
+            return final or {}
+
+    data_uri = resolve_data(recipe, console)
+    from storage.shards import open_dataset
+
+    ds = open_dataset(data_uri)
+    tracking_uri = tracking.resolve_tracking_uri(recipe.tracking.uri)
+    if rec is None:
+        plan = make_plan(recipe, ds.sample_ids)
+        plan.save(rdir)
+        exp_id = tracking.ensure_experiment(tracking_uri, recipe.tracking.experiment)
+        run_id = tracking.create_run(tracking_uri, exp_id, recipe)
+        rec = run_store.RunRecord(
+            run_name=recipe.run.name, recipe=recipe.model_dump(mode="json"), recipe_sha256=recipe.sha256(),
+            data_uri=data_uri, mlflow_run_id=run_id, mlflow_experiment_id=exp_id, tracking_uri=tracking_uri,
+        )
+        console.print(f"run '{recipe.run.name}': new, {_plan_line(plan)}; run storage {rdir}; MLflow run {run_id}")
+    else:
+        plan = Plan.load(rdir)
+        if plan.num_samples != ds.num_samples:
+            raise RunError(
+                f"{data_uri}: holds {ds.num_samples} samples but run '{recipe.run.name}' was planned over {plan.num_samples}; "
+                "resume it on the same dataset, or start a new run.name"
+            )
+        console.print(f"run '{recipe.run.name}': resuming from {rdir} in MLflow run {rec.mlflow_run_id}")
+        tracking.mark_running(rec.tracking_uri, rec.mlflow_run_id)
+    rec.state, rec.error = "running", None
+    rec.attempts += 1
+    run_store.save(rdir, rec)
+    fs.remove(fs.join(rdir, ERROR_JSON))
+
+    config = {
+        "recipe": recipe.model_dump(mode="json"),
+        "run_dir": rdir,
+        "data_uri": data_uri,
+        "baseline_depth": baseline_depth(data_uri, plan.train_ids),
+        "tracking_uri": rec.tracking_uri,
+        "mlflow_run_id": rec.mlflow_run_id,
+    }
+    from orchestrator.launcher import launch
+
+    try:
+        with ProgressDisplay(rdir, console):
+            launch(recipe, config, address)
+    except KeyboardInterrupt:
+        rec.state = "interrupted"
+        run_store.save(rdir, rec)
+        tracking.end_run(rec.tracking_uri, rec.mlflow_run_id, "KILLED")
+        raise
+    except Exception as exc:  # noqa: BLE001 - sorted into one user-facing message below
+        err = run_store.read_optional(rdir, ERROR_JSON)
+        msg = err["error"] if err else _root_cause(exc)
+        rec.state, rec.error = "failed", msg
+        run_store.save(rdir, rec)
+        tracking.end_run(rec.tracking_uri, rec.mlflow_run_id, "FAILED")
+        raise RunError(f"run '{recipe.run.name}' failed: {msg}. Fix the cause and re-run the same command to resume from the last checkpoint") from exc
+    final = run_store.read_optional(rdir, FINAL_JSON) or {}
+    rec.state = "completed"
+    run_store.save(rdir, rec)
+    tracking.end_run(rec.tracking_uri, rec.mlflow_run_id, "FINISHED")
+    return final
+
+
+def _plan_line(plan: Plan) -> str:
+    chunks = " + ".join(f"{s.name} {s.num_chunks}" for s in plan.stages)
+    return f"{len(plan.train_ids)} train / {len(plan.eval_ids)} eval samples, chunks: {chunks}"
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost exception's message: Ray wraps worker errors several layers deep."""
+    seen = exc
+    while True:
+        nxt = getattr(seen, "cause", None) or seen.__cause__
+        if nxt is None or nxt is seen:
+            break
+        seen = nxt
+    text = str(seen).strip().splitlines()
+    return f"{type(seen).__name__}: {text[-1] if text else ''}"

@@ -1,0 +1,66 @@
+"""`status` and `runs`: what run storage says about a run, in the contract's JSON shape."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from orchestrator import run_store
+from storage import fs
+from storage.layout import CURSOR_JSON, FINAL_JSON, PLAN_JSON, PROGRESS_JSON
+
+
+def effective_state(rec: run_store.RunRecord, progress: dict[str, Any] | None) -> str:
+    """A 'running' record whose progress went quiet lost its driver: report it interrupted."""
+    if rec.state != "running":
+        return rec.state
+    last = max(rec.updated_at, (progress or {}).get("updated_at", 0))
+    return "interrupted" if time.time() - last > run_store.STALE_AFTER_S else "running"
+
+
+def build_status(run_dir: str) -> dict[str, Any] | None:
+    rec = run_store.load(run_dir)
+    if rec is None:
+        return None
+    plan = run_store.read_optional(run_dir, PLAN_JSON) or {"stages": []}
+    cursor = run_store.read_optional(run_dir, CURSOR_JSON) or {}
+    progress = run_store.read_optional(run_dir, PROGRESS_JSON)
+    state = effective_state(rec, progress)
+    trained = {(e["stage"], e["chunk"]): e for e in cursor.get("chunk_log", [])}
+    stages, chunk_log = [], []
+    for st in plan["stages"]:
+        done = 0
+        for c, n in enumerate(st["chunk_samples"]):
+            e = trained.get((st["name"], c), {})
+            times = int(e.get("times_trained", 0))
+            done += times > 0
+            chunk_log.append({"stage": st["name"], "chunk": c, "samples": n, "times_trained": times,
+                              "world_size": e.get("world_size")})
+        stages.append({"name": st["name"], "chunks_total": st["chunks"], "chunks_done": done})
+    final = run_store.read_optional(run_dir, FINAL_JSON) if state == "completed" else None
+    cur = cursor.get("cursor", {})
+    return {
+        "run_name": rec.run_name,
+        "state": state,
+        "mlflow_run_id": rec.mlflow_run_id,
+        "global_step": int(cur.get("global_step", (progress or {}).get("global_step", 0))),
+        "interruptions": int(cur.get("interruptions", 0)),
+        "stages": stages,
+        "chunk_log": chunk_log,
+        "final": None if final is None else {k: final[k] for k in ("checkpoint", "weights_sha256", "metrics")},
+        "run_dir": run_dir,
+        "data_uri": rec.data_uri,
+        "last_checkpoint": cursor.get("checkpoint"),
+        "progress": progress,
+        "error": rec.error,
+        "updated_at": rec.updated_at,
+    }
+
+
+def list_runs(storage_root: str) -> list[dict[str, Any]]:
+    out = []
+    for name in fs.listdir(storage_root):
+        s = build_status(fs.join(storage_root, name))
+        if s is not None:
+            out.append(s)
+    return sorted(out, key=lambda s: s["updated_at"], reverse=True)

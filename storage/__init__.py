@@ -1,0 +1,1 @@
+"""Everything that touches a URI: filesystems, shards, synth, checkpoints, retries."""

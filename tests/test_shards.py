@@ -1,0 +1,287 @@
+"""The packed dataset format and the image codec: round trips, selective reads, clear errors."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import pickle
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from storage import codec
+from storage import fs as sfs
+from storage.shards import (
+    FORMAT,
+    DatasetError,
+    ShardWriter,
+    open_dataset,
+    sample_checksum,
+)
+
+SIZE = 24  # px; small images keep the tests fast, the format does not care about size
+N = 40
+ROWS_PER_SHARD = 16
+ROWS_PER_GROUP = 4
+
+
+def _images(i: int, size: int = SIZE) -> dict[str, np.ndarray]:
+    """Smooth images (so JPEG stays close) with a per-sample mask and depth ramp."""
+    rng = np.random.default_rng(i)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / (size - 1)
+    base = rng.uniform(40, 200, 3)
+    fg_bg = np.clip(base + 40 * np.stack([yy, xx, yy * xx], axis=2), 0, 255).astype(np.uint8)
+    bg = np.clip(base[::-1] + 30 * np.stack([xx, yy, 1 - yy], axis=2), 0, 255).astype(np.uint8)
+    mask = ((xx - 0.5) ** 2 + (yy - 0.5) ** 2 < rng.uniform(0.05, 0.2)).astype(np.uint8) * 255
+    depth = (rng.uniform(0, 0.5) + 0.5 * (1 - yy)).astype(np.float32)
+    return {"fg_bg": fg_bg, "bg": bg, "mask": mask, "depth": depth}
+
+
+def _write(uri: str, n: int = N, extra: bool = True) -> dict:
+    w = ShardWriter(uri, rows_per_shard=ROWS_PER_SHARD, rows_per_group=ROWS_PER_GROUP)
+    for i in range(n):
+        sample = {"sample_id": i, **_images(i)}
+        if extra:
+            sample["bg_index"] = np.int32(i % 3)
+        w.add(sample)
+    return w.close({"seed": 7, "source": "test"})
+
+
+@pytest.fixture(params=["local", "memory"])
+def uri(request, tmp_path):
+    if request.param == "local":
+        yield str(tmp_path / "ds")
+    else:
+        u = f"memory://test-shards/{tmp_path.name}/ds"
+        yield u
+        sfs.remove(u, recursive=True)
+
+
+def test_round_trip_decodes_what_was_encoded(uri):
+    """Breaks if an encoding is lossy where it must not be (mask, depth) or a column is mixed up."""
+    _write(uri)
+    ds = open_dataset(uri)
+    ids = list(range(N))
+    got = ds.read_samples(ids)
+    assert got["sample_id"].tolist() == ids
+    for i in ids:
+        want = _images(i)
+        assert np.array_equal(codec.decode_mask_png(got["mask"][i]), want["mask"])
+        depth = codec.decode_depth_png(got["depth"][i])
+        assert depth.dtype == np.float32
+        assert np.abs(depth - want["depth"]).max() <= 1 / 65535 + 1e-6
+        for key in ("fg_bg", "bg"):
+            rgb = codec.decode_jpeg(got[key][i])
+            assert rgb.shape == (SIZE, SIZE, 3)
+            assert np.abs(rgb.astype(int) - want[key]).mean() < 3
+        assert (got["height"][i], got["width"][i]) == (SIZE, SIZE)
+
+
+def test_manifest_describes_the_shards_exactly(uri):
+    """Breaks if the manifest's counts, sizes or sha256 drift from the files actually written."""
+    m = _write(uri)
+    on_disk = sfs.read_json(sfs.join(uri, "manifest.json"))
+    assert on_disk == json.loads(json.dumps(m))
+    assert m["format"] == FORMAT
+    assert m["num_samples"] == N and m["image_size"] == [SIZE, SIZE]
+    assert m["seed"] == 7 and m["source"] == "test" and m["index"] == "index.parquet"
+    assert [s["rows"] for s in m["shards"]] == [16, 16, 8]
+    assert [s["row_groups"] for s in m["shards"]] == [4, 4, 2]
+    for s in m["shards"]:
+        data = sfs.read_bytes(sfs.join(uri, s["file"]))
+        assert len(data) == s["bytes"]
+        assert hashlib.sha256(data).hexdigest() == s["sha256"]
+        assert pq.ParquetFile(io.BytesIO(data)).metadata.num_row_groups == s["row_groups"]
+    expected_mean = np.mean([codec.decode_depth_png(codec.encode_depth_png(_images(i)["depth"])).mean() for i in range(N)])
+    assert m["depth_mean"] == pytest.approx(expected_mean, abs=1e-6)
+
+
+def test_index_locates_every_sample_and_checksums_its_bytes(uri):
+    """Breaks if index rows point at the wrong shard/row group/row or checksums cover other bytes."""
+    _write(uri)
+    ds = open_dataset(uri)
+    idx = ds.index.to_pydict()
+    assert idx["sample_id"] == list(range(N))
+    assert idx["shard"] == [i // ROWS_PER_SHARD for i in range(N)]
+    assert idx["row_group"] == [(i % ROWS_PER_SHARD) // ROWS_PER_GROUP for i in range(N)]
+    assert idx["row"] == [i % ROWS_PER_GROUP for i in range(N)]
+    assert idx["bg_index"] == [i % 3 for i in range(N)]
+    assert ds.index.schema.field("bg_index").type == "int32"
+    got = ds.read_samples(range(N))
+    for i in range(N):
+        assert idx["checksum"][i] == sample_checksum(got["fg_bg"][i], got["bg"][i], got["mask"][i], got["depth"][i])
+    assert ds.sample_ids.dtype == np.int64 and ds.sample_ids.tolist() == list(range(N))
+    assert ds.depth_means([3, 1]).tolist() == [idx["depth_mean"][3], idx["depth_mean"][1]]
+
+
+def test_read_samples_keeps_the_requested_order(uri):
+    """Breaks if results come back grouped by shard instead of in the caller's order."""
+    _write(uri)
+    ds = open_dataset(uri)
+    ids = [37, 2, 18, 2, 39, 0, 17]
+    got = ds.read_samples(ids)
+    assert got["sample_id"].tolist() == ids
+    for j, i in enumerate(ids):
+        assert np.array_equal(codec.decode_mask_png(got["mask"][j]), _images(i)["mask"])
+    assert got["fg_bg"][1] == got["fg_bg"][3]
+    only = ds.read_samples(np.array([5, 4]), columns=("sample_id", "mask"))
+    assert set(only) == {"sample_id", "mask"} and only["sample_id"].tolist() == [5, 4]
+
+
+def test_read_samples_fetches_only_the_row_groups_that_hold_the_ids(tmp_path, monkeypatch):
+    """Breaks if a read pulls whole shards (or extra row groups) instead of the groups it needs."""
+    uri = str(tmp_path / "ds")
+    _write(uri)
+    ds = open_dataset(uri)
+    calls: list[tuple[int, list[int]]] = []
+    real = pq.ParquetFile.read_row_groups
+
+    def spy(self, row_groups, *args, **kwargs):
+        table = real(self, row_groups, *args, **kwargs)
+        calls.append((table.num_rows, list(row_groups)))
+        return table
+
+    def no_full_read(self, *args, **kwargs):
+        raise AssertionError("read_samples read a whole shard")
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_groups", spy)
+    monkeypatch.setattr(pq.ParquetFile, "read", no_full_read)
+    # ids 5, 6 -> shard 0 group 1; 37 -> shard 2 group 1
+    got = ds.read_samples([37, 5, 6])
+    assert got["sample_id"].tolist() == [37, 5, 6]
+    assert sorted(calls) == [(ROWS_PER_GROUP, [1]), (ROWS_PER_GROUP, [1])]
+
+
+def test_missing_manifest_is_not_a_dataset_and_says_how_to_make_one(tmp_path):
+    """Breaks if a folder without manifest.json opens, or the error hides the URI or the fix."""
+    uri = str(tmp_path / "nothing")
+    with pytest.raises(DatasetError) as err:
+        open_dataset(uri)
+    assert uri in str(err.value) and "manifest.json" in str(err.value)
+    assert "orchestrator data synth" in str(err.value)
+
+
+def test_a_damaged_manifest_is_a_dataset_error(tmp_path):
+    """Breaks if a truncated manifest.json surfaces as a bare JSONDecodeError without the URI."""
+    uri = str(tmp_path / "ds")
+    _write(uri, n=4)
+    sfs.write_bytes(sfs.join(uri, "manifest.json"), b'{"format": "orchestrator.sha')
+    with pytest.raises(DatasetError, match="not valid JSON") as err:
+        open_dataset(uri)
+    assert uri in str(err.value)
+
+
+def test_an_unfinished_write_leaves_no_dataset(uri):
+    """Breaks if the manifest is written before the shards and index (it marks completion)."""
+    w = ShardWriter(uri, rows_per_shard=ROWS_PER_SHARD, rows_per_group=ROWS_PER_GROUP)
+    for i in range(20):
+        w.add({"sample_id": i, **_images(i)})
+    with pytest.raises(DatasetError, match="manifest.json missing"):
+        open_dataset(uri)
+    w.close()
+    assert open_dataset(uri).num_samples == 20
+
+
+def test_rewriting_a_dataset_first_removes_its_manifest(uri):
+    """Breaks if a crash mid-rewrite could leave an old manifest describing new, partial shards."""
+    _write(uri, n=8)
+    ShardWriter(uri)
+    assert not sfs.exists(sfs.join(uri, "manifest.json"))
+
+
+def test_empty_dataset_is_an_error_naming_the_uri(uri):
+    """Breaks if a 0-sample dataset opens and fails later, far from its cause."""
+    ShardWriter(uri).close()
+    with pytest.raises(DatasetError, match="empty") as err:
+        open_dataset(uri)
+    assert sfs.normalize(uri) in str(err.value)
+
+
+def test_unknown_ids_are_an_error_naming_them(tmp_path):
+    """Breaks if unknown ids are silently dropped or the message does not say which."""
+    uri = str(tmp_path / "ds")
+    _write(uri, n=8)
+    ds = open_dataset(uri)
+    with pytest.raises(DatasetError) as err:
+        ds.read_samples([1, 999, -3, 2])
+    msg = str(err.value)
+    assert uri in msg and "999" in msg and "-3" in msg and "2 of 4" in msg
+    assert "not in the index" in ds.describe(12345)
+    assert "shard-00000.parquet" in ds.describe(3)
+
+
+def test_extra_index_columns_are_optional(tmp_path):
+    """Breaks if a dataset without synth's extra columns cannot be opened or read."""
+    uri = str(tmp_path / "plain")
+    _write(uri, n=6, extra=False)
+    ds = open_dataset(uri)
+    assert "bg_index" not in ds.index.column_names
+    assert ds.read_samples([5])["sample_id"].tolist() == [5]
+
+
+def test_extra_columns_must_be_the_same_for_every_sample(tmp_path):
+    """Breaks if a sample with different extra keys silently misaligns the index."""
+    w = ShardWriter(str(tmp_path / "ds"))
+    w.add({"sample_id": 0, **_images(0), "a": 1})
+    with pytest.raises(ValueError, match="extra index columns"):
+        w.add({"sample_id": 1, **_images(1), "b": 1})
+
+
+def test_dataset_survives_pickling(tmp_path):
+    """Breaks if a ShardDataset cannot be shipped to Ray workers."""
+    uri = str(tmp_path / "ds")
+    _write(uri, n=8)
+    ds = pickle.loads(pickle.dumps(open_dataset(uri)))
+    assert ds.read_samples([7, 0])["sample_id"].tolist() == [7, 0]
+
+
+# -- codec -------------------------------------------------------------------------------------
+
+
+def test_depth_png_is_16_bit_and_mask_png_is_8_bit():
+    """Breaks if depth loses precision (8-bit) or the mask is stored in a lossy or wider format."""
+    depth = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+    img = Image.open(io.BytesIO(codec.encode_depth_png(depth)))
+    assert img.format == "PNG" and img.mode.startswith("I;16")
+    assert np.array_equal(np.asarray(img), np.rint(depth * 65535).astype(np.uint16))
+    mask = np.zeros((5, 7), np.uint8)
+    mask[1:3, 2:6] = 255
+    img = Image.open(io.BytesIO(codec.encode_mask_png(mask)))
+    assert img.format == "PNG" and img.mode == "L"
+    assert np.array_equal(codec.decode_mask_png(codec.encode_mask_png(mask.astype(bool))), mask)
+
+
+def test_encoders_reject_values_they_cannot_store():
+    """Breaks if out-of-range depth or non-binary masks are silently clipped into the dataset."""
+    with pytest.raises(ValueError):
+        codec.encode_depth_png(np.full((4, 4), 1.5, np.float32))
+    with pytest.raises(ValueError):
+        codec.encode_depth_png(np.full((4, 4), np.nan, np.float32))
+    with pytest.raises(ValueError):
+        codec.encode_mask_png(np.full((4, 4), 7, np.uint8))
+    with pytest.raises(ValueError):
+        codec.encode_jpeg(np.zeros((4, 4), np.uint8))
+
+
+@pytest.mark.parametrize(
+    "decode, what",
+    [(codec.decode_jpeg, "JPEG"), (codec.decode_mask_png, "mask PNG"), (codec.decode_depth_png, "depth PNG")],
+)
+def test_corrupt_bytes_raise_corrupt_image_error_saying_what(decode, what):
+    """Breaks if bad bytes escape as a bare PIL/OSError (callers catch CorruptImageError)."""
+    good = {
+        "JPEG": codec.encode_jpeg(np.full((16, 16, 3), 128, np.uint8)),
+        "mask PNG": codec.encode_mask_png(np.zeros((16, 16), np.uint8)),
+        "depth PNG": codec.encode_depth_png(np.zeros((16, 16), np.float32)),
+    }[what]
+    if what == "JPEG":
+        wrong_format = codec.encode_mask_png(np.zeros((8, 8), np.uint8))
+    else:
+        wrong_format = codec.encode_jpeg(np.zeros((8, 8, 3), np.uint8))
+    for bad in (b"", b"not an image at all", good[: len(good) // 2], wrong_format):
+        with pytest.raises(codec.CorruptImageError, match=what):
+            decode(bad)
+    assert issubclass(codec.CorruptImageError, ValueError)

@@ -1,0 +1,428 @@
+"""The training loop over the plan, the same in a Ray Train worker and in-process.
+
+The loop only advances steps. What survives a preemption lives in `TrainState`; when to save
+is `CheckpointPolicy`'s call; what leaves the process goes through `Session` (checkpoints)
+and `MlflowSink` (metrics, images), the latter only after the checkpoint holding them commits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from orchestrator.plan import Plan, batches_for_rank, steps_per_chunk
+from orchestrator.recipe import Recipe, StageSection
+from storage import checkpoints, fs
+from storage.layout import CURSOR_JSON, ERROR_JSON, FINAL_JSON, PROGRESS_JSON
+from storage.shards import open_dataset
+from workers.checkpoint_policy import CheckpointPolicy
+from workers.data import ChunkPrefetcher, ChunkSamples, DataError, check_sizes
+from workers.losses import build_loss
+from workers.metrics import EvalAccumulator
+from workers.models import build_model
+from workers.session import Session, configure_threads, make_session
+from workers.state import TrainState
+from workers.viz import prediction_grid
+
+log = logging.getLogger(__name__)
+
+PROGRESS_EVERY_S_LOCAL = 1.0
+PROGRESS_EVERY_S_REMOTE = 10.0  # object stores bill and throttle per write
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Entry point: Ray Train calls it on every worker; the local backend calls it in-process."""
+    recipe = Recipe.model_validate(config["recipe"])
+    session = make_session(recipe.execution.backend, config["run_dir"], recipe.checkpoint.keep)
+    trainer = Trainer(recipe, config, session)
+    try:
+        trainer.fit()
+    except DataError as exc:
+        # Keep the user-facing cause where the driver can read it, whatever Ray wraps it in.
+        if session.is_chief:
+            fs.write_json(fs.join(config["run_dir"], ERROR_JSON), {"error": str(exc), "kind": "data"})
+        raise
+    finally:
+        trainer.close()
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, config: dict[str, Any], session: Session) -> None:
+        self.recipe = recipe
+        self.session = session
+        self.run_dir: str = config["run_dir"]
+        self.rank, self.world = session.world_rank, session.world_size
+        self.device = session.device
+        configure_threads(recipe.execution.torch_threads or max(1, int(recipe.execution.cpus_per_worker)))
+        if recipe.run.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        torch.manual_seed(recipe.run.seed)
+
+        self.plan = Plan.load(self.run_dir)
+        self.dataset = open_dataset(config["data_uri"])
+        self.prefetcher = ChunkPrefetcher(self.dataset)
+        self.baseline_depth = float(config["baseline_depth"])
+
+        model = build_model(recipe.model.name, width=recipe.model.width).to(self.device)
+        self.state = TrainState(model=model)
+        self.ddp_model: torch.nn.Module = model
+        self.mask_loss = build_loss(recipe.loss.mask)
+        self.depth_loss = build_loss(recipe.loss.depth)
+        self.policy = CheckpointPolicy(recipe.checkpoint.every_steps, recipe.checkpoint.every_seconds)
+        self.sink = None
+        if session.is_chief and config.get("mlflow_run_id"):
+            from workers.mlflow_sink import MlflowSink
+
+            self.sink = MlflowSink(config["tracking_uri"], config["mlflow_run_id"])
+        self._loss_buf: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._eval_rows: dict[str, Any] | None = None
+        self._progress_every_s = PROGRESS_EVERY_S_LOCAL if fs.is_local(self.run_dir) else PROGRESS_EVERY_S_REMOTE
+        self._last_progress = 0.0
+        self._rate = _Rate()
+        self.total_steps = sum(
+            steps_per_chunk(len(sp.chunk_ids(c)), st.batch_size, st.epochs_per_chunk, self.world)
+            for sp, st in zip(self.plan.stages, recipe.stages, strict=True)
+            for c in range(sp.num_chunks)
+        )
+
+    # ----------------------------------------------------------------- set-up
+    def describe(self, sample_id: int) -> str:
+        return self.dataset.describe(sample_id)
+
+    def enter_stage(self, s: int) -> None:
+        """Freeze/unfreeze for stage s, and build its optimizer and schedule if not built yet."""
+        st = self.recipe.stages[s]
+        model = self.state.model
+        if hasattr(model, "set_trainable"):
+            model.set_trainable(st.trainable)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        if self.state.optimizer_stage != s:
+            self.state.optimizer = _make_optimizer(self.recipe, params, st.lr)
+            self.state.scheduler = _make_scheduler(self.state.optimizer, st, self._stage_steps(s))
+            self.state.optimizer_stage = s
+        if self.world > 1:
+            # Re-wrapped per stage: DDP only syncs the parameters that train in this stage.
+            self.ddp_model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        else:
+            self.ddp_model = model
+
+    def _stage_steps(self, s: int) -> int:
+        st, sp = self.recipe.stages[s], self.plan.stages[s]
+        return sum(steps_per_chunk(len(sp.chunk_ids(c)), st.batch_size, st.epochs_per_chunk, self.world) for c in range(sp.num_chunks))
+
+    def restore(self) -> bool:
+        """Load the newest committed checkpoint, if any. Returns True when resuming."""
+        with self.session.restore_dir() as d:
+            if d is None:
+                return False
+            sd, meta = checkpoints.read_local(d)
+        self.state.load_model_and_progress(sd)
+        c = self.state.cursor
+        if not c.done:
+            self.enter_stage(c.stage)
+            self.state.load_optimizer(sd)
+            c.interruptions += 1
+        if self.sink is not None:
+            # Points this checkpoint carried may or may not have reached MLflow before the cut.
+            self.sink.log_metrics(self.state.pending_metrics, dedupe=True)
+            if not c.done:
+                self.sink.set_tags({f"orchestrator.resume.{c.interruptions}": f"step {c.global_step} ({meta.get('reason')})"})
+        self.state.pending_metrics.clear()
+        log.warning("resumed from %s at %s", meta.get("name"), c)
+        return True
+
+    # ------------------------------------------------------------------- loop
+    def fit(self) -> None:
+        self.restore()
+        c = self.state.cursor
+        while not c.done:
+            s = c.stage
+            if self.state.optimizer_stage != s:
+                self.enter_stage(s)
+            self.train_chunk(s, c.chunk)
+        self.finish()
+
+    def train_chunk(self, s: int, chunk: int) -> None:
+        st: StageSection = self.recipe.stages[s]
+        sp = self.plan.stages[s]
+        c = self.state.cursor
+        ids = sp.chunk_ids(chunk)
+        self._progress("preload", force=True)
+        rows = self.prefetcher.get((s, chunk), ids[self.rank :: self.world])
+        nxt = self._next_chunk(s, chunk)
+        if nxt is not None:
+            nids = self.plan.chunk_ids(*nxt)
+            self.prefetcher.prefetch(nxt, nids[self.rank :: self.world])
+        check_sizes(rows, self.recipe.data.image_size, self.describe)
+        _check_complete(rows, ids[self.rank :: self.world], self.describe)
+        position = {int(sid): i for i, sid in enumerate(rows["sample_id"])}
+        path = st.forward
+        seed = self.recipe.run.seed
+        while c.epoch < st.epochs_per_chunk:
+            batches = batches_for_rank(ids, st.batch_size, self.world, self.rank, [seed, 3, s, chunk, c.epoch])
+            todo = [[position[int(x)] for x in b] for b in batches[c.batch :]]
+            samples = ChunkSamples(rows, st.resolution, self.describe, self.recipe.data.hflip, (seed, s, chunk, c.epoch))
+            loader = torch.utils.data.DataLoader(
+                samples, batch_sampler=todo, num_workers=self.recipe.data.decode_workers, pin_memory=self.device.type == "cuda"
+            )
+            self._progress("train", force=True)
+            for x, m, d in loader:
+                self._train_step(x, m, d, path)
+                c.batch += 1
+                c.global_step += 1
+                c.samples_seen += len(x) * self.world
+                self._rate.add(len(x) * self.world)
+                self._progress("train")
+                reason = self._agree(self.policy.reason(c.global_step))
+                if reason:
+                    self.checkpoint(reason)
+            c.epoch += 1
+            c.batch = 0
+        self._end_chunk(s, chunk, len(ids))
+
+    def _train_step(self, x: torch.Tensor, m: torch.Tensor, d: torch.Tensor, path: str) -> None:
+        x, m, d = (t.to(self.device, non_blocking=True) for t in (x, m, d))
+        out = _forward(self.ddp_model, x, path)
+        mask_loss = self.mask_loss(out[:, 0:1], m)
+        depth_loss = self.depth_loss(out[:, 1:2], d)
+        loss = mask_loss + self.recipe.loss.depth_weight * depth_loss
+        opt = self.state.optimizer
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if self.state.scheduler is not None:
+            self.state.scheduler.step()
+        if self.session.is_chief:
+            # Kept as tensors: a .item() per step would sync the GPU every step.
+            self._loss_buf.append((self.state.cursor.global_step + 1, loss.detach(), mask_loss.detach(), depth_loss.detach()))
+            if len(self._loss_buf) >= self.recipe.tracking.flush_every_steps:
+                self._drain_losses()
+
+    def _drain_losses(self) -> None:
+        if not self._loss_buf:
+            return
+        vals = torch.stack([torch.stack(v[1:]) for v in self._loss_buf]).float().cpu().tolist()
+        for (step, *_), (lo, ml, dl) in zip(self._loss_buf, vals, strict=True):
+            self.state.pending_metrics += [("train/loss", lo, step), ("train/mask_loss", ml, step), ("train/depth_loss", dl, step)]
+        self._last_loss = vals[-1][0]
+        self._loss_buf.clear()
+
+    def _end_chunk(self, s: int, chunk: int, n: int) -> None:
+        st = self.recipe.stages[s]
+        c = self.state.cursor
+        self._progress("eval", force=True)
+        metrics = self.evaluate(s)
+        if self.session.is_chief:
+            self.state.last_eval = metrics
+            self.state.pending_metrics += [(k, v, c.global_step) for k, v in metrics.items()]
+        entry = self.state.chunk_entry(st.name, chunk)
+        if entry is None:
+            entry = {"stage": st.name, "chunk": chunk, "samples": n, "times_trained": 0}
+            self.state.chunk_log.append(entry)
+        entry["times_trained"] += 1
+        entry["world_size"] = self.world
+        entry["end_step"] = c.global_step
+        last_chunk = chunk + 1 == self.plan.stages[s].num_chunks
+        if last_chunk and self.session.is_chief:
+            self.log_prediction_grid(s)
+        c.chunk, c.epoch, c.batch = chunk + 1, 0, 0
+        if last_chunk:
+            c.stage, c.chunk = s + 1, 0
+            c.done = c.stage == len(self.recipe.stages)
+        self.checkpoint("chunk_end")
+
+    def _next_chunk(self, s: int, chunk: int) -> tuple[int, int] | None:
+        if chunk + 1 < self.plan.stages[s].num_chunks:
+            return s, chunk + 1
+        if s + 1 < len(self.plan.stages):
+            return s + 1, 0
+        return None
+
+    def _agree(self, reason: str | None) -> str | None:
+        """All ranks must checkpoint at the same step; the chief's clock decides."""
+        if self.world == 1:
+            return reason
+        flag = torch.tensor([0 if reason is None else (1 if reason == "steps" else 2)], device=self.device)
+        torch.distributed.broadcast(flag, src=0)
+        return {0: None, 1: "steps", 2: "time"}[int(flag.item())]
+
+    # -------------------------------------------------------------- eval/save
+    @torch.no_grad()
+    def evaluate(self, s: int) -> dict[str, float]:
+        """Metrics on the held-out split at stage s's resolution (chief only; others wait)."""
+        if not self.session.is_chief:
+            self.session.barrier()
+            return {}
+        st = self.recipe.stages[s]
+        model = self.state.model
+        model.eval()
+        acc = EvalAccumulator()
+        for x, m, d in self._eval_loader(st):
+            x, m, d = (t.to(self.device) for t in (x, m, d))
+            out = _forward(model, x, st.forward)
+            acc.update(out[:, 0:1], m, out[:, 1:2], d, self.baseline_depth)
+        model.train()
+        self.session.barrier()
+        return acc.compute()
+
+    def _eval_loader(self, st: StageSection) -> torch.utils.data.DataLoader:
+        if self._eval_rows is None:
+            self._eval_rows = self.dataset.read_samples(self.plan.eval_ids)
+            check_sizes(self._eval_rows, self.recipe.data.image_size, self.describe)
+            _check_complete(self._eval_rows, self.plan.eval_ids, self.describe)
+        ds = ChunkSamples(self._eval_rows, st.resolution, self.describe)
+        return torch.utils.data.DataLoader(ds, batch_size=st.batch_size, num_workers=self.recipe.data.decode_workers)
+
+    def checkpoint(self, reason: str) -> None:
+        c = self.state.cursor
+        self._progress("checkpoint", force=True)
+        if self.session.is_chief:
+            self._drain_losses()
+        name = checkpoints.checkpoint_name(c.global_step)
+        metrics = {"global_step": c.global_step, "stage": c.stage, "chunk": c.chunk, "reason": reason}
+        if not self.session.is_chief:
+            self.session.report(metrics, None, name)
+            self.policy.saved()
+            return
+        with tempfile.TemporaryDirectory(prefix="orch-ckpt-") as tmp:
+            checkpoints.write_local(tmp, self.state.state_dict(), {"name": name, "reason": reason, "cursor": vars(c).copy()})
+            uri = self.session.report(metrics, tmp, name)
+        self.policy.saved()
+        fs.write_json(
+            fs.join(self.run_dir, CURSOR_JSON),
+            {"checkpoint": uri, "cursor": vars(c).copy(), "chunk_log": self.state.chunk_log,
+             "last_eval": self.state.last_eval, "world_size": self.world, "updated_at": time.time()},
+        )
+        if self.sink is not None:
+            self.sink.log_metrics(self.state.pending_metrics)
+            self.sink.set_tags({"orchestrator.checkpoint.latest": uri})
+        self.state.pending_metrics.clear()
+
+    def log_prediction_grid(self, s: int) -> None:
+        if self.sink is None:
+            return
+        st = self.recipe.stages[s]
+        n = self.recipe.tracking.grid_samples
+        model = self.state.model
+        model.eval()
+        with torch.no_grad():
+            x, m, d = next(iter(torch.utils.data.DataLoader(
+                ChunkSamples(self._eval_rows, st.resolution, self.describe), batch_size=n)))
+            out = _forward(model, x.to(self.device), st.forward).cpu()
+        model.train()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, f"stage{s + 1}-{st.name}.png")
+            prediction_grid(x, m, d, out, path)
+            self.sink.log_artifact(path, "predictions")
+
+    def finish(self) -> None:
+        """Final record: weights hash, final eval, the model as an MLflow artifact."""
+        if not self.session.is_chief:
+            return
+        model = self.state.model
+        sha = checkpoints.weights_sha256(model.state_dict())
+        names = checkpoints.list_complete(self.run_dir)
+        final = {
+            "checkpoint": fs.join(self.run_dir, names[-1]) if names else None,
+            "weights_sha256": sha,
+            "metrics": self.state.last_eval,
+            "global_step": self.state.cursor.global_step,
+        }
+        if self.sink is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                p = os.path.join(tmp, "state_dict.pt")
+                torch.save(model.state_dict(), p)
+                self.sink.log_artifact(p, "model")
+                with open(os.path.join(tmp, "final.json"), "w") as f:
+                    json.dump(final, f, indent=2)
+                self.sink.log_artifact(os.path.join(tmp, "final.json"))
+            self.sink.set_tags({"orchestrator.weights_sha256": sha})
+        fs.write_json(fs.join(self.run_dir, FINAL_JSON), final)
+        self._progress("done", force=True)
+
+    def _progress(self, phase: str, force: bool = False) -> None:
+        if not self.session.is_chief:
+            return
+        now = time.monotonic()
+        if not force and now - self._last_progress < self._progress_every_s:
+            return
+        self._last_progress = now
+        self._drain_losses()
+        c = self.state.cursor
+        s = min(c.stage, len(self.recipe.stages) - 1)
+        rate = self._rate.per_s()
+        steps_left = self.total_steps - c.global_step
+        step_rate = self._rate.steps_per_s()
+        fs.write_json(fs.join(self.run_dir, PROGRESS_JSON), {
+            "phase": phase, "stage": self.recipe.stages[s].name, "stage_index": s, "stages": len(self.recipe.stages),
+            "chunk": c.chunk, "chunks": self.plan.stages[s].num_chunks, "global_step": c.global_step,
+            "total_steps": self.total_steps, "loss": getattr(self, "_last_loss", None),
+            "samples_per_s": rate, "eta_s": steps_left / step_rate if step_rate else None,
+            "updated_at": time.time(), "pid": os.getpid(),
+        })
+
+    def close(self) -> None:
+        self.prefetcher.close()
+
+
+class _Rate:
+    """Samples/s and steps/s over the last ~30 s of training."""
+
+    WINDOW_S = 30.0
+
+    def __init__(self) -> None:
+        self.events: list[tuple[float, int]] = []
+
+    def add(self, samples: int) -> None:
+        now = time.monotonic()
+        self.events.append((now, samples))
+        while self.events and now - self.events[0][0] > self.WINDOW_S:
+            self.events.pop(0)
+
+    def _span(self) -> float:
+        return self.events[-1][0] - self.events[0][0] if len(self.events) > 1 else 0.0
+
+    def per_s(self) -> float | None:
+        span = self._span()
+        return sum(n for _, n in self.events[1:]) / span if span > 0 else None
+
+    def steps_per_s(self) -> float | None:
+        span = self._span()
+        return (len(self.events) - 1) / span if span > 0 else None
+
+
+def _forward(model: torch.nn.Module, x: torch.Tensor, path: str) -> torch.Tensor:
+    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    return model(x, path=path) if hasattr(inner, "parts") else model(x)
+
+
+def _make_optimizer(recipe: Recipe, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    o = recipe.optimizer
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=o.weight_decay)
+
+
+def _make_scheduler(opt: torch.optim.Optimizer, st: StageSection, total_steps: int) -> Any:
+    if st.scheduler == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=st.lr, total_steps=max(total_steps, 1), pct_start=0.2)
+    return None
+
+
+def _check_complete(rows: dict[str, Any], ids: np.ndarray, describe: Any) -> None:
+    """A run never silently trains on fewer samples than its plan says."""
+    got = np.asarray(rows["sample_id"], dtype=np.int64)
+    if len(got) != len(ids) or not np.array_equal(np.sort(got), np.sort(np.asarray(ids, dtype=np.int64))):
+        missing = sorted(set(map(int, ids)) - set(map(int, got)))[:5]
+        raise DataError(f"{describe(missing[0]) if missing else 'dataset'}: {len(ids) - len(got)} planned samples missing from the shards (e.g. {missing})")
