@@ -154,8 +154,8 @@ def data_synth(
 
 
 def main() -> None:
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # its table-creation INFO lines are noise here
     logging.basicConfig(level=os.environ.get("ORCHESTRATOR_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # its table-creation INFO lines are noise here
     from orchestrator.redact import redact_text
 
     try:

@@ -39,7 +39,12 @@ def launch_ray(recipe: Recipe, config: dict[str, Any], address: str | None) -> N
 
     ex = recipe.execution
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
+        # The dashboard stays on: Ray Train V2's placement-group cleaner asks its State API
+        # whether the controller lives, and warns every few seconds without it.
+        # Worker stdout stays off the driver by default: progress comes from progress.json,
+        # failures come back as exceptions; ORCHESTRATOR_WORKER_LOGS=1 shows it all.
+        ray.init(address=address, dashboard_host="127.0.0.1", logging_level=logging.WARNING,
+                 log_to_driver=os.environ.get("ORCHESTRATOR_WORKER_LOGS") == "1",
                  runtime_env={"env_vars": dict(RAY_ENV)})
     storage_fs, storage_path = fs.pyarrow_filesystem(recipe.run.storage)
     trainer = TorchTrainer(

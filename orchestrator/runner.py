@@ -50,7 +50,24 @@ def resolve_data(recipe: Recipe, console: Console) -> str:
             f"{uri}: holds {ds.num_samples} samples, the recipe's data.expected_samples is {recipe.data.expected_samples}; "
             "point data.uri at the full dataset or change data.expected_samples"
         )
+    check_image_sizes(ds, recipe.data.image_size)
     return fs.normalize(uri)
+
+
+def check_image_sizes(ds: Any, expected: tuple[int, int] | None) -> None:
+    """Images of the wrong size fail before any worker starts, naming the first bad samples."""
+    if expected is None:
+        return
+    h = ds.index.column("height").to_numpy()
+    w = ds.index.column("width").to_numpy()
+    bad = np.nonzero((h != expected[0]) | (w != expected[1]))[0]
+    if len(bad):
+        first = int(ds.sample_ids[bad[0]])
+        raise RunError(
+            f"{ds.describe(first)}: image is {int(h[bad[0]])}x{int(w[bad[0]])}, the recipe's data.image_size is "
+            f"{expected[0]}x{expected[1]} ({len(bad)} of {ds.num_samples} samples differ); re-pack the data at that size "
+            "or change data.image_size"
+        )
 
 
 class _count_progress:  # noqa: N801 - used as a context manager

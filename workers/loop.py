@@ -21,7 +21,7 @@ from orchestrator.plan import Plan, batches_for_rank, steps_per_chunk
 from orchestrator.recipe import Recipe, StageSection
 from storage import checkpoints, fs
 from storage.layout import CURSOR_JSON, ERROR_JSON, FINAL_JSON, PROGRESS_JSON
-from storage.shards import open_dataset
+from storage.shards import DatasetError, open_dataset
 from workers.checkpoint_policy import CheckpointPolicy
 from workers.data import ChunkPrefetcher, ChunkSamples, DataError, check_sizes
 from workers.losses import build_loss
@@ -32,6 +32,9 @@ from workers.state import TrainState
 from workers.viz import prediction_grid
 
 log = logging.getLogger(__name__)
+
+TRAIN_KEYS = ("train/loss", "train/mask_loss", "train/depth_loss")
+METRIC_KEYS = {*TRAIN_KEYS, "eval/mask_iou", "eval/depth_rmse", "eval/depth_rmse_baseline"}
 
 PROGRESS_EVERY_S_LOCAL = 1.0
 PROGRESS_EVERY_S_REMOTE = 10.0  # object stores bill and throttle per write
@@ -44,7 +47,7 @@ def train_loop(config: dict[str, Any]) -> None:
     trainer = Trainer(recipe, config, session)
     try:
         trainer.fit()
-    except DataError as exc:
+    except (DataError, DatasetError) as exc:
         # Keep the user-facing cause where the driver can read it, whatever Ray wraps it in.
         if session.is_chief:
             fs.write_json(fs.join(config["run_dir"], ERROR_JSON), {"error": str(exc), "kind": "data"})
@@ -136,6 +139,7 @@ class Trainer:
         if self.sink is not None:
             # Points this checkpoint carried may or may not have reached MLflow before the cut.
             self.sink.log_metrics(self.state.pending_metrics, dedupe=True)
+            self.sink.resume(METRIC_KEYS)
             if not c.done:
                 self.sink.set_tags({f"orchestrator.resume.{c.interruptions}": f"step {c.global_step} ({meta.get('reason')})"})
         self.state.pending_metrics.clear()
@@ -184,6 +188,9 @@ class Trainer:
                 c.samples_seen += len(x) * self.world
                 self._rate.add(len(x) * self.world)
                 self._progress("train")
+                chunk_ends_now = c.epoch == st.epochs_per_chunk - 1 and c.batch == len(batches)
+                if chunk_ends_now:
+                    continue  # the chunk-end checkpoint follows at this very step
                 reason = self._agree(self.policy.reason(c.global_step))
                 if reason:
                     self.checkpoint(reason)
@@ -214,7 +221,7 @@ class Trainer:
             return
         vals = torch.stack([torch.stack(v[1:]) for v in self._loss_buf]).float().cpu().tolist()
         for (step, *_), (lo, ml, dl) in zip(self._loss_buf, vals, strict=True):
-            self.state.pending_metrics += [("train/loss", lo, step), ("train/mask_loss", ml, step), ("train/depth_loss", dl, step)]
+            self.state.pending_metrics += [(k, v, step) for k, v in zip(TRAIN_KEYS, (lo, ml, dl), strict=True)]
         self._last_loss = vals[-1][0]
         self._loss_buf.clear()
 

@@ -21,6 +21,12 @@ class MlflowSink:
 
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.run_id = run_id
+        # Per metric, the highest step MLflow already held when this process resumed. Steps at or
+        # below it are being trained again after a cut; their points are not sent twice.
+        self.floor: dict[str, int] = {}
+
+    def resume(self, keys: set[str]) -> None:
+        self.floor = self._logged_through(keys)
 
     def _logged_through(self, keys: set[str]) -> dict[str, int]:
         """Highest step already in MLflow per metric key (-1 if none)."""
@@ -40,6 +46,7 @@ class MlflowSink:
         if dedupe:
             through = self._logged_through({k for k, _, _ in points})
             points = [p for p in points if p[2] > through[p[0]]]
+        points = [p for p in points if p[2] > self.floor.get(p[0], -1)]
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, int(s)) for k, v, s in points]
         for i in range(0, len(metrics), MAX_BATCH):

@@ -90,7 +90,13 @@ class RaySession(Session):
 
         ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
-        return fs.join(self.run_dir, name) if checkpoint_dir else None
+        if ckpt is None:
+            return None
+        # report() returns once the files are uploaded, but the controller registers the
+        # checkpoint later; a driver lost in between resumes from the previous one. Wait for the
+        # commit, so whatever the caller does next (send metrics to MLflow) follows a durable state.
+        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+        return fs.join(self.run_dir, name)
 
 
 def make_session(backend: str, run_dir: str, keep: int) -> Session:

@@ -1,0 +1,116 @@
+"""Shared fixtures: a tiny synthetic dataset, tiny recipes, and a CLI runner on real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_SAMPLES = 240
+TINY_EVAL = 32
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from storage.synth import synthesize
+
+    uri = str(tmp_path_factory.mktemp("data") / "tiny")
+    synthesize(uri, TINY_SAMPLES, seed=0, image_size=64, rows_per_group=32, rows_per_shard=128)
+    return uri
+
+
+def tiny_recipe(data_uri: str, **sections: Any) -> dict[str, Any]:
+    """Three stages like the source's, small enough to train in seconds on one core."""
+    recipe: dict[str, Any] = {
+        "run": {"name": "tiny", "storage": "runs", "seed": 0, "deterministic": True},
+        "data": {"uri": data_uri, "eval_samples": TINY_EVAL},
+        "model": {"name": "unet224", "width": 0.125},
+        "stages": [
+            {"name": "spine", "forward": "spine", "trainable": ["spine"], "resolution": 16, "batch_size": 16, "chunk_size": 70, "lr": 0.01},
+            {"name": "head_tail", "forward": "full", "trainable": ["head", "tail"], "resolution": 64, "batch_size": 8, "chunk_size": 70, "lr": 0.005},
+            {"name": "full", "forward": "full", "trainable": ["all"], "resolution": 64, "batch_size": 8, "chunk_size": 104, "lr": 0.002},
+        ],
+        "checkpoint": {"every_steps": 5, "every_seconds": 3600, "keep": 3},
+        "tracking": {"uri": "sqlite:///mlflow.db", "experiment": "tests"},
+        "execution": {"backend": "local", "num_workers": 1, "cpus_per_worker": 1},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            recipe.setdefault(key, {}).update(value)
+        else:
+            recipe[key] = value
+    return recipe
+
+
+def write_recipe(path: Path, recipe: dict[str, Any]) -> str:
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return str(path)
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    return env
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, env=cli_env(),
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def start_cli(*args: str, cwd: Path, log: Path) -> subprocess.Popen:
+    """A real `orchestrator` process in its own session, so a test can SIGKILL it (and sweep up after)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, env=cli_env(),
+        stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+def wait_for_cursor(run_dir: Path, predicate, proc: subprocess.Popen, timeout: float = 300) -> dict[str, Any]:
+    """Poll cursor.json (rewritten at every checkpoint) until predicate(cursor) holds."""
+    deadline = time.monotonic() + timeout
+    path = run_dir / "cursor.json"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"run exited early with {proc.returncode}")
+        try:
+            cur = json.loads(path.read_text())["cursor"]
+            if predicate(cur):
+                return cur
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.02)
+    raise AssertionError("timed out waiting for the run to reach the kill point")
+
+
+def status_json(cwd: Path, name: str = "tiny") -> dict[str, Any]:
+    res = run_cli("status", name, "--json", cwd=cwd)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+def mlflow_history(cwd: Path, run_id: str, key: str) -> list[tuple[int, float]]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{cwd / 'mlflow.db'}")
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))

@@ -1,0 +1,138 @@
+"""The training loop in-process (backend: local): it learns, records to MLflow, and resumes exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from orchestrator import runner
+from orchestrator.recipe import validate_recipe
+from storage import checkpoints
+from tests.conftest import (
+    kill_group,
+    mlflow_history,
+    run_cli,
+    start_cli,
+    status_json,
+    tiny_recipe,
+    wait_for_cursor,
+    write_recipe,
+)
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_short_inprocess_run_lowers_the_loss_and_records_everything(in_tmp, tiny_dataset):
+    recipe = validate_recipe(tiny_recipe(tiny_dataset))
+    final = runner.run(recipe)
+    st = status_json(in_tmp)
+    assert st["state"] == "completed"
+    assert all(c["times_trained"] == 1 for c in st["chunk_log"])
+    assert [s["chunks_done"] for s in st["stages"]] == [s["chunks_total"] for s in st["stages"]] == [3, 3, 2]
+    assert final["weights_sha256"] == st["final"]["weights_sha256"]
+
+    loss = [v for _, v in mlflow_history(in_tmp, st["mlflow_run_id"], "train/loss")]
+    spine = loss[:15]  # stage 1: 3 chunks x 5 steps
+    assert np.mean(spine[-4:]) < 0.8 * np.mean(spine[:4]), f"stage-1 loss did not fall: {spine}"
+    steps = [s for s, _ in mlflow_history(in_tmp, st["mlflow_run_id"], "train/loss")]
+    assert steps == list(range(1, st["global_step"] + 1)), "one train/loss point per step, none missing"
+    iou = mlflow_history(in_tmp, st["mlflow_run_id"], "eval/mask_iou")
+    assert len(iou) == 8, "one eval point per chunk"
+    m = st["final"]["metrics"]
+    assert m["eval/depth_rmse"] < m["eval/depth_rmse_baseline"]
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri="sqlite:///mlflow.db")
+    run = client.get_run(st["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["stages.head_tail.resolution"] == "64"
+    assert run.data.tags["orchestrator.run_name"] == "tiny"
+    assert run.data.tags["orchestrator.recipe_sha256"] == recipe.sha256()
+    assert run.data.tags["orchestrator.checkpoint.latest"].startswith(str(in_tmp / "runs" / "tiny" / "ckpt-"))
+    arts = {a.path for a in client.list_artifacts(run.info.run_id, "predictions")}
+    assert arts == {"predictions/stage1-spine.png", "predictions/stage2-head_tail.png", "predictions/stage3-full.png"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} == {"model/state_dict.pt"}
+
+
+def test_a_completed_run_is_reported_not_retrained(in_tmp, tiny_dataset):
+    recipe = validate_recipe(tiny_recipe(tiny_dataset))
+    first = runner.run(recipe)
+    mtime = (in_tmp / "runs" / "tiny" / "final.json").stat().st_mtime_ns
+    second = runner.run(recipe)
+    assert second["weights_sha256"] == first["weights_sha256"]
+    assert (in_tmp / "runs" / "tiny" / "final.json").stat().st_mtime_ns == mtime
+
+
+def test_checkpoint_holds_model_optimizer_scheduler_rng_and_cursor(in_tmp, tiny_dataset):
+    runner.run(validate_recipe(tiny_recipe(tiny_dataset)))
+    name = checkpoints.list_complete(str(in_tmp / "runs" / "tiny"))[-1]
+    state, meta = checkpoints.read_local(str(in_tmp / "runs" / "tiny" / name))
+    assert set(state) >= {"model", "optimizer", "scheduler", "rng", "cursor", "chunk_log"}
+    assert state["cursor"]["done"] is True and meta["reason"] == "chunk_end"
+    assert isinstance(state["rng"]["torch"], torch.Tensor)
+
+
+def test_corrupt_checkpoint_is_refused_not_loaded(in_tmp, tiny_dataset):
+    runner.run(validate_recipe(tiny_recipe(tiny_dataset)))
+    d = in_tmp / "runs" / "tiny" / checkpoints.list_complete(str(in_tmp / "runs" / "tiny"))[-1]
+    data = bytearray((d / "state.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (d / "state.pt").write_bytes(bytes(data))
+    with pytest.raises(checkpoints.CheckpointCorruptError, match="sha256"):
+        checkpoints.read_local(str(d))
+
+
+def test_resume_after_sigkill_continues_in_same_mlflow_run_with_identical_weights(tmp_path, tiny_dataset):
+    """SIGKILL the real `orchestrator run` process mid-stage-2, run the same command again.
+
+    It must resume from the last checkpoint (not the start), train no chunk twice, keep one
+    MLflow run with one point per step, and end with the weights of an uninterrupted run.
+    """
+    slow = tiny_recipe(tiny_dataset)
+    slow["stages"][1]["epochs_per_chunk"] = 3  # long enough to be killed inside stage 2
+    ref_dir, kill_dir = tmp_path / "ref", tmp_path / "kill"
+    ref_dir.mkdir(), kill_dir.mkdir()
+    ref = run_cli("run", write_recipe(ref_dir / "r.yaml", slow), cwd=ref_dir)
+    assert ref.returncode == 0, ref.stderr
+    ref_sha = status_json(ref_dir)["final"]["weights_sha256"]
+
+    path = write_recipe(kill_dir / "r.yaml", slow)
+    proc = start_cli("run", path, cwd=kill_dir, log=kill_dir / "attempt1.log")
+    try:
+        cut = wait_for_cursor(kill_dir / "runs" / "tiny", lambda c: c["stage"] == 1 and c["chunk"] >= 1 and c["batch"] > 0, proc)
+    finally:
+        kill_group(proc)
+    mid = status_json(kill_dir)
+    assert mid["state"] in ("running", "interrupted") and mid["final"] is None
+
+    again = run_cli("run", path, cwd=kill_dir)
+    assert again.returncode == 0, again.stderr
+    assert "resuming" in again.stderr
+    st = status_json(kill_dir)
+    assert st["state"] == "completed"
+    assert st["mlflow_run_id"] == mid["mlflow_run_id"]
+    assert st["interruptions"] == 1
+    assert all(c["times_trained"] == 1 for c in st["chunk_log"]), st["chunk_log"]
+    assert st["final"]["weights_sha256"] == ref_sha, "deterministic resume must reproduce the uninterrupted weights"
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{kill_dir / 'mlflow.db'}")
+    assert len(client.search_runs([client.get_experiment_by_name("tests").experiment_id])) == 1
+    resume_tag = client.get_run(st["mlflow_run_id"]).data.tags["orchestrator.resume.1"]
+    resumed_at = int(resume_tag.split()[1])
+    assert resumed_at >= cut["global_step"] - slow["checkpoint"]["every_steps"] and resumed_at > 0, "resumed from the start"
+    steps = [s for s, _ in mlflow_history(kill_dir, st["mlflow_run_id"], "train/loss")]
+    assert steps == list(range(1, st["global_step"] + 1)), "exactly one train/loss point per step"
+    ref_loss = json.loads((ref_dir / "runs" / "tiny" / "final.json").read_text())["metrics"]
+    assert st["final"]["metrics"] == pytest.approx(ref_loss)
+    assert Path(kill_dir / "runs" / "tiny" / "final.json").exists()
