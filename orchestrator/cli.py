@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 from typing import Annotated, Optional
 
@@ -16,7 +17,9 @@ from orchestrator.errors import OrchestratorError, RunError
 from storage.retry import StorageError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Chunked, preemption-proof training of vision models.")
-data_app = typer.Typer(no_args_is_help=True, help="Make and check datasets.")
+
+from orchestrator.data_cli import data_app  # noqa: E402 - after `app` so the CLI reads top-down
+
 app.add_typer(data_app, name="data")
 
 # soft_wrap: piped output (CI logs, notebooks) keeps one line per message instead of 80-column wraps.
@@ -42,16 +45,17 @@ def run(
     from storage import fs
 
     status = build_status(fs.join(fs.normalize(rec.run.storage), rec.run.name))
-    _print_summary(status)
+    _print_summary(status, rec.tracking.uri)
 
 
-def _print_summary(status: dict | None) -> None:
+def _print_summary(status: dict | None, tracking_uri: str) -> None:
     if not status:
         return
     final = status.get("final") or {}
     metrics = " ".join(f"{k}={v:.4f}" for k, v in sorted((final.get("metrics") or {}).items()))
     err.print(f"run '{status['run_name']}': {status['state']} at step {status['global_step']}; {metrics}")
-    err.print(f"  weights_sha256 {final.get('weights_sha256')}\n  MLflow run {status['mlflow_run_id']} (open it with: mlflow ui --backend-store-uri sqlite:///mlflow.db)")
+    ui = f"mlflow ui --backend-store-uri {tracking_uri}" if tracking_uri.startswith("sqlite:") else tracking_uri
+    err.print(f"  weights_sha256 {final.get('weights_sha256')}\n  MLflow run {status['mlflow_run_id']} (open it with: {ui})")
 
 
 def _runs_root(storage: str) -> str:
@@ -134,23 +138,8 @@ def models(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     out.print(f"losses: {', '.join(LOSSES.names())}")
 
 
-@data_app.command("synth")
-def data_synth(
-    dest: Annotated[str, typer.Argument(help="Destination URI (local path, file://, gs://, memory://).")],
-    samples: Annotated[int, typer.Option("--samples", min=1)] = 4096,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
-    image_size: Annotated[int, typer.Option("--image-size", min=32)] = 200,
-    layout: Annotated[str, typer.Option("--layout", help="shards (packed dataset). 'seed' arrives with `data pack`.")] = "shards",
-) -> None:
-    """Write a synthetic dataset made the way the source dataset was."""
-    from orchestrator.runner import _count_progress
-    from storage.synth import synthesize
-
-    if layout != "shards":
-        raise typer.BadParameter(f"--layout {layout!r}: only 'shards' is available in this version", param_hint="--layout")
-    with _count_progress(err, "synthesizing", samples) as advance:
-        manifest = synthesize(dest, samples, seed=seed, image_size=image_size, progress=advance)
-    err.print(f"wrote {manifest['num_samples']} samples in {len(manifest['shards'])} shards to {dest}")
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def main() -> None:
@@ -158,6 +147,9 @@ def main() -> None:
     logging.basicConfig(level=os.environ.get("ORCHESTRATOR_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     from orchestrator.redact import redact_text
 
+    # GCE and Colab stop a VM with SIGTERM: turn it into KeyboardInterrupt so the run is
+    # recorded as interrupted (and resumable) instead of dying mid-write.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         app(standalone_mode=False)
     except OrchestratorError as exc:

@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from storage import fs
 from storage.layout import PROGRESS_JSON
@@ -89,3 +89,26 @@ class ProgressDisplay:
             if p and time.monotonic() - last >= PLAIN_EVERY_S:
                 last = time.monotonic()
                 self.console.print(describe(p), highlight=False)
+
+
+class count_progress:  # noqa: N801 - used as a context manager
+    """A bar for counted work (synthesis, packing); silent when stderr is not a terminal."""
+
+    def __init__(self, console: Console, what: str, total: int) -> None:
+        from rich.progress import (
+            BarColumn,
+            Progress,
+            TextColumn,
+        )
+
+        self.bar = Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console,
+                            disable=not console.is_terminal)
+        self.total = total
+
+    def __enter__(self):
+        self.bar.start()
+        task = self.bar.add_task("", total=self.total)
+        return lambda n=1: self.bar.advance(task, n)
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.stop()

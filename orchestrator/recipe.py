@@ -43,6 +43,7 @@ class DataSection(_Strict):
     image_size: tuple[int, int] | None = Field(None, description="If set, every stored image must be this [height, width].")
     decode_workers: int = Field(0, ge=0, description="DataLoader worker processes that decode JPEG/PNG; 0 decodes in the training process.")
     hflip: float = Field(0.5, ge=0.0, le=1.0, description="Probability of a horizontal flip of a training sample.")
+    prefetch: bool = Field(True, description="Fetch the next chunk's bytes in the background while this chunk trains.")
 
 
 class ModelSection(_Strict):

@@ -11,7 +11,7 @@ from rich.console import Console
 from orchestrator import run_store, tracking
 from orchestrator.errors import RecipeError, RunError
 from orchestrator.plan import Plan, make_plan
-from orchestrator.progress import ProgressDisplay
+from orchestrator.progress import ProgressDisplay, count_progress
 from orchestrator.recipe import Recipe
 from storage import fs
 from storage.layout import ERROR_JSON, FINAL_JSON
@@ -37,7 +37,7 @@ def resolve_data(recipe: Recipe, console: Console) -> str:
 
             sy = recipe.data.synth
             console.print(f"data.uri is empty: synthesizing {sy.samples} samples into {uri} (first run only)")
-            with _count_progress(console, "synthesizing", sy.samples) as advance:
+            with count_progress(console, "synthesizing", sy.samples) as advance:
                 synthesize(uri, sy.samples, seed=sy.seed, image_size=sy.image_size, progress=advance)
     try:
         ds = open_dataset(uri)
@@ -68,29 +68,6 @@ def check_image_sizes(ds: Any, expected: tuple[int, int] | None) -> None:
             f"{expected[0]}x{expected[1]} ({len(bad)} of {ds.num_samples} samples differ); re-pack the data at that size "
             "or change data.image_size"
         )
-
-
-class _count_progress:  # noqa: N801 - used as a context manager
-    def __init__(self, console: Console, what: str, total: int) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-        )
-
-        self.bar = Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console,
-                            disable=not console.is_terminal)
-        self.total = total
-
-    def __enter__(self):
-        self.bar.start()
-        task = self.bar.add_task("", total=self.total)
-        return lambda n=1: self.bar.advance(task, n)
-
-    def __exit__(self, *exc: object) -> None:
-        self.bar.stop()
 
 
 def baseline_depth(uri: str, train_ids: np.ndarray) -> float:

@@ -56,6 +56,7 @@ def dataset_with_corrupt_jpeg(tmp_path) -> tuple[str, int]:
                 row["fg_bg"] = b"\xff\xd8\xff\xe0 this is not a jpeg"
                 row["height"], row["width"] = 64, 64
             w.add({"sample_id": sid, **row})
+        w.close()
     return uri, bad_id
 
 

@@ -21,6 +21,7 @@ from orchestrator.plan import Plan, batches_for_rank, steps_per_chunk
 from orchestrator.recipe import Recipe, StageSection
 from storage import checkpoints, fs
 from storage.layout import CURSOR_JSON, ERROR_JSON, FINAL_JSON, PROGRESS_JSON
+from storage.retry import RETRY_COUNTER
 from storage.shards import DatasetError, open_dataset
 from workers.checkpoint_policy import CheckpointPolicy
 from workers.data import ChunkPrefetcher, ChunkSamples, DataError, check_sizes
@@ -34,7 +35,7 @@ from workers.viz import prediction_grid
 log = logging.getLogger(__name__)
 
 TRAIN_KEYS = ("train/loss", "train/mask_loss", "train/depth_loss")
-METRIC_KEYS = {*TRAIN_KEYS, "eval/mask_iou", "eval/depth_rmse", "eval/depth_rmse_baseline"}
+METRIC_KEYS = {*TRAIN_KEYS, "eval/mask_iou", "eval/depth_rmse", "eval/depth_rmse_baseline", "perf/data_wait_fraction", "perf/storage_retries"}
 
 PROGRESS_EVERY_S_LOCAL = 1.0
 PROGRESS_EVERY_S_REMOTE = 10.0  # object stores bill and throttle per write
@@ -90,6 +91,7 @@ class Trainer:
         self._progress_every_s = PROGRESS_EVERY_S_LOCAL if fs.is_local(self.run_dir) else PROGRESS_EVERY_S_REMOTE
         self._last_progress = 0.0
         self._rate = _Rate()
+        self._data_wait = 0.0
         self.total_steps = sum(
             steps_per_chunk(len(sp.chunk_ids(c)), st.batch_size, st.epochs_per_chunk, self.world)
             for sp, st in zip(self.plan.stages, recipe.stages, strict=True)
@@ -163,9 +165,11 @@ class Trainer:
         c = self.state.cursor
         ids = sp.chunk_ids(chunk)
         self._progress("preload", force=True)
+        t_chunk = time.perf_counter()
         rows = self.prefetcher.get((s, chunk), ids[self.rank :: self.world])
+        wait_s = time.perf_counter() - t_chunk
         nxt = self._next_chunk(s, chunk)
-        if nxt is not None:
+        if nxt is not None and self.recipe.data.prefetch:
             nids = self.plan.chunk_ids(*nxt)
             self.prefetcher.prefetch(nxt, nids[self.rank :: self.world])
         check_sizes(rows, self.recipe.data.image_size, self.describe)
@@ -181,7 +185,14 @@ class Trainer:
                 samples, batch_sampler=todo, num_workers=self.recipe.data.decode_workers, pin_memory=self.device.type == "cuda"
             )
             self._progress("train", force=True)
-            for x, m, d in loader:
+            batches_left = iter(loader)
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    x, m, d = next(batches_left)
+                except StopIteration:
+                    break
+                wait_s += time.perf_counter() - t0
                 self._train_step(x, m, d, path)
                 c.batch += 1
                 c.global_step += 1
@@ -196,6 +207,8 @@ class Trainer:
                     self.checkpoint(reason)
             c.epoch += 1
             c.batch = 0
+        # Share of the chunk's wall time spent waiting on storage and decode, not on compute.
+        self._data_wait = wait_s / max(time.perf_counter() - t_chunk, 1e-9)
         self._end_chunk(s, chunk, len(ids))
 
     def _train_step(self, x: torch.Tensor, m: torch.Tensor, d: torch.Tensor, path: str) -> None:
@@ -232,7 +245,8 @@ class Trainer:
         metrics = self.evaluate(s)
         if self.session.is_chief:
             self.state.last_eval = metrics
-            self.state.pending_metrics += [(k, v, c.global_step) for k, v in metrics.items()]
+            perf = {"perf/data_wait_fraction": self._data_wait, "perf/storage_retries": float(RETRY_COUNTER["retries"])}
+            self.state.pending_metrics += [(k, v, c.global_step) for k, v in {**metrics, **perf}.items()]
         entry = self.state.chunk_entry(st.name, chunk)
         if entry is None:
             entry = {"stage": st.name, "chunk": chunk, "samples": n, "times_trained": 0}
