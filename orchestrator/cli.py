@@ -85,7 +85,7 @@ def status(
         if st is None:
             raise RunError(f"no run '{run_name}' under {root}; `orchestrator runs` lists the runs there (--storage picks another root)")
     if as_json:
-        keys = ("run_name", "state", "mlflow_run_id", "global_step", "interruptions", "stages", "chunk_log", "final")
+        keys = ("run_name", "state", "mlflow_run_id", "global_step", "interruptions", "interruption_log", "stages", "chunk_log", "final")
         out.print_json(json.dumps({k: st[k] for k in keys} | {"run_dir": st["run_dir"], "last_checkpoint": st["last_checkpoint"], "error": st["error"]}))
         return
     out.print(f"[bold]{st['run_name']}[/bold]: {st['state']}   step {st['global_step']}   interruptions {st['interruptions']}   MLflow {st['mlflow_run_id']}")

@@ -19,10 +19,23 @@ RAY_ENV = {
 }
 
 
+# Storage settings workers need to reach the same buckets as the driver (e.g. an emulator).
+# Credentials are not copied: workers find them the way the driver did (metadata server, ADC file).
+PASS_THROUGH_ENV = ("STORAGE_EMULATOR_HOST", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "GOOGLE_CLOUD_PROJECT", "ORCHESTRATOR_LOG")
+
+
+def worker_env() -> dict[str, str]:
+    env = dict(RAY_ENV)
+    env.update({k: os.environ[k] for k in PASS_THROUGH_ENV if k in os.environ})
+    return env
+
+
 def launch(recipe: Recipe, config: dict[str, Any], address: str | None) -> None:
     if recipe.execution.backend == "local":
         from workers.loop import train_loop
+        from workers.preemption import install_sigterm_handler
 
+        install_sigterm_handler()
         train_loop(config)
         return
     launch_ray(recipe, config, address)
@@ -45,13 +58,17 @@ def launch_ray(recipe: Recipe, config: dict[str, Any], address: str | None) -> N
         # failures come back as exceptions; ORCHESTRATOR_WORKER_LOGS=1 shows it all.
         ray.init(address=address, dashboard_host="127.0.0.1", logging_level=logging.WARNING,
                  log_to_driver=os.environ.get("ORCHESTRATOR_WORKER_LOGS") == "1",
-                 runtime_env={"env_vars": dict(RAY_ENV)})
+                 # The setup hook runs in each worker process's main thread, the only thread that
+                 # may install the SIGTERM handler that turns GCE's notice into a checkpoint.
+                 runtime_env={"env_vars": worker_env(),
+                              "worker_process_setup_hook": "workers.preemption.install_sigterm_handler"})
     storage_fs, storage_path = fs.pyarrow_filesystem(recipe.run.storage)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=ex.num_workers,
+            # A (min, max) range lets Ray Train continue with fewer workers when fewer are there.
+            num_workers=(ex.min_workers, ex.num_workers) if ex.min_workers else ex.num_workers,
             use_gpu=ex.use_gpu,
             resources_per_worker={"CPU": ex.cpus_per_worker, **({"GPU": 1} if ex.use_gpu else {})},
         ),

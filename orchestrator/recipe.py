@@ -110,6 +110,7 @@ class CheckpointSection(_Strict):
     every_steps: int = Field(200, ge=1, description="Checkpoint every N optimizer steps (and at every chunk end).")
     every_seconds: float = Field(600.0, gt=0, description="Checkpoint when this many seconds passed since the last one.")
     keep: int = Field(3, ge=1, description="Complete checkpoints kept; older ones are deleted.")
+    preemption_poll_steps: int = Field(1, ge=1, description="Ask Ray for preemption notices every N steps (a collective across workers).")
 
 
 class TrackingSection(_Strict):
@@ -121,11 +122,19 @@ class TrackingSection(_Strict):
 
 class ExecutionSection(_Strict):
     backend: Literal["ray", "local"] = Field("ray", description="ray: Ray Train TorchTrainer; local: the same loop in-process (tests, debugging).")
-    num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel ranks).")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel ranks); the most when min_workers is set.")
+    min_workers: int | None = Field(None, ge=1, description="Elastic: continue with as few as this many workers when no more are available.")
     use_gpu: bool = Field(False, description="Give each worker one GPU.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
     max_failures: int = Field(3, ge=-1, description="Worker-group restarts Ray Train attempts before the run fails (-1: unlimited).")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads per worker; 0 = cpus_per_worker.")
+
+
+    @model_validator(mode="after")
+    def _elastic_range(self) -> ExecutionSection:
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise ValueError(f"min_workers={self.min_workers} exceeds num_workers={self.num_workers}")
+        return self
 
 
 class Recipe(_Strict):

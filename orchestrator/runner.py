@@ -10,12 +10,14 @@ from rich.console import Console
 
 from orchestrator import run_store, tracking
 from orchestrator.errors import RecipeError, RunError
+from orchestrator.lease import DriverLease
 from orchestrator.plan import Plan, make_plan
 from orchestrator.progress import ProgressDisplay, count_progress
 from orchestrator.recipe import Recipe
 from storage import fs
 from storage.layout import ERROR_JSON, FINAL_JSON
 from storage.retry import StorageError
+from workers.preemption import PreemptedError
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,12 @@ def run(recipe: Recipe, address: str | None = None, console: Console | None = No
         fs.probe_writable(storage_root)
     except StorageError as exc:
         raise RunError(f"run.storage {exc}") from None
+    # Everything below happens under the run's lease, so two drivers never train one run.
+    with DriverLease(rdir, recipe.run.name):
+        return _run_leased(recipe, rdir, address, console)
+
+
+def _run_leased(recipe: Recipe, rdir: str, address: str | None, console: Console) -> dict[str, Any]:
     rec = run_store.load(rdir)
     if rec is not None:
         if rec.recipe_sha256 != recipe.sha256():
@@ -136,12 +144,19 @@ def run(recipe: Recipe, address: str | None = None, console: Console | None = No
         "baseline_depth": baseline_depth(data_uri, plan.train_ids),
         "tracking_uri": rec.tracking_uri,
         "mlflow_run_id": rec.mlflow_run_id,
+        "attempt": rec.attempts,
     }
     from orchestrator.launcher import launch
 
     try:
         with ProgressDisplay(rdir, console):
             launch(recipe, config, address)
+    except PreemptedError as exc:
+        # In-process backend: the notice came, the checkpoint is saved; the next run resumes there.
+        rec.state, rec.error = "interrupted", str(exc)
+        run_store.save(rdir, rec)
+        tracking.end_run(rec.tracking_uri, rec.mlflow_run_id, "KILLED")
+        raise RunError(f"run '{recipe.run.name}': {exc}. Re-run the same command to resume") from None
     except KeyboardInterrupt:
         rec.state = "interrupted"
         run_store.save(rdir, rec)

@@ -45,6 +45,7 @@ def build_status(run_dir: str) -> dict[str, Any] | None:
         "mlflow_run_id": rec.mlflow_run_id,
         "global_step": int(cur.get("global_step", (progress or {}).get("global_step", 0))),
         "interruptions": int(cur.get("interruptions", 0)),
+        "interruption_log": cursor.get("interruption_log", []),
         "stages": stages,
         "chunk_log": chunk_log,
         "final": None if final is None else {k: final[k] for k in ("checkpoint", "weights_sha256", "metrics")},

@@ -128,9 +128,11 @@ def test_resume_after_sigkill_continues_in_same_mlflow_run_with_identical_weight
 
     client = MlflowClient(tracking_uri=f"sqlite:///{kill_dir / 'mlflow.db'}")
     assert len(client.search_runs([client.get_experiment_by_name("tests").experiment_id])) == 1
-    resume_tag = client.get_run(st["mlflow_run_id"]).data.tags["orchestrator.resume.1"]
-    resumed_at = int(resume_tag.split()[1])
-    assert resumed_at >= cut["global_step"] - slow["checkpoint"]["every_steps"] and resumed_at > 0, "resumed from the start"
+    record = json.loads(client.get_run(st["mlflow_run_id"]).data.tags["orchestrator.interruption.1"])
+    assert record["cause"] == "driver lost"
+    assert record["resumed_at_step"] >= cut["global_step"] > 0, "resumed from the start, not the last checkpoint"
+    assert record["steps_lost"] <= slow["checkpoint"]["every_steps"], "lost more than one checkpoint interval"
+    assert st["interruption_log"] == [record]
     steps = [s for s, _ in mlflow_history(kill_dir, st["mlflow_run_id"], "train/loss")]
     assert steps == list(range(1, st["global_step"] + 1)), "exactly one train/loss point per step"
     ref_loss = json.loads((ref_dir / "runs" / "tiny" / "final.json").read_text())["metrics"]

@@ -28,6 +28,7 @@ from workers.data import ChunkPrefetcher, ChunkSamples, DataError, check_sizes
 from workers.losses import build_loss
 from workers.metrics import EvalAccumulator
 from workers.models import build_model
+from workers.preemption import TRAINING_ACTIVE, PreemptedError, PreemptionMonitor
 from workers.session import Session, configure_threads, make_session
 from workers.state import TrainState
 from workers.viz import prediction_grid
@@ -46,6 +47,7 @@ def train_loop(config: dict[str, Any]) -> None:
     recipe = Recipe.model_validate(config["recipe"])
     session = make_session(recipe.execution.backend, config["run_dir"], recipe.checkpoint.keep)
     trainer = Trainer(recipe, config, session)
+    TRAINING_ACTIVE.set()
     try:
         trainer.fit()
     except (DataError, DatasetError) as exc:
@@ -54,6 +56,7 @@ def train_loop(config: dict[str, Any]) -> None:
             fs.write_json(fs.join(config["run_dir"], ERROR_JSON), {"error": str(exc), "kind": "data"})
         raise
     finally:
+        TRAINING_ACTIVE.clear()
         trainer.close()
 
 
@@ -81,6 +84,9 @@ class Trainer:
         self.mask_loss = build_loss(recipe.loss.mask)
         self.depth_loss = build_loss(recipe.loss.depth)
         self.policy = CheckpointPolicy(recipe.checkpoint.every_steps, recipe.checkpoint.every_seconds)
+        self.preemption = PreemptionMonitor(recipe.execution.backend, self.world, self.device, recipe.checkpoint.preemption_poll_steps)
+        self._notice: str | None = None
+        self.attempt = int(config.get("attempt", 1))
         self.sink = None
         if session.is_chief and config.get("mlflow_run_id"):
             from workers.mlflow_sink import MlflowSink
@@ -126,27 +132,75 @@ class Trainer:
         st, sp = self.recipe.stages[s], self.plan.stages[s]
         return sum(steps_per_chunk(len(sp.chunk_ids(c)), st.batch_size, st.epochs_per_chunk, self.world) for c in range(sp.num_chunks))
 
-    def restore(self) -> bool:
-        """Load the newest committed checkpoint, if any. Returns True when resuming."""
+    def _load_newest_valid(self) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """The newest checkpoint that passes its checksum; a corrupt one is skipped with a warning."""
         with self.session.restore_dir() as d:
             if d is None:
-                return False
-            sd, meta = checkpoints.read_local(d)
+                return None
+            try:
+                return checkpoints.read_local(d)
+            except (checkpoints.CheckpointCorruptError, FileNotFoundError, RuntimeError) as exc:
+                log.warning("checkpoint %s is unusable (%s); falling back to an older one", d, exc)
+                bad = os.path.basename(d.rstrip("/"))
+        for name in reversed(checkpoints.list_complete(self.run_dir)):
+            if name >= bad and bad.startswith(checkpoints.PREFIX):
+                continue
+            try:
+                with tempfile.TemporaryDirectory() as tmp:
+                    return checkpoints.read_local(checkpoints.download(fs.join(self.run_dir, name), tmp))
+            except (checkpoints.CheckpointCorruptError, FileNotFoundError, RuntimeError) as exc:
+                log.warning("checkpoint %s is unusable (%s); trying an older one", name, exc)
+        raise RuntimeError(f"{self.run_dir}: no usable checkpoint left to resume from; start a new run.name")
+
+    def restore(self) -> bool:
+        """Load the newest committed checkpoint, if any, and record the interruption. True when resuming."""
+        previous = _read_optional_json(fs.join(self.run_dir, PROGRESS_JSON))  # the last sign of life before the cut
+        loaded = self._load_newest_valid()
+        if loaded is None:
+            return False
+        sd, meta = loaded
         self.state.load_model_and_progress(sd)
         c = self.state.cursor
         if not c.done:
+            if c.batch and sd.get("world_size", self.world) != self.world:
+                # Batches are cut per rank; with another world size the cut moves, so the epoch restarts.
+                log.warning("world size changed %s -> %s mid-chunk: restarting epoch %d of the chunk",
+                            sd.get("world_size"), self.world, c.epoch)
+                c.batch = 0
             self.enter_stage(c.stage)
             self.state.load_optimizer(sd)
-            c.interruptions += 1
+            self._record_interruption(meta, previous)
         if self.sink is not None:
             # Points this checkpoint carried may or may not have reached MLflow before the cut.
             self.sink.log_metrics(self.state.pending_metrics, dedupe=True)
             self.sink.resume(METRIC_KEYS)
-            if not c.done:
-                self.sink.set_tags({f"orchestrator.resume.{c.interruptions}": f"step {c.global_step} ({meta.get('reason')})"})
         self.state.pending_metrics.clear()
         log.warning("resumed from %s at %s", meta.get("name"), c)
         return True
+
+    def _record_interruption(self, meta: dict[str, Any], previous: dict[str, Any] | None) -> None:
+        c = self.state.cursor
+        c.interruptions += 1
+        if meta.get("reason") == "preemption":
+            cause = "preemption notice"
+        elif int(meta.get("attempt", self.attempt)) != self.attempt:
+            cause = "driver lost"
+        else:
+            cause = "worker lost"
+        now = time.time()
+        last_step = int(previous["global_step"]) if previous else c.global_step
+        last_alive = float(previous["updated_at"]) if previous else meta.get("saved_at", now)
+        record = {
+            "n": c.interruptions, "cause": cause, "resumed_at_step": c.global_step,
+            "steps_lost": max(0, last_step - c.global_step),
+            "time_lost_s": round(max(0.0, last_alive - meta.get("saved_at", last_alive)), 3),
+            # Downtime only means something within one driver attempt; a re-run may come days later.
+            "downtime_s": round(now - last_alive, 3) if cause != "driver lost" else None,
+            "at": now,
+        }
+        self.state.interruption_log.append(record)
+        if self.sink is not None:
+            self.sink.set_tags({f"orchestrator.interruption.{c.interruptions}": json.dumps(record, sort_keys=True)})
 
     # ------------------------------------------------------------------- loop
     def fit(self) -> None:
@@ -200,8 +254,13 @@ class Trainer:
                 self._rate.add(len(x) * self.world)
                 self._progress("train")
                 chunk_ends_now = c.epoch == st.epochs_per_chunk - 1 and c.batch == len(batches)
+                notice = self.preemption.notice(c.global_step)
                 if chunk_ends_now:
+                    self._notice = notice
                     continue  # the chunk-end checkpoint follows at this very step
+                if notice:
+                    self.checkpoint("preemption")
+                    raise PreemptedError(f"preemption notice ({notice}) at step {c.global_step}: checkpoint saved, resuming from it")
                 reason = self._agree(self.policy.reason(c.global_step))
                 if reason:
                     self.checkpoint(reason)
@@ -262,6 +321,8 @@ class Trainer:
             c.stage, c.chunk = s + 1, 0
             c.done = c.stage == len(self.recipe.stages)
         self.checkpoint("chunk_end")
+        if self._notice:
+            raise PreemptedError(f"preemption notice ({self._notice}) at step {c.global_step}: checkpoint saved, resuming from it")
 
     def _next_chunk(self, s: int, chunk: int) -> tuple[int, int] | None:
         if chunk + 1 < self.plan.stages[s].num_chunks:
@@ -317,12 +378,16 @@ class Trainer:
             self.policy.saved()
             return
         with tempfile.TemporaryDirectory(prefix="orch-ckpt-") as tmp:
-            checkpoints.write_local(tmp, self.state.state_dict(), {"name": name, "reason": reason, "cursor": vars(c).copy()})
+            sd = self.state.state_dict()
+            sd["world_size"] = self.world
+            meta = {"name": name, "reason": reason, "cursor": vars(c).copy(), "saved_at": time.time(), "attempt": self.attempt}
+            checkpoints.write_local(tmp, sd, meta)
             uri = self.session.report(metrics, tmp, name)
         self.policy.saved()
         fs.write_json(
             fs.join(self.run_dir, CURSOR_JSON),
             {"checkpoint": uri, "cursor": vars(c).copy(), "chunk_log": self.state.chunk_log,
+             "interruption_log": self.state.interruption_log,
              "last_eval": self.state.last_eval, "world_size": self.world, "updated_at": time.time()},
         )
         if self.sink is not None:
@@ -447,3 +512,10 @@ def _check_complete(rows: dict[str, Any], ids: np.ndarray, describe: Any) -> Non
     if len(got) != len(ids) or not np.array_equal(np.sort(got), np.sort(np.asarray(ids, dtype=np.int64))):
         missing = sorted(set(map(int, ids)) - set(map(int, got)))[:5]
         raise DataError(f"{describe(missing[0]) if missing else 'dataset'}: {len(ids) - len(got)} planned samples missing from the shards (e.g. {missing})")
+
+
+def _read_optional_json(uri: str) -> dict[str, Any] | None:
+    try:
+        return fs.read_json(uri)
+    except Exception:  # noqa: BLE001 - missing or torn: no information
+        return None

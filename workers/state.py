@@ -34,6 +34,7 @@ class TrainState:
     # so MLflow never holds a point from steps that a resume will train again.
     pending_metrics: list[tuple[str, float, int]] = field(default_factory=list)
     last_eval: dict[str, float] = field(default_factory=dict)
+    interruption_log: list[dict[str, Any]] = field(default_factory=list)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -45,6 +46,7 @@ class TrainState:
             "chunk_log": [dict(x) for x in self.chunk_log],
             "pending_metrics": [list(m) for m in self.pending_metrics],
             "last_eval": dict(self.last_eval),
+            "interruption_log": [dict(x) for x in self.interruption_log],
             "rng": {"torch": torch.get_rng_state()},
         }
 
@@ -55,6 +57,7 @@ class TrainState:
         self.chunk_log = [dict(x) for x in sd["chunk_log"]]
         self.pending_metrics = [(str(k), float(v), int(s)) for k, v, s in sd["pending_metrics"]]
         self.last_eval = dict(sd["last_eval"])
+        self.interruption_log = [dict(x) for x in sd.get("interruption_log", [])]
         torch.set_rng_state(sd["rng"]["torch"])
 
     def load_optimizer(self, sd: dict[str, Any]) -> None:

@@ -1,0 +1,79 @@
+"""Preemption notices: a node drained for preemption (Ray) or SIGTERM to the worker (what GCE sends).
+
+Either one makes the loop take a just-in-time checkpoint and stop with `PreemptedError`, so
+the steps trained before the notice are all kept and Ray Train restarts the worker group on a
+node that is not going away.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SIGTERM_RECEIVED = threading.Event()
+TRAINING_ACTIVE = threading.Event()
+_previous_handler: Any = signal.SIG_DFL
+
+
+class PreemptedError(RuntimeError):
+    """Raised after the just-in-time checkpoint; the run resumes from it."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    if TRAINING_ACTIVE.is_set():
+        SIGTERM_RECEIVED.set()
+        return
+    # Not a training process (or not training yet): behave as before this handler existed.
+    signal.signal(signal.SIGTERM, _previous_handler)
+    if callable(_previous_handler):
+        _previous_handler(signum, frame)
+    else:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def install_sigterm_handler() -> None:
+    """Run in a process's main thread: by Ray as the job's worker_process_setup_hook, or by the
+    in-process backend. Ray runs the training function in a thread, which cannot set handlers."""
+    global _previous_handler
+    if threading.current_thread() is not threading.main_thread():
+        return
+    current = signal.getsignal(signal.SIGTERM)
+    if current is _on_sigterm:
+        return
+    _previous_handler = current
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+class PreemptionMonitor:
+    """Asks, every `every_steps` steps (the same steps on every rank), whether a notice came."""
+
+    def __init__(self, backend: str, world_size: int, device: Any, every_steps: int = 1) -> None:
+        self.backend = backend
+        self.world_size = world_size
+        self.device = device
+        self.every_steps = every_steps
+
+    def notice(self, global_step: int) -> str | None:
+        if global_step % self.every_steps:
+            return None
+        reason = "sigterm" if SIGTERM_RECEIVED.is_set() else None
+        if self.backend == "ray":
+            import ray.train
+
+            # A collective: every rank calls it at the same steps, and they agree on one answer.
+            info = ray.train.get_preemption_info()
+            if info is not None and reason is None:
+                reason = "drain"
+        if self.world_size > 1:
+            import torch
+            import torch.distributed as dist
+
+            flag = torch.tensor([0 if reason is None else (1 if reason == "drain" else 2)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            reason = {0: None, 1: "drain", 2: "sigterm"}[int(flag.item())]
+        return reason
