@@ -66,6 +66,8 @@ def commit(local_dir: str, run_dir: str, name: str, keep: int) -> str:
     """Copy a local checkpoint folder into run storage (meta.json last), then apply retention."""
     dest = fs.join(run_dir, name)
     for fname in sorted(os.listdir(local_dir), key=lambda n: n == META_FILE):
+        if fname == META_FILE:
+            _maybe_pause_for_tests(name)
         with open(os.path.join(local_dir, fname), "rb") as f:
             fs.write_bytes(fs.join(dest, fname), f.read())
     for old in list_complete(run_dir)[:-keep]:
@@ -74,6 +76,15 @@ def commit(local_dir: str, run_dir: str, name: str, keep: int) -> str:
         except Exception as exc:  # noqa: BLE001 - a failed purge must not fail training
             log.warning("could not delete old checkpoint %s: %s", old, exc)
     return dest
+
+
+def _maybe_pause_for_tests(name: str) -> None:
+    """Fault injection for the kill-mid-checkpoint test: hold the write of one named checkpoint
+    between its state file and its completion marker. Unset in normal use."""
+    if os.environ.get("ORCHESTRATOR_TEST_PAUSE_CHECKPOINT") == name:
+        import time
+
+        time.sleep(float(os.environ.get("ORCHESTRATOR_TEST_PAUSE_S", "60")))
 
 
 def download(uri: str, local_dir: str) -> str:

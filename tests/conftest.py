@@ -114,3 +114,36 @@ def mlflow_history(cwd: Path, run_id: str, key: str) -> list[tuple[int, float]]:
 
     client = MlflowClient(tracking_uri=f"sqlite:///{cwd / 'mlflow.db'}")
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def slow_recipe(data_uri: str, backend: str = "local") -> dict[str, Any]:
+    """The tiny recipe with a longer stage 2, so a test can cut it there; one CPU thread everywhere."""
+    r = tiny_recipe(data_uri, execution={"backend": backend, "num_workers": 1, "cpus_per_worker": 1})
+    r["stages"][1]["epochs_per_chunk"] = 3
+    return r
+
+
+@pytest.fixture(scope="session")
+def reference_sha(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: str) -> str:
+    """weights_sha256 of slow_recipe trained in-process without interruption."""
+    d = tmp_path_factory.mktemp("reference")
+    res = run_cli("run", write_recipe(d / "r.yaml", slow_recipe(tiny_dataset)), cwd=d)
+    assert res.returncode == 0, res.stderr
+    return status_json(d)["final"]["weights_sha256"]
+
+
+def assert_completed_exactly_once(cwd: Path, reference: str, interruptions: int = 1) -> dict[str, Any]:
+    """The invariants every interrupted run must end with."""
+    from mlflow.tracking import MlflowClient
+
+    st = status_json(cwd)
+    assert st["state"] == "completed", st
+    assert st["interruptions"] == interruptions, st["interruption_log"]
+    assert all(c["times_trained"] == 1 for c in st["chunk_log"]), st["chunk_log"]
+    assert st["final"]["weights_sha256"] == reference, "weights differ from the uninterrupted run"
+    client = MlflowClient(tracking_uri=f"sqlite:///{cwd / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert len(runs) == 1, "a restart forked a second MLflow run"
+    steps = [s for s, _ in mlflow_history(cwd, st["mlflow_run_id"], "train/loss")]
+    assert steps == list(range(1, st["global_step"] + 1)), "not exactly one train/loss point per step"
+    return st

@@ -8,9 +8,9 @@ from tests.conftest import (
     kill_group,
     mlflow_history,
     run_cli,
+    slow_recipe,
     start_cli,
     status_json,
-    tiny_recipe,
     wait_for_cursor,
     write_recipe,
 )
@@ -19,30 +19,17 @@ pytestmark = pytest.mark.ray
 
 
 def _ray_recipe(data_uri: str) -> dict:
-    r = tiny_recipe(data_uri, execution={"backend": "ray", "num_workers": 1, "cpus_per_worker": 1})
-    r["stages"][1]["epochs_per_chunk"] = 3  # long enough to be killed inside stage 2
-    return r
+    return slow_recipe(data_uri, backend="ray")
 
 
-@pytest.fixture(scope="module")
-def inprocess_reference(tmp_path_factory, tiny_dataset) -> str:
-    """weights_sha256 of the same recipe trained in-process, uninterrupted."""
-    d = tmp_path_factory.mktemp("ref")
-    r = _ray_recipe(tiny_dataset)
-    r["execution"]["backend"] = "local"
-    res = run_cli("run", write_recipe(d / "r.yaml", r), cwd=d)
-    assert res.returncode == 0, res.stderr
-    return status_json(d)["final"]["weights_sha256"]
-
-
-def test_ray_train_run_completes_and_matches_the_inprocess_loop(tmp_path, tiny_dataset, inprocess_reference):
+def test_ray_train_run_completes_and_matches_the_inprocess_loop(tmp_path, tiny_dataset, reference_sha):
     """TorchTrainer runs the same loop: same plan, same batches, bit-identical weights on CPU."""
     res = run_cli("run", write_recipe(tmp_path / "r.yaml", _ray_recipe(tiny_dataset)), cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     st = status_json(tmp_path)
     assert st["state"] == "completed"
     assert all(c["times_trained"] == 1 and c["world_size"] == 1 for c in st["chunk_log"])
-    assert st["final"]["weights_sha256"] == inprocess_reference
+    assert st["final"]["weights_sha256"] == reference_sha
     # Ray Train persisted the checkpoints under RunConfig(storage_path, name) = the run directory.
     assert st["final"]["checkpoint"].startswith(str(tmp_path / "runs" / "tiny" / "ckpt-"))
     assert (tmp_path / "runs" / "tiny" / "checkpoint_manager_snapshot.json").exists() or any(
@@ -52,7 +39,7 @@ def test_ray_train_run_completes_and_matches_the_inprocess_loop(tmp_path, tiny_d
     assert steps == list(range(1, st["global_step"] + 1))
 
 
-def test_ray_resume_after_driver_sigkill_mid_stage_two(tmp_path, tiny_dataset, inprocess_reference):
+def test_ray_resume_after_driver_sigkill_mid_stage_two(tmp_path, tiny_dataset, reference_sha):
     """Colab expiry: the driver and its local Ray die; the same command resumes from storage."""
     path = write_recipe(tmp_path / "r.yaml", _ray_recipe(tiny_dataset))
     proc = start_cli("run", path, cwd=tmp_path, log=tmp_path / "attempt1.log")
@@ -70,6 +57,6 @@ def test_ray_resume_after_driver_sigkill_mid_stage_two(tmp_path, tiny_dataset, i
     assert st["state"] == "completed" and st["mlflow_run_id"] == mid["mlflow_run_id"]
     assert st["interruptions"] == 1
     assert all(c["times_trained"] == 1 for c in st["chunk_log"])
-    assert st["final"]["weights_sha256"] == inprocess_reference
+    assert st["final"]["weights_sha256"] == reference_sha
     steps = [s for s, _ in mlflow_history(tmp_path, st["mlflow_run_id"], "train/loss")]
     assert steps == list(range(1, st["global_step"] + 1))

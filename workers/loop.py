@@ -98,6 +98,7 @@ class Trainer:
         self._last_progress = 0.0
         self._rate = _Rate()
         self._data_wait = 0.0
+        self._steps_this_process = 0
         self.total_steps = sum(
             steps_per_chunk(len(sp.chunk_ids(c)), st.batch_size, st.epochs_per_chunk, self.world)
             for sp, st in zip(self.plan.stages, recipe.stages, strict=True)
@@ -252,7 +253,9 @@ class Trainer:
                 c.global_step += 1
                 c.samples_seen += len(x) * self.world
                 self._rate.add(len(x) * self.world)
-                self._progress("train")
+                # The first step after a (re)start is reported at once: recovery time is measured to it.
+                self._steps_this_process += 1
+                self._progress("train", force=self._steps_this_process == 1)
                 chunk_ends_now = c.epoch == st.epochs_per_chunk - 1 and c.batch == len(batches)
                 notice = self.preemption.notice(c.global_step)
                 if chunk_ends_now:
@@ -455,7 +458,7 @@ class Trainer:
             "chunk": c.chunk, "chunks": self.plan.stages[s].num_chunks, "global_step": c.global_step,
             "total_steps": self.total_steps, "loss": getattr(self, "_last_loss", None),
             "samples_per_s": rate, "eta_s": steps_left / step_rate if step_rate else None,
-            "updated_at": time.time(), "pid": os.getpid(),
+            "updated_at": time.time(), "pid": os.getpid(), "node_id": self.session.node_id,
         })
 
     def close(self) -> None:

@@ -43,10 +43,31 @@ def install_sigterm_handler() -> None:
     if threading.current_thread() is not threading.main_thread():
         return
     current = signal.getsignal(signal.SIGTERM)
-    if current is _on_sigterm:
+    if current is not _on_sigterm:
+        _previous_handler = current
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    _chain_ray_worker_handler()
+
+
+def _chain_ray_worker_handler() -> None:
+    """Ray's worker main loop installs its own SIGTERM handler (exit at once) after the setup
+    hook has run, which would undo ours. Ray sets it through one helper; wrap that helper so
+    Ray's handler becomes the one we fall back to when no training is under way. Checked by
+    tests/test_fault_tolerance.py's SIGTERM test: if a Ray upgrade moves the helper, it fails."""
+    try:
+        import ray._private.utils as ray_utils
+    except ImportError:
         return
-    _previous_handler = current
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    if getattr(ray_utils.set_sigterm_handler, "_orchestrator_chained", False):
+        return
+
+    def set_sigterm_handler(handler: Any) -> None:
+        global _previous_handler
+        _previous_handler = handler
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+    set_sigterm_handler._orchestrator_chained = True  # type: ignore[attr-defined]
+    ray_utils.set_sigterm_handler = set_sigterm_handler
 
 
 class PreemptionMonitor:

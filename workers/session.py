@@ -22,6 +22,7 @@ class Session:
     world_rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    node_id: str | None = None
 
     @property
     def is_chief(self) -> bool:
@@ -65,6 +66,7 @@ class RaySession(Session):
     """Inside a Ray Train worker."""
 
     def __init__(self, run_dir: str) -> None:
+        import ray
         import ray.train
         import ray.train.torch
 
@@ -73,6 +75,7 @@ class RaySession(Session):
         self.world_rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
         self.device = ray.train.torch.get_device()
+        self.node_id = ray.get_runtime_context().get_node_id()
 
     @contextlib.contextmanager
     def restore_dir(self) -> Iterator[str | None]:
