@@ -60,3 +60,19 @@ def test_ray_resume_after_driver_sigkill_mid_stage_two(tmp_path, tiny_dataset, r
     assert st["final"]["weights_sha256"] == reference_sha
     steps = [s for s, _ in mlflow_history(tmp_path, st["mlflow_run_id"], "train/loss")]
     assert steps == list(range(1, st["global_step"] + 1))
+
+
+def test_two_workers_split_each_chunk_and_commit_it_once(tmp_path, tiny_dataset):
+    """Data-parallel on Ray Train: two ranks (DDP over gloo) share every chunk and agree on checkpoints."""
+    recipe = slow_recipe(tiny_dataset, backend="ray")
+    recipe["execution"].update({"num_workers": 2, "cpus_per_worker": 1})
+    recipe["stages"][1]["epochs_per_chunk"] = 1
+    res = run_cli("run", write_recipe(tmp_path / "r.yaml", recipe), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    st = status_json(tmp_path)
+    assert st["state"] == "completed"
+    assert all(c["times_trained"] == 1 and c["world_size"] == 2 for c in st["chunk_log"]), st["chunk_log"]
+    steps = [s for s, _ in mlflow_history(tmp_path, st["mlflow_run_id"], "train/loss")]
+    assert steps == list(range(1, st["global_step"] + 1))
+    m = st["final"]["metrics"]
+    assert m["eval/depth_rmse"] < m["eval/depth_rmse_baseline"]
