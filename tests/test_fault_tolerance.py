@@ -199,3 +199,25 @@ def test_two_drivers_racing_train_the_run_once(tmp_path, tiny_dataset, reference
     loser = (tmp_path / f"driver{codes.index(1)}.log").read_text()
     assert "is being driven by" in loser and "since" in loser
     assert_completed_exactly_once(tmp_path, reference_sha, interruptions=0)
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny_dataset, reference_sha):
+    """A checkpoint whose bytes no longer match its sha256 is skipped with a warning naming it."""
+    path = write_recipe(tmp_path / "r.yaml", slow_recipe(tiny_dataset))
+    run_dir = tmp_path / "runs" / "tiny"
+    proc = start_cli("run", path, cwd=tmp_path, log=tmp_path / "run.log")
+    try:
+        wait_for_cursor(run_dir, _in_stage_two, proc)
+    finally:
+        kill_group(proc)
+    names = sorted(p.name for p in run_dir.iterdir() if p.name.startswith("ckpt-") and (p / "meta.json").exists())
+    assert len(names) <= 3, "retention keeps checkpoint.keep complete checkpoints"
+    newest = run_dir / names[-1] / "state.pt"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    res = run_cli("run", path, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert names[-1] in res.stderr and "unusable" in res.stderr
+    st = assert_completed_exactly_once(tmp_path, reference_sha)
+    assert _interruption(st)["resumed_at_step"] == int(names[-2].removeprefix("ckpt-"))
