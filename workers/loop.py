@@ -29,6 +29,7 @@ from workers.losses import build_loss
 from workers.metrics import EvalAccumulator
 from workers.models import build_model
 from workers.preemption import TRAINING_ACTIVE, PreemptedError, PreemptionMonitor
+from workers.progress import ProgressWriter
 from workers.session import Session, configure_threads, make_session
 from workers.state import TrainState
 from workers.viz import prediction_grid
@@ -38,8 +39,6 @@ log = logging.getLogger(__name__)
 TRAIN_KEYS = ("train/loss", "train/mask_loss", "train/depth_loss")
 METRIC_KEYS = {*TRAIN_KEYS, "eval/mask_iou", "eval/depth_rmse", "eval/depth_rmse_baseline", "perf/data_wait_fraction", "perf/storage_retries"}
 
-PROGRESS_EVERY_S_LOCAL = 1.0
-PROGRESS_EVERY_S_REMOTE = 10.0  # object stores bill and throttle per write
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -94,16 +93,12 @@ class Trainer:
             self.sink = MlflowSink(config["tracking_uri"], config["mlflow_run_id"])
         self._loss_buf: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._eval_rows: dict[str, Any] | None = None
-        self._progress_every_s = PROGRESS_EVERY_S_LOCAL if fs.is_local(self.run_dir) else PROGRESS_EVERY_S_REMOTE
-        self._last_progress = 0.0
-        self._rate = _Rate()
+        self._last_loss: float | None = None
         self._data_wait = 0.0
         self._steps_this_process = 0
-        self.total_steps = sum(
-            steps_per_chunk(len(sp.chunk_ids(c)), st.batch_size, st.epochs_per_chunk, self.world)
-            for sp, st in zip(self.plan.stages, recipe.stages, strict=True)
-            for c in range(sp.num_chunks)
-        )
+        self.total_steps = sum(self._stage_steps(s) for s in range(len(recipe.stages)))
+        self.progress = ProgressWriter(self.run_dir, [st.name for st in recipe.stages],
+                                       [sp.num_chunks for sp in self.plan.stages], self.total_steps, session.node_id)
 
     # ----------------------------------------------------------------- set-up
     def describe(self, sample_id: int) -> str:
@@ -252,7 +247,7 @@ class Trainer:
                 c.batch += 1
                 c.global_step += 1
                 c.samples_seen += len(x) * self.world
-                self._rate.add(len(x) * self.world)
+                self.progress.rate.add(len(x) * self.world)
                 # The first step after a (re)start is reported at once: recovery time is measured to it.
                 self._steps_this_process += 1
                 self._progress("train", force=self._steps_this_process == 1)
@@ -283,8 +278,11 @@ class Trainer:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if self.state.scheduler is not None:
-            self.state.scheduler.step()
+        sched = self.state.scheduler
+        # A restarted epoch (the world size changed mid-chunk) adds steps the schedule did not
+        # plan for; OneCycleLR raises past its last step, so it holds its final rate instead.
+        if sched is not None and sched.last_epoch < getattr(sched, "total_steps", float("inf")):
+            sched.step()
         if self.session.is_chief:
             # Kept as tensors: a .item() per step would sync the GPU every step.
             self._loss_buf.append((self.state.cursor.global_step + 1, loss.detach(), mask_loss.detach(), depth_loss.detach()))
@@ -441,54 +439,13 @@ class Trainer:
         self._progress("done", force=True)
 
     def _progress(self, phase: str, force: bool = False) -> None:
-        if not self.session.is_chief:
+        if not self.session.is_chief or not self.progress.due(force):
             return
-        now = time.monotonic()
-        if not force and now - self._last_progress < self._progress_every_s:
-            return
-        self._last_progress = now
         self._drain_losses()
-        c = self.state.cursor
-        s = min(c.stage, len(self.recipe.stages) - 1)
-        rate = self._rate.per_s()
-        steps_left = self.total_steps - c.global_step
-        step_rate = self._rate.steps_per_s()
-        fs.write_json(fs.join(self.run_dir, PROGRESS_JSON), {
-            "phase": phase, "stage": self.recipe.stages[s].name, "stage_index": s, "stages": len(self.recipe.stages),
-            "chunk": c.chunk, "chunks": self.plan.stages[s].num_chunks, "global_step": c.global_step,
-            "total_steps": self.total_steps, "loss": getattr(self, "_last_loss", None),
-            "samples_per_s": rate, "eta_s": steps_left / step_rate if step_rate else None,
-            "updated_at": time.time(), "pid": os.getpid(), "node_id": self.session.node_id,
-        })
+        self.progress.write(phase, self.state.cursor, self._last_loss)
 
     def close(self) -> None:
         self.prefetcher.close()
-
-
-class _Rate:
-    """Samples/s and steps/s over the last ~30 s of training."""
-
-    WINDOW_S = 30.0
-
-    def __init__(self) -> None:
-        self.events: list[tuple[float, int]] = []
-
-    def add(self, samples: int) -> None:
-        now = time.monotonic()
-        self.events.append((now, samples))
-        while self.events and now - self.events[0][0] > self.WINDOW_S:
-            self.events.pop(0)
-
-    def _span(self) -> float:
-        return self.events[-1][0] - self.events[0][0] if len(self.events) > 1 else 0.0
-
-    def per_s(self) -> float | None:
-        span = self._span()
-        return sum(n for _, n in self.events[1:]) / span if span > 0 else None
-
-    def steps_per_s(self) -> float | None:
-        span = self._span()
-        return (len(self.events) - 1) / span if span > 0 else None
 
 
 def _forward(model: torch.nn.Module, x: torch.Tensor, path: str) -> torch.Tensor:

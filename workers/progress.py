@@ -1,0 +1,69 @@
+"""The chief worker's progress.json: what the driver's progress line and `status` show live."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from typing import Any
+
+from storage import fs
+from storage.layout import PROGRESS_JSON
+
+PROGRESS_EVERY_S_LOCAL = 1.0
+PROGRESS_EVERY_S_REMOTE = 10.0  # object stores bill and throttle per write
+
+
+class Rate:
+    """Samples/s and steps/s over the last WINDOW_S seconds of training."""
+
+    WINDOW_S = 30.0
+
+    def __init__(self) -> None:
+        self.events: deque[tuple[float, int]] = deque()
+
+    def add(self, samples: int) -> None:
+        now = time.monotonic()
+        self.events.append((now, samples))
+        while now - self.events[0][0] > self.WINDOW_S:
+            self.events.popleft()
+
+    def _span(self) -> float:
+        return self.events[-1][0] - self.events[0][0] if len(self.events) > 1 else 0.0
+
+    def per_s(self) -> float | None:
+        span = self._span()
+        return sum(n for _, n in list(self.events)[1:]) / span if span > 0 else None
+
+    def steps_per_s(self) -> float | None:
+        span = self._span()
+        return (len(self.events) - 1) / span if span > 0 else None
+
+
+class ProgressWriter:
+    """Throttled writes of progress.json; `force` writes at once (phase changes, first step)."""
+
+    def __init__(self, run_dir: str, stage_names: list[str], chunks_per_stage: list[int], total_steps: int, node_id: str | None) -> None:
+        self.uri = fs.join(run_dir, PROGRESS_JSON)
+        self.every_s = PROGRESS_EVERY_S_LOCAL if fs.is_local(run_dir) else PROGRESS_EVERY_S_REMOTE
+        self.stage_names = stage_names
+        self.chunks_per_stage = chunks_per_stage
+        self.total_steps = total_steps
+        self.node_id = node_id
+        self.rate = Rate()
+        self._last = 0.0
+
+    def due(self, force: bool) -> bool:
+        return force or time.monotonic() - self._last >= self.every_s
+
+    def write(self, phase: str, cursor: Any, loss: float | None) -> None:
+        self._last = time.monotonic()
+        s = min(cursor.stage, len(self.stage_names) - 1)
+        step_rate = self.rate.steps_per_s()
+        fs.write_json(self.uri, {
+            "phase": phase, "stage": self.stage_names[s], "stage_index": s, "stages": len(self.stage_names),
+            "chunk": cursor.chunk, "chunks": self.chunks_per_stage[s], "global_step": cursor.global_step,
+            "total_steps": self.total_steps, "loss": loss, "samples_per_s": self.rate.per_s(),
+            "eta_s": (self.total_steps - cursor.global_step) / step_rate if step_rate else None,
+            "updated_at": time.time(), "pid": os.getpid(), "node_id": self.node_id,
+        })
