@@ -1,7 +1,7 @@
 """Training-loop overhead: the orchestrator's chunk loop against a bare torch loop, same samples.
 
 The bare loop trains on tensors decoded ahead of time (untimed); the orchestrator's loop pays
-for everything it does per chunk: preload from shards, JPEG/PNG decode and resize, seeded
+for everything it does per chunk: preload from shards, JPEG/mask/depth decode and resize, seeded
 flips, the chunk-end eval and checkpoint. Usage: python -m bench.loop --json
 """
 
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
     from orchestrator.recipe import validate_recipe
     from storage.shards import open_dataset
     from storage.synth import synthesize
-    from workers.data import ChunkSamples
+    from workers.data import ChunkSamples, prepare_batch
     from workers.loop import Trainer
     from workers.session import LocalSession
 
@@ -65,8 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
         ids = plan.chunk_ids(0, 0)
         rows = ds.read_samples(ids)
         samples = ChunkSamples(rows, args.resolution, ds.describe)
-        decoded = [samples[i] for i in range(len(samples))]
-        xs, ms, dsp = (torch.stack([d[k] for d in decoded]) for k in range(3))
+        xs, ms, dsp = prepare_batch(samples.__getitems__(list(range(len(samples)))), trainer.device)
         t0 = time.perf_counter()
         for i in range(0, len(ids), args.batch):
             trainer._train_step(xs[i:i + args.batch], ms[i:i + args.batch], dsp[i:i + args.batch], "full")

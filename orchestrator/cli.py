@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
 import signal
 import sys
 from typing import Annotated, Optional
@@ -13,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator.errors import OrchestratorError, RunError
+from orchestrator.errors import OrchestratorError, RecipeError, RunError
 from storage.retry import StorageError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Chunked, preemption-proof training of vision models.")
@@ -33,19 +34,31 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a r
 def run(
     recipe: Annotated[str, typer.Argument(help="Recipe YAML, e.g. recipes/quickstart.yaml.")],
     set_: SetOpt = None,
-    address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster address (default: start a local Ray).")] = None,  # noqa: UP045
+    address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster (host:6379, http://host:8265 or ray://host:10001): the run is submitted as a Ray Job whose driver lives on the head. Default: this machine, with a local Ray.")] = None,  # noqa: UP045
+    detach: Annotated[bool, typer.Option("--detach", help="With --address: submit (or find) the run's job and return at once.")] = False,
+    workdir: Annotated[Optional[str], typer.Option("--workdir", help="With --address: where relative paths (runs/, mlflow.db, data/) resolve on the head. Default: this directory on a loopback cluster, ~/orchestrator on a remote one.")] = None,  # noqa: UP045
+    from_env: Annotated[bool, typer.Option("--from-env", hidden=True, help="Read the resolved recipe from $ORCHESTRATOR_RECIPE_JSON (the Ray Job entrypoint).")] = False,
 ) -> None:
     """Start the run the recipe names, or resume it; a finished run is reported, not retrained."""
     from orchestrator import runner
-    from orchestrator.recipe import load_recipe
+    from orchestrator.recipe import load_recipe, validate_recipe
     from orchestrator.status import build_status
-
-    rec = load_recipe(recipe, set_ or [])
-    runner.run(rec, address=address, console=err)
     from storage import fs
 
-    status = build_status(fs.join(fs.normalize(rec.run.storage), rec.run.name))
-    _print_summary(status, rec.tracking.uri)
+    if from_env:
+        from orchestrator.jobs import RECIPE_ENV
+
+        rec = validate_recipe(json.loads(os.environ[RECIPE_ENV]), source=f"${RECIPE_ENV}")
+    else:
+        rec = load_recipe(recipe, set_ or [])
+    run_dir = fs.join(fs.normalize(rec.run.storage), rec.run.name)
+    if address and address != "auto" and not from_env:
+        from orchestrator.jobs import submit_or_attach
+
+        # The job's log, streamed here, ends with the driver's own summary.
+        raise typer.Exit(submit_or_attach(rec, run_dir, address, err, detach, workdir))
+    runner.run(rec, address=address, console=err)
+    _print_summary(build_status(run_dir), rec.tracking.uri)
 
 
 def _print_summary(status: dict | None, tracking_uri: str) -> None:
@@ -69,12 +82,25 @@ def status(
     run_name: Annotated[Optional[str], typer.Argument(help="Run name (default: the most recently updated run).")] = None,  # noqa: UP045
     as_json: Annotated[bool, typer.Option("--json", help="Print the contract's status JSON.")] = False,
     storage: Annotated[str, typer.Option("--storage", help="Run storage root (the recipe's run.storage).")] = "runs",
+    address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster the run was submitted to: find its run storage and job there.")] = None,  # noqa: UP045
 ) -> None:
     """Show a run's state, chunk log and final metrics."""
     from orchestrator.status import build_status, list_runs
     from storage import fs
 
     root = _runs_root(storage)
+    job = None
+    if address:
+        if run_name is None:
+            raise RecipeError("status --address needs the RUN_NAME")
+        from orchestrator.jobs import latest_job
+
+        _, job = latest_job(address, run_name)
+        if not fs.exists(fs.join(job.run_dir, "run.json")):
+            raise RunError(f"run '{run_name}' is Ray job {job.submission_id} ({job.status}) on {address}, but its run storage "
+                           f"{job.run_dir} is not reachable from here (a path on the head's disk); "
+                           f"`orchestrator logs {run_name} --address {address}` shows its progress, or keep run.storage on gs://")
+        root = posixpath.dirname(job.run_dir.rstrip("/"))
     if run_name is None:
         runs = list_runs(root)
         if not runs:
@@ -86,8 +112,13 @@ def status(
             raise RunError(f"no run '{run_name}' under {root}; `orchestrator runs` lists the runs there (--storage picks another root)")
     if as_json:
         keys = ("run_name", "state", "mlflow_run_id", "global_step", "interruptions", "interruption_log", "stages", "chunk_log", "final")
-        out.print_json(json.dumps({k: st[k] for k in keys} | {"run_dir": st["run_dir"], "last_checkpoint": st["last_checkpoint"], "error": st["error"]}))
+        extra = {"run_dir": st["run_dir"], "last_checkpoint": st["last_checkpoint"], "error": st["error"]}
+        if job:
+            extra["ray_job"] = {"submission_id": job.submission_id, "status": job.status}
+        out.print_json(json.dumps({k: st[k] for k in keys} | extra))
         return
+    if job:
+        out.print(f"Ray job {job.submission_id}: {job.status}")
     out.print(f"[bold]{st['run_name']}[/bold]: {st['state']}   step {st['global_step']}   interruptions {st['interruptions']}   MLflow {st['mlflow_run_id']}")
     for s in st["stages"]:
         out.print(f"  stage {s['name']}: {s['chunks_done']}/{s['chunks_total']} chunks")
@@ -101,6 +132,22 @@ def status(
         out.print(f"  weights_sha256 {st['final']['weights_sha256']}")
     if st["error"]:
         out.print(f"  [red]error[/red]: {st['error']}")
+
+
+@app.command()
+def logs(
+    run_name: Annotated[str, typer.Argument(help="Run name.")],
+    address: Annotated[str, typer.Option("--address", help="Ray cluster the run was submitted to.")],
+    follow_: Annotated[bool, typer.Option("--follow", "-f", help="Keep streaming until the run's job ends.")] = False,
+) -> None:
+    """Print the driver log of a run submitted to a cluster (its newest Ray job)."""
+    from orchestrator.jobs import follow, latest_job
+
+    jc, job = latest_job(address, run_name)
+    err.print(f"run '{run_name}': Ray job {job.submission_id} ({job.status})")
+    if follow_:
+        raise typer.Exit(follow(jc, job.submission_id, sys.stdout.write, err))
+    sys.stdout.write(jc.get_job_logs(job.submission_id))
 
 
 @app.command()
@@ -121,6 +168,75 @@ def runs(
         total = sum(s["chunks_total"] for s in r["stages"])
         t.add_row(r["run_name"], r["state"], str(r["global_step"]), f"{done}/{total}", str(r["interruptions"]), r["mlflow_run_id"] or "")
     out.print(t)
+
+
+@app.command()
+def sweep(
+    sweep_recipe: Annotated[str, typer.Argument(help="Sweep YAML, e.g. recipes/loss_sweep.yaml.")],
+    set_: SetOpt = None,
+    address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster to run the sweep's trials on (default: a local Ray).")] = None,  # noqa: UP045
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the runs the sweep would make, and stop.")] = False,
+) -> None:
+    """Run a sweep: one orchestrator run per grid point, concurrently, as Ray Tune trials.
+
+    Re-running the same command resumes it: finished runs are reported, unfinished ones resume."""
+    from orchestrator.sweep import expand, run_sweep
+
+    spec, recipes = expand(sweep_recipe, set_ or [])
+    if dry_run:
+        for r in recipes:
+            out.print(f"{r.run.name}: loss.mask={dict(r.loss.mask)} loss.depth={dict(r.loss.depth)}")
+        return
+    run_sweep(spec, recipes, address, err)
+    _compare(recipes[0].tracking.experiment, recipes[0].tracking.uri, as_json=False)
+
+
+def _compare(experiment: str | None, tracking_uri: str, as_json: bool) -> None:
+    from orchestrator.compare import collect, render
+    from orchestrator.tracking import resolve_tracking_uri
+
+    table = collect(resolve_tracking_uri(tracking_uri), experiment)
+    if as_json:
+        out.print_json(json.dumps(table))
+    else:
+        render(table, out)
+
+
+@app.command()
+def compare(
+    experiment: Annotated[Optional[str], typer.Argument(help="MLflow experiment (default: the most recently updated).")] = None,  # noqa: UP045
+    as_json: Annotated[bool, typer.Option("--json", help="Print the table as JSON.")] = False,
+    tracking_uri: Annotated[str, typer.Option("--tracking-uri", help="MLflow tracking store (the recipe's tracking.uri).")] = "sqlite:///mlflow.db",
+) -> None:
+    """Compare an experiment's runs: mIoU, mRMSE, time, steps, interruptions; best per column marked."""
+    _compare(experiment, tracking_uri, as_json)
+
+
+@app.command("lr-find")
+def lr_find(
+    recipe: Annotated[str, typer.Argument(help="Recipe YAML.")],
+    set_: SetOpt = None,
+    stage: Annotated[Optional[str], typer.Option("--stage", help="Stage to test (default: the first).")] = None,  # noqa: UP045
+    steps: Annotated[int, typer.Option("--steps", min=10, help="Steps of exponentially rising LR.")] = 200,
+    min_lr: Annotated[float, typer.Option("--min-lr")] = 1e-6,
+    max_lr: Annotated[float, typer.Option("--max-lr")] = 1.0,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """LR range test: raise the LR over a few hundred steps, log the curve to MLflow, suggest max_lr."""
+    from orchestrator.lr_find import run_lr_find
+    from orchestrator.recipe import load_recipe
+
+    rec = load_recipe(recipe, set_ or [])
+    res = run_lr_find(rec, stage, steps, min_lr, max_lr, err)
+    if as_json:
+        out.print_json(json.dumps(res))
+        return
+    if res["suggested_max_lr"] is None:
+        out.print(f"stage {res['stage']}: the loss diverged too early for a suggestion; lower --max-lr")
+        return
+    out.print(f"stage {res['stage']}: suggested max_lr {res['suggested_max_lr']:.3g} (steepest fall of the loss); "
+              f"the loss was lowest at lr {res['suggested_lr_at_min_loss']:.3g}. "
+              f"Use it with --set stages.{res['stage']}.lr={res['suggested_max_lr']:.3g}  (plot: MLflow run {res['mlflow_run_id']})")
 
 
 @app.command()
@@ -151,7 +267,10 @@ def main() -> None:
     # recorded as interrupted (and resumable) instead of dying mid-write.
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        app(standalone_mode=False)
+        # Without standalone mode click returns typer.Exit's code instead of raising it.
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except OrchestratorError as exc:
         err.print(f"error: {redact_text(str(exc))}", highlight=False, markup=False)
         sys.exit(exc.exit_code)

@@ -24,6 +24,9 @@ RAY_ENV = {
 PASS_THROUGH_ENV = ("STORAGE_EMULATOR_HOST", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "GOOGLE_CLOUD_PROJECT", "ORCHESTRATOR_LOG")
 
 
+SETUP_HOOK = "workers.preemption.install_sigterm_handler"
+
+
 def worker_env() -> dict[str, str]:
     env = dict(RAY_ENV)
     env.update({k: os.environ[k] for k in PASS_THROUGH_ENV if k in os.environ})
@@ -41,37 +44,59 @@ def launch(recipe: Recipe, config: dict[str, Any], address: str | None) -> None:
     launch_ray(recipe, config, address)
 
 
-def launch_ray(recipe: Recipe, config: dict[str, Any], address: str | None) -> None:
+def init_ray(address: str | None) -> None:
+    """Connect to (or start) Ray the way every driver of ours does; a no-op when connected."""
     for k, v in RAY_ENV.items():
         os.environ.setdefault(k, v)
     import ray
+
+    if ray.is_initialized():
+        return
+    # The dashboard stays on: Ray Train V2's placement-group cleaner asks its State API
+    # whether the controller lives, and warns every few seconds without it.
+    # Worker stdout stays off the driver by default: progress comes from progress.json,
+    # failures come back as exceptions; ORCHESTRATOR_WORKER_LOGS=1 shows it all.
+    # The setup hook runs in each worker process's main thread, the only thread that may
+    # install the SIGTERM handler that turns GCE's notice into a checkpoint. A Ray Job's driver
+    # (orchestrator/jobs.py) already has the same runtime env from its submission, and Ray
+    # refuses to merge two that name the same keys.
+    in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+    runtime_env = None if in_job else {"env_vars": worker_env(), "worker_process_setup_hook": SETUP_HOOK}
+    # "local", not None, without --address: None would join whatever cluster
+    # /tmp/ray/ray_current_cluster names, and hang when that cluster is gone.
+    ray.init(address=address or "local", dashboard_host="127.0.0.1", logging_level=logging.WARNING,
+             log_to_driver=os.environ.get("ORCHESTRATOR_WORKER_LOGS") == "1", runtime_env=runtime_env)
+
+
+def scaling_config(ex: Any):
+    """Ray Train's ScalingConfig for a recipe's execution section: GPUs and TPUs are Ray resources,
+    so the autoscaler starts the node types that have them (ray_cluster*.yaml)."""
+    import ray.train
+
+    return ray.train.ScalingConfig(
+        # A (min, max) range lets Ray Train continue with fewer workers when fewer are there.
+        num_workers=(ex.min_workers, ex.num_workers) if ex.min_workers else ex.num_workers,
+        use_gpu=ex.use_gpu,
+        # TPU: one worker per TPU VM host, placed by Ray on a slice of this topology.
+        use_tpu=ex.use_tpu, topology=ex.tpu_topology, accelerator_type=ex.tpu_accelerator_type,
+        resources_per_worker={"CPU": ex.cpus_per_worker, **({"GPU": 1} if ex.use_gpu else {}),
+                              **({"TPU": ex.tpus_per_worker} if ex.use_tpu else {})},
+    )
+
+
+def launch_ray(recipe: Recipe, config: dict[str, Any], address: str | None) -> None:
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from workers.loop import train_loop
 
     ex = recipe.execution
-    if not ray.is_initialized():
-        # The dashboard stays on: Ray Train V2's placement-group cleaner asks its State API
-        # whether the controller lives, and warns every few seconds without it.
-        # Worker stdout stays off the driver by default: progress comes from progress.json,
-        # failures come back as exceptions; ORCHESTRATOR_WORKER_LOGS=1 shows it all.
-        ray.init(address=address, dashboard_host="127.0.0.1", logging_level=logging.WARNING,
-                 log_to_driver=os.environ.get("ORCHESTRATOR_WORKER_LOGS") == "1",
-                 # The setup hook runs in each worker process's main thread, the only thread that
-                 # may install the SIGTERM handler that turns GCE's notice into a checkpoint.
-                 runtime_env={"env_vars": worker_env(),
-                              "worker_process_setup_hook": "workers.preemption.install_sigterm_handler"})
+    init_ray(address)
     storage_fs, storage_path = fs.pyarrow_filesystem(recipe.run.storage)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=config,
-        scaling_config=ray.train.ScalingConfig(
-            # A (min, max) range lets Ray Train continue with fewer workers when fewer are there.
-            num_workers=(ex.min_workers, ex.num_workers) if ex.min_workers else ex.num_workers,
-            use_gpu=ex.use_gpu,
-            resources_per_worker={"CPU": ex.cpus_per_worker, **({"GPU": 1} if ex.use_gpu else {})},
-        ),
+        scaling_config=scaling_config(ex),
         run_config=ray.train.RunConfig(
             # storage_path/name is the run directory every other file of the run lives in.
             name=recipe.run.name,

@@ -41,7 +41,7 @@ class DataSection(_Strict):
     eval_samples: int = Field(256, ge=1, description="Held-out eval split size, kept apart from every training chunk.")
     expected_samples: int | None = Field(None, ge=1, description="If set, the dataset must hold exactly this many samples.")
     image_size: tuple[int, int] | None = Field(None, description="If set, every stored image must be this [height, width].")
-    decode_workers: int = Field(0, ge=0, description="DataLoader worker processes that decode JPEG/PNG; 0 decodes in the training process.")
+    decode_workers: int = Field(0, ge=0, description="DataLoader worker processes that decode the images; 0 decodes in the training process.")
     hflip: float = Field(0.5, ge=0.0, le=1.0, description="Probability of a horizontal flip of a training sample.")
     prefetch: bool = Field(True, description="Fetch the next chunk's bytes in the background while this chunk trains.")
 
@@ -124,7 +124,11 @@ class ExecutionSection(_Strict):
     backend: Literal["ray", "local"] = Field("ray", description="ray: Ray Train TorchTrainer; local: the same loop in-process (tests, debugging).")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel ranks); the most when min_workers is set.")
     min_workers: int | None = Field(None, ge=1, description="Elastic: continue with as few as this many workers when no more are available.")
-    use_gpu: bool = Field(False, description="Give each worker one GPU.")
+    use_gpu: bool = Field(False, description="Give each worker one GPU (DDP over NCCL).")
+    use_tpu: bool = Field(False, description="Train on TPU VMs through torch_xla (untested here: no TPU, no torch_xla wheel for torch 2.13).")
+    tpu_topology: str | None = Field(None, description="TPU pod slice topology, e.g. 2x2x1; Ray needs it with more than one TPU worker.")
+    tpu_accelerator_type: str | None = Field(None, description="TPU generation as Ray names it, e.g. TPU-V4; needed with tpu_topology.")
+    tpus_per_worker: int = Field(4, ge=1, description="TPU chips per worker (one worker per TPU VM host).")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
     max_failures: int = Field(3, ge=-1, description="Worker-group restarts Ray Train attempts before the run fails (-1: unlimited).")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads per worker; 0 = cpus_per_worker.")
@@ -134,6 +138,10 @@ class ExecutionSection(_Strict):
     def _elastic_range(self) -> ExecutionSection:
         if self.min_workers is not None and self.min_workers > self.num_workers:
             raise ValueError(f"min_workers={self.min_workers} exceeds num_workers={self.num_workers}")
+        if self.use_gpu and self.use_tpu:
+            raise ValueError("use_gpu and use_tpu are both set; pick one")
+        if self.use_tpu and self.num_workers > 1 and not (self.tpu_topology and self.tpu_accelerator_type):
+            raise ValueError("use_tpu with num_workers > 1 needs tpu_topology and tpu_accelerator_type (Ray places one worker per TPU host)")
         return self
 
 

@@ -146,29 +146,42 @@ def _run_leased(recipe: Recipe, rdir: str, address: str | None, console: Console
         "mlflow_run_id": rec.mlflow_run_id,
         "attempt": rec.attempts,
     }
+    from orchestrator.failure_policy import FatalErrorWatch
     from orchestrator.launcher import launch
 
-    try:
-        with ProgressDisplay(rdir, console):
-            launch(recipe, config, address)
-    except PreemptedError as exc:
-        # In-process backend: the notice came, the checkpoint is saved; the next run resumes there.
-        rec.state, rec.error = "interrupted", str(exc)
-        run_store.save(rdir, rec)
-        tracking.end_run(rec.tracking_uri, rec.mlflow_run_id, "KILLED")
-        raise RunError(f"run '{recipe.run.name}': {exc}. Re-run the same command to resume") from None
-    except KeyboardInterrupt:
-        rec.state = "interrupted"
-        run_store.save(rdir, rec)
-        tracking.end_run(rec.tracking_uri, rec.mlflow_run_id, "KILLED")
-        raise
-    except Exception as exc:  # noqa: BLE001 - sorted into one user-facing message below
-        err = run_store.read_optional(rdir, ERROR_JSON)
-        msg = err["error"] if err else _root_cause(exc)
+    watch = FatalErrorWatch(rdir)
+
+    def failed(msg: str, cause: BaseException | None = None) -> RunError:
         rec.state, rec.error = "failed", msg
         run_store.save(rdir, rec)
         tracking.end_run(rec.tracking_uri, rec.mlflow_run_id, "FAILED")
-        raise RunError(f"run '{recipe.run.name}' failed: {msg}. Fix the cause and re-run the same command to resume from the last checkpoint") from exc
+        return RunError(f"run '{recipe.run.name}' failed: {msg}. Fix the cause and re-run the same command to resume from the last checkpoint")
+
+    try:
+        with ProgressDisplay(rdir, console), watch:
+            launch(recipe, config, address)
+    except BaseException as exc:
+        if watch.fatal is not None:
+            # A failure no restart can fix (failure_policy.py): the watch interrupted fit(), and
+            # Ray Train's SIGINT handler aborted the run; whatever that raised, this is the cause.
+            raise failed(watch.fatal["error"]) from None
+        if isinstance(exc, PreemptedError):
+            # In-process backend: the notice came, the checkpoint is saved; the next run resumes there.
+            rec.state, rec.error = "interrupted", str(exc)
+            run_store.save(rdir, rec)
+            tracking.end_run(rec.tracking_uri, rec.mlflow_run_id, "KILLED")
+            raise RunError(f"run '{recipe.run.name}': {exc}. Re-run the same command to resume") from None
+        if isinstance(exc, KeyboardInterrupt):
+            rec.state = "interrupted"
+            run_store.save(rdir, rec)
+            tracking.end_run(rec.tracking_uri, rec.mlflow_run_id, "KILLED")
+            raise
+        if not isinstance(exc, Exception):
+            raise
+        err = run_store.read_optional(rdir, ERROR_JSON)
+        raise failed(err["error"] if err else _root_cause(exc)) from exc
+    if watch.fatal is not None:
+        raise failed(watch.fatal["error"])
     final = run_store.read_optional(rdir, FINAL_JSON) or {}
     rec.state = "completed"
     run_store.save(rdir, rec)

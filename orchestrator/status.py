@@ -5,15 +5,18 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from orchestrator import run_store
+from orchestrator import lease, run_store
 from storage import fs
 from storage.layout import CURSOR_JSON, FINAL_JSON, PLAN_JSON, PROGRESS_JSON
 
 
-def effective_state(rec: run_store.RunRecord, progress: dict[str, Any] | None) -> str:
-    """A 'running' record whose progress went quiet lost its driver: report it interrupted."""
+def effective_state(rec: run_store.RunRecord, progress: dict[str, Any] | None, run_dir: str) -> str:
+    """A 'running' record whose driver is gone (its lease lapsed, or its progress went quiet) is interrupted."""
     if rec.state != "running":
         return rec.state
+    held = lease.read(run_dir)
+    if held is None or not lease.is_live(held):
+        return "interrupted"
     last = max(rec.updated_at, (progress or {}).get("updated_at", 0))
     return "interrupted" if time.time() - last > run_store.STALE_AFTER_S else "running"
 
@@ -25,7 +28,7 @@ def build_status(run_dir: str) -> dict[str, Any] | None:
     plan = run_store.read_optional(run_dir, PLAN_JSON) or {"stages": []}
     cursor = run_store.read_optional(run_dir, CURSOR_JSON) or {}
     progress = run_store.read_optional(run_dir, PROGRESS_JSON)
-    state = effective_state(rec, progress)
+    state = effective_state(rec, progress, run_dir)
     trained = {(e["stage"], e["chunk"]): e for e in cursor.get("chunk_log", [])}
     stages, chunk_log = [], []
     for st in plan["stages"]:

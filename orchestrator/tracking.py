@@ -38,7 +38,10 @@ def ensure_experiment(tracking_uri: str, name: str) -> str:
     if exp is not None:
         return exp.experiment_id
     root = artifact_root(tracking_uri)
-    return client.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
+    # MLflow 3's UI opens an experiment of unknown kind on its GenAI (traces) overview; this
+    # kind opens it on the runs table and charts, where training runs are compared.
+    return client.create_experiment(name, artifact_location=f"{root}/{name}" if root else None,
+                                    tags={"mlflow.experimentKind": "custom_model_development"})
 
 
 def create_run(tracking_uri: str, experiment_id: str, recipe: Recipe) -> str:
@@ -50,7 +53,13 @@ def create_run(tracking_uri: str, experiment_id: str, recipe: Recipe) -> str:
     )
     from mlflow.entities import Param
 
-    params = [Param(k, v[:6000]) for k, v in sorted(recipe.flat_params().items())]
+    flat = recipe.flat_params()
+    # One value per loss side as well ("bce_dice", "rmse+ssim"): MLflow's compare view and its
+    # parallel-coordinates plot group runs by a param's value, not by which keys a run has.
+    for part in ("mask", "depth"):
+        terms = getattr(recipe.loss, part)
+        flat[f"loss.{part}_terms"] = "+".join(k if w == 1 else f"{k}*{w:g}" for k, w in sorted(terms.items()))
+    params = [Param(k, v[:6000]) for k, v in sorted(flat.items())]
     for i in range(0, len(params), 100):
         client.log_batch(run.info.run_id, params=params[i : i + 100])
     return run.info.run_id

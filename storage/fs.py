@@ -7,16 +7,26 @@ which run in other directories, see the same files.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import posixpath
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
 
-from storage.retry import StorageError, storage_retry
+from orchestrator.redact import redact_text
+from storage.retry import StorageError, is_transient, storage_retry
+
+# gs:// and gcs:// resolve to gcsfs under the project's retry policy (see storage/gcs.py); a
+# string so that gcsfs is imported only when a bucket is used.
+for _proto in ("gs", "gcs"):
+    fsspec.register_implementation(_proto, "storage.gcs.GCSFileSystem", clobber=True)
+
+T = TypeVar("T")
 
 
 def is_local(uri: str) -> bool:
@@ -43,45 +53,89 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return url_to_fs(normalize(uri))
 
 
-def _wrap(uri: str, exc: BaseException) -> StorageError:
+def reset_filesystems() -> None:
+    """Forget cached gcsfs instances, which keep the endpoint they were made with (tests and
+    benchmarks that move STORAGE_EMULATOR_HOST)."""
+    from storage.gcs import GCSFileSystem
+
+    GCSFileSystem.clear_instance_cache()
+
+
+def describe_error(exc: BaseException) -> str:
+    """One short phrase for a storage exception: what went wrong, in the user's terms."""
+    text = str(exc).split("\n", 1)[0]
+    code = getattr(exc, "code", None) or getattr(exc, "status", None)
     if isinstance(exc, FileNotFoundError):
-        return StorageError(f"{uri}: not found")
-    if isinstance(exc, PermissionError):
-        return StorageError(f"{uri}: permission denied; check the credentials for this bucket or path")
-    return StorageError(f"{uri}: {type(exc).__name__}: {exc}")
+        return "not found (check the bucket and path)"
+    if isinstance(exc, PermissionError) or text.startswith("Forbidden") or code == 403:
+        return "permission denied (403); check the credentials and the bucket's access rights"
+    if code == 401:
+        return "not authenticated (401); check the credentials (GOOGLE_APPLICATION_CREDENTIALS or gcloud auth)"
+    if is_transient(exc):
+        return f"still failing after retries ({type(exc).__name__}: {text})"
+    return f"{type(exc).__name__}: {text}"
 
 
-@storage_retry
+def _wrap(uri: str, exc: BaseException) -> StorageError:
+    return StorageError(redact_text(f"{uri}: {describe_error(exc)}"))
+
+
+def _named(fn: Callable[..., T]) -> Callable[..., T]:
+    """storage_retry, then any failure but "not found" becomes a StorageError naming the URI.
+
+    FileNotFoundError passes through unchanged: callers use it to mean "absent" (a lease, a
+    checkpoint); everything else (403, a bucket that is gone, retries used up) is one message.
+    """
+    retried = storage_retry(fn)
+
+    @functools.wraps(fn)
+    def call(uri: str, *args: Any, **kwargs: Any) -> T:
+        try:
+            return retried(uri, *args, **kwargs)
+        except (FileNotFoundError, StorageError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - one clear message whatever the backend raised
+            raise _wrap(uri, exc) from exc
+
+    return call
+
+
+@_named
 def exists(uri: str) -> bool:
+    """Whether `uri` exists; a 403 or an unreachable store raises StorageError instead of saying no.
+
+    fsspec's own exists() answers False for any error, which would turn a permission problem
+    into a misleading "not found".
+    """
     fs, path = filesystem(uri)
-    return fs.exists(path)
+    try:
+        fs.info(path)
+        return True
+    except (FileNotFoundError, NotADirectoryError):
+        return False
 
 
-@storage_retry
-def _read(uri: str) -> bytes:
+@_named
+def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
     return fs.cat_file(path)
 
 
-def read_bytes(uri: str) -> bytes:
-    try:
-        return _read(uri)
-    except FileNotFoundError:
-        raise
-    except (PermissionError, OSError) as exc:
-        raise _wrap(uri, exc) from exc
+@_named
+def size(uri: str) -> int:
+    fs, path = filesystem(uri)
+    return int(fs.info(path)["size"])
 
 
-@storage_retry
+@_named
 def write_bytes(uri: str, data: bytes) -> None:
     """Write atomically where the filesystem allows it: a temp name, then a rename.
 
     Object stores replace an object atomically on upload, so they write directly.
     """
     fs, path = filesystem(uri)
-    parent = posixpath.dirname(path) if not is_local(uri) else os.path.dirname(path)
     if is_local(uri):
-        os.makedirs(parent, exist_ok=True)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         with open(tmp, "wb") as f:
             f.write(data)
@@ -100,13 +154,13 @@ def write_json(uri: str, obj: Any) -> None:
     write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True).encode())
 
 
-@storage_retry
+@_named
 def makedirs(uri: str) -> None:
     fs, path = filesystem(uri)
     fs.makedirs(path, exist_ok=True)
 
 
-@storage_retry
+@_named
 def listdir(uri: str) -> list[str]:
     """Base names under `uri` (empty when it does not exist)."""
     fs, path = filesystem(uri)
@@ -115,11 +169,41 @@ def listdir(uri: str) -> list[str]:
     return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
 
 
-@storage_retry
+@_named
 def remove(uri: str, recursive: bool = False) -> None:
     fs, path = filesystem(uri)
     if fs.exists(path):
         fs.rm(path, recursive=recursive)
+
+
+# Parallel reads for filesystems without an async API (local disk, a Drive FUSE mount).
+LOCAL_READ_THREADS = 8
+
+
+def cat_ranges(fs: fsspec.AbstractFileSystem, paths: list[str], starts: list[int | None], ends: list[int | None]) -> list[Any]:
+    """Bytes of each (path, start, end) on one filesystem, all requests in flight together.
+
+    Async filesystems (gcsfs) gather them on their event loop; others (local disk, Drive FUSE
+    mounts) read them from a small thread pool to hide per-file latency. Failures come back in
+    place of the bytes, as with fsspec's cat_ranges(on_error="return").
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fsspec.asyn import AsyncFileSystem
+
+    if isinstance(fs, AsyncFileSystem):
+        return fs.cat_ranges(list(paths), list(starts), list(ends), on_error="return")
+
+    def one(i: int) -> Any:
+        try:
+            return fs.cat_file(paths[i], start=starts[i], end=ends[i])
+        except Exception as exc:  # noqa: BLE001 - returned, like cat_ranges(on_error="return")
+            return exc
+
+    if len(paths) <= 1:
+        return [one(i) for i in range(len(paths))]
+    with ThreadPoolExecutor(max_workers=min(LOCAL_READ_THREADS, len(paths))) as pool:
+        return list(pool.map(one, range(len(paths))))
 
 
 def probe_writable(uri: str) -> None:

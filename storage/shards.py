@@ -9,6 +9,7 @@ Layout under a dataset URI:
 from __future__ import annotations
 
 import hashlib
+import logging
 import posixpath
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -19,9 +20,14 @@ import pyarrow.parquet as pq
 
 from storage import codec
 from storage import fs as sfs
-from storage.retry import storage_retry
 
-FORMAT = "orchestrator.shards/1"
+log = logging.getLogger(__name__)
+
+# /2: masks and depth maps in storage.codec's raw format (new data); /1 held PNGs. Both read: the
+# decoders tell the encodings apart per image. Code that only knows /1 refuses a /2 dataset here
+# rather than failing on its masks at train time.
+FORMAT = "orchestrator.shards/2"
+READABLE_FORMATS = ("orchestrator.shards/1", FORMAT)
 MANIFEST = "manifest.json"
 INDEX = "index.parquet"
 SHARD_DIR = "shards"
@@ -86,13 +92,22 @@ class _HashingSink:
         self.sha256 = hashlib.sha256()
         self.nbytes = 0
         self.closed = False
+        self._tail = b""  # the last 8 bytes: the footer length and magic, for the manifest
 
     def write(self, data) -> int:
-        mv = memoryview(data)
+        mv = memoryview(data).cast("B")
         self.sha256.update(mv)
         self.nbytes += mv.nbytes
+        self._tail = (self._tail + bytes(mv[-8:]))[-8:]
         self._f.write(mv)
         return mv.nbytes
+
+    @property
+    def footer_bytes(self) -> int | None:
+        """Length of the Parquet footer just written, or None when the file does not end like Parquet."""
+        if len(self._tail) == 8 and self._tail[4:] == b"PAR1":
+            return int.from_bytes(self._tail[:4], "little")
+        return None
 
     def tell(self) -> int:
         return self.nbytes
@@ -122,6 +137,113 @@ def _open_for_write(uri: str):
     return fs.open(path, "wb")
 
 
+class ShardFileWriter:
+    """One shard file: samples appended in row groups of `rows_per_group`; close() returns its
+    manifest entry (file, rows, row_groups, bytes, sha256, footer_bytes)."""
+
+    def __init__(self, dataset_uri: str, file: str, rows_per_group: int = ROWS_PER_GROUP):
+        if rows_per_group < 1:
+            raise ValueError("rows_per_group must be >= 1")
+        self.file = file
+        self.uri = sfs.join(dataset_uri, file)
+        self.rows_per_group = int(rows_per_group)
+        self.rows = 0
+        self.groups = 0
+        self._sink = _HashingSink(_open_for_write(self.uri))
+        # The images are already compressed: compressing again or dictionary-encoding them costs
+        # CPU for nothing, and min/max statistics of image bytes would only bloat the footer.
+        self._pq: pq.ParquetWriter | None = pq.ParquetWriter(
+            self._sink,
+            SHARD_SCHEMA,
+            compression="none",
+            use_dictionary=False,
+            write_statistics=["sample_id", "height", "width"],
+        )
+        self._buffer: dict[str, list] = {c: [] for c in SAMPLE_COLUMNS}
+
+    def add(self, sample_id: int, images: dict[str, bytes], height: int, width: int) -> tuple[int, int]:
+        """Append one sample (encoded images); returns its (row group, row within the group)."""
+        place = divmod(self.rows, self.rows_per_group)
+        buf = self._buffer
+        buf["sample_id"].append(int(sample_id))
+        for key in IMAGE_COLUMNS:
+            buf[key].append(images[key])
+        buf["height"].append(int(height))
+        buf["width"].append(int(width))
+        self.rows += 1
+        if len(buf["sample_id"]) >= self.rows_per_group:
+            self._flush_group()
+        return place
+
+    def _flush_group(self) -> None:
+        buf = self._buffer
+        if not buf["sample_id"] or self._pq is None:
+            return
+        table = pa.Table.from_pydict(buf, schema=SHARD_SCHEMA)
+        self._pq.write_table(table, row_group_size=len(buf["sample_id"]))
+        self.groups += 1
+        self._buffer = {c: [] for c in SAMPLE_COLUMNS}
+
+    def close(self) -> dict[str, Any]:
+        if self._pq is None:
+            raise RuntimeError(f"{self.uri}: shard already closed")
+        self._flush_group()
+        self._pq.close()
+        self._pq = None
+        self._sink.close()
+        return {
+            "file": self.file,
+            "rows": self.rows,
+            "row_groups": self.groups,
+            "bytes": self._sink.nbytes,
+            "sha256": self._sink.sha256.hexdigest(),
+            "footer_bytes": self._sink.footer_bytes,
+        }
+
+    def abort(self) -> None:
+        try:
+            if self._pq is not None:
+                self._pq.close()
+        finally:
+            self._pq = None
+            self._sink.close()
+
+
+def index_table(columns: dict[str, list], extra: dict[str, list] | None = None) -> pa.Table:
+    """index.parquet's table: the INDEX_COLUMNS (typed) plus any extra per-sample columns."""
+    cols = {k: pa.array(columns[k], type=_BASE_INDEX_TYPES[k]) for k in INDEX_COLUMNS}
+    for k, values in (extra or {}).items():
+        cols[k] = pa.array(np.asarray(values)) if len(values) else pa.array([], pa.null())
+    return pa.table(cols)
+
+
+def write_index_and_manifest(uri: str, index: pa.Table, shards: list[dict[str, Any]], extra_manifest: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write index.parquet, then manifest.json last: the manifest is the completion marker."""
+    uri = sfs.normalize(uri)
+    with _open_for_write(sfs.join(uri, INDEX)) as f:
+        pq.write_table(index, f, compression="zstd")
+    n = index.num_rows
+    heights = index.column("height").to_numpy()
+    widths = index.column("width").to_numpy()
+    sizes = set(zip(heights.tolist(), widths.tolist(), strict=True))
+    depth_means = index.column("depth_mean").to_numpy()
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "num_samples": n,
+        "image_size": list(next(iter(sizes))) if len(sizes) == 1 else None,
+        "image_sizes": sorted([list(hw) for hw in sizes]),
+        "seed": None,
+        "source": None,
+        "depth_mean": float(np.mean(depth_means, dtype=np.float64)) if n else None,
+        "index": INDEX,
+        "shards": shards,
+    }
+    manifest.update(extra_manifest or {})
+    manifest["format"] = FORMAT
+    sfs.write_json(sfs.join(uri, MANIFEST), manifest)
+    return manifest
+
+
 class ShardWriter:
     """Packs samples into Parquet shards, then writes index.parquet and, last, manifest.json.
 
@@ -147,11 +269,7 @@ class ShardWriter:
         sfs.remove(sfs.join(self.uri, SHARD_DIR), recursive=True)
 
         self._shards: list[dict[str, Any]] = []
-        self._sink: _HashingSink | None = None
-        self._pq: pq.ParquetWriter | None = None
-        self._rows_in_shard = 0
-        self._groups_in_shard = 0
-        self._buffer: dict[str, list] = {c: [] for c in SAMPLE_COLUMNS}
+        self._file: ShardFileWriter | None = None
         self._index: dict[str, list] = {c: [] for c in INDEX_COLUMNS}
         self._extra_keys: tuple[str, ...] | None = None
         self._extra: dict[str, list] = {}
@@ -168,9 +286,9 @@ class ShardWriter:
             value = sample[key]
             if isinstance(value, np.ndarray):
                 if key == "mask":
-                    value = codec.encode_mask_png(value)
+                    value = codec.encode_mask(value)
                 elif key == "depth":
-                    value = codec.encode_depth_png(value)
+                    value = codec.encode_depth(value)
                 else:
                     value = codec.encode_jpeg(value)
             images[key] = bytes(value)
@@ -181,7 +299,7 @@ class ShardWriter:
             if isinstance(depth, np.ndarray):
                 depth_mean = float(codec.depth_to_uint16(depth).mean()) / codec.DEPTH_SCALE
             else:
-                depth_mean = float(codec.decode_depth_png(images["depth"]).mean())
+                depth_mean = float(codec.decode_depth(images["depth"]).mean())
 
         extra_keys = tuple(sorted(k for k in sample if k not in SAMPLE_COLUMNS and k not in INDEX_COLUMNS))
         if self._extra_keys is None:
@@ -190,15 +308,9 @@ class ShardWriter:
         elif extra_keys != self._extra_keys:
             raise ValueError(f"sample {sid}: extra index columns {extra_keys} differ from the first sample's {self._extra_keys}")
 
-        if self._pq is None:
-            self._open_shard()
-        row_group, row = divmod(self._rows_in_shard, self.rows_per_group)
-        buf = self._buffer
-        buf["sample_id"].append(sid)
-        for key in IMAGE_COLUMNS:
-            buf[key].append(images[key])
-        buf["height"].append(height)
-        buf["width"].append(width)
+        if self._file is None:
+            self._file = ShardFileWriter(self.uri, shard_file(len(self._shards)), self.rows_per_group)
+        row_group, row = self._file.add(sid, images, height, width)
 
         idx = self._index
         idx["sample_id"].append(sid)
@@ -212,10 +324,7 @@ class ShardWriter:
         for k in extra_keys:
             self._extra[k].append(sample[k])
 
-        self._rows_in_shard += 1
-        if len(buf["sample_id"]) >= self.rows_per_group:
-            self._flush_group()
-        if self._rows_in_shard >= self.rows_per_shard:
+        if self._file.rows >= self.rows_per_shard:
             self._close_shard()
 
     def add_many(self, samples: Iterable[dict[str, Any]]) -> None:
@@ -232,58 +341,13 @@ class ShardWriter:
         h, w = codec.decode_jpeg(images["bg"]).shape[:2]
         return int(h), int(w)
 
-    # -- shards --------------------------------------------------------------------------------
-
-    def _open_shard(self) -> None:
-        uri = sfs.join(self.uri, shard_file(len(self._shards)))
-        self._sink = _HashingSink(_open_for_write(uri))
-        # The images are already compressed: compressing again or dictionary-encoding them costs
-        # CPU for nothing, and min/max statistics of image bytes would only bloat the footer.
-        self._pq = pq.ParquetWriter(
-            self._sink,
-            SHARD_SCHEMA,
-            compression="none",
-            use_dictionary=False,
-            write_statistics=["sample_id", "height", "width"],
-        )
-        self._rows_in_shard = 0
-        self._groups_in_shard = 0
-
-    def _flush_group(self) -> None:
-        buf = self._buffer
-        if not buf["sample_id"] or self._pq is None:
-            return
-        table = pa.Table.from_pydict(buf, schema=SHARD_SCHEMA)
-        self._pq.write_table(table, row_group_size=len(buf["sample_id"]))
-        self._groups_in_shard += 1
-        self._buffer = {c: [] for c in SAMPLE_COLUMNS}
-
     def _close_shard(self) -> None:
-        if self._pq is None:
+        if self._file is None:
             return
-        self._flush_group()
-        self._pq.close()
-        assert self._sink is not None
-        self._sink.close()
-        self._shards.append(
-            {
-                "file": shard_file(len(self._shards)),
-                "rows": self._rows_in_shard,
-                "row_groups": self._groups_in_shard,
-                "bytes": self._sink.nbytes,
-                "sha256": self._sink.sha256.hexdigest(),
-            }
-        )
-        self._pq = None
-        self._sink = None
+        self._shards.append(self._file.close())
+        self._file = None
 
     # -- finishing -----------------------------------------------------------------------------
-
-    def _index_table(self) -> pa.Table:
-        cols = {k: pa.array(v, type=_BASE_INDEX_TYPES[k]) for k, v in self._index.items()}
-        for k, values in self._extra.items():
-            cols[k] = pa.array(np.asarray(values)) if values else pa.array([], pa.null())
-        return pa.table(cols)
 
     def close(self, extra_manifest: dict[str, Any] | None = None) -> dict[str, Any]:
         """Finish the last shard, write the index, then the manifest (the completion marker)."""
@@ -291,39 +355,17 @@ class ShardWriter:
             raise RuntimeError("ShardWriter is already closed")
         self._close_shard()
         self._closed = True
-
-        index_uri = sfs.join(self.uri, INDEX)
-        with _open_for_write(index_uri) as f:
-            pq.write_table(self._index_table(), f, compression="zstd")
-
-        n = len(self._index["sample_id"])
-        sizes = set(zip(self._index["height"], self._index["width"], strict=True))
-        manifest: dict[str, Any] = {
-            "format": FORMAT,
-            "num_samples": n,
-            "image_size": list(next(iter(sizes))) if len(sizes) == 1 else None,
-            "seed": None,
-            "source": None,
-            "depth_mean": float(np.mean(self._index["depth_mean"], dtype=np.float64)) if n else None,
-            "index": INDEX,
-            "shards": self._shards,
-        }
-        manifest.update(extra_manifest or {})
-        manifest["format"] = FORMAT
-        sfs.write_json(sfs.join(self.uri, MANIFEST), manifest)
-        return manifest
+        extra = {"rows_per_group": self.rows_per_group, **(extra_manifest or {})}
+        return write_index_and_manifest(self.uri, index_table(self._index, self._extra), self._shards, extra)
 
     def abort(self) -> None:
         """Drop what is open without writing a manifest: the folder stays a non-dataset."""
         self._closed = True
-        try:
-            if self._pq is not None:
-                self._pq.close()
-            if self._sink is not None:
-                self._sink.close()
-        finally:
-            self._pq = None
-            self._sink = None
+        if self._file is not None:
+            try:
+                self._file.abort()
+            finally:
+                self._file = None
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -337,14 +379,9 @@ class ShardWriter:
 # -- reading -------------------------------------------------------------------------------------
 
 
-@storage_retry
-def _read_table(uri: str, row_groups: list[int] | None = None, columns: Sequence[str] | None = None) -> pa.Table:
-    fs, path = sfs.filesystem(uri)
-    with fs.open(path, "rb") as f:
-        pf = pq.ParquetFile(f)
-        if row_groups is None:
-            return pf.read(columns=list(columns) if columns else None)
-        return pf.read_row_groups(row_groups, columns=list(columns) if columns else None)
+def _read_table(uri: str) -> pa.Table:
+    """A whole (small) Parquet file, e.g. index.parquet: one read, then parsed in memory."""
+    return pq.read_table(pa.BufferReader(sfs.read_bytes(uri)))
 
 
 def _describe_ids(ids: np.ndarray) -> str:
@@ -371,6 +408,7 @@ class ShardDataset:
         self._row = index.column("row").to_numpy().astype(np.int64, copy=False)
         self._order = np.argsort(self.sample_ids, kind="stable")
         self._sorted_ids = self.sample_ids[self._order]
+        self._reader = None
 
     @property
     def num_samples(self) -> int:
@@ -411,7 +449,9 @@ class ShardDataset:
 
         Returns `sample_id`, `height`, `width` as numpy arrays and the encoded images `fg_bg`,
         `bg`, `mask`, `depth` as lists of bytes (decode with storage.codec). Only the row groups
-        that hold the ids are fetched, one read per shard touched.
+        that hold the ids are fetched (all at once, through the local cache; storage/preload.py),
+        and each sample is checked against its checksum: a row group that fails is fetched once
+        more, and a second failure raises DatasetError naming the shard URI.
         """
         columns = tuple(columns)
         unknown = [c for c in columns if c not in SAMPLE_COLUMNS]
@@ -419,28 +459,20 @@ class ShardDataset:
             raise ValueError(f"unknown columns {unknown}; choose from {SAMPLE_COLUMNS}")
         pos = self.positions(ids)
         n = len(pos)
+        shard_of, group_of, row_of = self._shard[pos], self._group[pos], self._row[pos]
+        wanted = sorted(set(zip(shard_of.tolist(), group_of.tolist(), strict=True)))
+        groups = self._read_groups(wanted, pos, shard_of, group_of)
+
         out_cols: dict[str, list] = {c: [None] * n for c in columns}
-        shards = self._shard[pos]
-        for shard in np.unique(shards):
-            want = np.nonzero(shards == shard)[0]
-            groups_wanted = self._group[pos[want]]
-            groups = np.unique(groups_wanted)
-            shard_uri = sfs.join(self.uri, self.manifest["shards"][int(shard)]["file"])
-            try:
-                table = _read_table(shard_uri, [int(g) for g in groups], columns)
-            except (OSError, pa.ArrowException) as exc:
-                raise DatasetError(f"{shard_uri}: cannot read row groups {groups.tolist()}: {type(exc).__name__}: {exc}") from exc
-            # Row (g, r) sits after all rows of the selected groups before g; groups are full
-            # (rows_per_group) except possibly the last one of a shard, so use actual sizes.
-            group_rows = self._group_sizes(int(shard))[groups]
-            starts = np.concatenate([[0], np.cumsum(group_rows)[:-1]])
-            offsets = starts[np.searchsorted(groups, groups_wanted)] + self._row[pos[want]]
-            taken = table.take(pa.array(offsets, pa.int64()))
+        by_group: dict[tuple[int, int], list[int]] = {}
+        for i, key in enumerate(zip(shard_of.tolist(), group_of.tolist(), strict=True)):
+            by_group.setdefault(key, []).append(i)
+        for key, where in by_group.items():
+            rows = row_of[where].tolist()
             for c in columns:
-                values = taken.column(c).to_pylist()
-                col = out_cols[c]
-                for dst, v in zip(want.tolist(), values, strict=True):
-                    col[dst] = v
+                values, col = groups[key][c], out_cols[c]
+                for dst, r in zip(where, rows, strict=True):
+                    col[dst] = values[r]
         result: dict[str, Any] = {}
         for c in columns:
             if c == "sample_id":
@@ -453,13 +485,87 @@ class ShardDataset:
             raise DatasetError(f"{self.uri}: index and shards disagree (read other sample ids than asked for); the dataset is damaged, re-create it")
         return result
 
-    def _group_sizes(self, shard: int) -> np.ndarray:
-        """Rows per row group of one shard, from the index (no extra read of the shard footer)."""
-        cache = self.__dict__.setdefault("_group_sizes_cache", {})
-        if shard not in cache:
-            groups = self._group[self._shard == shard]
-            cache[shard] = np.bincount(groups)
-        return cache[shard]
+    def _read_groups(self, wanted: list[tuple[int, int]], pos: np.ndarray, shard_of: np.ndarray, group_of: np.ndarray) -> dict[tuple[int, int], dict[str, list]]:
+        """Fetch and parse the wanted row groups ({column: values} each), verifying every sample asked for."""
+        reader = self.reader
+        checks: dict[tuple[int, int], list[tuple[int, int, str]]] = {}
+        # Taken per read, not held as a Python list: 1.2M checksum strings would cost ~80 MB per worker.
+        sums = self.index.column("checksum").take(pa.array(pos, pa.int64())).to_pylist()
+        for p, s, g, expected in zip(pos.tolist(), shard_of.tolist(), group_of.tolist(), sums, strict=True):
+            checks.setdefault((s, g), []).append((int(self._row[p]), int(self.sample_ids[p]), expected))
+
+        def parse(groups: list[tuple[int, int]], use_cache: bool) -> tuple[dict, dict]:
+            fetched = reader.fetch_groups(groups, use_cache=use_cache)
+            good, bad = {}, {}
+            for key in groups:
+                try:
+                    table = reader.read_group(key[0], key[1], fetched[key], SAMPLE_COLUMNS)
+                except (OSError, pa.ArrowException) as exc:
+                    bad[key] = f"row group {key[1]} cannot be parsed ({type(exc).__name__}: {exc})"
+                    continue
+                values = {c: table.column(c).to_pylist() for c in SAMPLE_COLUMNS}
+                reason = _verify_rows(values, checks[key])
+                if reason:
+                    bad[key] = f"row group {key[1]}: {reason}"
+                else:
+                    good[key] = values
+            return good, bad
+
+        tables, bad = parse(wanted, use_cache=True)
+        if bad:
+            # Once more from the store, past the cache: a flipped bit in flight or on the cache
+            # disk heals here; a shard that is damaged at the source fails the same way again.
+            log.warning("%d row groups failed their checksums (%s); fetching them again", len(bad), "; ".join(bad.values()))
+            reader.stats.add(refetches=len(bad))
+            reader.discard(list(bad))
+            again, still_bad = parse(list(bad), use_cache=False)
+            tables.update(again)
+            if still_bad:
+                key, reason = next(iter(still_bad.items()))
+                raise DatasetError(
+                    f"{reader.shard_uri(key[0])}: {reason}, again after a re-fetch; the shard is damaged. "
+                    f"Run `orchestrator data verify {self.uri}` and re-pack the dataset"
+                )
+        return tables
+
+    @property
+    def reader(self):
+        """The shard reader (footers, cache) of this process; made on first use, never pickled."""
+        from storage.cache import cache_for
+        from storage.preload import ShardReader
+
+        if self._reader is None:
+            self._reader = ShardReader(self.uri, self.manifest, cache_for(self.uri))
+        return self._reader
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_reader"] = None  # holds a filesystem, a lock and parsed footers: per process
+        return state
+
+
+def _verify_rows(values: dict[str, list], rows: list[tuple[int, int, str]]) -> str | None:
+    """None when each (row, sample id, checksum) matches the row group's values; else what is wrong."""
+    n = len(values["sample_id"])
+    for r, sid, expected in rows:
+        if r >= n or values["sample_id"][r] != sid:
+            return f"sample {sid} is not at row {r} where the index puts it"
+        got = sample_checksum(*(values[c][r] for c in IMAGE_COLUMNS))
+        if got != expected:
+            return f"sample {sid} fails its checksum (index {expected}, read {got})"
+    return None
+
+
+def _missing_bucket_hint(uri: str) -> str:
+    """', and bucket X does not exist' when that is why, so nobody hunts for a path typo."""
+    if "://" not in uri or uri.startswith(("file://", "memory://")):
+        return ""
+    scheme, rest = uri.split("://", 1)
+    bucket = rest.split("/", 1)[0]
+    try:
+        return "" if sfs.exists(f"{scheme}://{bucket}") else f", and bucket {bucket!r} does not exist or is not visible with these credentials"
+    except Exception:  # noqa: BLE001 - only a hint; the main message stands without it
+        return ""
 
 
 def open_dataset(uri: str) -> ShardDataset:
@@ -467,14 +573,19 @@ def open_dataset(uri: str) -> ShardDataset:
     uri = sfs.normalize(uri)
     manifest_uri = sfs.join(uri, MANIFEST)
     if not sfs.exists(manifest_uri):
-        raise DatasetError(f"{uri}: no dataset here (manifest.json missing). Make one with `orchestrator data synth {uri}` or point data.uri at a packed dataset")
+        hint = _missing_bucket_hint(uri)
+        raise DatasetError(
+            f"{uri}: no dataset here (manifest.json missing{hint}). Make one with `orchestrator data synth {uri}` "
+            "(or `orchestrator data pack SOURCE DEST` from raw files), or point data.uri at a packed dataset"
+        )
     try:
         manifest = sfs.read_json(manifest_uri)
     except ValueError as exc:  # json.JSONDecodeError, UnicodeDecodeError
         raise DatasetError(f"{uri}: manifest.json is not valid JSON ({exc}); the dataset is damaged, re-create it") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") not in READABLE_FORMATS:
         got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise DatasetError(f"{uri}: manifest.json has format {got!r}, expected {FORMAT!r}; re-create the dataset with `orchestrator data synth {uri}`")
+        raise DatasetError(f"{uri}: manifest.json has format {got!r}, expected one of {list(READABLE_FORMATS)}; "
+                           f"re-create the dataset with `orchestrator data synth {uri}`")
     if int(manifest.get("num_samples") or 0) == 0:
         raise DatasetError(f"{uri}: the dataset is empty (0 samples); re-create it with more samples")
     index_uri = sfs.join(uri, manifest.get("index", INDEX))

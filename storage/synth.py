@@ -364,7 +364,7 @@ def _encoded_sample(seed: int, sample_id: int, image_size: int) -> dict[str, Any
         "sample_id": int(sample_id),
         "fg_bg": codec.encode_jpeg(s["fg_bg"]),
         "bg": _encoded_backgrounds(image_size)[s["bg_index"]],
-        "mask": codec.encode_mask_png(s["mask"]),
+        "mask": codec.encode_mask(s["mask"]),
         "depth": codec.encode_depth_uint16(depth_u16),
         "height": image_size,
         "width": image_size,
@@ -390,11 +390,17 @@ def _chunks(samples: int) -> Iterator[tuple[int, int]]:
 
 def _encoded_samples(samples: int, seed: int, image_size: int, workers: int) -> Iterator[list[dict[str, Any]]]:
     """Chunks of encoded samples in sample-id order, made in-process or by a process pool."""
+    return map_chunks(_encode_chunk, samples, workers, seed, image_size)
+
+
+def map_chunks(fn: Callable[..., Any], samples: int, workers: int, seed: int, image_size: int) -> Iterator[Any]:
+    """fn(seed, start, stop, image_size) over CHUNK_SAMPLES-sized id ranges, results in order,
+    in-process or by a process pool (fn must be importable by name)."""
     chunks = list(_chunks(samples))
     done = 0
     if workers > 1 and samples >= MIN_SAMPLES_PER_POOL:
         try:
-            for chunk in _pooled(chunks, seed, image_size, workers):
+            for chunk in _pooled(fn, chunks, seed, image_size, workers):
                 yield chunk
                 done += 1
         except BrokenProcessPool as exc:
@@ -402,20 +408,20 @@ def _encoded_samples(samples: int, seed: int, image_size: int, workers: int) -> 
             # does not depend on where samples are made, so finish here instead of failing.
             log.warning("synth: process pool failed (%s); continuing in this process", exc)
     for start, stop in chunks[done:]:
-        yield _encode_chunk(seed, start, stop, image_size)
+        yield fn(seed, start, stop, image_size)
 
 
-def _pooled(chunks: list[tuple[int, int]], seed: int, image_size: int, workers: int) -> Iterator[list[dict[str, Any]]]:
+def _pooled(fn: Callable[..., Any], chunks: list[tuple[int, int]], seed: int, image_size: int, workers: int) -> Iterator[Any]:
     # spawn, not fork: the caller may be a Ray worker or hold pyarrow/MLflow threads.
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
         todo = iter(chunks)
         window = workers * CHUNKS_IN_FLIGHT_PER_WORKER  # bounds memory: results wait in order
-        pending: deque[Future] = deque(pool.submit(_encode_chunk, seed, a, b, image_size) for a, b in islice(todo, window))
+        pending: deque[Future] = deque(pool.submit(fn, seed, a, b, image_size) for a, b in islice(todo, window))
         while pending:
             chunk = pending.popleft().result()
             nxt = next(todo, None)
             if nxt is not None:
-                pending.append(pool.submit(_encode_chunk, seed, nxt[0], nxt[1], image_size))
+                pending.append(pool.submit(fn, seed, nxt[0], nxt[1], image_size))
             yield chunk
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -15,6 +16,12 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Ray 2.60 authenticates every RPC when asked to, and its client libraries read the token once
+# per process. Every Ray this test session starts (local ones, loopback clusters, the CLI's)
+# therefore shares one token, set before anything imports Ray.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 TINY_SAMPLES = 240
 TINY_EVAL = 32
 
@@ -59,6 +66,8 @@ def write_recipe(path: Path, recipe: dict[str, Any]) -> str:
 def cli_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    # This interpreter first on PATH: a loopback cluster's Ray Jobs run `python -m orchestrator.cli`.
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     return env
 

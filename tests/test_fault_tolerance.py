@@ -9,20 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from tests.conftest import (
     assert_completed_exactly_once,
-    cli_env,
     kill_group,
     run_cli,
     slow_recipe,
@@ -30,47 +25,18 @@ from tests.conftest import (
     wait_for_cursor,
     write_recipe,
 )
-
-RAY = str(Path(sys.executable).parent / "ray")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ray(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run([RAY, *args], env=cli_env(), capture_output=True, text=True, timeout=120, check=check)
+from tests.loopback_cluster import LoopbackCluster, ray_cli
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A head with no CPUs (driver-side actors only) and a worker node: training lands on the worker node."""
-    port = _free_port()
-    address = f"127.0.0.1:{port}"
-    # Ray 2.60 authenticates every RPC; one shared token for the head, the nodes and the drivers.
-    token_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    saved = {k: os.environ.get(k) for k in token_env}
-    os.environ.update(token_env)
-    _ray("start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=0",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={_free_port()}", "--disable-usage-stats")
-    nodes = [address]
-
-    def add_node() -> None:
-        _ray("start", f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=1")
-        nodes.append(address)
-
-    add_node()
+    """A head with no CPUs and one worker node: training lands on the worker node."""
+    c = LoopbackCluster()
+    c.add_node()
     try:
-        yield address, add_node
+        yield c
     finally:
-        _ray("stop", "--force", check=False)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        c.stop()
 
 
 def _ray_run(tmp_path: Path, data: str, address: str, **checkpoint) -> tuple[str, subprocess.Popen]:
@@ -78,14 +44,6 @@ def _ray_run(tmp_path: Path, data: str, address: str, **checkpoint) -> tuple[str
     recipe["checkpoint"].update(checkpoint)
     path = write_recipe(tmp_path / "r.yaml", recipe)
     return path, start_cli("run", path, "--address", address, cwd=tmp_path, log=tmp_path / "run.log")
-
-
-def _train_worker_pid(node_hint: str | None = None) -> int:
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if cmd.startswith("ray::RayTrainWorker"):
-            return p.info["pid"]
-    raise AssertionError("no RayTrainWorker process found")
 
 
 def _finish(proc: subprocess.Popen, tmp_path: Path, timeout: float = 400) -> None:
@@ -109,10 +67,9 @@ def _in_stage_two(c: dict) -> bool:
 @pytest.mark.ray
 def test_worker_sigkill_mid_chunk_resumes_from_last_checkpoint(tmp_path, tiny_dataset, reference_sha, cluster):
     """A lost worker process: Ray Train restarts the group; at most one checkpoint interval is lost."""
-    address, _ = cluster
-    _, proc = _ray_run(tmp_path, tiny_dataset, address)
+    _, proc = _ray_run(tmp_path, tiny_dataset, cluster.address)
     wait_for_cursor(tmp_path / "runs" / "tiny", _in_stage_two, proc)
-    os.kill(_train_worker_pid(), signal.SIGKILL)
+    os.kill(cluster.train_worker_pid(), signal.SIGKILL)
     _finish(proc, tmp_path)
     st = assert_completed_exactly_once(tmp_path, reference_sha)
     rec = _interruption(st)
@@ -123,10 +80,9 @@ def test_worker_sigkill_mid_chunk_resumes_from_last_checkpoint(tmp_path, tiny_da
 @pytest.mark.ray
 def test_sigterm_to_worker_checkpoints_just_in_time_and_loses_no_step(tmp_path, tiny_dataset, reference_sha, cluster):
     """GCE's preemption notice is a SIGTERM: the worker saves a checkpoint at once, so nothing is lost."""
-    address, _ = cluster
-    _, proc = _ray_run(tmp_path, tiny_dataset, address, every_steps=1000)
+    _, proc = _ray_run(tmp_path, tiny_dataset, cluster.address, every_steps=1000)
     wait_for_cursor(tmp_path / "runs" / "tiny", lambda c: c["stage"] == 1 and c["chunk"] >= 1, proc)
-    os.kill(_train_worker_pid(), signal.SIGTERM)
+    os.kill(cluster.train_worker_pid(), signal.SIGTERM)
     _finish(proc, tmp_path)
     st = assert_completed_exactly_once(tmp_path, reference_sha)
     rec = _interruption(st)
@@ -137,12 +93,11 @@ def test_sigterm_to_worker_checkpoints_just_in_time_and_loses_no_step(tmp_path, 
 @pytest.mark.ray
 def test_drain_node_for_preemption_moves_training_without_losing_steps(tmp_path, tiny_dataset, reference_sha, cluster):
     """`ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION` is what the autoscaler does on GCP spot."""
-    address, add_node = cluster
-    _, proc = _ray_run(tmp_path, tiny_dataset, address, every_steps=1000)
+    cluster.add_node()  # somewhere for the replacement worker to go (before the run: starting a node takes a while)
+    _, proc = _ray_run(tmp_path, tiny_dataset, cluster.address, every_steps=1000)
     wait_for_cursor(tmp_path / "runs" / "tiny", lambda c: c["stage"] == 1 and c["chunk"] >= 1, proc)
     node = json.loads((tmp_path / "runs" / "tiny" / "progress.json").read_text())["node_id"]
-    add_node()  # somewhere for the replacement worker to go
-    _ray("drain-node", f"--address={address}", f"--node-id={node}", "--reason=DRAIN_NODE_REASON_PREEMPTION",
+    ray_cli("drain-node", f"--address={cluster.address}", f"--node-id={node}", "--reason=DRAIN_NODE_REASON_PREEMPTION",
          "--reason-message=spot reclaim (test)", "--deadline-remaining-seconds=120")
     _finish(proc, tmp_path)
     st = assert_completed_exactly_once(tmp_path, reference_sha)

@@ -50,6 +50,12 @@ def _write(uri: str, n: int = N, extra: bool = True) -> dict:
     return w.close({"seed": 7, "source": "test"})
 
 
+@pytest.fixture(autouse=True)
+def _own_shard_cache(tmp_path, monkeypatch):
+    """Each test gets an empty shard cache: entries are content-addressed and outlive a test."""
+    monkeypatch.setenv("ORCHESTRATOR_CACHE_DIR", str(tmp_path / "shard-cache"))
+
+
 @pytest.fixture(params=["local", "memory"])
 def uri(request, tmp_path):
     if request.param == "local":
@@ -69,8 +75,8 @@ def test_round_trip_decodes_what_was_encoded(uri):
     assert got["sample_id"].tolist() == ids
     for i in ids:
         want = _images(i)
-        assert np.array_equal(codec.decode_mask_png(got["mask"][i]), want["mask"])
-        depth = codec.decode_depth_png(got["depth"][i])
+        assert np.array_equal(codec.decode_mask(got["mask"][i]), want["mask"])
+        depth = codec.decode_depth(got["depth"][i])
         assert depth.dtype == np.float32
         assert np.abs(depth - want["depth"]).max() <= 1 / 65535 + 1e-6
         for key in ("fg_bg", "bg"):
@@ -95,7 +101,7 @@ def test_manifest_describes_the_shards_exactly(uri):
         assert len(data) == s["bytes"]
         assert hashlib.sha256(data).hexdigest() == s["sha256"]
         assert pq.ParquetFile(io.BytesIO(data)).metadata.num_row_groups == s["row_groups"]
-    expected_mean = np.mean([codec.decode_depth_png(codec.encode_depth_png(_images(i)["depth"])).mean() for i in range(N)])
+    expected_mean = np.mean([codec.decode_depth(codec.encode_depth(_images(i)["depth"])).mean() for i in range(N)])
     assert m["depth_mean"] == pytest.approx(expected_mean, abs=1e-6)
 
 
@@ -125,34 +131,40 @@ def test_read_samples_keeps_the_requested_order(uri):
     got = ds.read_samples(ids)
     assert got["sample_id"].tolist() == ids
     for j, i in enumerate(ids):
-        assert np.array_equal(codec.decode_mask_png(got["mask"][j]), _images(i)["mask"])
+        assert np.array_equal(codec.decode_mask(got["mask"][j]), _images(i)["mask"])
     assert got["fg_bg"][1] == got["fg_bg"][3]
     only = ds.read_samples(np.array([5, 4]), columns=("sample_id", "mask"))
     assert set(only) == {"sample_id", "mask"} and only["sample_id"].tolist() == [5, 4]
 
 
-def test_read_samples_fetches_only_the_row_groups_that_hold_the_ids(tmp_path, monkeypatch):
+def test_read_samples_fetches_only_the_row_groups_that_hold_the_ids(uri, monkeypatch):
     """Breaks if a read pulls whole shards (or extra row groups) instead of the groups it needs."""
-    uri = str(tmp_path / "ds")
+    from storage.preload import ShardReader
+
     _write(uri)
     ds = open_dataset(uri)
-    calls: list[tuple[int, list[int]]] = []
-    real = pq.ParquetFile.read_row_groups
+    fetched: list[tuple[int, int, int]] = []
+    real = ShardReader._cat_ranges
 
-    def spy(self, row_groups, *args, **kwargs):
-        table = real(self, row_groups, *args, **kwargs)
-        calls.append((table.num_rows, list(row_groups)))
-        return table
+    def spy(self, ranges):
+        fetched.extend(ranges)
+        return real(self, ranges)
 
-    def no_full_read(self, *args, **kwargs):
-        raise AssertionError("read_samples read a whole shard")
-
-    monkeypatch.setattr(pq.ParquetFile, "read_row_groups", spy)
-    monkeypatch.setattr(pq.ParquetFile, "read", no_full_read)
+    monkeypatch.setattr(ShardReader, "_cat_ranges", spy)
+    monkeypatch.setattr(pq.ParquetFile, "read", lambda *a, **k: pytest.fail("read_samples read a whole shard"))
     # ids 5, 6 -> shard 0 group 1; 37 -> shard 2 group 1
     got = ds.read_samples([37, 5, 6])
     assert got["sample_id"].tolist() == [37, 5, 6]
-    assert sorted(calls) == [(ROWS_PER_GROUP, [1]), (ROWS_PER_GROUP, [1])]
+    footers = {s: ds.reader.footers([s])[s] for s in (0, 2)}
+    data_ranges = [r for r in fetched if r[2] != ds.manifest["shards"][r[0]]["bytes"]]  # not footer reads
+    expected = []
+    for s in (0, 2):
+        rg = footers[s].row_group(1)
+        start = min(rg.column(i).data_page_offset for i in range(rg.num_columns))
+        end = max(rg.column(i).data_page_offset + rg.column(i).total_compressed_size for i in range(rg.num_columns))
+        expected.append((s, start, end))
+    assert sorted(data_ranges) == expected
+    assert ds.reader.stats.groups_fetched == 2
 
 
 def test_missing_manifest_is_not_a_dataset_and_says_how_to_make_one(tmp_path):
@@ -241,47 +253,119 @@ def test_dataset_survives_pickling(tmp_path):
 # -- codec -------------------------------------------------------------------------------------
 
 
-def test_depth_png_is_16_bit_and_mask_png_is_8_bit():
-    """Breaks if depth loses precision (8-bit) or the mask is stored in a lossy or wider format."""
+def test_mask_and_depth_are_stored_losslessly_in_the_raw_format():
+    """Breaks if depth loses precision (8-bit), the mask is stored lossy or wider, or the header lies."""
+    depth = np.linspace(0, 1, 64 * 48, dtype=np.float32).reshape(48, 64)
+    data = codec.encode_depth(depth)
+    assert data.startswith(codec.RAW_MAGIC)
+    dtype, layout, kind, h, w = codec.raw_header(data, "depth")
+    assert (dtype, layout, kind, h, w) == (np.dtype("<u2"), codec.DEPTH_LAYOUT, codec.DEPTH_CODEC, 48, 64)
+    assert np.array_equal(codec.decode_depth_uint16(data), np.rint(depth * 65535).astype(np.uint16))
+    assert np.abs(codec.decode_depth(data) - depth).max() <= 0.5 / 65535 + 1e-7
+    planes = np.empty((2, 48, 64), np.uint8)
+    codec.decode_depth_planes(data, out=planes)
+    assert np.array_equal(planes[1].astype(np.uint32) * 256 + planes[0], codec.decode_depth_uint16(data))
+    mask = np.zeros((5, 7), np.uint8)
+    mask[1:3, 2:6] = 255
+    data = codec.encode_mask(mask)
+    assert codec.raw_header(data, "mask")[0] == np.uint8
+    assert np.array_equal(codec.decode_mask(data), mask)
+    assert np.array_equal(codec.decode_mask(codec.encode_mask(mask.astype(bool))), mask)
+    for layout in (codec.LAYOUT_PLAIN, codec.LAYOUT_BYTE_PLANES):
+        for kind in (codec.CODEC_NONE, codec.CODEC_ZSTD, codec.CODEC_LZ4):
+            values = (np.arange(30 * 20, dtype=np.uint16) * 97).reshape(30, 20)
+            assert np.array_equal(codec.decode_raw(codec.encode_raw(values, layout, kind), "x"), values)
+
+
+def test_png_masks_and_depth_from_older_datasets_still_decode():
+    """Breaks if datasets packed before the raw format (16-bit depth PNG, 8-bit mask PNG) stop loading."""
     depth = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
     img = Image.open(io.BytesIO(codec.encode_depth_png(depth)))
     assert img.format == "PNG" and img.mode.startswith("I;16")
-    assert np.array_equal(np.asarray(img), np.rint(depth * 65535).astype(np.uint16))
+    assert np.array_equal(codec.decode_depth_uint16(codec.encode_depth_png(depth)), np.rint(depth * 65535).astype(np.uint16))
+    assert np.array_equal(codec.decode_depth(codec.encode_depth_png(depth)), codec.decode_depth(codec.encode_depth(depth)))
     mask = np.zeros((5, 7), np.uint8)
     mask[1:3, 2:6] = 255
-    img = Image.open(io.BytesIO(codec.encode_mask_png(mask)))
-    assert img.format == "PNG" and img.mode == "L"
-    assert np.array_equal(codec.decode_mask_png(codec.encode_mask_png(mask.astype(bool))), mask)
+    assert np.array_equal(codec.decode_mask(codec.encode_mask_png(mask)), mask)
+    # 8-bit depth (the source's PNGs, and what `data pack` stores from them): v / 255 exactly, both ways
+    v = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    buf = io.BytesIO()
+    Image.fromarray(v).save(buf, format="PNG")
+    for data in (buf.getvalue(), codec.encode_depth_8bit(v)):
+        assert np.array_equal(codec.decode_depth(data), v.astype(np.float32) / np.float32(255))
+        assert np.array_equal(codec.decode_depth_uint16(data), v.astype(np.uint16) * 257)
 
 
 def test_encoders_reject_values_they_cannot_store():
     """Breaks if out-of-range depth or non-binary masks are silently clipped into the dataset."""
-    with pytest.raises(ValueError):
-        codec.encode_depth_png(np.full((4, 4), 1.5, np.float32))
-    with pytest.raises(ValueError):
-        codec.encode_depth_png(np.full((4, 4), np.nan, np.float32))
-    with pytest.raises(ValueError):
-        codec.encode_mask_png(np.full((4, 4), 7, np.uint8))
+    for encode in (codec.encode_depth, codec.encode_depth_png):
+        with pytest.raises(ValueError):
+            encode(np.full((4, 4), 1.5, np.float32))
+        with pytest.raises(ValueError):
+            encode(np.full((4, 4), np.nan, np.float32))
+    for encode in (codec.encode_mask, codec.encode_mask_png):
+        with pytest.raises(ValueError):
+            encode(np.full((4, 4), 7, np.uint8))
     with pytest.raises(ValueError):
         codec.encode_jpeg(np.zeros((4, 4), np.uint8))
 
 
 @pytest.mark.parametrize(
-    "decode, what",
-    [(codec.decode_jpeg, "JPEG"), (codec.decode_mask_png, "mask PNG"), (codec.decode_depth_png, "depth PNG")],
+    "decode, what, good",
+    [
+        (codec.decode_jpeg, "JPEG", codec.encode_jpeg(np.full((16, 16, 3), 128, np.uint8))),
+        (codec.decode_mask, "mask", codec.encode_mask(np.zeros((16, 16), np.uint8))),
+        (codec.decode_mask, "mask", codec.encode_mask_png(np.zeros((16, 16), np.uint8))),
+        (codec.decode_depth, "depth", codec.encode_depth(np.zeros((16, 16), np.float32))),
+        (codec.decode_depth_uint16, "depth", codec.encode_depth(np.zeros((16, 16), np.float32))),
+        (codec.decode_depth, "depth", codec.encode_depth_png(np.zeros((16, 16), np.float32))),
+    ],
 )
-def test_corrupt_bytes_raise_corrupt_image_error_saying_what(decode, what):
-    """Breaks if bad bytes escape as a bare PIL/OSError (callers catch CorruptImageError)."""
-    good = {
-        "JPEG": codec.encode_jpeg(np.full((16, 16, 3), 128, np.uint8)),
-        "mask PNG": codec.encode_mask_png(np.zeros((16, 16), np.uint8)),
-        "depth PNG": codec.encode_depth_png(np.zeros((16, 16), np.float32)),
-    }[what]
+def test_corrupt_bytes_raise_corrupt_image_error_saying_what(decode, what, good):
+    """Breaks if bad bytes escape as a bare PIL/OSError/pyarrow error (callers catch CorruptImageError)."""
     if what == "JPEG":
         wrong_format = codec.encode_mask_png(np.zeros((8, 8), np.uint8))
     else:
         wrong_format = codec.encode_jpeg(np.zeros((8, 8, 3), np.uint8))
-    for bad in (b"", b"not an image at all", good[: len(good) // 2], wrong_format):
+    bad = [b"", b"not an image at all", good[: len(good) // 2], wrong_format]
+    if good.startswith(codec.RAW_MAGIC):
+        bad += [good[:-1], good + b"\0", good[:12]]
+        garbled = bytearray(good)
+        garbled[codec.RAW_HEADER_BYTES:] = b"\xff" * (len(good) - codec.RAW_HEADER_BYTES)
+        bad.append(bytes(garbled))  # a payload that does not decompress
+    for data in bad:
         with pytest.raises(codec.CorruptImageError, match=what):
-            decode(bad)
+            decode(data)
     assert issubclass(codec.CorruptImageError, ValueError)
+
+
+def test_a_raw_image_of_another_size_than_its_buffer_is_refused():
+    """Breaks if a mask or depth map of the wrong size is written into a batch slot unnoticed."""
+    with pytest.raises(codec.ImageSizeError, match="8x8, expected 16x16"):
+        codec.decode_mask(codec.encode_mask(np.zeros((8, 8), np.uint8)), out=np.empty((16, 16), np.uint8))
+    with pytest.raises(codec.ImageSizeError):
+        codec.decode_depth_planes(codec.encode_depth(np.zeros((8, 8), np.float32)), out=np.empty((2, 16, 16), np.uint8))
+
+
+def test_a_format_1_dataset_with_png_masks_and_depth_still_opens_and_verifies(tmp_path):
+    """Breaks if datasets written before the raw format (format /1, PNG masks and depth) stop loading."""
+    from storage.verify import verify
+
+    uri = str(tmp_path / "old")
+    with ShardWriter(uri, rows_per_shard=ROWS_PER_SHARD, rows_per_group=ROWS_PER_GROUP) as w:
+        for i in range(8):
+            im = _images(i)
+            w.add({"sample_id": i, "fg_bg": codec.encode_jpeg(im["fg_bg"]), "bg": codec.encode_jpeg(im["bg"]),
+                   "mask": codec.encode_mask_png(im["mask"]), "depth": codec.encode_depth_png(im["depth"])})
+        w.close()
+    manifest = sfs.read_json(sfs.join(uri, "manifest.json"))
+    sfs.write_json(sfs.join(uri, "manifest.json"), {**manifest, "format": "orchestrator.shards/1"})
+    ds = open_dataset(uri)
+    got = ds.read_samples([5])
+    assert got["mask"][0].startswith(codec.PNG_SIGNATURE)
+    assert np.array_equal(codec.decode_mask(got["mask"][0]), _images(5)["mask"])
+    out = verify(uri, workers=1)
+    assert out["bad"] == [] and out["ok"] == 8
+    sfs.write_json(sfs.join(uri, "manifest.json"), {**manifest, "format": "orchestrator.shards/9"})
+    with pytest.raises(DatasetError, match="shards/9"):
+        open_dataset(uri)

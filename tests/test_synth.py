@@ -130,7 +130,7 @@ def test_mask_is_the_alpha_and_lies_inside_the_paste_box(made, raw):
         assert 0 <= x and x + w <= SIZE and 0 <= y and y + h <= SIZE
         expected = np.zeros((SIZE, SIZE), np.uint8)
         expected[y : y + h, x : x + w][s["alpha"] > 0] = 255
-        mask = codec.decode_mask_png(rows["mask"][i])
+        mask = codec.decode_mask(rows["mask"][i])
         assert np.array_equal(mask, expected) and np.array_equal(s["mask"], expected)
         # the box is the mask's tight bounding box
         ys, xs = np.nonzero(mask)
@@ -156,7 +156,7 @@ def test_foreground_is_nearer_than_the_ground_at_its_foot(made, raw):
     """Breaks if objects float behind the ground they stand on (depth inconsistent with geometry)."""
     _, _, _, rows = made
     for i, s in enumerate(raw):
-        depth = codec.decode_depth_png(rows["depth"][i])
+        depth = codec.decode_depth(rows["depth"][i])
         assert np.abs(depth - s["depth"]).max() <= DEPTH_STEP + 1e-6
         inside = s["mask"] > 0
         foot = s["fg_y"] + s["fg_h"] - 1
@@ -184,3 +184,21 @@ def test_foregrounds_vary_in_shape_and_size():
     longest = np.array([max(s["fg_w"], s["fg_h"]) for s in samples]) / SIZE
     assert longest.min() >= 0.12 and longest.max() <= 0.5 + 1 / SIZE
     assert longest.max() - longest.min() > 0.2
+
+
+def test_synth_seed_layout_writes_the_source_folders_and_label_files(tmp_path):
+    """Breaks if `data synth --layout seed` stops writing what `data pack` reads, or --zip is accepted without it."""
+    from tests.conftest import run_cli
+
+    res = run_cli("data", "synth", str(tmp_path / "raw"), "--layout", "seed", "--samples", "12", "--image-size", "32", "--workers", "1", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    raw = tmp_path / "raw"
+    assert sorted(p.name for p in raw.iterdir()) == ["bg", "depth", "fg_bg", "fg_bg_mask", "labels"]
+    lines = [ln.split("\t") for f in sorted((raw / "labels").iterdir()) for ln in f.read_text().splitlines()]
+    assert len(lines) == 12 and all(len(fields) == 4 for fields in lines)
+    for fg, mask, x, y in lines:
+        assert (raw / fg).is_file() and (raw / mask).is_file() and int(x) >= 0 and int(y) >= 0
+        assert (raw / "depth" / fg.split("/", 1)[1].replace(".jpg", ".png")).is_file()
+        assert (raw / "bg" / f"{fg.split('/')[1]}.jpg").is_file()
+    bad = run_cli("data", "synth", str(tmp_path / "x"), "--zip", cwd=tmp_path)
+    assert bad.returncode == 2 and "--zip" in bad.stderr

@@ -21,10 +21,17 @@ from orchestrator.plan import Plan, batches_for_rank, steps_per_chunk
 from orchestrator.recipe import Recipe, StageSection
 from storage import checkpoints, fs
 from storage.layout import CURSOR_JSON, ERROR_JSON, FINAL_JSON, PROGRESS_JSON
-from storage.retry import RETRY_COUNTER
+from storage.retry import RETRY_COUNTER, StorageError
 from storage.shards import DatasetError, open_dataset
 from workers.checkpoint_policy import CheckpointPolicy
-from workers.data import ChunkPrefetcher, ChunkSamples, DataError, check_sizes
+from workers.data import (
+    ChunkPrefetcher,
+    ChunkSamples,
+    DataError,
+    check_sizes,
+    make_loader,
+    prepare_batch,
+)
 from workers.losses import build_loss
 from workers.metrics import EvalAccumulator
 from workers.models import build_model
@@ -44,15 +51,20 @@ METRIC_KEYS = {*TRAIN_KEYS, "eval/mask_iou", "eval/depth_rmse", "eval/depth_rmse
 def train_loop(config: dict[str, Any]) -> None:
     """Entry point: Ray Train calls it on every worker; the local backend calls it in-process."""
     recipe = Recipe.model_validate(config["recipe"])
-    session = make_session(recipe.execution.backend, config["run_dir"], recipe.checkpoint.keep)
+    session = make_session(recipe.execution.backend, config["run_dir"], recipe.checkpoint.keep, recipe.execution.use_tpu)
     trainer = Trainer(recipe, config, session)
     TRAINING_ACTIVE.set()
     try:
         trainer.fit()
-    except (DataError, DatasetError) as exc:
-        # Keep the user-facing cause where the driver can read it, whatever Ray wraps it in.
-        if session.is_chief:
-            fs.write_json(fs.join(config["run_dir"], ERROR_JSON), {"error": str(exc), "kind": "data"})
+    except (DataError, DatasetError, StorageError) as exc:
+        # Keep the user-facing cause where the driver can read it, whatever Ray wraps it in;
+        # the driver stops the run on it rather than let Ray restart into the same failure
+        # (orchestrator/failure_policy.py). Any rank may hit it: its own slice is bad.
+        kind = "data" if isinstance(exc, (DataError, DatasetError)) else "storage"
+        try:
+            fs.write_json(fs.join(config["run_dir"], ERROR_JSON), {"error": str(exc), "kind": kind, "rank": session.world_rank})
+        except Exception:  # noqa: BLE001 - the storage itself may be what failed; Ray still reports it
+            log.warning("could not record the error in run storage", exc_info=True)
         raise
     finally:
         TRAINING_ACTIVE.clear()
@@ -231,18 +243,18 @@ class Trainer:
             batches = batches_for_rank(ids, st.batch_size, self.world, self.rank, [seed, 3, s, chunk, c.epoch])
             todo = [[position[int(x)] for x in b] for b in batches[c.batch :]]
             samples = ChunkSamples(rows, st.resolution, self.describe, self.recipe.data.hflip, (seed, s, chunk, c.epoch))
-            loader = torch.utils.data.DataLoader(
-                samples, batch_sampler=todo, num_workers=self.recipe.data.decode_workers, pin_memory=self.device.type == "cuda"
-            )
+            loader = make_loader(samples, batch_sampler=todo, num_workers=self.recipe.data.decode_workers,
+                                 pin_memory=self.device.type == "cuda")
             self._progress("train", force=True)
             batches_left = iter(loader)
             while True:
                 t0 = time.perf_counter()
                 try:
-                    x, m, d = next(batches_left)
+                    batch = next(batches_left)
                 except StopIteration:
                     break
                 wait_s += time.perf_counter() - t0
+                x, m, d = prepare_batch(batch, self.device)
                 self._train_step(x, m, d, path)
                 c.batch += 1
                 c.global_step += 1
@@ -269,7 +281,7 @@ class Trainer:
         self._end_chunk(s, chunk, len(ids))
 
     def _train_step(self, x: torch.Tensor, m: torch.Tensor, d: torch.Tensor, path: str) -> None:
-        x, m, d = (t.to(self.device, non_blocking=True) for t in (x, m, d))
+        """One optimizer step on model tensors already on the device (see prepare_batch)."""
         out = _forward(self.ddp_model, x, path)
         mask_loss = self.mask_loss(out[:, 0:1], m)
         depth_loss = self.depth_loss(out[:, 1:2], d)
@@ -283,6 +295,10 @@ class Trainer:
         # plan for; OneCycleLR raises past its last step, so it holds its final rate instead.
         if sched is not None and sched.last_epoch < getattr(sched, "total_steps", float("inf")):
             sched.step()
+        if self.device.type == "xla":
+            import torch_xla
+
+            torch_xla.sync()  # cut the lazy graph at each step, as torch_xla's training loops do
         if self.session.is_chief:
             # Kept as tensors: a .item() per step would sync the GPU every step.
             self._loss_buf.append((self.state.cursor.global_step + 1, loss.detach(), mask_loss.detach(), depth_loss.detach()))
@@ -351,8 +367,8 @@ class Trainer:
         model = self.state.model
         model.eval()
         acc = EvalAccumulator()
-        for x, m, d in self._eval_loader(st):
-            x, m, d = (t.to(self.device) for t in (x, m, d))
+        for batch in self._eval_loader(st):
+            x, m, d = prepare_batch(batch, self.device)
             out = _forward(model, x, st.forward)
             acc.update(out[:, 0:1], m, out[:, 1:2], d, self.baseline_depth)
         model.train()
@@ -365,7 +381,7 @@ class Trainer:
             check_sizes(self._eval_rows, self.recipe.data.image_size, self.describe)
             _check_complete(self._eval_rows, self.plan.eval_ids, self.describe)
         ds = ChunkSamples(self._eval_rows, st.resolution, self.describe)
-        return torch.utils.data.DataLoader(ds, batch_size=st.batch_size, num_workers=self.recipe.data.decode_workers)
+        return make_loader(ds, batch_size=st.batch_size, num_workers=self.recipe.data.decode_workers)
 
     def checkpoint(self, reason: str) -> None:
         c = self.state.cursor
@@ -404,9 +420,10 @@ class Trainer:
         model = self.state.model
         model.eval()
         with torch.no_grad():
-            x, m, d = next(iter(torch.utils.data.DataLoader(
-                ChunkSamples(self._eval_rows, st.resolution, self.describe), batch_size=n)))
-            out = _forward(model, x.to(self.device), st.forward).cpu()
+            batch = next(iter(make_loader(ChunkSamples(self._eval_rows, st.resolution, self.describe), batch_size=n)))
+            x, m, d = prepare_batch(batch, self.device)
+            out = _forward(model, x, st.forward).cpu()
+            x, m, d = x.cpu(), m.cpu(), d.cpu()
         model.train()
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, f"stage{s + 1}-{st.name}.png")

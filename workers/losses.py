@@ -1,7 +1,11 @@
-"""The loss registry (l1, dice, rmse, ssim, bce) and build_loss, which sums weighted losses.
+"""The loss registry and build_loss, which sums weighted losses.
+
+Registered: l1, rmse, dice, bce, ssim (= ssim11), and the rest of the source team's loss
+comparison (their Table 1): tversky, bce_dice, bce_tversky, berhu, grad, ssim5, ssim11.
 
 Every loss takes logits (N, C, H, W) and a target in [0, 1] of the same shape, applies the
-sigmoid itself, and computes in float32 so it is safe under autocast.
+sigmoid itself (bce and the bce_* sums use the fused BCE-with-logits form for their BCE term),
+and computes in float32 so it is safe under autocast.
 """
 
 from __future__ import annotations
@@ -56,30 +60,116 @@ def bce_loss(logits: Tensor, target: Tensor) -> Tensor:
     return F.binary_cross_entropy_with_logits(logits.float(), target.float())
 
 
-_SSIM_WINDOW, _SSIM_SIGMA = 11, 1.5
-_SSIM_C1, _SSIM_C2 = 0.01**2, 0.03**2  # data range 1: both inputs lie in [0, 1]
-_gauss_cache: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+@LOSSES.register("tversky")
+def tversky_loss(
+    logits: Tensor, target: Tensor, alpha: float = 0.3, beta: float = 0.7, eps: float = 1.0
+) -> Tensor:
+    """1 - (TP + eps) / (TP + alpha FP + beta FN + eps) per sample, then the batch mean, with the
+    soft counts TP = sum(p t), FP = sum(p (1 - t)), FN = sum((1 - p) t), p = sigmoid(logits).
+
+    alpha weighs false positives, beta false negatives (alpha = beta = 0.5 is Dice with 2 eps).
+    The source gives TverskyLoss no default alpha/beta, so the registered "tversky" uses
+    alpha=0.3, beta=0.7 (the usual recall-leaning choice); call this function for other values.
+    eps = 1 smooths both sides, as in `dice_loss`, so an empty mask predicted empty scores 0.
+    """
+    p, t = _prep(logits, target)
+    p, t = p.flatten(1), t.flatten(1)
+    tp = (p * t).sum(1)
+    fp = (p * (1 - t)).sum(1)
+    fn = ((1 - p) * t).sum(1)
+    index = (tp + eps) / (tp + alpha * fp + beta * fn + eps)
+    return (1 - index).mean()
 
 
-def _gauss_1d(device: torch.device, dtype: torch.dtype) -> Tensor:
+@LOSSES.register("bce_dice")
+def bce_dice_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """bce + 2 * dice (the source's BCEDiceLoss weights Dice by 2)."""
+    return bce_loss(logits, target) + 2 * dice_loss(logits, target)
+
+
+# The source's BCETverskyLoss fixes its Tversky term at alpha=0.6, beta=0.5 (not the defaults
+# of the standalone "tversky"); kept so that the bce_tversky row of their Table 1 reproduces.
+BCE_TVERSKY_ALPHA, BCE_TVERSKY_BETA = 0.6, 0.5
+
+
+@LOSSES.register("bce_tversky")
+def bce_tversky_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """bce + 2 * tversky(alpha=0.6, beta=0.5), as the source's BCETverskyLoss."""
+    tversky = tversky_loss(logits, target, alpha=BCE_TVERSKY_ALPHA, beta=BCE_TVERSKY_BETA)
+    return bce_loss(logits, target) + 2 * tversky
+
+
+BERHU_THRESHOLD = 0.2
+
+
+@LOSSES.register("berhu")
+def berhu_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """Reverse Huber: mean of |e| where |e| <= c, else (e^2 + c^2) / (2 c), with
+    e = sigmoid(logits) - target and c = 0.2 * max|e| over the whole batch, detached (a
+    constant per batch, so the gradient is sign(e) below c and e / c above it). The two
+    branches meet at |e| = c; c = 0 (an exact match) leaves only the L1 branch, i.e. 0.
+    """
+    p, t = _prep(logits, target)
+    err = (p - t).abs()
+    c = BERHU_THRESHOLD * err.max().detach()
+    # The clamp only matters when c == 0, where every |e| is 0 and the L1 branch is taken;
+    # it keeps the unused branch finite so torch.where does not pass a NaN gradient through.
+    quad = (err * err + c * c) / (2 * c.clamp_min(1e-12))
+    return torch.where(err <= c, err, quad).mean()
+
+
+_sobel_cache: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+
+def _sobel_xy(device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(2, 1, 3, 3): the x and y Sobel kernels, each divided by 8 (the sum of its |weights|)."""
     key = (device, dtype)
+    k = _sobel_cache.get(key)
+    if k is None:
+        smooth = torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64)
+        diff = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64)
+        kx = smooth[:, None] * diff[None, :] / 8
+        k = torch.stack([kx, kx.T]).unsqueeze(1).to(device=device, dtype=dtype)
+        _sobel_cache[key] = k
+    return k
+
+
+@LOSSES.register("grad")
+def grad_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """mean over x and y and all pixels of |G(sigmoid(logits)) - G(target)|, G the 3x3 Sobel
+    derivative normalised by 1/8 with replicate padding (same size), as the source's GradLoss
+    (kornia SpatialGradient defaults). G is linear, so it is applied once, to the difference.
+    """
+    p, t = _prep(logits, target)
+    n, c, h, w = p.shape
+    d = F.pad((p - t).reshape(n * c, 1, h, w), (1, 1, 1, 1), mode="replicate")
+    return F.conv2d(d, _sobel_xy(d.device, d.dtype)).abs().mean()
+
+
+_SSIM_SIGMA = 1.5  # for every window size, as the source's (kornia) SSIM
+_SSIM_C1, _SSIM_C2 = 0.01**2, 0.03**2  # data range 1: both inputs lie in [0, 1]
+_gauss_cache: dict[tuple[int, torch.device, torch.dtype], Tensor] = {}
+
+
+def _gauss_1d(window: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    key = (window, device, dtype)
     g = _gauss_cache.get(key)
     if g is None:
-        x = torch.arange(_SSIM_WINDOW, dtype=torch.float64) - (_SSIM_WINDOW - 1) / 2
+        x = torch.arange(window, dtype=torch.float64) - (window - 1) / 2
         g = torch.exp(-(x**2) / (2 * _SSIM_SIGMA**2))
         g = (g / g.sum()).to(device=device, dtype=dtype)
         _gauss_cache[key] = g
     return g
 
 
-def ssim(p: Tensor, t: Tensor) -> Tensor:
-    """Mean SSIM of two (N, C, H, W) images in [0, 1]: 11x11 Gaussian window (sigma 1.5),
-    'valid' filtering (no padding, so no edge artefacts; needs H, W >= 11), computed as a
-    separable 1x11 then 11x1 depthwise conv over all five moment maps at once."""
+def ssim(p: Tensor, t: Tensor, window: int = 11) -> Tensor:
+    """Mean SSIM of two (N, C, H, W) images in [0, 1]: window x window Gaussian window (sigma
+    1.5), 'valid' filtering (no padding, so no edge artefacts; needs H, W >= window), computed
+    as a separable 1 x window then window x 1 depthwise conv over all five moment maps at once."""
     n, c, h, w = p.shape
-    if min(h, w) < _SSIM_WINDOW:
-        raise ValueError(f"ssim needs H, W >= {_SSIM_WINDOW}, got {(h, w)}")
-    g = _gauss_1d(p.device, p.dtype)
+    if min(h, w) < window:
+        raise ValueError(f"ssim needs H, W >= {window}, got {(h, w)}")
+    g = _gauss_1d(window, p.device, p.dtype)
     k = 5 * c
     maps = torch.cat([p, t, p * p, t * t, p * t], dim=1)
     maps = F.conv2d(maps, g.view(1, 1, 1, -1).expand(k, 1, 1, -1), groups=k)
@@ -91,11 +181,22 @@ def ssim(p: Tensor, t: Tensor) -> Tensor:
     return (num / den).mean()
 
 
+# "ssim" predates ssim5/ssim11 and stays the very same function as ssim11, so runs that name it
+# reproduce bit for bit. The source's SSIMLoss is mean((1 - S5) / 2) + mean((1 - S11) / 2) (kornia's
+# per-pixel (1 - SSIM) / 2, 'same' zero padding): the closest recipe is {ssim5: 0.5, ssim11: 0.5}.
 @LOSSES.register("ssim")
+@LOSSES.register("ssim11")
 def ssim_loss(logits: Tensor, target: Tensor) -> Tensor:
-    """1 - SSIM(sigmoid(logits), target); see `ssim` for the window and padding."""
+    """1 - SSIM(sigmoid(logits), target) over an 11x11 window; see `ssim` for window and padding."""
     p, t = _prep(logits, target)
     return 1 - ssim(p, t)
+
+
+@LOSSES.register("ssim5")
+def ssim5_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """1 - SSIM(sigmoid(logits), target) over a 5x5 window (sigma 1.5, 'valid'); needs H, W >= 5."""
+    p, t = _prep(logits, target)
+    return 1 - ssim(p, t, window=5)
 
 
 class WeightedLoss:

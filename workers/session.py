@@ -65,7 +65,7 @@ class LocalSession(Session):
 class RaySession(Session):
     """Inside a Ray Train worker."""
 
-    def __init__(self, run_dir: str) -> None:
+    def __init__(self, run_dir: str, use_tpu: bool = False) -> None:
         import ray
         import ray.train
         import ray.train.torch
@@ -74,7 +74,7 @@ class RaySession(Session):
         self.run_dir = run_dir
         self.world_rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
-        self.device = ray.train.torch.get_device()
+        self.device = xla_device() if use_tpu else ray.train.torch.get_device()
         self.node_id = ray.get_runtime_context().get_node_id()
 
     @contextlib.contextmanager
@@ -102,9 +102,20 @@ class RaySession(Session):
         return fs.join(self.run_dir, name)
 
 
-def make_session(backend: str, run_dir: str, keep: int) -> Session:
+def xla_device():
+    """The TPU as a torch device. The TPU path is kept minimal and is untested here (no TPU,
+    and no torch_xla wheel matches torch 2.13): one process per TPU host, no XLA SPMD."""
+    try:
+        import torch_xla
+    except ImportError:
+        raise RuntimeError("execution.use_tpu is set but torch_xla is not installed on this worker; "
+                           "install the torch_xla release that matches its torch version") from None
+    return torch_xla.device()
+
+
+def make_session(backend: str, run_dir: str, keep: int, use_tpu: bool = False) -> Session:
     if backend == "ray":
-        return RaySession(run_dir)
+        return RaySession(run_dir, use_tpu)
     return LocalSession(run_dir, keep)
 
 

@@ -1,0 +1,476 @@
+"""`orchestrator data pack`: a raw source (the seed layout, or a CSV/Parquet manifest) -> a packed
+dataset, resumably (one committed part per shard) and in parallel (Ray tasks or processes)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from orchestrator.redact import redact_text
+from storage import codec
+from storage import fs as sfs
+from storage.seed_layout import (
+    IMAGE_KINDS,
+    Container,
+    MemberError,
+    SampleRef,
+    SourceError,
+    SourcePlan,
+    member_key,
+    plan_source,
+    read_files,
+    read_members,
+)
+from storage.shards import (
+    INDEX,
+    INDEX_COLUMNS,
+    MANIFEST,
+    SHARD_DIR,
+    ShardFileWriter,
+    index_table,
+    sample_checksum,
+    shard_file,
+    write_index_and_manifest,
+)
+
+log = logging.getLogger(__name__)
+
+PACK_VERSION = 1
+STATE_DIR = ".pack"
+# Shards sized for object stores: big enough that per-object costs vanish, small enough that a
+# failed upload or a re-pack of one part is cheap.
+SHARD_TARGET_BYTES = 128 * 2**20
+# Row groups are the unit of a chunk preload (one ranged read each); ~1 MB keeps a read's
+# latency small next to its transfer and the bytes fetched close to the bytes needed.
+GROUP_TARGET_BYTES = 1 * 2**20
+ROWS_PER_GROUP_RANGE = (4, 256)
+ROWS_PER_SHARD_RANGE = (16, 65536)
+# When no file sizes are known (a manifest of URIs), assume this many bytes per sample.
+DEFAULT_SAMPLE_BYTES = 48 * 2**10
+# Source masks are JPEGs (lossy): pixels at or above this gray value are foreground.
+MASK_THRESHOLD = 128
+# Bad samples named in an error message before "and N more" (the report lists them all).
+BAD_IN_MESSAGE = 20
+
+
+class PackError(RuntimeError):
+    """The pack cannot finish (bad samples without --skip-bad, or nothing to pack); names them."""
+
+
+class BadSample(Exception):
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(reason)
+        self.path = path
+        self.reason = reason
+
+
+@dataclass
+class PackResult:
+    dest: str
+    packed: int
+    skipped: list[dict[str, str]]
+    unlisted: list[str]
+    shards: int
+    parts: int
+    parts_reused: int
+    seconds: float
+    manifest: dict[str, Any] | None = None
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PartTask:
+    """Everything one part needs, small and picklable (it travels to a process or a Ray task)."""
+
+    part: int
+    dest: str
+    rows_per_group: int
+    fingerprint: str
+    extra_columns: tuple[str, ...]
+    containers: list[tuple[str, str, bool]]  # (kind, uri, is_zip)
+    samples: list[tuple[int, str, dict[str, tuple[int | None, str]], dict[str, Any]]]
+
+
+# -- sizing ----------------------------------------------------------------------------------------
+
+
+def mean_sample_bytes(plan: SourcePlan) -> int:
+    sizes = []
+    for s in plan.samples[:2000]:
+        total = 0
+        for kind in IMAGE_KINDS:
+            ref = s.files[kind]
+            if ref.container is None:
+                return DEFAULT_SAMPLE_BYTES
+            container = plan.containers[ref.container]
+            entry = container.entries.get(member_key(container.kind, ref.member))
+            total += entry.size if entry else 0
+        sizes.append(total)
+    return int(np.mean(sizes)) if sizes else DEFAULT_SAMPLE_BYTES
+
+
+def choose_sizes(sample_bytes: int, rows_per_shard: int | None, rows_per_group: int | None) -> tuple[int, int]:
+    sample_bytes = max(sample_bytes, 1)
+    if rows_per_group is None:
+        rows_per_group = int(np.clip(GROUP_TARGET_BYTES // sample_bytes, *ROWS_PER_GROUP_RANGE))
+    if rows_per_shard is None:
+        rows_per_shard = int(np.clip(SHARD_TARGET_BYTES // sample_bytes, *ROWS_PER_SHARD_RANGE))
+        rows_per_shard = max(rows_per_group, rows_per_shard // rows_per_group * rows_per_group)
+    return int(rows_per_shard), min(int(rows_per_group), int(rows_per_shard))
+
+
+# -- one part -----------------------------------------------------------------------------------------
+
+
+def _decode(data: bytes, kind: str, path: str) -> Image.Image:
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()  # Pillow decodes lazily: a truncated file fails here, not in training
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for bad bytes
+        raise BadSample(path, f"{kind} cannot be decoded ({type(exc).__name__}: {exc}); corrupt or truncated image") from None
+    if img.format not in ("JPEG", "PNG"):
+        raise BadSample(path, f"{kind} is {img.format}, expected JPEG or PNG")
+    return img
+
+
+def prepare_sample(blobs: dict[str, bytes | MemberError], paths: dict[str, str], bg_seen: dict[str, tuple[int, int]]) -> tuple[dict[str, bytes], int, int, float]:
+    """Check one sample's four files and turn them into the packed format's bytes.
+
+    fg_bg and bg are kept as they are (JPEG or PNG); the mask becomes a 0/255 mask in the raw
+    format (storage.codec; source masks are JPEGs, thresholded at MASK_THRESHOLD); depth is
+    stored in the raw format with the values of the source file when it is an 8- or 16-bit
+    grayscale PNG, else converted to 8-bit gray first. Raises BadSample naming the file and the reason.
+    """
+    for kind in IMAGE_KINDS:
+        blob = blobs[kind]
+        if isinstance(blob, MemberError):
+            reason = "missing partner file" if str(blob) in ("file missing", "missing from the zip") else str(blob)
+            raise BadSample(paths[kind], f"{kind}: {reason}")
+    sizes: dict[str, tuple[int, int]] = {}
+    fg = _decode(blobs["fg_bg"], "fg_bg", paths["fg_bg"])
+    sizes["fg_bg"] = fg.size
+    if paths["bg"] in bg_seen:
+        sizes["bg"] = bg_seen[paths["bg"]]
+    else:
+        sizes["bg"] = bg_seen[paths["bg"]] = _decode(blobs["bg"], "bg", paths["bg"]).size
+
+    mask_img = _decode(blobs["mask"], "mask", paths["mask"])
+    sizes["mask"] = mask_img.size
+    mask = np.asarray(mask_img.convert("L"))
+    mask_bytes = codec.encode_mask((mask >= MASK_THRESHOLD).astype(np.uint8) * 255)
+
+    depth_img = _decode(blobs["depth"], "depth", paths["depth"])
+    sizes["depth"] = depth_img.size
+    try:
+        if depth_img.format == "PNG" and depth_img.mode in ("L", "I;16", "I;16B", "I;16L"):
+            values = codec.depth_image_values(depth_img)
+        elif depth_img.mode in ("RGB", "RGBA", "P", "LA", "L"):
+            values = np.asarray(depth_img.convert("L"))
+        else:
+            raise BadSample(paths["depth"], f"depth has mode {depth_img.mode}, expected 8- or 16-bit grayscale")
+        depth_bytes = codec.encode_depth_8bit(values) if values.dtype == np.uint8 else codec.encode_depth_uint16(values)
+        depth_mean = float(codec.decode_depth(depth_bytes).mean())
+    except codec.CorruptImageError as exc:
+        raise BadSample(paths["depth"], f"depth: {exc}") from None
+
+    if len(set(sizes.values())) != 1:
+        desc = ", ".join(f"{k} {w}x{h}" for k, (w, h) in sizes.items())
+        raise BadSample(paths["fg_bg"], f"size mismatch: {desc} (width x height); all four images of a sample must have one size")
+    w, h = sizes["fg_bg"]
+    images = {"fg_bg": bytes(blobs["fg_bg"]), "bg": bytes(blobs["bg"]), "mask": mask_bytes, "depth": depth_bytes}
+    return images, h, w, depth_mean
+
+
+def _read_part_files(task: PartTask) -> dict[tuple[int | None, str], bytes | MemberError]:
+    wanted: dict[int | None, set[str]] = {}
+    for _, _, files, _ in task.samples:
+        for c, member in files.values():
+            wanted.setdefault(c, set()).add(member)
+    blobs: dict[tuple[int | None, str], bytes | MemberError] = {}
+    for c, members in wanted.items():
+        if c is None:
+            # Manifest URIs: one concurrent batch per filesystem.
+            by_protocol: dict[str, list[str]] = {}
+            for uri in sorted(members):
+                by_protocol.setdefault(uri.split("://", 1)[0] if "://" in uri else "file", []).append(uri)
+            for uris in by_protocol.values():
+                blobs.update({(None, k): v for k, v in read_files(uris).items()})
+        else:
+            kind, uri, is_zip = task.containers[c]
+            got = read_members(Container(kind, uri, is_zip), sorted(members))
+            blobs.update({(c, k): v for k, v in got.items()})
+    return blobs
+
+
+def _path_of(task: PartTask, c: int | None, member: str) -> str:
+    if c is None:
+        return member
+    _, uri, is_zip = task.containers[c]
+    return Container("", uri, is_zip).path_of(member)
+
+
+def run_part(task: PartTask) -> dict[str, Any]:
+    """Pack one part into its shard; write the part's index rows, then its record (the marker)."""
+    blobs = _read_part_files(task)
+    cols: dict[str, list] = {c: [] for c in INDEX_COLUMNS if c != "shard"}
+    extra: dict[str, list] = {c: [] for c in task.extra_columns}
+    bad: list[dict[str, str]] = []
+    bg_seen: dict[str, tuple[int, int]] = {}
+    writer: ShardFileWriter | None = None
+    try:
+        for sid, _name, files, sample_extra in task.samples:
+            paths = {k: _path_of(task, c, m) for k, (c, m) in files.items()}
+            try:
+                images, h, w, depth_mean = prepare_sample({k: blobs[(c, m)] for k, (c, m) in files.items()}, paths, bg_seen)
+            except BadSample as exc:
+                bad.append({"sample": str(sid), "path": redact_text(exc.path), "reason": exc.reason})
+                continue
+            if writer is None:
+                writer = ShardFileWriter(task.dest, shard_file(task.part), task.rows_per_group)
+            group, row = writer.add(sid, images, h, w)
+            for k, v in (("sample_id", sid), ("row_group", group), ("row", row), ("height", h), ("width", w), ("depth_mean", depth_mean),
+                         ("checksum", sample_checksum(*(images[c] for c in ("fg_bg", "bg", "mask", "depth"))))):
+                cols[k].append(v)
+            for k in task.extra_columns:
+                extra[k].append(sample_extra.get(k))
+        entry = writer.close() if writer is not None else None
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    state = sfs.join(task.dest, STATE_DIR)
+    table = index_table({**cols, "shard": [0] * len(cols["sample_id"])}, extra).drop_columns(["shard"])
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    sfs.write_bytes(sfs.join(state, f"part-{task.part:05d}.index.parquet"), buf.getvalue())
+    record = {"part": task.part, "fingerprint": task.fingerprint, "shard": entry, "rows": len(cols["sample_id"]), "bad": bad, "samples": len(task.samples)}
+    sfs.write_json(sfs.join(state, f"part-{task.part:05d}.json"), record)
+    return record
+
+
+# -- the whole pack -------------------------------------------------------------------------------
+
+
+def _tasks(plan: SourcePlan, dest: str, rows_per_shard: int, rows_per_group: int) -> list[PartTask]:
+    containers = [(c.kind, c.uri, c.is_zip) for c in plan.containers]
+    config = {"version": PACK_VERSION, "rows_per_group": rows_per_group, "mask_threshold": MASK_THRESHOLD, "extra": plan.extra_columns}
+    tasks = []
+    for part, start in enumerate(range(0, len(plan.samples), rows_per_shard)):
+        refs: list[SampleRef] = plan.samples[start : start + rows_per_shard]
+        samples = [(s.sample_id, s.name, {k: (s.files[k].container, s.files[k].member) for k in IMAGE_KINDS}, s.extra) for s in refs]
+        tasks.append(PartTask(part, dest, rows_per_group, plan.fingerprint(refs, config), plan.extra_columns, containers, samples))
+    return tasks
+
+
+def _done_record(dest: str, task: PartTask) -> dict[str, Any] | None:
+    """The part's record when it was packed with this fingerprint and its shard is still there."""
+    state = sfs.join(dest, STATE_DIR)
+    try:
+        record = sfs.read_json(sfs.join(state, f"part-{task.part:05d}.json"))
+    except (FileNotFoundError, ValueError):
+        return None
+    if record.get("fingerprint") != task.fingerprint:
+        return None
+    shard = record.get("shard")
+    if shard is not None:
+        try:
+            if sfs.size(sfs.join(dest, shard["file"])) != shard["bytes"]:
+                return None
+        except FileNotFoundError:
+            return None
+    if not sfs.exists(sfs.join(state, f"part-{task.part:05d}.index.parquet")):
+        return None
+    return record
+
+
+def _ray_ready(address: str | None) -> bool:
+    ray = sys.modules.get("ray")
+    return address is not None or (ray is not None and ray.is_initialized())
+
+
+def _run_parts(tasks: list[PartTask], workers: int, address: str | None, on_done: Callable[[dict[str, Any]], None], allow_ray: bool = True) -> str:
+    """Run the parts; returns where they ran (ray | processes | in-process)."""
+    if not tasks:
+        return "none"
+    if allow_ray and _ray_ready(address):
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        remote = ray.remote(num_cpus=1, max_retries=2)(run_part)
+        pending = [remote.remote(t) for t in tasks]
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            on_done(ray.get(done[0]))
+        return "ray"
+    if workers > 1 and len(tasks) > 1:
+        # spawn, not fork: the caller may hold pyarrow, gcsfs or MLflow threads.
+        with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(run_part, t) for t in tasks]
+            try:
+                for fut in as_completed(futures):
+                    on_done(fut.result())
+            except BaseException:
+                for fut in futures:
+                    fut.cancel()
+                raise
+        return "processes"
+    for t in tasks:
+        on_done(run_part(t))
+    return "in-process"
+
+
+def default_workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def _clear_stale(dest: str, settings: dict[str, Any]) -> None:
+    """Start over when the part layout changed (other shard/group sizes): old parts cannot be reused."""
+    state = sfs.join(dest, STATE_DIR)
+    try:
+        old = sfs.read_json(sfs.join(state, "settings.json"))
+    except (FileNotFoundError, ValueError):
+        old = None
+    if old != settings:
+        sfs.remove(state, recursive=True)
+        sfs.remove(sfs.join(dest, SHARD_DIR), recursive=True)
+        sfs.write_json(sfs.join(state, "settings.json"), settings)
+
+
+def pack(
+    source: str,
+    dest: str,
+    *,
+    skip_bad: bool = False,
+    report: str | None = None,
+    rows_per_shard: int | None = None,
+    rows_per_group: int | None = None,
+    workers: int | None = None,
+    address: str | None = None,
+    columns: dict[str, str] | None = None,
+    progress: Callable[[int], None] | None = None,
+    on_plan: Callable[[int, int], None] | None = None,
+) -> PackResult:
+    """Pack `source` into a dataset at `dest`.
+
+    The samples, sorted by id, are cut into parts of one shard each. A part reads its files,
+    checks every image (decodes it fully, compares sizes), writes its shard, then its record
+    under DEST/.pack/ (written last: the part's commit marker). A re-run skips each part whose
+    record matches the part's fingerprint (its files and the settings), so a killed pack goes on
+    where it was. The index and manifest.json come last, and only when no sample is bad or
+    skip_bad is set.
+
+    Raises SourceError when the source holds nothing packable, PackError when samples are bad
+    (without skip_bad) or none is left; `report` (a URI) gets the JSON report either way.
+    `on_plan(samples, parts_to_run)` is called once the work is known (for a progress bar).
+    """
+    t0 = time.monotonic()
+    dest = sfs.normalize(dest)
+    plan = plan_source(source, columns)
+    if not plan.samples and not plan.bad:
+        raise SourceError(f"{redact_text(plan.source)}: empty source: no samples found (no label_info lines / manifest rows)")
+    rps, rpg = choose_sizes(mean_sample_bytes(plan), rows_per_shard, rows_per_group)
+    # A re-pack first removes the manifest: a crash mid-way then leaves no dataset describing
+    # shards that are being rewritten.
+    sfs.remove(sfs.join(dest, MANIFEST))
+    _clear_stale(dest, {"version": PACK_VERSION, "rows_per_shard": rps, "rows_per_group": rpg, "samples": len(plan.samples)})
+    tasks = _tasks(plan, dest, rps, rpg)
+    records: dict[int, dict[str, Any]] = {}
+    for t in tasks:
+        rec = _done_record(dest, t)
+        if rec is not None:
+            records[t.part] = rec
+    todo = [t for t in tasks if t.part not in records]
+    reused = len(records)
+    if on_plan is not None:
+        on_plan(len(plan.samples), len(todo))
+    if progress is not None and reused:
+        progress(sum(r["samples"] for r in records.values()))
+
+    def done(record: dict[str, Any]) -> None:
+        records[record["part"]] = record
+        if progress is not None:
+            progress(record["samples"])
+
+    # memory:// lives in this process only: other processes or Ray tasks would write elsewhere.
+    in_memory = dest.startswith("memory://") or plan.source.startswith("memory://")
+    where = _run_parts(todo, 1 if in_memory else workers or default_workers(), None if in_memory else address, done, allow_ray=not in_memory)
+    log.info("pack: %d parts run (%s), %d reused", len(todo), where, reused)
+
+    bad = list(plan.bad) + [b for p in sorted(records) for b in records[p]["bad"]]
+    bad = [{**b, "path": redact_text(b["path"])} for b in bad]
+    packed = sum(records[p]["rows"] for p in records)
+    result = PackResult(dest, 0, bad, plan.unlisted, 0, len(tasks), reused, 0.0)
+    if bad and not skip_bad:
+        result.report = {"packed": 0, "skipped": bad, "unlisted": len(plan.unlisted), "complete": False, "dataset": None}
+        _write_report(report, result.report)
+        raise PackError(_bad_message(plan.source, bad, dest))
+    if packed == 0:
+        result.report = {"packed": 0, "skipped": bad, "unlisted": len(plan.unlisted), "complete": False, "dataset": None}
+        _write_report(report, result.report)
+        raise PackError(f"{redact_text(plan.source)}: every sample is bad ({len(bad)}); nothing to pack")
+
+    shards: list[dict[str, Any]] = []
+    tables = []
+    state = sfs.join(dest, STATE_DIR)
+    for p in sorted(records):
+        rec = records[p]
+        if not rec["rows"]:
+            continue
+        table = pq.read_table(io.BytesIO(sfs.read_bytes(sfs.join(state, f"part-{p:05d}.index.parquet"))))
+        table = table.add_column(1, "shard", pa.array([len(shards)] * table.num_rows, pa.int32()))
+        tables.append(table)
+        shards.append(rec["shard"])
+    index = pa.concat_tables(tables)
+    extra = {
+        "source": redact_text(plan.source),
+        "source_layout": plan.kind,
+        "rows_per_group": rpg,
+        "rows_per_shard": rps,
+        "mask_threshold": MASK_THRESHOLD,
+        "pack": {"version": PACK_VERSION, "skipped": len(bad), "unlisted": len(plan.unlisted)},
+    }
+    _remove_stray_shards(dest, {s["file"] for s in shards})
+    manifest = write_index_and_manifest(dest, index, shards, extra)
+    result.packed, result.shards, result.manifest = packed, len(shards), manifest
+    result.seconds = time.monotonic() - t0
+    result.report = {"packed": packed, "skipped": bad, "unlisted": len(plan.unlisted), "complete": True, "dataset": redact_text(dest)}
+    _write_report(report, result.report)
+    return result
+
+
+def _remove_stray_shards(dest: str, keep: set[str]) -> None:
+    """Shard files of parts that ended up empty (every sample bad) are not part of the dataset."""
+    for name in sfs.listdir(sfs.join(dest, SHARD_DIR)):
+        if f"{SHARD_DIR}/{name}" not in keep:
+            sfs.remove(sfs.join(dest, SHARD_DIR, name))
+
+
+def _write_report(uri: str | None, report: dict[str, Any]) -> None:
+    if uri:
+        sfs.write_bytes(sfs.normalize(uri), (json.dumps(report, indent=2) + "\n").encode())
+
+
+def _bad_message(source: str, bad: list[dict[str, str]], dest: str) -> str:
+    lines = [f"- sample {b['sample']}: {b['path']}: {b['reason']}" for b in bad[:BAD_IN_MESSAGE]]
+    more = f"\n  ... and {len(bad) - BAD_IN_MESSAGE} more (all in the --report file)" if len(bad) > BAD_IN_MESSAGE else ""
+    return (
+        f"{redact_text(source)}: {len(bad)} bad sample(s); no dataset written at {redact_text(dest)} (no {MANIFEST} or {INDEX}):\n"
+        + "\n".join(lines) + more
+        + "\nFix or remove them and run the same command again (packed parts are kept and reused), "
+        "or add --skip-bad to pack the rest and list the skipped ones with --report FILE"
+    )
