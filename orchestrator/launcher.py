@@ -16,6 +16,11 @@ RAY_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
     "RAY_DEDUP_LOGS": "1",
+    # Ray Train's controller registers a reported checkpoint only when it next polls the workers
+    # (every 2 s by default), and the loop waits for that commit before it sends the metrics the
+    # checkpoint holds to MLflow. At 0.5 s the tiny test recipe (25 checkpoints) runs on Ray in
+    # 40 s instead of 84 s, same weights; lost workers are also noticed sooner.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
 }
 
 
@@ -92,6 +97,10 @@ def launch_ray(recipe: Recipe, config: dict[str, Any], address: str | None) -> N
 
     ex = recipe.execution
     init_ray(address)
+    # Ray Train reads this in its controller, which takes it from the driver's environment. Ray
+    # counts a drained node as free until its group start times out: with a (min, max) range,
+    # this is how long a preempted run waits before it shrinks.
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(ex.worker_start_timeout_s)
     storage_fs, storage_path = fs.pyarrow_filesystem(recipe.run.storage)
     trainer = TorchTrainer(
         train_loop,

@@ -131,6 +131,9 @@ class ExecutionSection(_Strict):
     tpus_per_worker: int = Field(4, ge=1, description="TPU chips per worker (one worker per TPU VM host).")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
     max_failures: int = Field(3, ge=-1, description="Worker-group restarts Ray Train attempts before the run fails (-1: unlimited).")
+    worker_start_timeout_s: float = Field(
+        60.0, gt=0, description="How long Ray Train waits for a worker group to start before it tries again (counts as a "
+        "failure); an elastic run then starts with the workers there are. Raise it where new nodes take minutes to boot.")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads per worker; 0 = cpus_per_worker.")
 
 

@@ -21,7 +21,7 @@ from tests.conftest import (
     wait_for_cursor,
     write_recipe,
 )
-from tests.loopback_cluster import LoopbackCluster
+from tests.loopback_cluster import LoopbackCluster, ray_cli
 
 pytestmark = pytest.mark.ray
 
@@ -101,3 +101,43 @@ def test_an_unreachable_cluster_address_is_one_clear_error(tmp_path: Path, tiny_
     assert res.returncode == 1
     assert "--address http://127.0.0.1:9: cannot reach the Ray cluster's job server" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_an_elastic_run_shrinks_to_the_nodes_left_when_one_is_preempted(tmp_path: Path, tiny_dataset, cluster):
+    """execution.min_workers: a spot node drained for good does not stall the run waiting for a
+    replacement; Ray Train restarts the worker group with fewer ranks, from the just-in-time
+    checkpoint, and each chunk records the world size that trained it.
+
+    Last in this module: the drained node stays unusable for the module's cluster."""
+    from ray.util.state import list_actors
+
+    recipe = slow_recipe(tiny_dataset, backend="ray")
+    # Ray sees the drained node as free until a two-worker start times out; shorter than the default 60 s.
+    recipe["execution"].update(num_workers=2, min_workers=1, worker_start_timeout_s=20)
+    recipe["checkpoint"]["every_steps"] = 1000  # so only the notice's checkpoint can save the stage-2 steps
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    proc = start_cli("run", path, "--address", cluster.address, cwd=tmp_path, log=tmp_path / "run.log")
+    run_dir = tmp_path / "runs" / "tiny"
+    try:
+        wait_for_cursor(run_dir, lambda c: c["stage"] == 1 and c["chunk"] >= 1, proc)
+        workers = list_actors(address=cluster.address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], limit=100)
+        assert len({a.node_id for a in workers}) == 2, "the run should start on both nodes"
+        node = json.loads((run_dir / "progress.json").read_text())["node_id"]
+        ray_cli("drain-node", f"--address={cluster.address}", f"--node-id={node}", "--reason=DRAIN_NODE_REASON_PREEMPTION",
+                "--reason-message=spot reclaim, no replacement (test)", "--deadline-remaining-seconds=300")
+        rc = proc.wait(timeout=400)
+    finally:
+        if proc.poll() is None:
+            kill_group(proc)
+    assert rc == 0, (tmp_path / "run.log").read_text()[-3000:]
+
+    st = status_json(tmp_path)
+    assert st["state"] == "completed"
+    assert all(c["times_trained"] == 1 for c in st["chunk_log"]), st["chunk_log"]
+    sizes = [c["world_size"] for c in st["chunk_log"]]
+    assert sizes[0] == 2 and sizes[-1] == 1, sizes
+    (rec,) = st["interruption_log"]
+    assert rec["cause"] == "preemption notice" and rec["steps_lost"] == 0, rec
+    steps = [s for s, _ in mlflow_history(tmp_path, st["mlflow_run_id"], "train/loss")]
+    assert steps == list(range(1, st["global_step"] + 1)), "not exactly one train/loss point per step"
+    assert json.loads((run_dir / "progress.json").read_text())["node_id"] != node

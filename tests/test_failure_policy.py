@@ -9,7 +9,9 @@ import pytest
 
 from orchestrator.failure_policy import retry_can_fix
 from tests.conftest import (
+    assert_completed_exactly_once,
     kill_group,
+    run_cli,
     slow_recipe,
     start_cli,
     status_json,
@@ -24,7 +26,11 @@ def test_lost_workers_are_retried_but_bad_data_and_storage_errors_are_not():
 
 
 @pytest.mark.ray
-def test_a_shard_corrupted_mid_run_stops_a_ray_run_naming_it_without_restarts(tmp_path: Path, tiny_dataset):
+def test_a_shard_corrupted_mid_run_stops_a_ray_run_after_a_checkpoint_and_a_fixed_rerun_loses_nothing(
+        tmp_path: Path, tiny_dataset, reference_sha):
+    """The next chunk's background fetch fails its checksum twice: no restart can fix that, so the
+    run saves a checkpoint at the next step and stops, naming the shard, instead of training to
+    the chunk's end or letting Ray restart into the same failure. Fixed, it resumes there."""
     data = tmp_path / "data"
     shutil.copytree(tiny_dataset, data)
     recipe = slow_recipe(str(data), backend="ray")
@@ -35,7 +41,8 @@ def test_a_shard_corrupted_mid_run_stops_a_ray_run_naming_it_without_restarts(tm
     try:
         wait_for_cursor(tmp_path / "runs" / "tiny", lambda c: c["stage"] == 1, proc)
         shard = next((data / "shards").glob("*.parquet"))
-        raw = bytearray(shard.read_bytes())
+        good = shard.read_bytes()
+        raw = bytearray(good)
         mid = len(raw) // 2
         raw[mid : mid + 4096] = bytes(4096)  # same size, wrong bytes: the checksums catch it
         shard.write_bytes(bytes(raw))
@@ -48,3 +55,11 @@ def test_a_shard_corrupted_mid_run_stops_a_ray_run_naming_it_without_restarts(tm
     assert shard.name in log and "failed" in log, log[-3000:]
     st = status_json(tmp_path)
     assert st["state"] == "failed" and shard.name in st["error"]
+
+    # Fix the data and run the same command (in-process this time: execution.* may change).
+    shard.write_bytes(good)
+    again = run_cli("run", path, "--set", "execution.backend=local", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    st = assert_completed_exactly_once(tmp_path, reference_sha)
+    (rec,) = st["interruption_log"]
+    assert rec["cause"] == "stopped on an error" and rec["steps_lost"] == 0, rec

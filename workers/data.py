@@ -282,6 +282,13 @@ class ChunkPrefetcher:
         if key not in self._pending:
             self._pending = {key: self._pool.submit(self.dataset.read_samples, ids)}
 
+    def failure(self) -> BaseException | None:
+        """The error of a background fetch that has already failed (its retries spent), if any."""
+        for fut in self._pending.values():
+            if fut.done() and not fut.cancelled() and fut.exception() is not None:
+                return fut.exception()
+        return None
+
     def get(self, key: tuple, ids: np.ndarray) -> dict[str, Any]:
         fut = self._pending.pop(key, None)
         if fut is None:

@@ -35,13 +35,16 @@ from workers.data import (
 from workers.losses import build_loss
 from workers.metrics import EvalAccumulator
 from workers.models import build_model
-from workers.preemption import TRAINING_ACTIVE, PreemptedError, PreemptionMonitor
+from workers.preemption import FATAL, TRAINING_ACTIVE, PreemptedError, PreemptionMonitor
 from workers.progress import ProgressWriter
 from workers.session import Session, configure_threads, make_session
 from workers.state import TrainState
 from workers.viz import prediction_grid
 
 log = logging.getLogger(__name__)
+
+# Failures a restart cannot fix: recorded for the driver, which stops the run on them.
+FATAL_ERRORS = (DataError, DatasetError, StorageError)
 
 TRAIN_KEYS = ("train/loss", "train/mask_loss", "train/depth_loss")
 METRIC_KEYS = {*TRAIN_KEYS, "eval/mask_iou", "eval/depth_rmse", "eval/depth_rmse_baseline", "perf/data_wait_fraction", "perf/storage_retries"}
@@ -56,7 +59,7 @@ def train_loop(config: dict[str, Any]) -> None:
     TRAINING_ACTIVE.set()
     try:
         trainer.fit()
-    except (DataError, DatasetError, StorageError) as exc:
+    except FATAL_ERRORS as exc:
         # Keep the user-facing cause where the driver can read it, whatever Ray wraps it in;
         # the driver stops the run on it rather than let Ray restart into the same failure
         # (orchestrator/failure_policy.py). Any rank may hit it: its own slice is bad.
@@ -174,6 +177,9 @@ class Trainer:
                 # Batches are cut per rank; with another world size the cut moves, so the epoch restarts.
                 log.warning("world size changed %s -> %s mid-chunk: restarting epoch %d of the chunk",
                             sd.get("world_size"), self.world, c.epoch)
+                # The redone batches get new global steps, so the run ends that many steps later.
+                self.total_steps += c.batch
+                self.progress.total_steps = self.total_steps
                 c.batch = 0
             self.enter_stage(c.stage)
             self.state.load_optimizer(sd)
@@ -191,6 +197,8 @@ class Trainer:
         c.interruptions += 1
         if meta.get("reason") == "preemption":
             cause = "preemption notice"
+        elif meta.get("reason") == "error":
+            cause = "stopped on an error"
         elif int(meta.get("attempt", self.attempt)) != self.attempt:
             cause = "driver lost"
         else:
@@ -264,10 +272,17 @@ class Trainer:
                 self._steps_this_process += 1
                 self._progress("train", force=self._steps_this_process == 1)
                 chunk_ends_now = c.epoch == st.epochs_per_chunk - 1 and c.batch == len(batches)
-                notice = self.preemption.notice(c.global_step)
+                failed = self.prefetcher.failure()
+                notice = self.preemption.notice(c.global_step, fatal=isinstance(failed, FATAL_ERRORS))
                 if chunk_ends_now:
-                    self._notice = notice
+                    # At a chunk end the next chunk's fetch raises its error right after the checkpoint.
+                    self._notice = notice if notice != FATAL else None
                     continue  # the chunk-end checkpoint follows at this very step
+                if notice == FATAL:
+                    self.checkpoint("error")
+                    if isinstance(failed, FATAL_ERRORS):
+                        raise failed
+                    raise RuntimeError(f"another rank cannot fetch its part of the next chunk; stopped at step {c.global_step}")
                 if notice:
                     self.checkpoint("preemption")
                     raise PreemptedError(f"preemption notice ({notice}) at step {c.global_step}: checkpoint saved, resuming from it")

@@ -70,6 +70,12 @@ def _chain_ray_worker_handler() -> None:
     ray_utils.set_sigterm_handler = set_sigterm_handler
 
 
+# A rank's background fetch of the next chunk failed in a way no restart fixes (a 403, a shard
+# that fails its checksum twice): every rank checkpoints now and the run stops, instead of
+# training on to the chunk's end and failing there.
+FATAL = "fatal"
+
+
 class PreemptionMonitor:
     """Asks, every `every_steps` steps (the same steps on every rank), whether a notice came."""
 
@@ -79,10 +85,12 @@ class PreemptionMonitor:
         self.device = device
         self.every_steps = every_steps
 
-    def notice(self, global_step: int) -> str | None:
+    def notice(self, global_step: int, fatal: bool = False) -> str | None:
+        """"drain" or "sigterm" for a preemption notice; FATAL when some rank reports (`fatal`)
+        that it cannot go on, which outranks a notice: no restart will get further."""
         if global_step % self.every_steps:
             return None
-        reason = "sigterm" if SIGTERM_RECEIVED.is_set() else None
+        reason = FATAL if fatal else "sigterm" if SIGTERM_RECEIVED.is_set() else None
         if self.backend == "ray":
             import ray.train
 
@@ -94,7 +102,8 @@ class PreemptionMonitor:
             import torch
             import torch.distributed as dist
 
-            flag = torch.tensor([0 if reason is None else (1 if reason == "drain" else 2)], device=self.device)
+            codes = {None: 0, "drain": 1, "sigterm": 2, FATAL: 3}
+            flag = torch.tensor([codes[reason]], device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            reason = {0: None, 1: "drain", 2: "sigterm"}[int(flag.item())]
+            reason = {v: k for k, v in codes.items()}[int(flag.item())]
         return reason
