@@ -149,11 +149,13 @@ def run_sweep(spec: SweepSpec, recipes: list[Recipe], address: str | None, conso
 
     ex = recipes[0].execution
     # An in-process trial trains inside the trial's own process; a Ray Train trial only drives
-    # its workers, which reserve their own CPUs.
-    trial_cpus = ex.cpus_per_worker if ex.backend == "local" else 0
+    # its workers, which reserve their own CPUs. Tune refuses an empty reservation ({"CPU": 0}),
+    # so such a trial reserves one byte of memory: a CPU fraction would leave the workers short of
+    # whole CPUs on a small machine (two trials at 0.01 CPU plus two 1-CPU workers > 2 CPUs).
+    trial_resources = {"CPU": ex.cpus_per_worker} if ex.backend == "local" else {"memory": 1}
     storage = recipes[0].run.storage
     tuner = tune.Tuner(
-        tune.with_resources(_trial, {"CPU": trial_cpus}),
+        tune.with_resources(_trial, trial_resources),
         param_space={"recipe": tune.grid_search([r.model_dump(mode="json") for r in recipes])},
         tune_config=tune.TuneConfig(
             max_concurrent_trials=spec.max_concurrent,

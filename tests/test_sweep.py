@@ -14,7 +14,8 @@ PAIRS = [({"bce": 1}, {"rmse": 1}), ({"dice": 1}, {"berhu": 1}), ({"tversky": 1}
 
 
 def _sweep_file(tmp_path: Path, data: str) -> str:
-    write_recipe(tmp_path / "base.yaml", tiny_recipe(data))
+    # On Ray Train, as quickstart.yaml runs: each trial drives its own worker group.
+    write_recipe(tmp_path / "base.yaml", tiny_recipe(data, execution={"backend": "ray", "num_workers": 1, "cpus_per_worker": 1}))
     spec = {"sweep": {"name": "ls", "base": "base.yaml", "max_concurrent": 2, "set": {"tracking.experiment": "ls"},
                       "runs": [{"loss.mask": m, "loss.depth": d} for m, d in PAIRS]}}
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))

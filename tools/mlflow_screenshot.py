@@ -34,9 +34,9 @@ def _chromium() -> str:
     sys.exit("no chromium on PATH; `apt-get install chromium` (Debian) and run again")
 
 
-def _shoot(browser: str, url: str, out: Path, size: str = "1600,1400") -> None:
+def _shoot(browser: str, url: str, out: Path, budget_ms: int, size: str = "1600,1400") -> None:
     subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
-                    f"--window-size={size}", "--virtual-time-budget=20000", f"--screenshot={out}", url],
+                    f"--window-size={size}", f"--virtual-time-budget={budget_ms}", f"--screenshot={out}", url],
                    check=True, capture_output=True, timeout=180)
 
 
@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> list[str]:
     ap.add_argument("experiment")
     ap.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     ap.add_argument("--out", default="docs/img")
+    ap.add_argument("--wait-ms", type=int, default=60000,
+                    help="Virtual time Chromium gives the page before the shot; raise it if charts are still loading.")
     args = ap.parse_args(argv)
 
     from mlflow.tracking import MlflowClient
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> list[str]:
         written = []
         for name, url in views.items():
             path = out / f"mlflow_{args.experiment}_{name}.png"
-            _shoot(browser, url, path)
+            _shoot(browser, url, path, args.wait_ms)
             written.append(str(path))
             print(path)
         return written
