@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 from orchestrator.recipe import Recipe
-from storage import fs
+from storage import checkpoints, fs
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,8 @@ def launch_ray(recipe: Recipe, config: dict[str, Any], address: str | None) -> N
     # this is how long a preempted run waits before it shrinks.
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(ex.worker_start_timeout_s)
     storage_fs, storage_path = fs.pyarrow_filesystem(recipe.run.storage)
+    if storage_fs is None:
+        storage_fs = checkpoints.pausing_local_filesystem()  # tests only: None unless asked for
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=config,

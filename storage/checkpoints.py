@@ -14,6 +14,7 @@ import os
 import shutil
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 
 from storage import fs
@@ -85,6 +86,22 @@ def _maybe_pause_for_tests(name: str) -> None:
         import time
 
         time.sleep(float(os.environ.get("ORCHESTRATOR_TEST_PAUSE_S", "60")))
+
+
+def pausing_local_filesystem() -> Any:
+    """Fault injection for the kill-mid-checkpoint test on Ray: a local pyarrow filesystem whose
+    writes hold, like `commit` above, before the named checkpoint's completion marker. Ray Train
+    uploads checkpoint folders itself; this puts the pause inside that upload. None in normal use."""
+    if not os.environ.get("ORCHESTRATOR_TEST_PAUSE_CHECKPOINT"):
+        return None
+    return pafs.PyFileSystem(_PauseBeforeMarker(fs.filesystem("file:///")[0]))
+
+
+class _PauseBeforeMarker(pafs.FSSpecHandler):
+    def open_output_stream(self, path: str, metadata: Any) -> Any:
+        if os.path.basename(path) == META_FILE:
+            _maybe_pause_for_tests(os.path.basename(os.path.dirname(path)))
+        return super().open_output_stream(path, metadata)
 
 
 def download(uri: str, local_dir: str) -> str:

@@ -126,8 +126,36 @@ def test_sigterm_in_process_checkpoints_then_resumes_with_no_step_lost(tmp_path,
     assert _interruption(st)["steps_lost"] == 0 and _interruption(st)["cause"] == "preemption notice"
 
 
+@pytest.mark.ray
 def test_driver_sigkill_mid_checkpoint_resumes_from_the_previous_one(tmp_path, tiny_dataset, reference_sha):
-    """A kill between a checkpoint's state file and its completion marker must not leave it as the resume point."""
+    """A kill while Ray Train uploads a checkpoint, after its state file and before its completion
+    marker, must not leave that checkpoint as the resume point."""
+    path = write_recipe(tmp_path / "r.yaml", slow_recipe(tiny_dataset, backend="ray"))
+    run_dir = tmp_path / "runs" / "tiny"
+    partial = "ckpt-000000040"
+    # Read by the run's storage filesystem inside Ray's upload (storage/checkpoints.py).
+    env = {"ORCHESTRATOR_TEST_PAUSE_CHECKPOINT": partial, "ORCHESTRATOR_TEST_PAUSE_S": "120"}
+    os.environ.update(env)
+    try:
+        proc = start_cli("run", path, cwd=tmp_path, log=tmp_path / "run.log")
+    finally:
+        for k in env:
+            os.environ.pop(k)
+    deadline = time.monotonic() + 180
+    while not (run_dir / partial / "state.pt").exists():
+        assert time.monotonic() < deadline and proc.poll() is None, "never reached the paused checkpoint"
+        time.sleep(0.05)
+    time.sleep(1)  # let the state file's upload finish: the marker is what is held back
+    kill_group(proc)  # SIGKILL to the driver's session, the local Ray and its upload included
+    assert not (run_dir / partial / "meta.json").exists()
+    again = run_cli("run", path, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    st = assert_completed_exactly_once(tmp_path, reference_sha)
+    assert _interruption(st)["resumed_at_step"] < 40
+
+
+def test_driver_sigkill_mid_checkpoint_in_process_resumes_from_the_previous_one(tmp_path, tiny_dataset, reference_sha):
+    """Without Ray our own code commits checkpoints (storage/checkpoints.commit): the same rule holds there."""
     path = write_recipe(tmp_path / "r.yaml", slow_recipe(tiny_dataset))
     run_dir = tmp_path / "runs" / "tiny"
     partial = "ckpt-000000040"
