@@ -141,15 +141,17 @@ def reference_sha(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: str) -
     return status_json(d)["final"]["weights_sha256"]
 
 
-def assert_completed_exactly_once(cwd: Path, reference: str, interruptions: int = 1) -> dict[str, Any]:
-    """The invariants every interrupted run must end with."""
+def assert_completed_exactly_once(cwd: Path, reference: str | None, interruptions: int = 1) -> dict[str, Any]:
+    """The invariants every interrupted run must end with; `reference` None where the weights
+    cannot match the reference run's (another recipe, or a world size that changed)."""
     from mlflow.tracking import MlflowClient
 
     st = status_json(cwd)
     assert st["state"] == "completed", st
     assert st["interruptions"] == interruptions, st["interruption_log"]
     assert all(c["times_trained"] == 1 for c in st["chunk_log"]), st["chunk_log"]
-    assert st["final"]["weights_sha256"] == reference, "weights differ from the uninterrupted run"
+    if reference is not None:
+        assert st["final"]["weights_sha256"] == reference, "weights differ from the uninterrupted run"
     client = MlflowClient(tracking_uri=f"sqlite:///{cwd / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
     assert len(runs) == 1, "a restart forked a second MLflow run"

@@ -131,13 +131,10 @@ def test_an_elastic_run_shrinks_to_the_nodes_left_when_one_is_preempted(tmp_path
             kill_group(proc)
     assert rc == 0, (tmp_path / "run.log").read_text()[-3000:]
 
-    st = status_json(tmp_path)
-    assert st["state"] == "completed"
-    assert all(c["times_trained"] == 1 for c in st["chunk_log"]), st["chunk_log"]
+    # The world size changed, so the weights cannot match a one-worker reference run's.
+    st = assert_completed_exactly_once(tmp_path, None)
     sizes = [c["world_size"] for c in st["chunk_log"]]
     assert sizes[0] == 2 and sizes[-1] == 1, sizes
     (rec,) = st["interruption_log"]
     assert rec["cause"] == "preemption notice" and rec["steps_lost"] == 0, rec
-    steps = [s for s, _ in mlflow_history(tmp_path, st["mlflow_run_id"], "train/loss")]
-    assert steps == list(range(1, st["global_step"] + 1)), "not exactly one train/loss point per step"
     assert json.loads((run_dir / "progress.json").read_text())["node_id"] != node

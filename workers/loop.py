@@ -111,9 +111,9 @@ class Trainer:
         self._last_loss: float | None = None
         self._data_wait = 0.0
         self._steps_this_process = 0
-        self.total_steps = sum(self._stage_steps(s) for s in range(len(recipe.stages)))
+        total_steps = sum(self._stage_steps(s) for s in range(len(recipe.stages)))
         self.progress = ProgressWriter(self.run_dir, [st.name for st in recipe.stages],
-                                       [sp.num_chunks for sp in self.plan.stages], self.total_steps, session.node_id)
+                                       [sp.num_chunks for sp in self.plan.stages], total_steps, session.node_id)
 
     # ----------------------------------------------------------------- set-up
     def describe(self, sample_id: int) -> str:
@@ -178,8 +178,7 @@ class Trainer:
                 log.warning("world size changed %s -> %s mid-chunk: restarting epoch %d of the chunk",
                             sd.get("world_size"), self.world, c.epoch)
                 # The redone batches get new global steps, so the run ends that many steps later.
-                self.total_steps += c.batch
-                self.progress.total_steps = self.total_steps
+                self.progress.total_steps += c.batch
                 c.batch = 0
             self.enter_stage(c.stage)
             self.state.load_optimizer(sd)
@@ -273,14 +272,16 @@ class Trainer:
                 self._progress("train", force=self._steps_this_process == 1)
                 chunk_ends_now = c.epoch == st.epochs_per_chunk - 1 and c.batch == len(batches)
                 failed = self.prefetcher.failure()
-                notice = self.preemption.notice(c.global_step, fatal=isinstance(failed, FATAL_ERRORS))
+                if not isinstance(failed, FATAL_ERRORS):
+                    failed = None  # any other error is raised, as before, when the chunk is needed
+                notice = self.preemption.notice(c.global_step, fatal=failed is not None)
                 if chunk_ends_now:
                     # At a chunk end the next chunk's fetch raises its error right after the checkpoint.
                     self._notice = notice if notice != FATAL else None
                     continue  # the chunk-end checkpoint follows at this very step
                 if notice == FATAL:
                     self.checkpoint("error")
-                    if isinstance(failed, FATAL_ERRORS):
+                    if failed is not None:
                         raise failed
                     raise RuntimeError(f"another rank cannot fetch its part of the next chunk; stopped at step {c.global_step}")
                 if notice:

@@ -75,6 +75,10 @@ def _chain_ray_worker_handler() -> None:
 # training on to the chunk's end and failing there.
 FATAL = "fatal"
 
+# What ranks all-reduce (MAX) to agree on one answer: a higher code outranks a lower one.
+_CODES = {None: 0, "drain": 1, "sigterm": 2, FATAL: 3}
+_BY_CODE = {v: k for k, v in _CODES.items()}
+
 
 class PreemptionMonitor:
     """Asks, every `every_steps` steps (the same steps on every rank), whether a notice came."""
@@ -102,8 +106,7 @@ class PreemptionMonitor:
             import torch
             import torch.distributed as dist
 
-            codes = {None: 0, "drain": 1, "sigterm": 2, FATAL: 3}
-            flag = torch.tensor([codes[reason]], device=self.device)
+            flag = torch.tensor([_CODES[reason]], device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            reason = {v: k for k, v in codes.items()}[int(flag.item())]
+            reason = _BY_CODE[int(flag.item())]
         return reason
