@@ -27,6 +27,7 @@ from tests.conftest import (
     write_recipe,
 )
 from tests.loopback_cluster import LoopbackCluster, ray_cli
+from workers.preemption import FATAL
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +123,39 @@ def test_sigterm_in_process_checkpoints_then_resumes_with_no_step_lost(tmp_path,
     assert run_cli("run", path, cwd=tmp_path).returncode == 0
     st = assert_completed_exactly_once(tmp_path, reference_sha)
     assert _interruption(st)["steps_lost"] == 0 and _interruption(st)["cause"] == "preemption notice"
+
+
+@pytest.mark.parametrize(("notice", "cause"), [("sigterm", "preemption notice"), (FATAL, "stopped on an error")])
+def test_a_stop_on_a_chunks_last_step_is_recorded_with_its_cause(tmp_path, tiny_dataset, monkeypatch, notice, cause):
+    """A notice, or a next-chunk fetch that failed for good, can come on the very step that ends a
+    chunk: the chunk-end checkpoint is then the stop's, and the resume must name the stop's cause
+    (CI once saw "worker lost" after a drain here)."""
+    from orchestrator import runner
+    from orchestrator.errors import OrchestratorError
+    from orchestrator.recipe import validate_recipe
+    from workers.data import ChunkPrefetcher, DataError
+    from workers.preemption import PreemptionMonitor
+
+    monkeypatch.chdir(tmp_path)
+    recipe = validate_recipe(tiny_recipe(tiny_dataset))
+    # Stage 1 trains 5 steps per chunk: step 10 ends its second chunk.
+    monkeypatch.setattr(PreemptionMonitor, "notice", lambda self, step, fatal=False: notice if step == 10 else None)
+    real_get = ChunkPrefetcher.get
+
+    def get(self, key, ids):
+        if notice == FATAL and key == (0, 2):
+            raise DataError("shard x.parquet failed its checksum twice (test)")
+        return real_get(self, key, ids)
+
+    monkeypatch.setattr(ChunkPrefetcher, "get", get)
+    with pytest.raises(OrchestratorError):
+        runner.run(recipe)
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    runner.run(recipe)
+    st = assert_completed_exactly_once(tmp_path, None)
+    rec = _interruption(st)
+    assert (rec["cause"], rec["resumed_at_step"], rec["steps_lost"]) == (cause, 10, 0)
 
 
 def _kill_during_checkpoint_write(tmp_path: Path, recipe: dict, reference_sha: str, settle_s: float, reach_s: float) -> None:

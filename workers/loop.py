@@ -276,9 +276,10 @@ class Trainer:
                     failed = None  # any other error is raised, as before, when the chunk is needed
                 notice = self.preemption.notice(c.global_step, fatal=failed is not None)
                 if chunk_ends_now:
-                    # At a chunk end the next chunk's fetch raises its error right after the checkpoint.
-                    self._notice = notice if notice != FATAL else None
-                    continue  # the chunk-end checkpoint follows at this very step
+                    # The chunk-end checkpoint follows at this very step and stands in for the
+                    # notice's; on FATAL the next chunk's fetch raises its error right after it.
+                    self._notice = notice
+                    continue
                 if notice == FATAL:
                     self.checkpoint("error")
                     if failed is not None:
@@ -353,8 +354,11 @@ class Trainer:
         if last_chunk:
             c.stage, c.chunk = s + 1, 0
             c.done = c.stage == len(self.recipe.stages)
-        self.checkpoint("chunk_end")
-        if self._notice:
+        # A notice on this chunk's last step makes this the just-in-time checkpoint: its reason is
+        # what the resume reads to name the interruption's cause.
+        reason = {None: "chunk_end", FATAL: "error"}.get(self._notice, "preemption")
+        self.checkpoint(reason)
+        if reason == "preemption":
             raise PreemptedError(f"preemption notice ({self._notice}) at step {c.global_step}: checkpoint saved, resuming from it")
 
     def _next_chunk(self, s: int, chunk: int) -> tuple[int, int] | None:
