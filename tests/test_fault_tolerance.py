@@ -125,8 +125,12 @@ def test_sigterm_in_process_checkpoints_then_resumes_with_no_step_lost(tmp_path,
     assert _interruption(st)["steps_lost"] == 0 and _interruption(st)["cause"] == "preemption notice"
 
 
-@pytest.mark.parametrize(("notice", "cause"), [("sigterm", "preemption notice"), (FATAL, "stopped on an error")])
-def test_a_stop_on_a_chunks_last_step_is_recorded_with_its_cause(tmp_path, tiny_dataset, monkeypatch, notice, cause):
+@pytest.mark.parametrize(("notice", "cause", "error"), [
+    ("sigterm", "preemption notice", "preemption notice [(]sigterm[)] at step 10"),
+    (FATAL, "stopped on an error", "x.parquet failed its checksum twice"),
+])
+def test_a_stop_on_a_chunks_last_step_is_recorded_with_its_cause(tmp_path, tiny_dataset, reference_sha, monkeypatch,
+                                                                 notice, cause, error):
     """A notice, or a next-chunk fetch that failed for good, can come on the very step that ends a
     chunk: the chunk-end checkpoint is then the stop's, and the resume must name the stop's cause
     (CI once saw "worker lost" after a drain here)."""
@@ -137,23 +141,18 @@ def test_a_stop_on_a_chunks_last_step_is_recorded_with_its_cause(tmp_path, tiny_
     from workers.preemption import PreemptionMonitor
 
     monkeypatch.chdir(tmp_path)
-    recipe = validate_recipe(tiny_recipe(tiny_dataset))
+    recipe = validate_recipe(slow_recipe(tiny_dataset))
     # Stage 1 trains 5 steps per chunk: step 10 ends its second chunk.
     monkeypatch.setattr(PreemptionMonitor, "notice", lambda self, step, fatal=False: notice if step == 10 else None)
-    real_get = ChunkPrefetcher.get
-
-    def get(self, key, ids):
-        if notice == FATAL and key == (0, 2):
-            raise DataError("shard x.parquet failed its checksum twice (test)")
-        return real_get(self, key, ids)
-
-    monkeypatch.setattr(ChunkPrefetcher, "get", get)
-    with pytest.raises(OrchestratorError):
+    if notice == FATAL:
+        # The next chunk's background fetch failed for good; the notice above says so at step 10.
+        monkeypatch.setattr(ChunkPrefetcher, "failure", lambda self: DataError("shard x.parquet failed its checksum twice (test)"))
+    with pytest.raises(OrchestratorError, match=error):
         runner.run(recipe)
     monkeypatch.undo()
     monkeypatch.chdir(tmp_path)
     runner.run(recipe)
-    st = assert_completed_exactly_once(tmp_path, None)
+    st = assert_completed_exactly_once(tmp_path, reference_sha)
     rec = _interruption(st)
     assert (rec["cause"], rec["resumed_at_step"], rec["steps_lost"]) == (cause, 10, 0)
 

@@ -12,7 +12,7 @@ import logging
 import os
 import tempfile
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -45,6 +45,12 @@ log = logging.getLogger(__name__)
 
 # Failures a restart cannot fix: recorded for the driver, which stops the run on them.
 FATAL_ERRORS = (DataError, DatasetError, StorageError)
+
+
+def _stop_reason(notice: str) -> str:
+    """The checkpoint reason a stop is saved under: `Trainer._record_interruption` reads it back."""
+    return "error" if notice == FATAL else "preemption"
+
 
 TRAIN_KEYS = ("train/loss", "train/mask_loss", "train/depth_loss")
 METRIC_KEYS = {*TRAIN_KEYS, "eval/mask_iou", "eval/depth_rmse", "eval/depth_rmse_baseline", "perf/data_wait_fraction", "perf/storage_retries"}
@@ -99,7 +105,9 @@ class Trainer:
         self.depth_loss = build_loss(recipe.loss.depth)
         self.policy = CheckpointPolicy(recipe.checkpoint.every_steps, recipe.checkpoint.every_seconds)
         self.preemption = PreemptionMonitor(recipe.execution.backend, self.world, self.device, recipe.checkpoint.preemption_poll_steps)
-        self._notice: str | None = None
+        # A stop (notice, or FATAL with this rank's own error if it has one) that came on a chunk's
+        # last step: the chunk-end checkpoint is taken first and stands in for the stop's.
+        self._stop_at_chunk_end: tuple[str, BaseException | None] | None = None
         self.attempt = int(config.get("attempt", 1))
         self.sink = None
         if session.is_chief and config.get("mlflow_run_id"):
@@ -276,18 +284,11 @@ class Trainer:
                     failed = None  # any other error is raised, as before, when the chunk is needed
                 notice = self.preemption.notice(c.global_step, fatal=failed is not None)
                 if chunk_ends_now:
-                    # The chunk-end checkpoint follows at this very step and stands in for the
-                    # notice's; on FATAL the next chunk's fetch raises its error right after it.
-                    self._notice = notice
-                    continue
-                if notice == FATAL:
-                    self.checkpoint("error")
-                    if failed is not None:
-                        raise failed
-                    raise RuntimeError(f"another rank cannot fetch its part of the next chunk; stopped at step {c.global_step}")
+                    self._stop_at_chunk_end = (notice, failed) if notice else None
+                    continue  # the chunk-end checkpoint follows at this very step
                 if notice:
-                    self.checkpoint("preemption")
-                    raise PreemptedError(f"preemption notice ({notice}) at step {c.global_step}: checkpoint saved, resuming from it")
+                    self.checkpoint(_stop_reason(notice))
+                    self._stop(notice, failed)
                 reason = self._agree(self.policy.reason(c.global_step))
                 if reason:
                     self.checkpoint(reason)
@@ -354,12 +355,22 @@ class Trainer:
         if last_chunk:
             c.stage, c.chunk = s + 1, 0
             c.done = c.stage == len(self.recipe.stages)
-        # A notice on this chunk's last step makes this the just-in-time checkpoint: its reason is
-        # what the resume reads to name the interruption's cause.
-        reason = {None: "chunk_end", FATAL: "error"}.get(self._notice, "preemption")
-        self.checkpoint(reason)
-        if reason == "preemption":
-            raise PreemptedError(f"preemption notice ({self._notice}) at step {c.global_step}: checkpoint saved, resuming from it")
+        stop = self._stop_at_chunk_end
+        # The checkpoint's reason is what a resume reads to name the interruption's cause.
+        self.checkpoint(_stop_reason(stop[0]) if stop else "chunk_end")
+        if stop:
+            self._stop(*stop)
+
+    def _stop(self, notice: str, failed: BaseException | None) -> NoReturn:
+        """End this attempt once the stop's checkpoint is saved. FATAL raises this rank's own error
+        (the driver reads it and stops the run), or a plain one when only another rank failed; a
+        preemption notice raises PreemptedError, and Ray Train restarts from the checkpoint."""
+        step = self.state.cursor.global_step
+        if notice == FATAL:
+            if failed is not None:
+                raise failed
+            raise RuntimeError(f"another rank cannot fetch its part of the next chunk; stopped at step {step}")
+        raise PreemptedError(f"preemption notice ({notice}) at step {step}: checkpoint saved, resuming from it")
 
     def _next_chunk(self, s: int, chunk: int) -> tuple[int, int] | None:
         if chunk + 1 < self.plan.stages[s].num_chunks:
