@@ -42,8 +42,8 @@ def _rate(n: int, seconds: float) -> float:
 
 
 def bench_preload(args: argparse.Namespace, proxy: Any, bucket: str) -> dict[str, Any]:
-    from orchestrator.plan import make_plan
-    from orchestrator.recipe import validate_recipe
+    from common.plan import make_plan
+    from common.recipe import validate_recipe
     from storage import fs as sfs
     from storage.pack import choose_sizes
     from storage.shards import open_dataset
@@ -184,7 +184,8 @@ def bench_decode(args: argparse.Namespace) -> dict[str, Any]:
     from storage import codec
     from storage.shards import open_dataset
     from storage.synth import synthesize
-    from workers.data import ChunkSamples, decode_rgb_into, prepare_batch
+    from workers.data import decode_rgb_into
+    from workers.tasks.mask_depth import ChunkSamples, prepare_batch
 
     torch.set_num_threads(1)  # per core
     uri = os.path.join(tempfile.mkdtemp(), "decode")
@@ -296,8 +297,8 @@ def bench_decode(args: argparse.Namespace) -> dict[str, Any]:
 def bench_data_wait(args: argparse.Namespace, proxy: Any, bucket: str) -> dict[str, Any]:
     import torch
 
-    from orchestrator.plan import make_plan
-    from orchestrator.recipe import validate_recipe
+    from common.plan import make_plan
+    from common.recipe import validate_recipe
     from storage.shards import open_dataset
     from storage.synth import synthesize
     from workers.loop import Trainer
@@ -325,7 +326,7 @@ def bench_data_wait(args: argparse.Namespace, proxy: Any, bucket: str) -> dict[s
             run_dir = os.path.join(tmp, "runs", "bench")
             plan = make_plan(recipe, ds.sample_ids)
             plan.save(run_dir)
-            trainer = Trainer(recipe, {"run_dir": run_dir, "data_uri": uri, "baseline_depth": 0.5}, LocalSession(run_dir, keep=1))
+            trainer = Trainer(recipe, {"run_dir": run_dir, "data_uri": uri, "task_info": {"baseline_depth": 0.5}}, LocalSession(run_dir, keep=1))
             get, waited = trainer.prefetcher.get, []
 
             def timed_get(key, ids, get=get, waited=waited):

@@ -32,13 +32,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
-    from orchestrator.plan import make_plan
-    from orchestrator.recipe import validate_recipe
+    from common.plan import make_plan
+    from common.recipe import validate_recipe
     from storage.shards import open_dataset
     from storage.synth import synthesize
-    from workers.data import ChunkSamples, prepare_batch
     from workers.loop import Trainer
     from workers.session import LocalSession
+    from workers.tasks import Batch
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -57,18 +57,19 @@ def main(argv: list[str] | None = None) -> dict:
         run_dir = os.path.join(tmp, "runs", "bench")
         plan = make_plan(recipe, ds.sample_ids)
         plan.save(run_dir)
-        config = {"run_dir": run_dir, "data_uri": data, "baseline_depth": 0.5}
+        config = {"run_dir": run_dir, "data_uri": data, "task_info": {"baseline_depth": 0.5}}
 
         # Baseline: the same model, losses and optimizer on pre-decoded tensors.
         trainer = Trainer(recipe, config, LocalSession(run_dir, keep=1))
         trainer.enter_stage(0)
         ids = plan.chunk_ids(0, 0)
         rows = ds.read_samples(ids)
-        samples = ChunkSamples(rows, args.resolution, ds.describe)
-        xs, ms, dsp = prepare_batch(samples.__getitems__(list(range(len(samples)))), trainer.device)
+        task = trainer.task
+        samples = task.samples(rows, args.resolution, ds.describe, train=False)
+        whole = task.to_device(samples.__getitems__(list(range(len(samples)))), trainer.device)
         t0 = time.perf_counter()
         for i in range(0, len(ids), args.batch):
-            trainer._train_step(xs[i:i + args.batch], ms[i:i + args.batch], dsp[i:i + args.batch], "full")
+            trainer._train_step(Batch(whole.x[i:i + args.batch], tuple(t[i:i + args.batch] for t in whole.targets)), "full")
         bare_s = time.perf_counter() - t0
 
         # The orchestrator's loop: a fresh trainer so both start from the same weights.

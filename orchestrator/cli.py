@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator.errors import OrchestratorError, RecipeError, RunError
+from common.errors import OrchestratorError, RecipeError, RunError
 from storage.retry import StorageError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Chunked, preemption-proof training of vision models.")
@@ -40,8 +40,8 @@ def run(
     from_env: Annotated[bool, typer.Option("--from-env", hidden=True, help="Read the resolved recipe from $ORCHESTRATOR_RECIPE_JSON (the Ray Job entrypoint).")] = False,
 ) -> None:
     """Start the run the recipe names, or resume it; a finished run is reported, not retrained."""
+    from common.recipe import load_recipe, validate_recipe
     from orchestrator import runner
-    from orchestrator.recipe import load_recipe, validate_recipe
     from orchestrator.status import build_status
     from storage import fs
 
@@ -223,8 +223,8 @@ def lr_find(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """LR range test: raise the LR over a few hundred steps, log the curve to MLflow, suggest max_lr."""
+    from common.recipe import load_recipe
     from orchestrator.lr_find import run_lr_find
-    from orchestrator.recipe import load_recipe
 
     rec = load_recipe(recipe, set_ or [])
     res = run_lr_find(rec, stage, steps, min_lr, max_lr, err)
@@ -241,16 +241,29 @@ def lr_find(
 
 @app.command()
 def models(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """List the registered models, losses and their parameter counts."""
+    """List the registered models and their named variants (task, parameter count), and the losses."""
     from workers.losses import LOSSES
-    from workers.models import MODELS, build_model, count_params
+    from workers.models import MODELS, count_params, model_task, model_variants
+    from workers.models.registry import build_model
 
-    rows = [{"name": n, "params_width_1": count_params(build_model(n, width=1.0))} for n in MODELS.names()]
+    def params(name: str, variant: str | None) -> int:
+        with torch.device("meta"):  # shapes only: the 18M-param models cost no memory or init time
+            return count_params(build_model(name, variant))
+
+    import torch
+
+    rows = []
+    for name in MODELS.names():
+        rows.append({"name": name, "model": name, "variant": None, "task": model_task(name), "params": params(name, None)})
+        for variant in model_variants(name):
+            rows.append({"name": f"{name}/{variant}", "model": name, "variant": variant, "task": model_task(name),
+                         "params": params(name, variant)})
     if as_json:
         out.print_json(json.dumps({"models": rows, "losses": LOSSES.names()}))
         return
     for r in rows:
-        out.print(f"{r['name']:10s} {r['params_width_1']:,} params at width 1")
+        out.print(f"{r['name']:28s} {r['task']:15s} {r['params']:>12,} params")
+    out.print("Use a variant with `model: {name: MODEL, variant: VARIANT}` in a recipe.")
     out.print(f"losses: {', '.join(LOSSES.names())}")
 
 
@@ -261,7 +274,7 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 def main() -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # its table-creation INFO lines are noise here
     logging.basicConfig(level=os.environ.get("ORCHESTRATOR_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
-    from orchestrator.redact import redact_text
+    from common.redact import redact_text
 
     # GCE and Colab stop a VM with SIGTERM: turn it into KeyboardInterrupt so the run is
     # recorded as interrupted (and resumable) instead of dying mid-write.

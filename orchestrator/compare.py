@@ -9,16 +9,35 @@ from __future__ import annotations
 
 from typing import Any
 
-from orchestrator.errors import RunError
+from common.errors import RunError
 
-# (column, metric or field, which way is better)
-COLUMNS = (
-    ("mIoU", "eval/mask_iou", "max"),
-    ("mRMSE", "eval/depth_rmse", "min"),
+# Columns every task's table has after its own metrics: (column, field, which way is better).
+RUN_COLUMNS = (
     ("time_s", "time_s", "min"),
     ("steps", "steps", None),
     ("interruptions", "interruptions", None),
 )
+# Params that name a run rather than describe what it trained.
+_IDENTITY_PARAMS = ("run.name", "tracking.experiment", "run.storage", "data.uri")
+
+
+def _task_of(params: dict[str, str]) -> str:
+    return params.get("task", "mask_depth")  # runs made before tasks existed are mask_depth runs
+
+
+def columns_for(tasks: list[str]) -> list[tuple[str, str, str | None]]:
+    """The tasks' own metric columns (each once, in task order), then the run columns."""
+    from workers.tasks import get_task
+
+    cols: list[tuple[str, str, str | None]] = []
+    for task in dict.fromkeys(tasks):
+        cols += [c for c in get_task(task).compare_columns if c not in cols]
+    return cols + list(RUN_COLUMNS)
+
+
+def _settings(params: dict[str, str], differing: list[str]) -> str:
+    """What sets a run apart from the others of its experiment (an ablation row's components)."""
+    return ", ".join(f"{k}={params[k]}" for k in differing if k in params) or "-"
 
 
 def _losses(params: dict[str, str], part: str) -> str:
@@ -43,21 +62,26 @@ def collect(tracking_uri: str, experiment: str | None) -> dict[str, Any]:
             names = ", ".join(e.name for e in client.search_experiments())
             raise RunError(f"no MLflow experiment {experiment!r} in {tracking_uri}; experiments there: {names or 'none'}")
     rows = []
-    for run in client.search_runs([exp.experiment_id], max_results=10_000):
+    runs = [r for r in client.search_runs([exp.experiment_id], max_results=10_000)
+            if "orchestrator.run_name" in r.data.tags]  # lr-find and other side runs are left out
+    tasks = [_task_of(r.data.params) for r in runs]
+    columns = columns_for(tasks or ["mask_depth"])
+    keys = sorted({k for r in runs for k in r.data.params} - set(_IDENTITY_PARAMS))
+    differing = [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1]
+    for run, task in zip(runs, tasks, strict=True):
         m, tags = run.data.metrics, run.data.tags
-        if "orchestrator.run_name" not in tags:
-            continue  # lr-find and other side runs of the experiment
         history = client.get_metric_history(run.info.run_id, "train/loss")
         end = run.info.end_time or None
         rows.append({
             "run_name": tags.get("orchestrator.run_name", run.info.run_name),
             "run_id": run.info.run_id,
             "state": run.info.status,
+            "task": task,
+            "settings": _settings(run.data.params, differing),
             "mask_loss": _losses(run.data.params, "mask"),
             "depth_loss": _losses(run.data.params, "depth"),
-            "eval/mask_iou": m.get("eval/mask_iou"),
-            "eval/depth_rmse": m.get("eval/depth_rmse"),
-            "eval/depth_rmse_baseline": m.get("eval/depth_rmse_baseline"),
+            # Every eval metric of the run (the task's columns and their baselines among them).
+            **{k: v for k, v in m.items() if k.startswith("eval/")},
             # Wall time from the run's first start to its end, restarts and waits included.
             "time_s": round((end - run.info.start_time) / 1000, 1) if end else None,
             "steps": max((h.step for h in history), default=0),
@@ -65,12 +89,13 @@ def collect(tracking_uri: str, experiment: str | None) -> dict[str, Any]:
         })
     rows.sort(key=lambda r: r["run_name"])
     best = {}
-    for _, key, way in COLUMNS:
-        values = [r[key] for r in rows if r[key] is not None]
+    for _, key, way in columns:
+        values = [r.get(key) for r in rows if r.get(key) is not None]
         if way and values:
             target = max(values) if way == "max" else min(values)
-            best[key] = [r["run_name"] for r in rows if r[key] == target]
-    return {"experiment": exp.name, "tracking_uri": tracking_uri, "runs": rows, "best": best}
+            best[key] = [r["run_name"] for r in rows if r.get(key) == target]
+    return {"experiment": exp.name, "tracking_uri": tracking_uri, "runs": rows, "best": best,
+            "columns": [{"title": t, "key": k, "better": w} for t, k, w in columns]}
 
 
 def render(table: dict[str, Any], console) -> None:
@@ -80,18 +105,26 @@ def render(table: dict[str, Any], console) -> None:
     # Piped output (CI logs, notebooks) defaults to 80 columns, which truncates run names.
     console = Console(width=max(console.width, 160), soft_wrap=True) if not console.is_terminal else console
     t = Table(title=f"experiment {table['experiment']} ({len(table['runs'])} runs; * = best)")
+    # mask_depth runs differ in their losses (the source's loss tables); other tasks' experiments
+    # are ablations, whose rows are told apart by the settings that differ between them.
+    loss_table = all(r["task"] == "mask_depth" for r in table["runs"])
     t.add_column("run")
-    t.add_column("mask loss")
-    t.add_column("depth loss")
-    for title, _, _ in COLUMNS:
-        t.add_column(title, justify="right")
+    if loss_table:
+        t.add_column("mask loss")
+        t.add_column("depth loss")
+    else:
+        t.add_column("settings")
+    for col in table["columns"]:
+        t.add_column(col["title"], justify="right")
     for r in table["runs"]:
         cells = []
-        for _, key, _ in COLUMNS:
-            v = r[key]
+        for col in table["columns"]:
+            key = col["key"]
+            v = r.get(key)
             text = "-" if v is None else (f"{v:.4f}" if isinstance(v, float) and key.startswith("eval/") else f"{v:g}" if isinstance(v, float) else str(v))
             if r["run_name"] in table["best"].get(key, []):
                 text = f"[bold]{text}*[/bold]"
             cells.append(text)
-        t.add_row(r["run_name"], r["mask_loss"], r["depth_loss"], *cells)
+        lead = [r["mask_loss"], r["depth_loss"]] if loss_table else [r["settings"]]
+        t.add_row(r["run_name"], *lead, *cells)
     console.print(t)

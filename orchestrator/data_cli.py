@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Annotated
 
 import typer
@@ -10,11 +11,44 @@ from rich.console import Console
 
 # Bad arguments raise RecipeError (exit 2): orchestrator.cli prints it as one `error:` line,
 # where a typer.BadParameter raised in a command body would surface as a traceback.
-from orchestrator.errors import RecipeError, RunError
-from orchestrator.redact import redact_text
+from common.errors import RecipeError, RunError
+from common.redact import redact_text
 
 data_app = typer.Typer(no_args_is_help=True, help="Make, pack and check datasets.")
 err = Console(stderr=True, soft_wrap=True)
+
+# storage.layouts.TASKS, spelled out here so `--help` needs no storage import.
+TASKS = ("mask_depth", "classification", "segmentation", "depth")
+TASK_HELP = "What the dataset holds: mask_depth (the default: fg_bg/bg/mask/depth), classification, segmentation or depth."
+
+
+def _check_task(task: str) -> str:
+    if task not in TASKS:
+        raise RecipeError(f"--task {task!r}: choose one of {', '.join(TASKS)}")
+    return task
+
+
+def _check_dest(dest: str, verb: str) -> None:
+    """Fail in the first second, in one line, when DEST cannot be created or written (under a file,
+    in /proc, a read-only mount, a bucket without write access), instead of a traceback later."""
+    from storage import fs as sfs
+
+    uri = sfs.normalize(dest)
+    try:
+        fs, path = sfs.filesystem(uri)
+        existed = not sfs.is_local(uri) or os.path.exists(path)
+        if existed and sfs.is_local(uri) and not os.path.isdir(path):
+            raise NotADirectoryError(f"{path} is a file")
+        sfs.probe_writable(uri)
+        if not existed:
+            os.rmdir(path)  # made by the probe: leave nothing behind if the command fails before writing
+    except Exception as exc:  # noqa: BLE001 - one clear line whatever the filesystem raised
+        cause = exc
+        while cause.__cause__ is not None:  # the filesystem's own error, under storage's wrappers
+            cause = cause.__cause__
+        reason = " ".join(f"{type(cause).__name__}: {cause}".split())
+        raise RunError(f"{redact_text(uri)}: cannot {verb} there ({redact_text(reason)}); choose a DEST you can create and write "
+                       "(a folder whose parent exists and is writable, or a bucket path with write access)") from None
 
 
 @data_app.command("synth")
@@ -22,28 +56,52 @@ def data_synth(
     dest: Annotated[str, typer.Argument(help="Destination URI (local path, file://, gs://, memory://).")],
     samples: Annotated[int, typer.Option("--samples", min=1)] = 4096,
     seed: Annotated[int, typer.Option("--seed")] = 0,
-    image_size: Annotated[int, typer.Option("--image-size", min=32)] = 200,
-    layout: Annotated[str, typer.Option("--layout", help="shards: a packed dataset. seed: raw files in the source dataset's layout, the input of `data pack`.")] = "shards",
+    image_size: Annotated[int | None, typer.Option("--image-size", min=8, help="Side in px (default: mask_depth 200, classification 28, segmentation and depth 64).")] = None,
+    layout: Annotated[str, typer.Option("--layout", help="shards: a packed dataset. seed: raw files in the layout `data pack --task KIND` takes (mask_depth: the source dataset's; "
+                                                         "classification: an ImageFolder tree; segmentation: images/ + masks/ + classes.txt; depth: rgb/ + depth/ 16-bit PNG mm).")] = "shards",
     as_zip: Annotated[bool, typer.Option("--zip", help="With --layout seed: fg_bg, fg_bg_mask, depth and bg as ZIP_STORED zips, as the source shipped them.")] = False,
     workers: Annotated[int | None, typer.Option("--workers", min=1, help="Processes that make samples (default: up to 2).")] = None,
+    task: Annotated[str, typer.Option("--task", help=TASK_HELP)] = "mask_depth",
 ) -> None:
-    """Write a synthetic dataset made the way the source dataset was."""
+    """Write a synthetic dataset: mask_depth made the way the source dataset was, or a learnable classification, segmentation or depth set."""
     from orchestrator.progress import count_progress
 
+    _check_task(task)
     if layout not in ("shards", "seed"):
-        raise RecipeError(f"--layout {layout!r}: choose 'shards' (a packed dataset) or 'seed' (the source's raw layout)")
-    if as_zip and layout != "seed":
-        raise RecipeError("--zip applies to --layout seed only")
+        raise RecipeError(f"--layout {layout!r}: choose 'shards' (a packed dataset) or 'seed' (the raw layout `data pack --task {task}` takes)")
+    if as_zip and (layout != "seed" or task != "mask_depth"):
+        raise RecipeError("--zip applies to --layout seed of --task mask_depth only")
+    if task == "mask_depth" and image_size is not None and image_size < 32:
+        raise RecipeError(f"--image-size {image_size}: mask_depth needs at least 32 px")
+    if task != "mask_depth":
+        from storage.synth_tasks import MIN_IMAGE_SIZE
+
+        if image_size is not None and image_size < MIN_IMAGE_SIZE[task]:
+            raise RecipeError(f"--image-size {image_size}: {task} needs at least {MIN_IMAGE_SIZE[task]} px")
+    _check_dest(dest, "write the dataset")
     with count_progress(err, "synthesizing", samples) as advance:
-        if layout == "seed":
+        if task != "mask_depth":
+            from storage.synth_tasks import synthesize_task, synthesize_task_seed_layout
+
+            if layout == "seed":
+                info = synthesize_task_seed_layout(task, dest, samples, seed=seed, image_size=image_size, progress=advance, workers=workers)
+            else:
+                manifest = synthesize_task(task, dest, samples, seed=seed, image_size=image_size, progress=advance, workers=workers)
+        elif layout == "seed":
             from storage.seed_layout import synthesize_seed_layout
 
-            info = synthesize_seed_layout(dest, samples, seed=seed, image_size=image_size, as_zip=as_zip, progress=advance, workers=workers)
+            info = synthesize_seed_layout(dest, samples, seed=seed, image_size=image_size or 200, as_zip=as_zip, progress=advance, workers=workers)
         else:
             from storage.synth import synthesize
 
-            manifest = synthesize(dest, samples, seed=seed, image_size=image_size, progress=advance, workers=workers)
-    if layout == "seed":
+            manifest = synthesize(dest, samples, seed=seed, image_size=image_size or 200, progress=advance, workers=workers)
+    if task != "mask_depth":
+        if layout == "seed":
+            err.print(f"wrote {info['samples']} {task} samples in the {info['layout']} layout to {redact_text(dest)}; "
+                      f"pack them with `orchestrator data pack {redact_text(dest)} DEST --task {task}`", highlight=False)
+        else:
+            err.print(f"wrote {manifest['num_samples']} {task} samples in {len(manifest['shards'])} shards to {redact_text(dest)}", highlight=False)
+    elif layout == "seed":
         kind = "zips" if as_zip else "folders"
         err.print(f"wrote {info['samples']} samples in the source layout ({kind}, {info['label_files']} label_info files) to {redact_text(dest)}; "
                   f"pack them with `orchestrator data pack {redact_text(dest)} DEST`", highlight=False)
@@ -51,38 +109,49 @@ def data_synth(
         err.print(f"wrote {manifest['num_samples']} samples in {len(manifest['shards'])} shards to {redact_text(dest)}", highlight=False)
 
 
-def _parse_columns(values: list[str] | None) -> dict[str, str] | None:
-    from storage.seed_layout import MANIFEST_COLUMNS
+def _parse_columns(values: list[str] | None, task: str = "mask_depth") -> dict[str, str] | None:
+    from storage.layouts.manifest import column_kinds
 
     if not values:
         return None
+    kinds = column_kinds(task)
     out = {}
     for v in values:
         key, sep, name = v.partition("=")
-        if not sep or key not in (*MANIFEST_COLUMNS, "sample_id") or not name:
-            raise RecipeError(f"--column {v!r}: expected KIND=COLUMN with KIND one of {', '.join((*MANIFEST_COLUMNS, 'sample_id'))}")
+        if not sep or key not in kinds or not name:
+            raise RecipeError(f"--column {v!r}: expected KIND=COLUMN with KIND one of {', '.join(kinds)} (--task {task})")
         out[key] = name
     return out
 
 
 @data_app.command("pack")
 def data_pack(
-    source: Annotated[str, typer.Argument(help="The source dataset's root (fg_bg, fg_bg_mask, depth, bg and labels, as folders or zips), or a .csv/.parquet manifest.")],
+    source: Annotated[str, typer.Argument(help="The raw dataset: for mask_depth the source dataset's root (fg_bg, fg_bg_mask, depth, bg and labels, as folders or zips); "
+                                               "classification: an ImageFolder tree; segmentation: images/ + masks/ + classes.txt, or Pascal VOC; "
+                                               "depth: rgb/ + depth/ (16-bit PNG mm or .npy m); or a .csv/.parquet manifest.")],
     dest: Annotated[str, typer.Argument(help="Where the packed dataset goes (any fsspec URI).")],
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Pack the good samples and list the bad ones in the report, instead of failing.")] = False,
     report: Annotated[str | None, typer.Option("--report", help="Write the JSON report here: {packed, skipped: [{sample, path, reason}]}.")] = None,
-    column: Annotated[list[str] | None, typer.Option("--column", help="Manifest column for a file kind, KIND=COLUMN (kinds: fg_bg, mask, depth, bg, sample_id).")] = None,
+    column: Annotated[list[str] | None, typer.Option("--column", help="Manifest column for a kind, KIND=COLUMN (mask_depth: fg_bg, mask, depth, bg; classification: image, label; "
+                                                                        "segmentation: image, mask; depth: image, depth; all: sample_id).")] = None,
     rows_per_shard: Annotated[int | None, typer.Option("--rows-per-shard", min=1, help="Samples per shard (default: ~128 MB shards).")] = None,
     rows_per_group: Annotated[int | None, typer.Option("--rows-per-group", min=1, help="Samples per row group, the unit of a chunk preload (default: ~1 MB).")] = None,
     workers: Annotated[int | None, typer.Option("--workers", min=1, help="Local worker processes (default: the cores, up to 8).")] = None,
     address: Annotated[str | None, typer.Option("--address", help="Ray cluster to pack on (parts become Ray tasks); SOURCE and DEST must be reachable from it.")] = None,
+    task: Annotated[str, typer.Option("--task", help=TASK_HELP)] = "mask_depth",
+    classes: Annotated[str | None, typer.Option("--classes", help="Class names, one per line (line 1 = class 0), for segmentation sources without classes.txt and for manifests.")] = None,
+    depth_units_per_m: Annotated[float | None, typer.Option("--depth-units-per-m", min=1e-9, help="--task depth: 16-bit depth PNG values per metre (default 1000: millimetres, NYU; KITTI: 256).")] = None,
 ) -> None:
     """Pack a raw dataset into Parquet shards + index + manifest. Killed? Run it again: it continues."""
     from orchestrator.progress import count_progress
     from storage.pack import PackError, pack
     from storage.seed_layout import SourceError
 
-    columns = _parse_columns(column)
+    _check_task(task)
+    columns = _parse_columns(column, task)
+    if task == "mask_depth" and (classes or depth_units_per_m):
+        raise RecipeError("--classes and --depth-units-per-m apply to --task classification, segmentation or depth")
+    _check_dest(dest, "write the packed dataset")
     state: dict = {}
 
     def on_plan(samples: int, todo: int) -> None:
@@ -96,20 +165,28 @@ def data_pack(
 
     try:
         res = pack(source, dest, skip_bad=skip_bad, report=report, rows_per_shard=rows_per_shard, rows_per_group=rows_per_group,
-                   workers=workers, address=address, columns=columns, progress=progress, on_plan=on_plan)
+                   workers=workers, address=address, columns=columns, progress=progress, on_plan=on_plan,
+                   task=task, classes=classes, depth_units_per_m=depth_units_per_m)
     except (SourceError, PackError) as exc:
         raise RunError(str(exc)) from None
     finally:
         if "bar" in state:
             state["bar"].__exit__(None, None, None)
     reused = f", {res.parts_reused} of {res.parts} parts reused from an earlier run" if res.parts_reused else ""
-    err.print(f"packed {res.packed} samples into {res.shards} shards at {redact_text(res.dest)} in {res.seconds:.1f} s{reused}", highlight=False)
+    what = ""
+    if task != "mask_depth" and res.manifest:
+        meta = res.manifest.get("meta") or {}
+        what = f" ({task}" + (f", {len(meta['classes'])} classes" if "classes" in meta else "") + f", from {res.manifest.get('source_layout')})"
+    err.print(f"packed {res.packed} samples{what} into {res.shards} shards at {redact_text(res.dest)} in {res.seconds:.1f} s{reused}", highlight=False)
     if res.skipped:
         err.print(f"skipped {len(res.skipped)} bad sample(s)" + (f", listed in {report}" if report else "; add --report FILE to list them"), highlight=False)
         for b in res.skipped[:20]:
             err.print(f"  skipped sample {b['sample']}: {b['path']}: {b['reason']}", highlight=False, markup=False)
-    if res.unlisted:
+    if res.unlisted and task == "mask_depth":
         err.print(f"note: {len(res.unlisted)} fg_bg file(s) appear in no label_info file and were not packed, e.g. {res.unlisted[0]}", highlight=False, markup=False)
+    elif res.unlisted:
+        err.print(f"note: {len(res.unlisted)} file(s) belong to no sample (not an image, or outside the layout's folders) and were not packed, "
+                  f"e.g. {res.unlisted[0]}", highlight=False, markup=False)
 
 
 @data_app.command("verify")

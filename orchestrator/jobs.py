@@ -23,8 +23,8 @@ from typing import Any
 
 from rich.console import Console
 
-from orchestrator.errors import RunError
-from orchestrator.recipe import Recipe
+from common.errors import RunError
+from common.recipe import Recipe
 
 # The resolved recipe travels in the job's environment: no file has to exist on the head.
 RECIPE_ENV = "ORCHESTRATOR_RECIPE_JSON"
@@ -50,7 +50,7 @@ def client(address: str):
     try:
         return JobSubmissionClient(address)
     except Exception as exc:  # noqa: BLE001 - connection, auth and version errors all end here
-        from orchestrator.redact import redact_text
+        from common.redact import redact_text
 
         first = redact_text(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
         raise RunError(

@@ -6,7 +6,7 @@ import logging
 import os
 from typing import Any
 
-from orchestrator.recipe import Recipe
+from common.recipe import Recipe
 from storage import checkpoints, fs
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 
-from orchestrator.errors import RunError
+from common.errors import RunError
 from storage import fs
 
 LEASE_JSON = "lease.json"

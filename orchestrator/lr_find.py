@@ -6,17 +6,17 @@ from typing import Any
 
 from rich.console import Console
 
+from common.errors import RecipeError
+from common.plan import make_plan
+from common.recipe import Recipe
 from orchestrator import tracking
-from orchestrator.errors import RecipeError
-from orchestrator.plan import make_plan
-from orchestrator.recipe import Recipe
 
 
 def run_lr_find(recipe: Recipe, stage_name: str | None, steps: int, min_lr: float, max_lr: float, console: Console) -> dict[str, Any]:
     import torch
 
     from orchestrator.progress import count_progress
-    from orchestrator.runner import resolve_data
+    from orchestrator.runner import resolve_data, task_info
     from storage.shards import open_dataset
     from workers.lr_range import lr_range_test, plot
 
@@ -31,6 +31,7 @@ def run_lr_find(recipe: Recipe, stage_name: str | None, steps: int, min_lr: floa
     data_uri = resolve_data(recipe, console)
     ds = open_dataset(data_uri)
     plan = make_plan(recipe, ds.sample_ids)  # the run's own seeded split: eval samples stay out
+    info = task_info(recipe, ds, plan.train_ids)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     uri = tracking.resolve_tracking_uri(recipe.tracking.uri)
@@ -44,7 +45,7 @@ def run_lr_find(recipe: Recipe, stage_name: str | None, steps: int, min_lr: floa
                                      _param("resolution", recipe.stages[s].resolution), _param("model.width", recipe.model.width)])
     console.print(f"LR range test of stage '{stage_name}' on {device}: {steps} steps, lr {min_lr:g} -> {max_lr:g}; MLflow run {run_id}")
     with count_progress(console, "lr range test", steps) as advance:
-        curve = lr_range_test(recipe, plan, ds, s, steps, min_lr, max_lr, device, on_step=lambda *_: advance(1))
+        curve = lr_range_test(recipe, plan, ds, s, steps, min_lr, max_lr, device, info, on_step=lambda *_: advance(1))
     from mlflow.entities import Metric
 
     now = 0

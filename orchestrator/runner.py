@@ -8,12 +8,12 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
+from common.errors import RecipeError, RunError
+from common.plan import Plan, make_plan
+from common.recipe import Recipe
 from orchestrator import run_store, tracking
-from orchestrator.errors import RecipeError, RunError
 from orchestrator.lease import DriverLease
-from orchestrator.plan import Plan, make_plan
 from orchestrator.progress import ProgressDisplay, count_progress
-from orchestrator.recipe import Recipe
 from storage import fs
 from storage.layout import ERROR_JSON, FINAL_JSON
 from storage.retry import StorageError
@@ -36,11 +36,15 @@ def resolve_data(recipe: Recipe, console: Console) -> str:
         uri = fs.normalize(fs.join("data", recipe.run.name))
         if not fs.exists(fs.join(uri, "manifest.json")):
             from storage.synth import synthesize
+            from storage.synth_tasks import synthesize_task
 
             sy = recipe.data.synth
-            console.print(f"data.uri is empty: synthesizing {sy.samples} samples into {uri} (first run only)")
+            console.print(f"data.uri is empty: synthesizing {sy.samples} {recipe.task} samples into {uri} (first run only)")
             with count_progress(console, "synthesizing", sy.samples) as advance:
-                synthesize(uri, sy.samples, seed=sy.seed, image_size=sy.image_size, progress=advance)
+                if recipe.task == "mask_depth":
+                    synthesize(uri, sy.samples, seed=sy.seed, image_size=sy.image_size, progress=advance)
+                else:
+                    synthesize_task(recipe.task, uri, sy.samples, seed=sy.seed, image_size=sy.image_size, progress=advance)
     try:
         ds = open_dataset(uri)
     except DatasetError as exc:
@@ -72,13 +76,17 @@ def check_image_sizes(ds: Any, expected: tuple[int, int] | None) -> None:
         )
 
 
-def baseline_depth(uri: str, train_ids: np.ndarray) -> float:
-    """Mean depth of the training split: the constant the baseline RMSE predicts."""
-    from storage.shards import open_dataset
+def task_info(recipe: Recipe, ds: Any, train_ids: np.ndarray) -> dict[str, Any]:
+    """What the recipe's task needs to know about the data (classes, its baseline constant), read
+    once here from the manifest and index and sent to every worker."""
+    from workers.tasks import TaskDataError, get_task
 
-    ds = open_dataset(uri)
-    means = ds.depth_means(train_ids)
-    return float(np.mean(means))
+    task = get_task(recipe.task)
+    try:
+        task.check_dataset(ds)
+        return task.data_info(ds, train_ids)
+    except TaskDataError as exc:
+        raise RecipeError(f"field 'task': {exc}") from None
 
 
 def run(recipe: Recipe, address: str | None = None, console: Console | None = None) -> dict[str, Any]:
@@ -110,8 +118,13 @@ def _run_leased(recipe: Recipe, rdir: str, address: str | None, console: Console
 
     data_uri = resolve_data(recipe, console)
     from storage.shards import open_dataset
+    from workers.tasks import TaskDataError, get_task
 
     ds = open_dataset(data_uri)
+    try:
+        get_task(recipe.task).check_dataset(ds)  # before a run record exists: a wrong pairing leaves nothing behind
+    except TaskDataError as exc:
+        raise RecipeError(f"field 'task': {exc}") from None
     tracking_uri = tracking.resolve_tracking_uri(recipe.tracking.uri)
     if rec is None:
         plan = make_plan(recipe, ds.sample_ids)
@@ -141,7 +154,7 @@ def _run_leased(recipe: Recipe, rdir: str, address: str | None, console: Console
         "recipe": recipe.model_dump(mode="json"),
         "run_dir": rdir,
         "data_uri": data_uri,
-        "baseline_depth": baseline_depth(data_uri, plan.train_ids),
+        "task_info": task_info(recipe, ds, plan.train_ids),
         "tracking_uri": rec.tracking_uri,
         "mlflow_run_id": rec.mlflow_run_id,
         "attempt": rec.attempts,

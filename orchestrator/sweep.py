@@ -18,8 +18,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from orchestrator.errors import RecipeError, RunError
-from orchestrator.recipe import (
+from common.errors import RecipeError, RunError
+from common.recipe import (
     Recipe,
     _format_validation_error,
     apply_override,
@@ -35,7 +35,7 @@ class SweepSpec(BaseModel):
     base: str = Field(description="Base recipe, relative to the sweep file.")
     set: dict[str, Any] = Field(default_factory=dict, description="Dotted-key overrides applied to every run.")
     grid: dict[str, list[Any]] = Field(default_factory=dict, description="Dotted key -> values; every combination is a run.")
-    runs: list[dict[str, Any]] = Field(default_factory=list, description="Explicit runs, each a mapping of dotted-key overrides (instead of, or after, the grid).")
+    runs: list[dict[str, Any]] = Field(default_factory=list, description="Explicit runs, each a mapping of dotted-key overrides (instead of, or after, the grid); a `label` key names the run (<sweep>-<label>) instead of its values.")
     max_concurrent: int = Field(2, ge=1, description="Runs in flight at once; the others wait for resources.")
     max_failures: int = Field(2, ge=0, description="Times Tune restarts a trial whose process or node was lost; the run resumes from its checkpoint.")
 
@@ -95,9 +95,11 @@ def expand(sweep_path: str, overrides: list[str] | None = None, cwd: Path | None
     recipes, names = [], set()
     for combo in combos:
         data = copy.deepcopy(base)
+        combo = dict(combo)
+        label = combo.pop("label", None)
         for key, value in combo.items():
             _set(data, key, value)
-        name = "-".join([spec.name, *(_label(v) for v in combo.values())])
+        name = "-".join([spec.name, *([_label(label)] if label is not None else (_label(v) for v in combo.values()))])
         if name in names:
             raise RecipeError(f"{sweep_path}: two runs of the sweep would both be named {name!r}")
         names.add(name)
@@ -115,8 +117,8 @@ def _trial(config: dict[str, Any]) -> None:
     """One Tune trial: one orchestrator run, resumed if it exists, reported if it is done."""
     from ray import tune
 
+    from common.recipe import Recipe as _Recipe
     from orchestrator import runner
-    from orchestrator.recipe import Recipe as _Recipe
 
     recipe = _Recipe.model_validate(config["recipe"])
     final = runner.run(recipe, address="auto")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from orchestrator.recipe import Recipe
+from common.recipe import Recipe
 
 
 def resolve_tracking_uri(uri: str) -> str:

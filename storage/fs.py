@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import fsspec
 from fsspec.core import url_to_fs
 
-from orchestrator.redact import redact_text
+from common.redact import redact_text
 from storage.retry import StorageError, is_transient, storage_retry
 
 # gs:// and gcs:// resolve to gcsfs under the project's retry policy (see storage/gcs.py); a

@@ -1,5 +1,10 @@
 """`orchestrator data pack`: a raw source (the seed layout, or a CSV/Parquet manifest) -> a packed
-dataset, resumably (one committed part per shard) and in parallel (Ray tasks or processes)."""
+dataset, resumably (one committed part per shard) and in parallel (Ray tasks or processes).
+
+`--task` picks what the dataset holds: mask_depth (the seed layout; the default), classification,
+segmentation or depth (their layouts are in storage/layouts/). Every task goes through the same
+parts, records, resume and report; only how a sample's files become column values differs
+(prepare_sample for mask_depth, storage.layouts.samples for the others)."""
 
 from __future__ import annotations
 
@@ -20,9 +25,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from orchestrator.redact import redact_text
+from common.redact import redact_text
 from storage import codec
 from storage import fs as sfs
+from storage.columns import Column
+from storage.layouts.base import (  # BadSample lives there now; importable from here as before
+    DEFAULT_TASK,
+    BadSample,
+    TaskPlan,
+    check_task,
+    detect_layout,
+    wrong_layout,
+)
 from storage.seed_layout import (
     IMAGE_KINDS,
     Container,
@@ -36,11 +50,13 @@ from storage.seed_layout import (
     read_members,
 )
 from storage.shards import (
+    BASE_INDEX_COLUMNS,
     INDEX,
     INDEX_COLUMNS,
     MANIFEST,
     SHARD_DIR,
     ShardFileWriter,
+    columns_checksum,
     index_table,
     sample_checksum,
     shard_file,
@@ -71,11 +87,14 @@ class PackError(RuntimeError):
     """The pack cannot finish (bad samples without --skip-bad, or nothing to pack); names them."""
 
 
-class BadSample(Exception):
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(reason)
-        self.path = path
-        self.reason = reason
+# The columns of each task's dataset (mask_depth: storage.columns.MASK_DEPTH_COLUMNS, the default).
+TASK_COLUMNS: dict[str, tuple[Column, ...]] = {
+    "classification": (Column("image", "image"), Column("label", "int64")),
+    "segmentation": (Column("image", "image"), Column("mask", "raw_u8")),
+    "depth": (Column("image", "image"), Column("depth", "raw_u16")),
+}
+# Depth datasets: NYU Depth v2's range, widened to the data's when they go beyond it.
+DEFAULT_DEPTH_RANGE_M = (0.1, 10.0)
 
 
 @dataclass
@@ -103,16 +122,22 @@ class PartTask:
     extra_columns: tuple[str, ...]
     containers: list[tuple[str, str, bool]]  # (kind, uri, is_zip)
     samples: list[tuple[int, str, dict[str, tuple[int | None, str]], dict[str, Any]]]
+    task: str = DEFAULT_TASK
+    options: dict[str, Any] = field(default_factory=dict)  # what the task's prepare needs (class count, depth units)
 
 
 # -- sizing ----------------------------------------------------------------------------------------
+
+
+def _file_kinds(plan: SourcePlan) -> tuple[str, ...]:
+    return plan.file_kinds if isinstance(plan, TaskPlan) else IMAGE_KINDS
 
 
 def mean_sample_bytes(plan: SourcePlan) -> int:
     sizes = []
     for s in plan.samples[:2000]:
         total = 0
-        for kind in IMAGE_KINDS:
+        for kind in _file_kinds(plan):
             ref = s.files[kind]
             if ref.container is None:
                 return DEFAULT_SAMPLE_BYTES
@@ -225,6 +250,8 @@ def _path_of(task: PartTask, c: int | None, member: str) -> str:
 
 def run_part(task: PartTask) -> dict[str, Any]:
     """Pack one part into its shard; write the part's index rows, then its record (the marker)."""
+    if task.task != DEFAULT_TASK:
+        return _run_task_part(task)
     blobs = _read_part_files(task)
     cols: dict[str, list] = {c: [] for c in INDEX_COLUMNS if c != "shard"}
     extra: dict[str, list] = {c: [] for c in task.extra_columns}
@@ -252,14 +279,69 @@ def run_part(task: PartTask) -> dict[str, Any]:
         if writer is not None:
             writer.abort()
         raise
+    return _commit_part(task, cols, extra, entry, bad)
+
+
+def _commit_part(task: PartTask, cols: dict[str, list], extra: dict[str, list], entry: dict[str, Any] | None,
+                 bad: list[dict[str, str]], stats: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write the part's index rows, then its record: the marker a re-run finds and reuses."""
     state = sfs.join(task.dest, STATE_DIR)
     table = index_table({**cols, "shard": [0] * len(cols["sample_id"])}, extra).drop_columns(["shard"])
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     sfs.write_bytes(sfs.join(state, f"part-{task.part:05d}.index.parquet"), buf.getvalue())
     record = {"part": task.part, "fingerprint": task.fingerprint, "shard": entry, "rows": len(cols["sample_id"]), "bad": bad, "samples": len(task.samples)}
+    if stats is not None:
+        record["stats"] = stats
     sfs.write_json(sfs.join(state, f"part-{task.part:05d}.json"), record)
     return record
+
+
+def _member_problem(kind: str, blob: MemberError) -> str:
+    return f"{kind}: missing partner file" if str(blob) in ("file missing", "missing from the zip") else f"{kind}: {blob}"
+
+
+def _run_task_part(task: PartTask) -> dict[str, Any]:
+    """run_part for classification, segmentation and depth: storage.layouts.samples makes the values."""
+    from storage.layouts.samples import PREPARE, merge_stats
+
+    prepare = PREPARE[task.task]
+    columns = TASK_COLUMNS[task.task]
+    blobs = _read_part_files(task)
+    cols: dict[str, list] = {c: [] for c in BASE_INDEX_COLUMNS if c != "shard"}
+    extra: dict[str, list] = {c: [] for c in task.extra_columns}
+    bad: list[dict[str, str]] = []
+    stats: dict[str, Any] = {}
+    writer: ShardFileWriter | None = None
+    try:
+        for sid, _name, files, sample_extra in task.samples:
+            paths = {k: _path_of(task, c, m) for k, (c, m) in files.items()}
+            got = {k: blobs[(c, m)] for k, (c, m) in files.items()}
+            try:
+                for k, blob in got.items():
+                    if isinstance(blob, MemberError):
+                        raise BadSample(paths[k], _member_problem(k, blob))
+                prep = prepare(got, paths, sample_extra, task.options)
+            except BadSample as exc:
+                bad.append({"sample": str(sid), "path": redact_text(exc.path), "reason": exc.reason})
+                continue
+            if writer is None:
+                writer = ShardFileWriter(task.dest, shard_file(task.part), task.rows_per_group, columns)
+            group, row = writer.add(sid, prep.values, prep.height, prep.width)
+            for k, v in (("sample_id", sid), ("row_group", group), ("row", row), ("height", prep.height), ("width", prep.width),
+                         ("checksum", columns_checksum(columns, prep.values))):
+                cols[k].append(v)
+            for k in task.extra_columns:
+                extra[k].append(sample_extra.get(k))
+            for k, v in prep.index.items():
+                extra.setdefault(k, []).append(v)
+            merge_stats(stats, prep.stats)
+        entry = writer.close() if writer is not None else None
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    return _commit_part(task, cols, extra, entry, bad, stats)
 
 
 # -- the whole pack -------------------------------------------------------------------------------
@@ -268,11 +350,13 @@ def run_part(task: PartTask) -> dict[str, Any]:
 def _tasks(plan: SourcePlan, dest: str, rows_per_shard: int, rows_per_group: int) -> list[PartTask]:
     containers = [(c.kind, c.uri, c.is_zip) for c in plan.containers]
     config = {"version": PACK_VERSION, "rows_per_group": rows_per_group, "mask_threshold": MASK_THRESHOLD, "extra": plan.extra_columns}
+    task, options = (plan.task, dict(plan.options)) if isinstance(plan, TaskPlan) else (DEFAULT_TASK, {})
+    kinds = _file_kinds(plan)
     tasks = []
     for part, start in enumerate(range(0, len(plan.samples), rows_per_shard)):
         refs: list[SampleRef] = plan.samples[start : start + rows_per_shard]
-        samples = [(s.sample_id, s.name, {k: (s.files[k].container, s.files[k].member) for k in IMAGE_KINDS}, s.extra) for s in refs]
-        tasks.append(PartTask(part, dest, rows_per_group, plan.fingerprint(refs, config), plan.extra_columns, containers, samples))
+        samples = [(s.sample_id, s.name, {k: (s.files[k].container, s.files[k].member) for k in kinds}, s.extra) for s in refs]
+        tasks.append(PartTask(part, dest, rows_per_group, plan.fingerprint(refs, config), plan.extra_columns, containers, samples, task, options))
     return tasks
 
 
@@ -364,6 +448,9 @@ def pack(
     columns: dict[str, str] | None = None,
     progress: Callable[[int], None] | None = None,
     on_plan: Callable[[int, int], None] | None = None,
+    task: str = DEFAULT_TASK,
+    classes: str | None = None,
+    depth_units_per_m: float | None = None,
 ) -> PackResult:
     """Pack `source` into a dataset at `dest`.
 
@@ -377,17 +464,28 @@ def pack(
     Raises SourceError when the source holds nothing packable, PackError when samples are bad
     (without skip_bad) or none is left; `report` (a URI) gets the JSON report either way.
     `on_plan(samples, parts_to_run)` is called once the work is known (for a progress bar).
+
+    `task` (storage.layouts.TASKS) says what SOURCE holds and what the dataset will: mask_depth
+    (the default: the seed layout or its manifests), classification, segmentation or depth; a
+    SOURCE in another task's layout is a SourceError saying which `--task` fits. `classes` is a
+    class-names file (one per line) for segmentation/classification sources without one;
+    `depth_units_per_m` the unit of 16-bit depth PNGs (default 1000: millimetres; KITTI: 256).
     """
     t0 = time.monotonic()
+    check_task(task)
     dest = sfs.normalize(dest)
-    plan = plan_source(source, columns)
+    plan = plan_pack_source(task, source, columns, classes, depth_units_per_m)
     if not plan.samples and not plan.bad:
-        raise SourceError(f"{redact_text(plan.source)}: empty source: no samples found (no label_info lines / manifest rows)")
+        what = "no label_info lines / manifest rows" if task == DEFAULT_TASK else "no images"
+        raise SourceError(f"{redact_text(plan.source)}: empty source: no samples found ({what})")
     rps, rpg = choose_sizes(mean_sample_bytes(plan), rows_per_shard, rows_per_group)
     # A re-pack first removes the manifest: a crash mid-way then leaves no dataset describing
     # shards that are being rewritten.
     sfs.remove(sfs.join(dest, MANIFEST))
-    _clear_stale(dest, {"version": PACK_VERSION, "rows_per_shard": rps, "rows_per_group": rpg, "samples": len(plan.samples)})
+    settings = {"version": PACK_VERSION, "rows_per_shard": rps, "rows_per_group": rpg, "samples": len(plan.samples)}
+    if task != DEFAULT_TASK:
+        settings["task"] = task
+    _clear_stale(dest, settings)
     tasks = _tasks(plan, dest, rps, rpg)
     records: dict[int, dict[str, Any]] = {}
     for t in tasks:
@@ -445,12 +543,67 @@ def pack(
         "pack": {"version": PACK_VERSION, "skipped": len(bad), "unlisted": len(plan.unlisted)},
     }
     _remove_stray_shards(dest, {s["file"] for s in shards})
-    manifest = write_index_and_manifest(dest, index, shards, extra)
+    if isinstance(plan, TaskPlan):
+        del extra["mask_threshold"]
+        extra["meta"] = task_meta(plan, [records[p].get("stats") or {} for p in sorted(records)])
+        manifest = write_index_and_manifest(dest, index, shards, extra, columns=TASK_COLUMNS[task], task=task)
+    else:
+        manifest = write_index_and_manifest(dest, index, shards, extra)
     result.packed, result.shards, result.manifest = packed, len(shards), manifest
     result.seconds = time.monotonic() - t0
     result.report = {"packed": packed, "skipped": bad, "unlisted": len(plan.unlisted), "complete": True, "dataset": redact_text(dest)}
     _write_report(report, result.report)
     return result
+
+
+def plan_pack_source(task: str, source: str, columns: dict[str, str] | None = None, classes: str | None = None,
+                     depth_units_per_m: float | None = None) -> SourcePlan:
+    """The plan of SOURCE for `task`; SourceError when SOURCE is not what the task packs."""
+    if task != DEFAULT_TASK:
+        from storage.layouts import plan_task_source
+
+        return plan_task_source(task, source, columns, classes, depth_units_per_m)
+    if classes or depth_units_per_m:
+        raise SourceError(f"--classes and --depth-units-per-m apply to --task classification/segmentation/depth, not {DEFAULT_TASK}")
+    layout, found = detect_layout(source)
+    if layout in ("voc", "images_masks", "rgbd") or (layout == "imagefolder" and not _has_seed_names(source)):
+        raise wrong_layout(source, task, layout, found)
+    return plan_source(source, columns)
+
+
+def _has_seed_names(source: str) -> bool:
+    from storage.layouts.base import top_level
+    from storage.seed_layout import CONTAINERS
+
+    dirs, files = top_level(sfs.normalize(source))
+    names = {n for ns in CONTAINERS.values() for n in ns}
+    return bool(set(dirs) & names or {f[:-4] for f in files if f.endswith(".zip")} & names)
+
+
+def task_meta(plan: TaskPlan, part_stats: list[dict[str, Any]]) -> dict[str, Any]:
+    """The manifest's "meta" of a task dataset: the plan's (class names, ...) plus what the packed
+    samples showed (channels; for depth, the range)."""
+    from storage.layouts.samples import merge_stats
+
+    stats: dict[str, Any] = {}
+    for st in part_stats:
+        merge_stats(stats, st)
+    meta = dict(plan.meta)
+    channels = 3 if 3 in stats.get("channels", []) else 1
+    if plan.task == "classification":
+        meta["channels"] = channels
+    elif plan.task == "segmentation":
+        meta.setdefault("ignore_index", 255)
+        meta["channels"] = channels
+    elif plan.task == "depth":
+        lo, hi = DEFAULT_DEPTH_RANGE_M
+        meta["depth_scale"] = 1000
+        if "min_mm" in stats:
+            data_lo, data_hi = stats["min_mm"] / 1000, stats["max_mm"] / 1000
+            meta.update(data_min_depth_m=data_lo, data_max_depth_m=data_hi)
+            lo, hi = min(lo, data_lo), max(hi, float(np.ceil(data_hi)))
+        meta.update(min_depth_m=lo, max_depth_m=hi, channels=channels)
+    return meta
 
 
 def _remove_stray_shards(dest: str, keep: set[str]) -> None:

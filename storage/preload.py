@@ -285,6 +285,6 @@ def _parse_footer(footer: bytes) -> pq.FileMetaData:
 
 
 def _fetch_error(uri: str, exc: BaseException) -> ShardFetchError:
-    from orchestrator.redact import redact_text
+    from common.redact import redact_text
 
     return ShardFetchError(redact_text(f"{uri}: cannot fetch: {sfs.describe_error(exc)}"))

@@ -1,9 +1,21 @@
-"""The packed dataset format (manifest + index + Parquet shards of encoded images): writer and reader.
+"""The packed dataset format (manifest + index + Parquet shards of encoded values): writer and reader.
 
 Layout under a dataset URI:
   manifest.json          written last; a folder without it is not a dataset
   index.parquet          one row per sample: where it lives, its checksum, per-sample stats
-  shards/shard-NNNNN.parquet   the encoded images, in row groups small enough to fetch one at a time
+  shards/shard-NNNNN.parquet   the encoded values, in row groups small enough to fetch one at a time
+
+What a sample holds is declared in the manifest: `"columns": [{"name", "codec"}, ...]` (see
+storage/columns.py for the codecs) and an opaque `"task"` string, plus an optional opaque `"meta"`
+dict (class names, scales, ... whatever the packer wrote). Every shard row is `sample_id`, the
+declared columns in declared order, `height`, `width`; every index row is BASE_INDEX_COLUMNS plus
+the writer's extra per-sample columns. Storage encodes, checksums, reads and verifies columns by
+their codec; it does not know what they mean.
+
+Formats: /1 and /2 hold the mask_depth columns (MASK_DEPTH_COLUMNS; /1 with PNG masks and depth)
+and need no "columns" key; mask_depth datasets are still written as /2, byte for byte as before
+columns were declared (plus the "task" and "columns" keys), so older readers keep reading them.
+Any other columns are written as /3, which older code refuses rather than misreads.
 """
 
 from __future__ import annotations
@@ -11,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import posixpath
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -20,14 +32,32 @@ import pyarrow.parquet as pq
 
 from storage import codec
 from storage import fs as sfs
+from storage.columns import (
+    MASK_DEPTH_COLUMNS,
+    MASK_DEPTH_TASK,
+    Column,
+    ColumnsError,
+    check_columns,
+    checksum_bytes,
+    columns_from_manifest,
+    columns_to_manifest,
+    encode_mask_depth_value,
+    encode_value,
+    encoded_size,
+    is_mask_depth,
+    mask_depth_depth_mean,
+)
 
 log = logging.getLogger(__name__)
 
-# /2: masks and depth maps in storage.codec's raw format (new data); /1 held PNGs. Both read: the
-# decoders tell the encodings apart per image. Code that only knows /1 refuses a /2 dataset here
-# rather than failing on its masks at train time.
-FORMAT = "orchestrator.shards/2"
-READABLE_FORMATS = ("orchestrator.shards/1", FORMAT)
+# /2: masks and depth maps in storage.codec's raw format; /1 held PNGs (both read: the decoders
+# tell the encodings apart per value). /3: declared columns other than the mask_depth ones.
+MASK_DEPTH_FORMAT = "orchestrator.shards/2"
+COLUMNS_FORMAT = "orchestrator.shards/3"
+FORMAT = MASK_DEPTH_FORMAT  # what a mask_depth dataset is written as
+READABLE_FORMATS = ("orchestrator.shards/1", MASK_DEPTH_FORMAT, COLUMNS_FORMAT)
+# Formats whose columns are fixed: a manifest of these may omit "columns", and may only declare these.
+_MASK_DEPTH_FORMATS = ("orchestrator.shards/1", MASK_DEPTH_FORMAT)
 MANIFEST = "manifest.json"
 INDEX = "index.parquet"
 SHARD_DIR = "shards"
@@ -35,22 +65,13 @@ ROWS_PER_SHARD = 4096
 ROWS_PER_GROUP = 256
 CHECKSUM_DIGEST_BYTES = 8
 
-IMAGE_COLUMNS = ("fg_bg", "bg", "mask", "depth")
-SAMPLE_COLUMNS = ("sample_id", "fg_bg", "bg", "mask", "depth", "height", "width")
+# Every index has these; writers add extra per-sample columns after them.
+BASE_INDEX_COLUMNS = ("sample_id", "shard", "row_group", "row", "height", "width", "checksum")
+# The index columns of a mask_depth dataset (BASE plus the per-sample depth_mean it always has), in
+# their order on disk; storage/pack.py builds its mask_depth index rows from it.
 INDEX_COLUMNS = ("sample_id", "shard", "row_group", "row", "height", "width", "depth_mean", "checksum")
 
-SHARD_SCHEMA = pa.schema(
-    [
-        ("sample_id", pa.int64()),
-        ("fg_bg", pa.binary()),
-        ("bg", pa.binary()),
-        ("mask", pa.binary()),
-        ("depth", pa.binary()),
-        ("height", pa.int32()),
-        ("width", pa.int32()),
-    ]
-)
-_BASE_INDEX_TYPES = {
+_INDEX_TYPES = {
     "sample_id": pa.int64(),
     "shard": pa.int32(),
     "row_group": pa.int32(),
@@ -73,11 +94,39 @@ def shard_file(i: int) -> str:
 
 
 def sample_checksum(fg_bg: bytes, bg: bytes, mask: bytes, depth: bytes) -> str:
-    """blake2b (8-byte digest, hex) over the four encoded images, in column order."""
+    """blake2b (8-byte digest, hex) over the four encoded values of a mask_depth sample, in column
+    order: columns_checksum(MASK_DEPTH_COLUMNS, ...)."""
     h = hashlib.blake2b(digest_size=CHECKSUM_DIGEST_BYTES)
     for part in (fg_bg, bg, mask, depth):
         h.update(part)
     return h.hexdigest()
+
+
+def columns_checksum(columns: Sequence[Column], values: Mapping[str, bytes | int]) -> str:
+    """blake2b (8-byte digest, hex) over a sample's stored values in declared column order (int64
+    values as 8 little-endian signed bytes): the index's per-sample checksum."""
+    h = hashlib.blake2b(digest_size=CHECKSUM_DIGEST_BYTES)
+    for c in columns:
+        h.update(checksum_bytes(c, values[c.name]))
+    return h.hexdigest()
+
+
+def sample_columns(columns: Sequence[Column]) -> tuple[str, ...]:
+    """The column names of a shard row: sample_id, the declared columns in order, height, width."""
+    return ("sample_id", *(c.name for c in columns), "height", "width")
+
+
+def shard_schema(columns: Sequence[Column]) -> pa.Schema:
+    """A shard file's Parquet schema: sample_id int64, a binary column per bytes codec (int64 for
+    int64), height/width int32."""
+    return pa.schema(
+        [
+            ("sample_id", pa.int64()),
+            *((c.name, pa.binary() if c.is_bytes else pa.int64()) for c in columns),
+            ("height", pa.int32()),
+            ("width", pa.int32()),
+        ]
+    )
 
 
 class _HashingSink:
@@ -141,33 +190,37 @@ class ShardFileWriter:
     """One shard file: samples appended in row groups of `rows_per_group`; close() returns its
     manifest entry (file, rows, row_groups, bytes, sha256, footer_bytes)."""
 
-    def __init__(self, dataset_uri: str, file: str, rows_per_group: int = ROWS_PER_GROUP):
+    def __init__(self, dataset_uri: str, file: str, rows_per_group: int = ROWS_PER_GROUP, columns: Sequence[Column] = MASK_DEPTH_COLUMNS):
         if rows_per_group < 1:
             raise ValueError("rows_per_group must be >= 1")
+        self.columns = check_columns(columns)
+        self.schema = shard_schema(self.columns)
+        self._names = sample_columns(self.columns)
         self.file = file
         self.uri = sfs.join(dataset_uri, file)
         self.rows_per_group = int(rows_per_group)
         self.rows = 0
         self.groups = 0
         self._sink = _HashingSink(_open_for_write(self.uri))
-        # The images are already compressed: compressing again or dictionary-encoding them costs
+        # The values are already compressed: compressing again or dictionary-encoding them costs
         # CPU for nothing, and min/max statistics of image bytes would only bloat the footer.
         self._pq: pq.ParquetWriter | None = pq.ParquetWriter(
             self._sink,
-            SHARD_SCHEMA,
+            self.schema,
             compression="none",
             use_dictionary=False,
             write_statistics=["sample_id", "height", "width"],
         )
-        self._buffer: dict[str, list] = {c: [] for c in SAMPLE_COLUMNS}
+        self._buffer: dict[str, list] = {c: [] for c in self._names}
 
-    def add(self, sample_id: int, images: dict[str, bytes], height: int, width: int) -> tuple[int, int]:
-        """Append one sample (encoded images); returns its (row group, row within the group)."""
+    def add(self, sample_id: int, values: Mapping[str, bytes | int], height: int, width: int) -> tuple[int, int]:
+        """Append one sample (its stored values by column name: encoded bytes, or int for int64);
+        returns its (row group, row within the group)."""
         place = divmod(self.rows, self.rows_per_group)
         buf = self._buffer
         buf["sample_id"].append(int(sample_id))
-        for key in IMAGE_COLUMNS:
-            buf[key].append(images[key])
+        for c in self.columns:
+            buf[c.name].append(values[c.name])
         buf["height"].append(int(height))
         buf["width"].append(int(width))
         self.rows += 1
@@ -179,10 +232,10 @@ class ShardFileWriter:
         buf = self._buffer
         if not buf["sample_id"] or self._pq is None:
             return
-        table = pa.Table.from_pydict(buf, schema=SHARD_SCHEMA)
+        table = pa.Table.from_pydict(buf, schema=self.schema)
         self._pq.write_table(table, row_group_size=len(buf["sample_id"]))
         self.groups += 1
-        self._buffer = {c: [] for c in SAMPLE_COLUMNS}
+        self._buffer = {c: [] for c in self._names}
 
     def close(self) -> dict[str, Any]:
         if self._pq is None:
@@ -209,16 +262,54 @@ class ShardFileWriter:
             self._sink.close()
 
 
+def _extra_array(values: Sequence[Any]) -> pa.Array:
+    """An extra index column: numpy scalars keep their dtype; lists (or arrays) per sample become
+    a Parquet list column (list<int64> for integers)."""
+    if not len(values):
+        return pa.array([], pa.null())
+    if any(isinstance(v, (list, tuple, np.ndarray)) for v in values):
+        arr = pa.array([None if v is None else np.asarray(v).tolist() for v in values])
+        if pa.types.is_list(arr.type) and pa.types.is_null(arr.type.value_type):  # only empty lists
+            arr = arr.cast(pa.list_(pa.int64()))
+        return arr
+    return pa.array(np.asarray(values))
+
+
 def index_table(columns: dict[str, list], extra: dict[str, list] | None = None) -> pa.Table:
-    """index.parquet's table: the INDEX_COLUMNS (typed) plus any extra per-sample columns."""
-    cols = {k: pa.array(columns[k], type=_BASE_INDEX_TYPES[k]) for k in INDEX_COLUMNS}
+    """index.parquet's table: the BASE_INDEX_COLUMNS (and depth_mean when given), typed and in
+    their order, then any other per-sample columns of `columns` and `extra`."""
+    missing = [k for k in BASE_INDEX_COLUMNS if k not in columns]
+    if missing:
+        raise ValueError(f"index columns {missing} missing")
+    order = [k for k in _INDEX_TYPES if k in columns] + [k for k in columns if k not in _INDEX_TYPES]
+    cols = {k: pa.array(columns[k], type=_INDEX_TYPES[k]) if k in _INDEX_TYPES else _extra_array(columns[k]) for k in order}
     for k, values in (extra or {}).items():
-        cols[k] = pa.array(np.asarray(values)) if len(values) else pa.array([], pa.null())
+        cols[k] = _extra_array(values)
     return pa.table(cols)
 
 
-def write_index_and_manifest(uri: str, index: pa.Table, shards: list[dict[str, Any]], extra_manifest: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write index.parquet, then manifest.json last: the manifest is the completion marker."""
+def write_index_and_manifest(
+    uri: str,
+    index: pa.Table,
+    shards: list[dict[str, Any]],
+    extra_manifest: dict[str, Any] | None = None,
+    columns: Sequence[Column] = MASK_DEPTH_COLUMNS,
+    task: str | None = None,
+) -> dict[str, Any]:
+    """Write index.parquet, then manifest.json last: the manifest is the completion marker.
+
+    The manifest records `columns` and `task` (default: extra_manifest's "task", else
+    "mask_depth"); format /2 for the mask_depth columns, else /3. `extra_manifest` adds keys (e.g.
+    "meta", a dict storage does not interpret) but cannot change format, task or columns.
+    """
+    columns = check_columns(columns)
+    extra_manifest = dict(extra_manifest or {})
+    task = task if task is not None else extra_manifest.get("task", MASK_DEPTH_TASK)
+    if not isinstance(task, str) or not task:
+        raise ValueError(f"task must be a non-empty string, got {task!r}")
+    if not isinstance(extra_manifest.get("meta", {}), dict):
+        raise ValueError(f"manifest meta must be a dict, got {type(extra_manifest['meta']).__name__}")
+    fmt = MASK_DEPTH_FORMAT if is_mask_depth(columns) else COLUMNS_FORMAT
     uri = sfs.normalize(uri)
     with _open_for_write(sfs.join(uri, INDEX)) as f:
         pq.write_table(index, f, compression="zstd")
@@ -226,20 +317,22 @@ def write_index_and_manifest(uri: str, index: pa.Table, shards: list[dict[str, A
     heights = index.column("height").to_numpy()
     widths = index.column("width").to_numpy()
     sizes = set(zip(heights.tolist(), widths.tolist(), strict=True))
-    depth_means = index.column("depth_mean").to_numpy()
     manifest: dict[str, Any] = {
-        "format": FORMAT,
+        "format": fmt,
+        "task": task,
+        "columns": columns_to_manifest(columns),
         "num_samples": n,
         "image_size": list(next(iter(sizes))) if len(sizes) == 1 else None,
         "image_sizes": sorted([list(hw) for hw in sizes]),
         "seed": None,
         "source": None,
-        "depth_mean": float(np.mean(depth_means, dtype=np.float64)) if n else None,
-        "index": INDEX,
-        "shards": shards,
     }
-    manifest.update(extra_manifest or {})
-    manifest["format"] = FORMAT
+    if "depth_mean" in index.column_names:  # the mean of the per-sample stat, when the index has one
+        depth_means = index.column("depth_mean").to_numpy()
+        manifest["depth_mean"] = float(np.mean(depth_means, dtype=np.float64)) if n else None
+    manifest.update({"index": INDEX, "shards": shards})
+    manifest.update(extra_manifest)
+    manifest.update({"format": fmt, "task": task, "columns": columns_to_manifest(columns)})
     sfs.write_json(sfs.join(uri, MANIFEST), manifest)
     return manifest
 
@@ -247,20 +340,40 @@ def write_index_and_manifest(uri: str, index: pa.Table, shards: list[dict[str, A
 class ShardWriter:
     """Packs samples into Parquet shards, then writes index.parquet and, last, manifest.json.
 
-    `add()` takes a dict with `sample_id` and the four images `fg_bg`, `bg`, `mask`, `depth`,
-    each either encoded bytes (see storage.codec) or a numpy array (encoded here). Any other
-    keys become extra index columns (the set of keys must be the same for every sample; numpy
-    scalar types keep their dtype). With encoded depth, pass `depth_mean` too, or it is decoded
-    to compute it. `height`/`width` default to the shape of the arrays, or are read from the
-    encoded bg.
+    `columns` declares what a sample holds (storage/columns.py); `task` is recorded in the
+    manifest for the training code (storage does not interpret it). `add()` takes a dict with
+    `sample_id` and every declared column, each either its stored value (encoded bytes; an int
+    for int64) or a numpy array (encoded here, see columns.encode_value). `height`/`width`
+    default to the shape of the first array, else to the size of the first image column (else
+    the first raw one). Any other keys become extra index columns (the set of keys must be the
+    same for every sample; numpy scalar types keep their dtype; lists become list columns).
+
+    The mask_depth columns (the default) are written exactly as before columns were declared:
+    format /2, arrays checked as storage.codec's mask/depth encoders check them, and a
+    `depth_mean` index column (computed from the depth when a sample does not bring one).
 
     Opening a writer on an existing dataset deletes its manifest first, so a crash mid-rewrite
     leaves a folder that is not a dataset rather than a manifest describing other files.
     """
 
-    def __init__(self, uri: str, rows_per_shard: int = ROWS_PER_SHARD, rows_per_group: int = ROWS_PER_GROUP):
+    def __init__(
+        self,
+        uri: str,
+        rows_per_shard: int = ROWS_PER_SHARD,
+        rows_per_group: int = ROWS_PER_GROUP,
+        columns: Sequence[Column] = MASK_DEPTH_COLUMNS,
+        task: str = MASK_DEPTH_TASK,
+    ):
         if rows_per_group < 1 or rows_per_shard < 1:
             raise ValueError("rows_per_shard and rows_per_group must be >= 1")
+        if not isinstance(task, str) or not task:
+            raise ValueError(f"task must be a non-empty string, got {task!r}")
+        self.columns = check_columns(columns)
+        self.task = task
+        self._mask_depth = is_mask_depth(self.columns)
+        self._encode = encode_mask_depth_value if self._mask_depth else encode_value
+        self._index_names = INDEX_COLUMNS if self._mask_depth else BASE_INDEX_COLUMNS
+        self._not_extra = frozenset((*sample_columns(self.columns), *self._index_names))
         self.uri = sfs.normalize(uri)
         self.rows_per_shard = int(rows_per_shard)
         self.rows_per_group = min(int(rows_per_group), self.rows_per_shard)
@@ -270,7 +383,7 @@ class ShardWriter:
 
         self._shards: list[dict[str, Any]] = []
         self._file: ShardFileWriter | None = None
-        self._index: dict[str, list] = {c: [] for c in INDEX_COLUMNS}
+        self._index: dict[str, list] = {c: [] for c in self._index_names}
         self._extra_keys: tuple[str, ...] | None = None
         self._extra: dict[str, list] = {}
         self._closed = False
@@ -281,27 +394,23 @@ class ShardWriter:
         if self._closed:
             raise RuntimeError("ShardWriter is closed")
         sid = int(sample["sample_id"])
-        images = {}
-        for key in IMAGE_COLUMNS:
-            value = sample[key]
-            if isinstance(value, np.ndarray):
-                if key == "mask":
-                    value = codec.encode_mask(value)
-                elif key == "depth":
-                    value = codec.encode_depth(value)
-                else:
-                    value = codec.encode_jpeg(value)
-            images[key] = bytes(value)
-        height, width = self._size_of(sample, images)
-        depth_mean = sample.get("depth_mean")
-        if depth_mean is None:
-            depth = sample["depth"]
-            if isinstance(depth, np.ndarray):
-                depth_mean = float(codec.depth_to_uint16(depth).mean()) / codec.DEPTH_SCALE
-            else:
-                depth_mean = float(codec.decode_depth(images["depth"]).mean())
+        missing = [c.name for c in self.columns if c.name not in sample]
+        if missing:
+            raise ValueError(f"sample {sid}: columns {missing} missing; this writer's columns are {[c.name for c in self.columns]}")
+        values: dict[str, bytes | int] = {}
+        for c in self.columns:
+            try:
+                values[c.name] = self._encode(c, sample[c.name])
+            except ValueError as exc:
+                raise ValueError(f"sample {sid}, column {c.name!r}: {exc}") from exc
+        height, width = self._size_of(sid, sample, values)
+        depth_mean = None
+        if self._mask_depth:
+            depth_mean = sample.get("depth_mean")
+            if depth_mean is None:
+                depth_mean = mask_depth_depth_mean(sample, values)
 
-        extra_keys = tuple(sorted(k for k in sample if k not in SAMPLE_COLUMNS and k not in INDEX_COLUMNS))
+        extra_keys = tuple(sorted(k for k in sample if k not in self._not_extra))
         if self._extra_keys is None:
             self._extra_keys = extra_keys
             self._extra = {k: [] for k in extra_keys}
@@ -309,8 +418,8 @@ class ShardWriter:
             raise ValueError(f"sample {sid}: extra index columns {extra_keys} differ from the first sample's {self._extra_keys}")
 
         if self._file is None:
-            self._file = ShardFileWriter(self.uri, shard_file(len(self._shards)), self.rows_per_group)
-        row_group, row = self._file.add(sid, images, height, width)
+            self._file = ShardFileWriter(self.uri, shard_file(len(self._shards)), self.rows_per_group, self.columns)
+        row_group, row = self._file.add(sid, values, height, width)
 
         idx = self._index
         idx["sample_id"].append(sid)
@@ -319,8 +428,9 @@ class ShardWriter:
         idx["row"].append(row)
         idx["height"].append(height)
         idx["width"].append(width)
-        idx["depth_mean"].append(depth_mean)
-        idx["checksum"].append(sample_checksum(*(images[k] for k in IMAGE_COLUMNS)))
+        if self._mask_depth:
+            idx["depth_mean"].append(depth_mean)
+        idx["checksum"].append(columns_checksum(self.columns, values))
         for k in extra_keys:
             self._extra[k].append(sample[k])
 
@@ -331,15 +441,23 @@ class ShardWriter:
         for s in samples:
             self.add(s)
 
-    @staticmethod
-    def _size_of(sample: dict[str, Any], images: dict[str, bytes]) -> tuple[int, int]:
+    def _size_of(self, sid: int, sample: dict[str, Any], values: dict[str, bytes | int]) -> tuple[int, int]:
         if "height" in sample and "width" in sample:
             return int(sample["height"]), int(sample["width"])
-        for key in IMAGE_COLUMNS:
-            if isinstance(sample[key], np.ndarray):
-                return int(sample[key].shape[0]), int(sample[key].shape[1])
-        h, w = codec.decode_jpeg(images["bg"]).shape[:2]
-        return int(h), int(w)
+        sized = [c for c in self.columns if c.is_bytes]
+        for c in sized:
+            if isinstance(sample[c.name], np.ndarray):
+                return int(sample[c.name].shape[0]), int(sample[c.name].shape[1])
+        problems = []
+        # Image columns first, then raw ones; bytes that do not read are left to verify (tests
+        # write such datasets on purpose), as long as another column gives the size.
+        for c in sorted(sized, key=lambda c: c.codec != "image"):
+            try:
+                return encoded_size(c, values[c.name])
+            except codec.CorruptImageError as exc:
+                problems.append(str(exc))
+        why = f" ({'; '.join(problems)})" if problems else f" (columns {[c.name for c in self.columns]})"
+        raise ValueError(f"sample {sid}: no column gives a size{why}; pass height and width")
 
     def _close_shard(self) -> None:
         if self._file is None:
@@ -356,7 +474,7 @@ class ShardWriter:
         self._close_shard()
         self._closed = True
         extra = {"rows_per_group": self.rows_per_group, **(extra_manifest or {})}
-        return write_index_and_manifest(self.uri, index_table(self._index, self._extra), self._shards, extra)
+        return write_index_and_manifest(self.uri, index_table(self._index, self._extra), self._shards, extra, columns=self.columns, task=self.task)
 
     def abort(self) -> None:
         """Drop what is open without writing a manifest: the folder stays a non-dataset."""
@@ -393,15 +511,22 @@ def _describe_ids(ids: np.ndarray) -> str:
 class ShardDataset:
     """A packed dataset opened for random access by sample id.
 
-    `index` is the whole index.parquet as a pyarrow Table (columns as in INDEX_COLUMNS plus
-    whatever extra columns the writer added, e.g. synth's bg_index/flipped/fg_x/...); readers
-    must treat extra columns as optional. The object is picklable, so it can be sent to workers.
+    `columns` are the manifest's declared columns (MASK_DEPTH_COLUMNS for /1 and /2 datasets that
+    declare none), `task` its task (default "mask_depth"), `meta` its opaque "meta" dict (default
+    {}). `index` is the whole index.parquet as a pyarrow Table (BASE_INDEX_COLUMNS plus whatever
+    extra columns the writer added, e.g. depth_mean, synth's bg_index/flipped/fg_x/..., a label);
+    readers must treat extra columns as optional (index_values names what there is). The object
+    is picklable, so it can be sent to workers.
     """
 
     def __init__(self, uri: str, manifest: dict[str, Any], index: pa.Table):
         self.uri = uri
         self.manifest = manifest
         self.index = index
+        self.columns: tuple[Column, ...] = columns_from_manifest(manifest)
+        self.task: str = manifest.get("task") or MASK_DEPTH_TASK
+        self.meta: dict[str, Any] = manifest.get("meta") or {}
+        self.sample_columns = sample_columns(self.columns)
         self.sample_ids = index.column("sample_id").to_numpy().astype(np.int64, copy=False)
         self._shard = index.column("shard").to_numpy().astype(np.int32, copy=False)
         self._group = index.column("row_group").to_numpy().astype(np.int32, copy=False)
@@ -418,7 +543,7 @@ class ShardDataset:
         return self.num_samples
 
     def __repr__(self) -> str:
-        return f"ShardDataset({self.uri!r}, num_samples={self.num_samples})"
+        return f"ShardDataset({self.uri!r}, num_samples={self.num_samples}, task={self.task!r})"
 
     def positions(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """Row numbers in `index` of the given sample ids; DatasetError names unknown ones."""
@@ -431,9 +556,21 @@ class ShardDataset:
             raise DatasetError(f"{self.uri}: unknown sample ids {_describe_ids(missing)} ({len(missing)} of {len(ids)} requested are not in this dataset of {self.num_samples})")
         return self._order[pos_clipped]
 
+    def index_values(self, name: str, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """One index column's values (no shard reads), in the order of `ids`: a numpy array of its
+        type; a list column gives an object array of numpy arrays. DatasetError when the index has
+        no such column."""
+        if name not in self.index.column_names:
+            raise DatasetError(
+                f"{self.uri}: index.parquet has no column {name!r} (task {self.task!r}); its columns are {self.index.column_names}. "
+                "Re-pack the dataset with it, or use a column it has"
+            )
+        pos = self.positions(ids)
+        return self.index.column(name).take(pa.array(pos, pa.int64())).to_numpy()
+
     def depth_means(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Per-sample mean depth (float32, from the index; no shard reads), in the order of `ids`."""
-        return self.index.column("depth_mean").to_numpy()[self.positions(ids)]
+        """index_values("depth_mean", ids): per-sample mean depth (float32), as mask_depth datasets have."""
+        return self.index_values("depth_mean", ids)
 
     def describe(self, sample_id: int) -> str:
         """Where a sample lives, for error messages: dataset URI, shard file, row group, sample id."""
@@ -444,19 +581,21 @@ class ShardDataset:
         shard = self.manifest["shards"][int(self._shard[p])]["file"]
         return f"{self.uri} {shard} row group {int(self._group[p])} sample {int(sample_id)}"
 
-    def read_samples(self, ids: Sequence[int] | np.ndarray, columns: Sequence[str] = SAMPLE_COLUMNS) -> dict[str, Any]:
+    def read_samples(self, ids: Sequence[int] | np.ndarray, columns: Sequence[str] | None = None) -> dict[str, Any]:
         """The given samples, in exactly the order of `ids` (repeats allowed).
 
-        Returns `sample_id`, `height`, `width` as numpy arrays and the encoded images `fg_bg`,
-        `bg`, `mask`, `depth` as lists of bytes (decode with storage.codec). Only the row groups
-        that hold the ids are fetched (all at once, through the local cache; storage/preload.py),
-        and each sample is checked against its checksum: a row group that fails is fetched once
-        more, and a second failure raises DatasetError naming the shard URI.
+        Returns `sample_id`, every declared column (or just the `columns` asked for, from
+        `sample_columns`), `height`, `width`: sample_id/height/width and int64 columns as numpy
+        arrays, the other columns as lists of encoded bytes (decode with storage.columns or
+        storage.codec). Only the row groups that hold the ids are fetched (all at once, through
+        the local cache; storage/preload.py), and each sample is checked against its checksum: a
+        row group that fails is fetched once more, and a second failure raises DatasetError
+        naming the shard URI.
         """
-        columns = tuple(columns)
-        unknown = [c for c in columns if c not in SAMPLE_COLUMNS]
+        columns = self.sample_columns if columns is None else ((columns,) if isinstance(columns, str) else tuple(columns))
+        unknown = [c for c in columns if c not in self.sample_columns]
         if unknown:
-            raise ValueError(f"unknown columns {unknown}; choose from {SAMPLE_COLUMNS}")
+            raise ValueError(f"unknown columns {unknown}; choose from {self.sample_columns}")
         pos = self.positions(ids)
         n = len(pos)
         shard_of, group_of, row_of = self._shard[pos], self._group[pos], self._row[pos]
@@ -473,14 +612,10 @@ class ShardDataset:
                 values, col = groups[key][c], out_cols[c]
                 for dst, r in zip(where, rows, strict=True):
                     col[dst] = values[r]
+        scalars = {"sample_id": np.int64, "height": np.int32, "width": np.int32, **{c.name: np.int64 for c in self.columns if not c.is_bytes}}
         result: dict[str, Any] = {}
         for c in columns:
-            if c == "sample_id":
-                result[c] = np.asarray(out_cols[c], dtype=np.int64)
-            elif c in ("height", "width"):
-                result[c] = np.asarray(out_cols[c], dtype=np.int32)
-            else:
-                result[c] = out_cols[c]
+            result[c] = np.asarray(out_cols[c], dtype=scalars[c]) if c in scalars else out_cols[c]
         if "sample_id" in result and not np.array_equal(result["sample_id"], np.asarray(ids, dtype=np.int64).reshape(-1)):
             raise DatasetError(f"{self.uri}: index and shards disagree (read other sample ids than asked for); the dataset is damaged, re-create it")
         return result
@@ -488,6 +623,7 @@ class ShardDataset:
     def _read_groups(self, wanted: list[tuple[int, int]], pos: np.ndarray, shard_of: np.ndarray, group_of: np.ndarray) -> dict[tuple[int, int], dict[str, list]]:
         """Fetch and parse the wanted row groups ({column: values} each), verifying every sample asked for."""
         reader = self.reader
+        names = self.sample_columns
         checks: dict[tuple[int, int], list[tuple[int, int, str]]] = {}
         # Taken per read, not held as a Python list: 1.2M checksum strings would cost ~80 MB per worker.
         sums = self.index.column("checksum").take(pa.array(pos, pa.int64())).to_pylist()
@@ -499,12 +635,12 @@ class ShardDataset:
             good, bad = {}, {}
             for key in groups:
                 try:
-                    table = reader.read_group(key[0], key[1], fetched[key], SAMPLE_COLUMNS)
-                except (OSError, pa.ArrowException) as exc:
+                    table = reader.read_group(key[0], key[1], fetched[key], names)
+                except (OSError, KeyError, pa.ArrowException) as exc:
                     bad[key] = f"row group {key[1]} cannot be parsed ({type(exc).__name__}: {exc})"
                     continue
-                values = {c: table.column(c).to_pylist() for c in SAMPLE_COLUMNS}
-                reason = _verify_rows(values, checks[key])
+                values = {c: table.column(c).to_pylist() for c in names}
+                reason = _verify_rows(values, checks[key], self.columns)
                 if reason:
                     bad[key] = f"row group {key[1]}: {reason}"
                 else:
@@ -544,13 +680,21 @@ class ShardDataset:
         return state
 
 
-def _verify_rows(values: dict[str, list], rows: list[tuple[int, int, str]]) -> str | None:
+def _verify_rows(values: dict[str, list], rows: list[tuple[int, int, str]], columns: Sequence[Column]) -> str | None:
     """None when each (row, sample id, checksum) matches the row group's values; else what is wrong."""
     n = len(values["sample_id"])
+    # columns_checksum, inlined: this runs for every sample of every chunk.
+    parts = [(values[c.name], not c.is_bytes) for c in columns]
     for r, sid, expected in rows:
         if r >= n or values["sample_id"][r] != sid:
             return f"sample {sid} is not at row {r} where the index puts it"
-        got = sample_checksum(*(values[c][r] for c in IMAGE_COLUMNS))
+        h = hashlib.blake2b(digest_size=CHECKSUM_DIGEST_BYTES)
+        try:
+            for col, is_int in parts:
+                h.update(col[r].to_bytes(8, "little", signed=True) if is_int else col[r])
+        except (TypeError, ValueError, AttributeError, OverflowError) as exc:  # a null where a value must be
+            return f"sample {sid} has a missing or malformed value ({type(exc).__name__}: {exc})"
+        got = h.hexdigest()
         if got != expected:
             return f"sample {sid} fails its checksum (index {expected}, read {got})"
     return None
@@ -568,8 +712,54 @@ def _missing_bucket_hint(uri: str) -> str:
         return ""
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _manifest_problem(manifest: Any) -> str | None:
+    """What makes a parsed manifest.json unusable (beyond its format), or None."""
+    if not isinstance(manifest, dict):
+        return f"holds a JSON {type(manifest).__name__}, not an object"
+    missing = [k for k in ("num_samples", "index", "shards") if k not in manifest]
+    if missing:
+        return f"keys {missing} missing"
+    if not _is_int(manifest["num_samples"]) or manifest["num_samples"] < 0:
+        return f"num_samples is {manifest['num_samples']!r}, not a count"
+    if not isinstance(manifest["index"], str) or not manifest["index"]:
+        return f"index is {manifest['index']!r}, not a file name"
+    shards = manifest["shards"]
+    if not isinstance(shards, list):
+        return f"shards is a {type(shards).__name__}, not a list"
+    for i, sh in enumerate(shards):
+        if not isinstance(sh, dict):
+            return f"shards[{i}] is a {type(sh).__name__}, not an object"
+        wrong = [k for k, ok in (("file", isinstance(sh.get("file"), str)), ("rows", _is_int(sh.get("rows"))),
+                                 ("bytes", _is_int(sh.get("bytes"))), ("sha256", isinstance(sh.get("sha256"), str))) if not ok]
+        if sh.get("footer_bytes") is not None and not _is_int(sh["footer_bytes"]):
+            wrong.append("footer_bytes")
+        if wrong:
+            return f"shards[{i}] has no valid {', '.join(wrong)}"
+    if "task" in manifest and (not isinstance(manifest["task"], str) or not manifest["task"]):
+        return f"task is {manifest['task']!r}, not a name"
+    if manifest.get("meta") is not None and not isinstance(manifest["meta"], dict):
+        return f"meta is a {type(manifest['meta']).__name__}, not an object"
+    if manifest["format"] == COLUMNS_FORMAT and manifest.get("columns") is None:
+        return f'format {COLUMNS_FORMAT} without "columns"'
+    try:
+        columns = columns_from_manifest(manifest)
+    except ColumnsError as exc:
+        return str(exc)
+    if manifest["format"] in _MASK_DEPTH_FORMATS and not is_mask_depth(columns):
+        return f"format {manifest['format']} declares columns {[c.as_dict() for c in columns]}, but it holds only {[c.as_dict() for c in MASK_DEPTH_COLUMNS]}"
+    return None
+
+
 def open_dataset(uri: str) -> ShardDataset:
-    """Open a packed dataset; DatasetError says what is wrong with the URI and how to fix it."""
+    """Open a packed dataset; DatasetError says what is wrong with the URI and how to fix it.
+
+    A manifest.json that is not JSON, not an object, lacks keys, has values of the wrong type or
+    declares unknown codecs is a one-line DatasetError naming the manifest's URI.
+    """
     uri = sfs.normalize(uri)
     manifest_uri = sfs.join(uri, MANIFEST)
     if not sfs.exists(manifest_uri):
@@ -578,21 +768,33 @@ def open_dataset(uri: str) -> ShardDataset:
             f"{uri}: no dataset here (manifest.json missing{hint}). Make one with `orchestrator data synth {uri}` "
             "(or `orchestrator data pack SOURCE DEST` from raw files), or point data.uri at a packed dataset"
         )
+    damaged = "the dataset is damaged or was not written by this code: re-pack it, or restore its manifest.json"
     try:
         manifest = sfs.read_json(manifest_uri)
     except ValueError as exc:  # json.JSONDecodeError, UnicodeDecodeError
-        raise DatasetError(f"{uri}: manifest.json is not valid JSON ({exc}); the dataset is damaged, re-create it") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") not in READABLE_FORMATS:
-        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise DatasetError(f"{uri}: manifest.json has format {got!r}, expected one of {list(READABLE_FORMATS)}; "
-                           f"re-create the dataset with `orchestrator data synth {uri}`")
-    if int(manifest.get("num_samples") or 0) == 0:
+        raise DatasetError(_one_line(f"{manifest_uri}: not valid JSON ({exc}); {damaged}")) from exc
+    if isinstance(manifest, dict) and manifest.get("format") not in READABLE_FORMATS:
+        raise DatasetError(_one_line(f"{manifest_uri}: format {manifest.get('format')!r}, expected one of {list(READABLE_FORMATS)}; "
+                                     f"re-create the dataset (`orchestrator data pack`, or `orchestrator data synth {uri}`) with this code"))
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise DatasetError(_one_line(f"{manifest_uri}: {problem}; {damaged}"))
+    if manifest["num_samples"] == 0:
         raise DatasetError(f"{uri}: the dataset is empty (0 samples); re-create it with more samples")
-    index_uri = sfs.join(uri, manifest.get("index", INDEX))
+    index_uri = sfs.join(uri, manifest["index"])
     try:
         index = _read_table(index_uri)
     except FileNotFoundError as exc:
-        raise DatasetError(f"{uri}: {manifest.get('index', INDEX)} is missing although manifest.json is there; the dataset is damaged, re-create it") from exc
+        raise DatasetError(f"{uri}: {manifest['index']} is missing although manifest.json is there; the dataset is damaged, re-create it") from exc
+    except (OSError, pa.ArrowException) as exc:
+        raise DatasetError(_one_line(f"{index_uri}: cannot be read as Parquet ({type(exc).__name__}: {exc}); the dataset is damaged, re-create it")) from exc
     if index.num_rows != manifest["num_samples"]:
         raise DatasetError(f"{uri}: index has {index.num_rows} rows but the manifest says {manifest['num_samples']} samples; the dataset is damaged, re-create it")
+    missing = [c for c in BASE_INDEX_COLUMNS if c not in index.column_names]
+    if missing:
+        raise DatasetError(f"{index_uri}: columns {missing} missing (it has {index.column_names}); the dataset is damaged, re-create it")
     return ShardDataset(uri, manifest, index)
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())

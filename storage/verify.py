@@ -13,30 +13,23 @@ from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
-from PIL import Image
 
-from orchestrator.redact import redact_text
+from common.redact import redact_text
 from storage import codec
 from storage import fs as sfs
-from storage.shards import IMAGE_COLUMNS, DatasetError, open_dataset, sample_checksum
+from storage.columns import MASK_DEPTH_COLUMNS, Column, decode_check
+from storage.shards import DatasetError, columns_checksum, open_dataset
 
 # Parallel shard checks; each holds one shard in memory.
 DEFAULT_WORKERS = max(1, min(4, os.cpu_count() or 1))
 
 
-def _decode_rgb_size(data: bytes) -> tuple[int, int]:
-    img = Image.open(io.BytesIO(data))
-    img.load()
-    if img.format not in ("JPEG", "PNG"):
-        raise codec.CorruptImageError(f"is {img.format}, expected JPEG or PNG")
-    return img.size[1], img.size[0]
-
-
-def check_shard(uri: str, shard: dict[str, Any], rows: dict[str, list]) -> dict[str, Any]:
+def check_shard(uri: str, shard: dict[str, Any], rows: dict[str, list], columns: tuple[Column, ...] = MASK_DEPTH_COLUMNS) -> dict[str, Any]:
     """Bad entries of one shard and how many samples passed; `rows` are its index rows.
 
     The file's size and sha256 against the manifest, its row count, every indexed sample at its
-    (row group, row) with its checksum, and each image decoding at the size the index records.
+    (row group, row) with its checksum over the declared `columns`, and each column's value
+    decoding per its codec (images and raw arrays at the size the index records).
     """
     name = shard["file"]
     bad: list[dict[str, Any]] = []
@@ -65,32 +58,42 @@ def check_shard(uri: str, shard: dict[str, Any], rows: dict[str, list]) -> dict[
         fail(None, f"holds {table.num_rows} rows, the manifest says {shard['rows']}")
     meta = pq.ParquetFile(io.BytesIO(data)).metadata
     starts = np.concatenate([[0], np.cumsum([meta.row_group(g).num_rows for g in range(meta.num_row_groups)])])
-    cols = {c: table.column(c) for c in ("sample_id", *IMAGE_COLUMNS)}
+    absent = [c.name for c in columns if c.name not in table.column_names]
+    if absent or "sample_id" not in table.column_names:
+        fail(None, f"lacks the declared columns {absent or ['sample_id']} (it has {table.column_names})")
+        return {"bad": bad, "ok": 0, "checksums_ok": 0, "checked": len(rows["sample_id"])}
+    cols = {c: table.column(c) for c in ("sample_id", *(c.name for c in columns))}
     ok = sums_ok = 0
     for sid, group, row, checksum, h, w in zip(rows["sample_id"], rows["row_group"], rows["row"], rows["checksum"], rows["height"], rows["width"], strict=True):
         at = int(starts[group] + row) if group < meta.num_row_groups else table.num_rows
         if at >= table.num_rows or cols["sample_id"][at].as_py() != sid:
             fail(sid, f"not at row group {group} row {row} where the index puts it")
             continue
-        images = {c: cols[c][at].as_py() for c in IMAGE_COLUMNS}
-        got = sample_checksum(*(images[c] for c in IMAGE_COLUMNS))
+        values = {c.name: cols[c.name][at].as_py() for c in columns}
+        try:
+            got = columns_checksum(columns, values)
+        except (TypeError, ValueError, AttributeError) as exc:  # a null where a value must be
+            fail(sid, f"a value is missing or malformed ({type(exc).__name__}: {exc})")
+            continue
         if got != checksum:
             fail(sid, f"checksum mismatch (index {checksum}, shard {got})")
             continue
         sums_ok += 1
-        try:
-            sizes = {
-                "fg_bg": _decode_rgb_size(images["fg_bg"]),
-                "bg": _decode_rgb_size(images["bg"]),
-                "mask": codec.decode_mask(images["mask"]).shape,
-                "depth": codec.decode_depth(images["depth"]).shape,
-            }
-        except Exception as exc:  # noqa: BLE001 - any decode failure is this sample's problem
-            fail(sid, f"does not decode ({type(exc).__name__}: {exc})")
+        sizes: list[str] = []
+        broken = None
+        for c in columns:
+            try:
+                decode_check(c, values[c.name], h, w)
+            except codec.ImageSizeError as exc:
+                sizes.append(str(exc))
+            except Exception as exc:  # noqa: BLE001 - any decode failure is this sample's problem
+                broken = f"column {c.name!r} does not decode ({type(exc).__name__}: {exc})"
+                break
+        if broken:
+            fail(sid, broken)
             continue
-        wrong = {k: v for k, v in sizes.items() if tuple(v) != (h, w)}
-        if wrong:
-            fail(sid, f"image sizes {wrong} differ from the index's {h}x{w}")
+        if sizes:
+            fail(sid, f"image sizes differ from the index's {h}x{w}: {'; '.join(sizes)}")
             continue
         ok += 1
     return {"bad": bad, "ok": ok, "checksums_ok": sums_ok, "checked": len(rows["sample_id"])}
@@ -104,7 +107,16 @@ def verify(uri: str, workers: int | None = None, progress: Callable[[int], None]
     try:
         ds = open_dataset(uri)
     except DatasetError as exc:
-        return {"samples": 0, "shards": 0, "bad": [{"sample": None, "shard": None, "reason": redact_text(str(exc))}], "checksums_ok": 0, "ok": 0}
+        return {
+            "uri": redact_text(uri),
+            "samples": 0,
+            "shards": 0,
+            "bad": [{"sample": None, "shard": None, "reason": redact_text(str(exc))}],
+            "checksums_ok": 0,
+            "ok": 0,
+            "bytes": 0,
+            "seconds": round(time.monotonic() - t0, 2),
+        }
     index = ds.index
     shards = ds.manifest["shards"]
     bad: list[dict[str, Any]] = []
@@ -133,7 +145,7 @@ def verify(uri: str, workers: int | None = None, progress: Callable[[int], None]
     workers = DEFAULT_WORKERS if workers is None else max(1, int(workers))
     if workers > 1 and len(shards) > 1:
         with ProcessPoolExecutor(max_workers=min(workers, len(shards)), mp_context=get_context("spawn")) as pool:
-            futures = {pool.submit(check_shard, uri, shards[s], per_shard[s]): s for s in range(len(shards))}
+            futures = {pool.submit(check_shard, uri, shards[s], per_shard[s], ds.columns): s for s in range(len(shards))}
             for fut in as_completed(futures):
                 res = fut.result()
                 bad.extend(res["bad"])
@@ -143,7 +155,7 @@ def verify(uri: str, workers: int | None = None, progress: Callable[[int], None]
                     progress(res["checked"])
     else:
         for s in range(len(shards)):
-            res = check_shard(uri, shards[s], per_shard[s])
+            res = check_shard(uri, shards[s], per_shard[s], ds.columns)
             bad.extend(res["bad"])
             ok += res["ok"]
             sums_ok += res["checksums_ok"]

@@ -264,7 +264,7 @@ def test_gpu_workers_are_t4_l4_a100_and_advertise_the_gpus_they_have():
 def test_gpu_workers_fit_the_reference_recipe():
     """Ray Train asks for {CPU: cpus_per_worker, GPU: 1} per worker; a node type that cannot hold
     that bundle is never launched for it, and the run waits forever."""
-    from orchestrator.recipe import load_recipe
+    from common.recipe import load_recipe
 
     ex = load_recipe(str(REPO / "recipes" / "unet224.yaml")).execution
     assert ex.use_gpu
@@ -353,7 +353,7 @@ def test_notebook_is_nbformat4_with_no_outputs():
 def test_notebook_set_keys_name_real_recipe_fields():
     """Every `orchestrator run RECIPE --set k=v` in the notebook loads: unknown keys are refused
     by the recipe's strict models, so a typo here would fail the user's first cell."""
-    from orchestrator.recipe import load_recipe
+    from common.recipe import load_recipe
 
     runs = orchestrator_commands("run")
     assert {args[0] for args in runs} == {"recipes/quickstart.yaml", "recipes/unet224.yaml"}
@@ -372,7 +372,7 @@ def test_notebook_set_keys_name_real_recipe_fields():
 def test_notebook_status_reads_the_storage_its_run_writes():
     """`status` defaults to ./runs; the notebook's runs write elsewhere, so each status call must
     pass the --storage of a run with that name."""
-    from orchestrator.recipe import load_recipe
+    from common.recipe import load_recipe
 
     written = set()
     for args in orchestrator_commands("run"):

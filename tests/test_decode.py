@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+import workers.data
 from storage import codec
 from storage.shards import open_dataset
 from storage.synth import synthesize
-from workers import data as wdata
-from workers.data import ChunkSamples, DataError, RawBatch, make_loader, prepare_batch
+from workers.data import DataError, make_loader
+from workers.tasks import mask_depth as wdata
+from workers.tasks.mask_depth import ChunkSamples, RawBatch, prepare_batch
 
 SIZE = 48
 N = 12
@@ -96,7 +98,7 @@ def test_png_masks_and_depth_make_the_same_batch_as_the_raw_format(rows):
 def test_pillow_decodes_the_same_pixels_when_simplejpeg_is_missing(rows, monkeypatch):
     """Breaks if the fallback decoder changes the inputs at full size."""
     fast = ChunkSamples(rows, SIZE, _describe).__getitems__(list(range(N)))
-    monkeypatch.setattr(wdata, "simplejpeg", None)
+    monkeypatch.setattr(workers.data, "simplejpeg", None)
     slow = ChunkSamples(rows, SIZE, _describe).__getitems__(list(range(N)))
     assert torch.equal(fast.rgb, slow.rgb)
     small = ChunkSamples(rows, 24, _describe).__getitems__([0])

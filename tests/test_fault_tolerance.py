@@ -134,9 +134,9 @@ def test_a_stop_on_a_chunks_last_step_is_recorded_with_its_cause(tmp_path, tiny_
     """A notice, or a next-chunk fetch that failed for good, can come on the very step that ends a
     chunk: the chunk-end checkpoint is then the stop's, and the resume must name the stop's cause
     (CI once saw "worker lost" after a drain here)."""
+    from common.errors import OrchestratorError
+    from common.recipe import validate_recipe
     from orchestrator import runner
-    from orchestrator.errors import OrchestratorError
-    from orchestrator.recipe import validate_recipe
     from workers.data import ChunkPrefetcher, DataError
     from workers.preemption import PreemptionMonitor
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from orchestrator.registry import UnknownNameError
+from common.registry import UnknownNameError
 from workers.losses import (
     BCE_TVERSKY_ALPHA,
     BCE_TVERSKY_BETA,

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orchestrator.registry import UnknownNameError
+from common.registry import UnknownNameError
 from workers.models import MODELS, UNet56, UNet224, build_model, count_params
 
 SOURCE_SPINE_PARAMS = 17.3e6

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from orchestrator.errors import RecipeError
-from orchestrator.plan import Plan, batches_for_rank, make_plan, num_steps
-from orchestrator.recipe import validate_recipe
+from common.errors import RecipeError
+from common.plan import Plan, batches_for_rank, make_plan, num_steps
+from common.recipe import validate_recipe
 from tests.conftest import tiny_recipe
 
 

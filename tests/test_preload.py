@@ -14,7 +14,7 @@ from storage import fs as sfs
 from storage.cache import ByteCache
 from storage.preload import ShardFetchError
 from storage.retry import RETRY_COUNTER
-from storage.shards import DatasetError, open_dataset
+from storage.shards import DatasetError, ShardWriter, open_dataset
 from storage.synth import synthesize
 from tests import gcs_emulator as _emulator
 from tests.gcs_emulator import Gcs
@@ -187,3 +187,36 @@ def test_preload_keeps_order_and_repeats_across_shards(local):
     rows = ds.read_samples(ids)
     assert rows["sample_id"].tolist() == ids
     assert rows["fg_bg"][1] == rows["fg_bg"][3] and rows["fg_bg"][0] == rows["fg_bg"][5]
+
+
+def test_declared_columns_preload_through_the_cache_and_heal_like_mask_depth(tmp_path, monkeypatch):
+    """Breaks if preload or its checksum check only knows the mask_depth columns: a dataset of an
+    image and an int64 label must fetch only its row groups, come back from the cache, and have a
+    damaged cache entry re-fetched rather than trusted."""
+    from storage.columns import Column
+    from storage.synth import make_sample
+
+    uri = str(tmp_path / "cls")
+    columns = (Column("image", "image"), Column("label", "int64"))
+    with ShardWriter(uri, rows_per_shard=16, rows_per_group=4, columns=columns, task="classification") as w:
+        for sid in range(40):
+            w.add({"sample_id": sid, "image": make_sample(3, sid, 32)["fg_bg"], "label": sid % 5})
+        w.close()
+    monkeypatch.setenv("ORCHESTRATOR_CACHE", "on")
+    monkeypatch.setenv("ORCHESTRATOR_CACHE_DIR", str(tmp_path / "cache"))
+    group = [20, 21, 22, 23]  # shard 1, row group 1: one whole group, so a flipped byte hits a checked sample
+    ds = open_dataset(uri)
+    good = ds.read_samples([*group, 2])
+    assert good["label"].tolist() == [0, 1, 2, 3, 2] and ds.reader.stats.groups_fetched == 2
+    again = open_dataset(uri)
+    assert again.read_samples(group)["image"] == good["image"][:4]
+    assert again.reader.stats.groups_from_cache == 1 and again.reader.stats.groups_fetched == 0
+    shard1 = ds.manifest["shards"][1]["sha256"][:32]
+    [entry] = [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(shard1) and not p.name.endswith("footer")]
+    data = bytearray(entry.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    entry.write_bytes(bytes(data))
+    healed = open_dataset(uri)
+    rows = healed.read_samples(group)
+    assert rows["image"] == good["image"][:4] and rows["label"].tolist() == [0, 1, 2, 3]
+    assert healed.reader.stats.refetches == 1

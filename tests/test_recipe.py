@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.errors import RecipeError
-from orchestrator.recipe import apply_override, load_recipe, validate_recipe
+from common.errors import RecipeError
+from common.recipe import apply_override, load_recipe, validate_recipe
 from tests.conftest import REPO, run_cli, tiny_recipe, write_recipe
 
 

@@ -8,13 +8,16 @@ import json
 import pickle
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from storage import codec
 from storage import fs as sfs
+from storage.columns import MASK_DEPTH_COLUMNS, Column, decode_value, encode_value
 from storage.shards import (
+    COLUMNS_FORMAT,
     FORMAT,
     DatasetError,
     ShardWriter,
@@ -369,3 +372,275 @@ def test_a_format_1_dataset_with_png_masks_and_depth_still_opens_and_verifies(tm
     sfs.write_json(sfs.join(uri, "manifest.json"), {**manifest, "format": "orchestrator.shards/9"})
     with pytest.raises(DatasetError, match="shards/9"):
         open_dataset(uri)
+
+
+# -- declared columns (format /3) and the mask_depth layout kept byte for byte ---------------------
+
+CLASSIFICATION = (Column("image", "image"), Column("label", "int64"))
+SEGMENTATION = (Column("image", "image"), Column("mask", "raw_u8"))
+CLASSES = ["cat", "dog", "eel"]
+
+
+def _gray(i: int, size: int = SIZE) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size]
+    return ((yy * 7 + xx * 3 + i * 11) % 256).astype(np.uint8)
+
+
+def _classes_map(i: int, size: int = SIZE) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size]
+    seg = ((xx + i) // 8 % 3).astype(np.uint8)
+    seg[yy < 2] = 255  # an "ignore" border: raw_u8 stores any byte, not just 0/255
+    return seg
+
+
+def _write_classification(uri: str, n: int = N) -> dict:
+    w = ShardWriter(uri, rows_per_shard=ROWS_PER_SHARD, rows_per_group=ROWS_PER_GROUP, columns=CLASSIFICATION, task="classification")
+    for i in range(n):
+        # 1-channel PNGs from arrays, ids not in order, a string extra column
+        w.add({"sample_id": 1000 + (i * 7) % n, "image": _gray((i * 7) % n), "label": np.int64((i * 7) % n % 3), "source": f"img{(i * 7) % n}.png"})
+    return w.close({"source": "test", "meta": {"classes": CLASSES}})
+
+
+def _write_segmentation(uri: str, n: int = N) -> dict:
+    w = ShardWriter(uri, rows_per_shard=ROWS_PER_SHARD, rows_per_group=ROWS_PER_GROUP, columns=SEGMENTATION, task="segmentation")
+    for i in range(n):
+        seg = _classes_map(i)
+        present = sorted(int(c) for c in np.unique(seg) if c != 255)
+        # encoded bytes only: the writer takes height x width from the image
+        w.add({"sample_id": i, "image": codec.encode_jpeg(_images(i)["fg_bg"]), "mask": encode_value(SEGMENTATION[1], seg),
+               "class_pixels": [int((seg == c).sum()) for c in range(3)], "classes_present": present, "box": [i, i + 1, 4, 4]})
+    return w.close({"meta": {"classes": CLASSES, "ignore_index": 255}})
+
+
+def test_a_classification_dataset_round_trips_by_id_and_verifies_clean(uri):
+    """Breaks if declared image + int64 columns are not written, read back by id, or verified as declared."""
+    from storage.verify import verify
+
+    m = _write_classification(uri)
+    assert m["format"] == COLUMNS_FORMAT and m["task"] == "classification"
+    assert m["columns"] == [{"name": "image", "codec": "image"}, {"name": "label", "codec": "int64"}]
+    assert m["meta"] == {"classes": CLASSES} and "depth_mean" not in m
+    ds = open_dataset(uri)
+    assert (ds.task, ds.columns, ds.meta) == ("classification", CLASSIFICATION, {"classes": CLASSES})
+    assert "depth_mean" not in ds.index.column_names
+    assert ds.sample_columns == ("sample_id", "image", "label", "height", "width")
+    ids = [1039, 1000, 1017, 1017, 1005]
+    got = ds.read_samples(ids)
+    assert set(got) == {"sample_id", "image", "label", "height", "width"}
+    assert got["sample_id"].tolist() == ids and got["label"].dtype == np.int64
+    assert got["label"].tolist() == [(i - 1000) % 3 for i in ids]
+    for j, i in enumerate(ids):
+        assert got["image"][j].startswith(codec.PNG_SIGNATURE)
+        assert np.array_equal(decode_value(CLASSIFICATION[0], got["image"][j]), _gray(i - 1000))  # lossless
+        assert (got["height"][j], got["width"][j]) == (SIZE, SIZE)
+    assert ds.read_samples([1003], columns=["label"])["label"].tolist() == [0]
+    assert ds.index_values("source", [1003, 1001]).tolist() == ["img3.png", "img1.png"]
+    with pytest.raises(ValueError, match="unknown columns"):
+        ds.read_samples([1003], columns=["mask"])
+    with pytest.raises(DatasetError, match="no column 'depth_mean'") as err:
+        ds.depth_means([1003])
+    assert sfs.normalize(uri) in str(err.value) and "'label'" not in str(err.value) and "'source'" in str(err.value)
+    out = verify(uri, workers=1)
+    assert (out["samples"], out["shards"], out["bad"], out["ok"], out["checksums_ok"]) == (N, 3, [], N, N)
+    assert pickle.loads(pickle.dumps(ds)).read_samples([1002])["label"].tolist() == [2]
+
+
+def test_a_segmentation_dataset_round_trips_with_list_index_columns(uri):
+    """Breaks if a raw_u8 class map is not stored exactly, or list-valued index columns do not round-trip."""
+    from storage.verify import verify
+
+    _write_segmentation(uri)
+    ds = open_dataset(uri)
+    assert ds.task == "segmentation" and ds.meta["ignore_index"] == 255 and ds.manifest["format"] == COLUMNS_FORMAT
+    list_type = ds.index.schema.field("class_pixels").type
+    assert pa.types.is_list(list_type) and list_type.value_type == pa.int64()
+    ids = [33, 4, 17]
+    got = ds.read_samples(ids, columns=("sample_id", "mask", "height"))
+    assert set(got) == {"sample_id", "mask", "height"} and got["height"].tolist() == [SIZE] * 3
+    for j, i in enumerate(ids):
+        assert np.array_equal(decode_value(SEGMENTATION[1], got["mask"][j]), _classes_map(i))
+    pixels = ds.index_values("class_pixels", ids)
+    assert [p.tolist() for p in pixels] == [[int((_classes_map(i) == c).sum()) for c in range(3)] for i in ids]
+    assert [p.tolist() for p in ds.index_values("classes_present", [0, 5])] == [
+        sorted(int(c) for c in np.unique(_classes_map(i)) if c != 255) for i in (0, 5)]
+    assert [b.tolist() for b in ds.index_values("box", [7])] == [[7, 8, 4, 4]]
+    out = verify(uri, workers=1 if uri.startswith("memory://") else 2)  # memory:// is per process
+    assert (out["bad"], out["ok"]) == ([], N)
+
+
+def _shard_of(ds, sample_id: int) -> str:
+    return ds.manifest["shards"][int(ds.index.column("shard").to_numpy()[ds.positions([sample_id])[0]])]["file"]
+
+
+def test_a_corrupted_value_of_a_declared_column_is_caught_by_checksum_and_verify(tmp_path):
+    """Breaks if the checksum skips non-mask_depth columns (the image, an int64 label), or verify misses them."""
+    from storage.verify import verify
+
+    uri = str(tmp_path / "cls")
+    _write_classification(uri)
+    ds = open_dataset(uri)
+    # the label: rewrite the shard with one label changed (a valid Parquet file, other bytes)
+    victim = 1021
+    shard = _shard_of(ds, victim)
+    path = tmp_path / "cls" / shard
+    pf = pq.ParquetFile(str(path))
+    groups = [pf.read_row_group(g) for g in range(pf.metadata.num_row_groups)]
+    with pq.ParquetWriter(str(path), pf.schema_arrow, compression="none", use_dictionary=False, write_statistics=["sample_id", "height", "width"]) as w:
+        for t in groups:
+            labels = [lab + 1 if sid == victim else lab for sid, lab in zip(t.column("sample_id").to_pylist(), t.column("label").to_pylist(), strict=True)]
+            w.write_table(t.set_column(t.schema.get_field_index("label"), "label", pa.array(labels, pa.int64())))
+    # the image of another sample: one flipped byte in place
+    other = 1007
+    img = ds.read_samples([other])["image"][0]
+    other_path = tmp_path / "cls" / _shard_of(ds, other)
+    data = bytearray(other_path.read_bytes())
+    data[data.find(img) + len(img) // 2] ^= 0x10
+    other_path.write_bytes(bytes(data))
+
+    out = verify(uri, workers=1)
+    by_sample = {b["sample"]: b for b in out["bad"] if b["sample"] is not None}
+    assert set(by_sample) == {str(victim), str(other)}
+    assert by_sample[str(victim)]["shard"] == shard and "checksum" in by_sample[str(victim)]["reason"]
+    assert by_sample[str(other)]["shard"] == _shard_of(ds, other) and "checksum" in by_sample[str(other)]["reason"]
+    assert out["checksums_ok"] == N - 2
+    fresh = open_dataset(uri)
+    for sid in (victim, other):
+        with pytest.raises(DatasetError, match=f"sample {sid} fails its checksum"):
+            fresh.read_samples([sid])
+
+
+def _manifest_text(m: dict) -> bytes:
+    return json.dumps(m).encode()
+
+
+def _without(m: dict, key: str) -> dict:
+    return {k: v for k, v in m.items() if k != key}
+
+
+MALFORMED = {
+    "not JSON": lambda m: b'{"format": "orchestrator.sha',
+    "a list": lambda m: b"[1, 2]",
+    "no num_samples": lambda m: _manifest_text(_without(m, "num_samples")),
+    "no shards": lambda m: _manifest_text(_without(m, "shards")),
+    "no index": lambda m: _manifest_text(_without(m, "index")),
+    "num_samples a string": lambda m: _manifest_text({**m, "num_samples": "40"}),
+    "shards an object": lambda m: _manifest_text({**m, "shards": {"0": m["shards"][0]}}),
+    "a shard without bytes": lambda m: _manifest_text({**m, "shards": [_without(m["shards"][0], "bytes"), *m["shards"][1:]]}),
+    "columns not a list": lambda m: _manifest_text({**m, "columns": "image,label"}),
+    "an unknown codec": lambda m: _manifest_text({**m, "columns": [{"name": "image", "codec": "webp"}, m["columns"][1]]}),
+    "/3 without columns": lambda m: _manifest_text(_without(m, "columns")),
+    "/2 with other columns": lambda m: _manifest_text({**m, "format": FORMAT}),
+    "meta not an object": lambda m: _manifest_text({**m, "meta": ["cat"]}),
+    "task not a string": lambda m: _manifest_text({**m, "task": 3}),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(MALFORMED))
+def test_a_malformed_manifest_is_one_dataset_error_naming_it(tmp_path, kind):
+    """Breaks if a damaged manifest.json surfaces as a KeyError/TypeError traceback, or the error
+    does not name the manifest, the problem and the fix."""
+    uri = str(tmp_path / "ds")
+    m = _write_classification(uri, n=8)
+    sfs.write_bytes(sfs.join(uri, "manifest.json"), MALFORMED[kind](m))
+    with pytest.raises(DatasetError) as err:
+        open_dataset(uri)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(sfs.join(uri, "manifest.json") + ": ")
+    assert "re-pack" in msg
+
+
+def test_mask_depth_datasets_are_written_as_before_columns_were_declared(tmp_path):
+    """Breaks if the mask_depth shards change by a byte (a run's weights hash depends on its data):
+    the same bytes as a writer frozen at format /2's layout, and, with the library versions they
+    were recorded with, the sha256s recorded before columns were declared."""
+    uri = str(tmp_path / "ds")
+    samples = []
+    for i in range(20):
+        im = _images(i)
+        samples.append({"sample_id": i, "fg_bg": codec.encode_jpeg(im["fg_bg"]), "bg": codec.encode_jpeg(im["bg"]),
+                        "mask": codec.encode_mask(im["mask"]), "depth": codec.encode_depth(im["depth"])})
+    with ShardWriter(uri, rows_per_shard=8, rows_per_group=3) as w:
+        for s in samples:
+            w.add(dict(s))
+        m = w.close()
+    assert m["format"] == "orchestrator.shards/2" and m["task"] == "mask_depth" and m["columns"] == [c.as_dict() for c in MASK_DEPTH_COLUMNS]
+    assert open_dataset(uri).index.column_names == ["sample_id", "shard", "row_group", "row", "height", "width", "depth_mean", "checksum"]
+    schema = pa.schema([("sample_id", pa.int64()), ("fg_bg", pa.binary()), ("bg", pa.binary()), ("mask", pa.binary()),
+                        ("depth", pa.binary()), ("height", pa.int32()), ("width", pa.int32())])
+    for k, shard in enumerate(m["shards"]):
+        buf = io.BytesIO()
+        with pq.ParquetWriter(buf, schema, compression="none", use_dictionary=False, write_statistics=["sample_id", "height", "width"]) as pw:
+            part = samples[k * 8 : (k + 1) * 8]
+            for g in range(0, len(part), 3):
+                rows = part[g : g + 3]
+                cols = {c: [r[c] for r in rows] for c in ("sample_id", "fg_bg", "bg", "mask", "depth")}
+                pw.write_table(pa.Table.from_pydict({**cols, "height": [SIZE] * len(rows), "width": [SIZE] * len(rows)}, schema=schema),
+                               row_group_size=len(rows))
+        assert hashlib.sha256(buf.getvalue()).hexdigest() == shard["sha256"]
+        assert sfs.read_bytes(sfs.join(uri, shard["file"])) == buf.getvalue()
+
+    import PIL
+    import skimage
+
+    from storage.synth import synthesize
+
+    recorded_with = ("25.0.1", "13.0.0", "2.4.6", "0.26.0")
+    if (pa.__version__, PIL.__version__, np.__version__, skimage.__version__) != recorded_with:
+        pytest.skip(f"sha256s recorded with pyarrow/Pillow/numpy/scikit-image {recorded_with}")
+    m = synthesize(str(tmp_path / "synth"), 70, seed=3, image_size=64, rows_per_shard=32, rows_per_group=8, workers=1)
+    assert [s["sha256"] for s in m["shards"]] == [
+        "34085bc9b55fb440fa03eeb4145dffd8de264779d7884f7b8baa2dd515e37892",
+        "d283677d9ff59851e3b032aa6c5537a66c7eec54a5f709a0a4b0020faafa3373",
+        "939df86cb2fa9a591bf486225336b0b269ea1861f2749a7f806dbe08a171db2a",
+    ]
+    index = sfs.read_bytes(sfs.join(str(tmp_path / "synth"), "index.parquet"))
+    assert hashlib.sha256(index).hexdigest() == "354b19f57bdde44d47c786e8f42ed53fd11b7d19f326503a0a7fa6cde2fe7e78"
+    assert m["depth_mean"] == 0.5032794624567032
+
+
+def test_a_format_2_manifest_without_columns_reads_as_mask_depth(tmp_path):
+    """Breaks if /2 datasets packed before columns were declared stop opening, reading or verifying."""
+    from storage.verify import verify
+
+    uri = str(tmp_path / "ds")
+    _write(uri, n=12)
+    manifest = sfs.read_json(sfs.join(uri, "manifest.json"))
+    sfs.write_json(sfs.join(uri, "manifest.json"), {k: v for k, v in manifest.items() if k not in ("task", "columns")})
+    ds = open_dataset(uri)
+    assert (ds.task, ds.columns, ds.meta) == ("mask_depth", MASK_DEPTH_COLUMNS, {})
+    got = ds.read_samples([11, 3])
+    assert set(got) == {"sample_id", "fg_bg", "bg", "mask", "depth", "height", "width"}
+    assert np.array_equal(codec.decode_mask(got["mask"][1]), _images(3)["mask"])
+    assert ds.depth_means([3]).tolist() == ds.index_values("depth_mean", [3]).tolist() and ds.depth_means([3]).dtype == np.float32
+    assert verify(uri, workers=1)["ok"] == 12
+
+
+def test_a_writer_refuses_samples_that_do_not_fit_its_columns(tmp_path):
+    """Breaks if a missing column or an unstorable value lands in a dataset instead of failing at add()."""
+    w = ShardWriter(str(tmp_path / "ds"), columns=CLASSIFICATION, task="classification")
+    with pytest.raises(ValueError, match=r"sample 1: columns \['label'\] missing"):
+        w.add({"sample_id": 1, "image": _gray(1)})
+    with pytest.raises(ValueError, match="sample 2, column 'label'"):
+        w.add({"sample_id": 2, "image": _gray(2), "label": 0.5})
+    with pytest.raises(ValueError, match="reserved"):
+        ShardWriter(str(tmp_path / "ds2"), columns=(Column("width", "int64"),))
+    only_ints = ShardWriter(str(tmp_path / "ds3"), columns=(Column("label", "int64"),), task="t")
+    with pytest.raises(ValueError, match="pass height and width"):
+        only_ints.add({"sample_id": 0, "label": 1})
+
+
+def test_the_size_comes_from_the_first_value_that_reads(tmp_path):
+    """Breaks if a writer given only bytes records no size, or one undecodable image (written on
+    purpose, for verify to find) stops it although another column gives the size."""
+    uri = str(tmp_path / "ds")
+    im = _images(0)
+    with ShardWriter(uri, rows_per_shard=4, rows_per_group=2) as w:
+        w.add({"sample_id": 0, "fg_bg": b"\xff\xd8\xff\xe0 not a jpeg", "bg": codec.encode_jpeg(im["bg"][:, :20]),
+               "mask": codec.encode_mask(im["mask"]), "depth": codec.encode_depth(im["depth"])})
+        w.close()
+    assert open_dataset(uri).read_samples([0], columns=["height", "width"])["width"].tolist() == [20]
+    seg = ShardWriter(str(tmp_path / "seg"), columns=(Column("label", "int64"), Column("seg", "raw_u8")), task="t")
+    seg.add({"sample_id": 0, "label": 1, "seg": encode_value(Column("seg", "raw_u8"), np.zeros((5, 9), np.uint8))})
+    seg.close()
+    got = open_dataset(str(tmp_path / "seg")).read_samples([0])
+    assert (got["height"][0], got["width"][0], got["label"][0]) == (5, 9, 1)

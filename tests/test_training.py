@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from common.recipe import validate_recipe
 from orchestrator import runner
-from orchestrator.recipe import validate_recipe
 from storage import checkpoints
 from tests.conftest import (
     kill_group,

@@ -75,3 +75,43 @@ def test_a_missing_shard_and_a_missing_dataset_are_reported(dataset, tmp_path):
     assert out["ok"] == N - 16
     res = run_cli("data", "verify", str(tmp_path / "nothing"), "--json", cwd=tmp_path)
     assert res.returncode == 1 and "manifest.json missing" in json.loads(res.stdout)["bad"][0]["reason"]
+
+
+def test_a_manifest_missing_keys_is_one_clear_error_not_a_traceback(dataset, tmp_path):
+    """Breaks if `data verify` on a manifest without "shards" (or "num_samples") ends in a KeyError
+    traceback instead of exit 1 and one line naming the manifest and the fix."""
+    manifest = Path(dataset) / "manifest.json"
+    good = json.loads(manifest.read_text())
+    for key in ("shards", "num_samples"):
+        manifest.write_text(json.dumps({k: v for k, v in good.items() if k != key}))
+        res = run_cli("data", "verify", dataset, "--json", cwd=tmp_path)
+        assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+        [bad] = json.loads(res.stdout)["bad"]
+        assert bad["reason"].startswith(f"{manifest}: keys ['{key}'] missing") and "re-pack" in bad["reason"] and "\n" not in bad["reason"]
+        res = run_cli("data", "verify", dataset, cwd=tmp_path)
+        assert res.returncode == 1 and "Traceback" not in res.stderr and f"{manifest}: keys ['{key}'] missing" in res.stderr
+
+
+def test_declared_columns_are_verified_per_codec(tmp_path):
+    """Breaks if verify only knows the mask_depth columns: a raw_u8 class map that does not decode,
+    or decodes at another size than indexed, must be named by sample and shard."""
+    from storage import codec
+    from storage.columns import Column
+
+    uri = str(tmp_path / "seg")
+    columns = (Column("image", "image"), Column("seg", "raw_u8"), Column("label", "int64"))
+    with ShardWriter(uri, rows_per_shard=4, rows_per_group=2, columns=columns, task="segmentation") as w:
+        for sid in range(8):
+            s = make_sample(0, sid, 32)
+            seg = s["mask"] // 255 * 3  # class ids 0/3
+            if sid == 2:
+                seg = b"\x89PNG\r\n\x1a\n but then nothing"
+            elif sid == 5:
+                seg = codec.encode_raw(seg[:16], codec.LAYOUT_PLAIN, codec.CODEC_LZ4)  # 16x32, indexed 32x32
+            w.add({"sample_id": sid, "image": s["fg_bg"], "seg": seg, "label": sid % 2, "height": 32, "width": 32})
+        w.close()
+    out = verify(uri, workers=2)
+    assert [(b["sample"], b["shard"]) for b in out["bad"]] == [("2", "shards/shard-00000.parquet"), ("5", "shards/shard-00001.parquet")]
+    assert "'seg' does not decode" in out["bad"][0]["reason"]
+    assert "'seg' is 16x32, the index says 32x32" in out["bad"][1]["reason"]
+    assert out["checksums_ok"] == 8 and out["ok"] == 6

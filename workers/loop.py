@@ -12,34 +12,26 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from typing import Any, NoReturn
 
 import numpy as np
 import torch
 
-from orchestrator.plan import Plan, batches_for_rank, steps_per_chunk
-from orchestrator.recipe import Recipe, StageSection
+from common.plan import Plan, batches_for_rank, steps_per_chunk
+from common.recipe import Recipe, StageSection
 from storage import checkpoints, fs
 from storage.layout import CURSOR_JSON, ERROR_JSON, FINAL_JSON, PROGRESS_JSON
 from storage.retry import RETRY_COUNTER, StorageError
 from storage.shards import DatasetError, open_dataset
 from workers.checkpoint_policy import CheckpointPolicy
-from workers.data import (
-    ChunkPrefetcher,
-    ChunkSamples,
-    DataError,
-    check_sizes,
-    make_loader,
-    prepare_batch,
-)
-from workers.losses import build_loss
-from workers.metrics import EvalAccumulator
-from workers.models import build_model
+from workers.data import ChunkPrefetcher, DataError, check_sizes, make_loader
+from workers.models.registry import build_from_recipe
 from workers.preemption import FATAL, TRAINING_ACTIVE, PreemptedError, PreemptionMonitor
 from workers.progress import ProgressWriter
 from workers.session import Session, configure_threads, make_session
 from workers.state import TrainState
-from workers.viz import prediction_grid
+from workers.tasks import Batch, get_task
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +44,7 @@ def _stop_reason(notice: str) -> str:
     return "error" if notice == FATAL else "preemption"
 
 
-TRAIN_KEYS = ("train/loss", "train/mask_loss", "train/depth_loss")
-METRIC_KEYS = {*TRAIN_KEYS, "eval/mask_iou", "eval/depth_rmse", "eval/depth_rmse_baseline", "perf/data_wait_fraction", "perf/storage_retries"}
-
+PERF_KEYS = ("perf/data_wait_fraction", "perf/storage_retries")
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -96,13 +86,11 @@ class Trainer:
         self.plan = Plan.load(self.run_dir)
         self.dataset = open_dataset(config["data_uri"])
         self.prefetcher = ChunkPrefetcher(self.dataset)
-        self.baseline_depth = float(config["baseline_depth"])
+        self.task = get_task(recipe.task)(recipe, config["task_info"])
 
-        model = build_model(recipe.model.name, width=recipe.model.width).to(self.device)
+        model = build_from_recipe(recipe.model, **self.task.model_kwargs()).to(self.device)
         self.state = TrainState(model=model)
         self.ddp_model: torch.nn.Module = model
-        self.mask_loss = build_loss(recipe.loss.mask)
-        self.depth_loss = build_loss(recipe.loss.depth)
         self.policy = CheckpointPolicy(recipe.checkpoint.every_steps, recipe.checkpoint.every_seconds)
         self.preemption = PreemptionMonitor(recipe.execution.backend, self.world, self.device, recipe.checkpoint.preemption_poll_steps)
         # A stop (notice, or FATAL with this rank's own error if it has one) that came on a chunk's
@@ -114,7 +102,7 @@ class Trainer:
             from workers.mlflow_sink import MlflowSink
 
             self.sink = MlflowSink(config["tracking_uri"], config["mlflow_run_id"])
-        self._loss_buf: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._loss_buf: list[tuple[int, Sequence[torch.Tensor]]] = []
         self._eval_rows: dict[str, Any] | None = None
         self._last_loss: float | None = None
         self._data_wait = 0.0
@@ -194,7 +182,7 @@ class Trainer:
         if self.sink is not None:
             # Points this checkpoint carried may or may not have reached MLflow before the cut.
             self.sink.log_metrics(self.state.pending_metrics, dedupe=True)
-            self.sink.resume(METRIC_KEYS)
+            self.sink.resume({*self.task.metric_keys(self.task.info), *PERF_KEYS})
         self.state.pending_metrics.clear()
         log.warning("resumed from %s at %s", meta.get("name"), c)
         return True
@@ -252,12 +240,11 @@ class Trainer:
         check_sizes(rows, self.recipe.data.image_size, self.describe)
         _check_complete(rows, ids[self.rank :: self.world], self.describe)
         position = {int(sid): i for i, sid in enumerate(rows["sample_id"])}
-        path = st.forward
         seed = self.recipe.run.seed
         while c.epoch < st.epochs_per_chunk:
             batches = batches_for_rank(ids, st.batch_size, self.world, self.rank, [seed, 3, s, chunk, c.epoch])
             todo = [[position[int(x)] for x in b] for b in batches[c.batch :]]
-            samples = ChunkSamples(rows, st.resolution, self.describe, self.recipe.data.hflip, (seed, s, chunk, c.epoch))
+            samples = self.task.samples(rows, st.resolution, self.describe, train=True, flip_key=(seed, s, chunk, c.epoch))
             loader = make_loader(samples, batch_sampler=todo, num_workers=self.recipe.data.decode_workers,
                                  pin_memory=self.device.type == "cuda")
             self._progress("train", force=True)
@@ -269,12 +256,12 @@ class Trainer:
                 except StopIteration:
                     break
                 wait_s += time.perf_counter() - t0
-                x, m, d = prepare_batch(batch, self.device)
-                self._train_step(x, m, d, path)
+                batch = self.task.to_device(batch, self.device)
+                self._train_step(batch, st.forward)
                 c.batch += 1
                 c.global_step += 1
-                c.samples_seen += len(x) * self.world
-                self.progress.rate.add(len(x) * self.world)
+                c.samples_seen += len(batch.x) * self.world
+                self.progress.rate.add(len(batch.x) * self.world)
                 # The first step after a (re)start is reported at once: recovery time is measured to it.
                 self._steps_this_process += 1
                 self._progress("train", force=self._steps_this_process == 1)
@@ -298,12 +285,11 @@ class Trainer:
         self._data_wait = wait_s / max(time.perf_counter() - t_chunk, 1e-9)
         self._end_chunk(s, chunk, len(ids))
 
-    def _train_step(self, x: torch.Tensor, m: torch.Tensor, d: torch.Tensor, path: str) -> None:
-        """One optimizer step on model tensors already on the device (see prepare_batch)."""
-        out = _forward(self.ddp_model, x, path)
-        mask_loss = self.mask_loss(out[:, 0:1], m)
-        depth_loss = self.depth_loss(out[:, 1:2], d)
-        loss = mask_loss + self.recipe.loss.depth_weight * depth_loss
+    def _train_step(self, batch: Batch, path: str) -> None:
+        """One optimizer step on a batch already on the device (the task's to_device)."""
+        out = self.task.forward(self.ddp_model, batch.x, path)
+        losses = self.task.losses(out, batch)
+        loss = losses[0]
         opt = self.state.optimizer
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -319,16 +305,16 @@ class Trainer:
             torch_xla.sync()  # cut the lazy graph at each step, as torch_xla's training loops do
         if self.session.is_chief:
             # Kept as tensors: a .item() per step would sync the GPU every step.
-            self._loss_buf.append((self.state.cursor.global_step + 1, loss.detach(), mask_loss.detach(), depth_loss.detach()))
+            self._loss_buf.append((self.state.cursor.global_step + 1, [t.detach() for t in losses]))
             if len(self._loss_buf) >= self.recipe.tracking.flush_every_steps:
                 self._drain_losses()
 
     def _drain_losses(self) -> None:
         if not self._loss_buf:
             return
-        vals = torch.stack([torch.stack(v[1:]) for v in self._loss_buf]).float().cpu().tolist()
-        for (step, *_), (lo, ml, dl) in zip(self._loss_buf, vals, strict=True):
-            self.state.pending_metrics += [(k, v, step) for k, v in zip(TRAIN_KEYS, (lo, ml, dl), strict=True)]
+        vals = torch.stack([torch.stack(list(v)) for _, v in self._loss_buf]).float().cpu().tolist()
+        for (step, _), row in zip(self._loss_buf, vals, strict=True):
+            self.state.pending_metrics += [(k, v, step) for k, v in zip(self.task.train_keys, row, strict=True)]
         self._last_loss = vals[-1][0]
         self._loss_buf.clear()
 
@@ -397,11 +383,10 @@ class Trainer:
         st = self.recipe.stages[s]
         model = self.state.model
         model.eval()
-        acc = EvalAccumulator()
-        for batch in self._eval_loader(st):
-            x, m, d = prepare_batch(batch, self.device)
-            out = _forward(model, x, st.forward)
-            acc.update(out[:, 0:1], m, out[:, 1:2], d, self.baseline_depth)
+        acc = self.task.evaluator()
+        for raw in self._eval_loader(st):
+            batch = self.task.to_device(raw, self.device)
+            acc.update(self.task.forward(model, batch.x, st.forward), batch)
         model.train()
         self.session.barrier()
         return acc.compute()
@@ -411,7 +396,7 @@ class Trainer:
             self._eval_rows = self.dataset.read_samples(self.plan.eval_ids)
             check_sizes(self._eval_rows, self.recipe.data.image_size, self.describe)
             _check_complete(self._eval_rows, self.plan.eval_ids, self.describe)
-        ds = ChunkSamples(self._eval_rows, st.resolution, self.describe)
+        ds = self.task.samples(self._eval_rows, st.resolution, self.describe, train=False)
         return make_loader(ds, batch_size=st.batch_size, num_workers=self.recipe.data.decode_workers)
 
     def checkpoint(self, reason: str) -> None:
@@ -451,14 +436,14 @@ class Trainer:
         model = self.state.model
         model.eval()
         with torch.no_grad():
-            batch = next(iter(make_loader(ChunkSamples(self._eval_rows, st.resolution, self.describe), batch_size=n)))
-            x, m, d = prepare_batch(batch, self.device)
-            out = _forward(model, x, st.forward).cpu()
-            x, m, d = x.cpu(), m.cpu(), d.cpu()
+            samples = self.task.samples(self._eval_rows, st.resolution, self.describe, train=False)
+            batch = self.task.to_device(next(iter(make_loader(samples, batch_size=n))), self.device)
+            out = self.task.forward(model, batch.x, st.forward).cpu()
+            batch = Batch(batch.x.cpu(), tuple(t.cpu() for t in batch.targets))
         model.train()
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, f"stage{s + 1}-{st.name}.png")
-            prediction_grid(x, m, d, out, path)
+            self.task.picture(batch, out, path)
             self.sink.log_artifact(path, "predictions")
 
     def finish(self) -> None:
@@ -496,11 +481,6 @@ class Trainer:
         self.prefetcher.close()
 
 
-def _forward(model: torch.nn.Module, x: torch.Tensor, path: str) -> torch.Tensor:
-    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-    return model(x, path=path) if hasattr(inner, "parts") else model(x)
-
-
 def _make_optimizer(recipe: Recipe, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
     o = recipe.optimizer
     if o.name == "sgd":
@@ -508,7 +488,16 @@ def _make_optimizer(recipe: Recipe, params: list[torch.nn.Parameter], lr: float)
     return torch.optim.AdamW(params, lr=lr, weight_decay=o.weight_decay)
 
 
+# OneCycleLR divides by the length of its warm-up and its anneal phase; a stage of a handful of
+# steps (a small subset of a big recipe's data) has no room for either, and gets a constant rate.
+ONECYCLE_MIN_STEPS = 10
+
+
 def _make_scheduler(opt: torch.optim.Optimizer, st: StageSection, total_steps: int) -> Any:
+    if st.scheduler == "onecycle" and total_steps < ONECYCLE_MIN_STEPS:
+        log.warning("stage %r has %d steps, too few for a one-cycle schedule: training at a constant lr %g",
+                    st.name, total_steps, st.lr)
+        return None
     if st.scheduler == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=st.lr, total_steps=max(total_steps, 1), pct_start=0.2)
     return None

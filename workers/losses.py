@@ -1,9 +1,10 @@
 """The loss registry and build_loss, which sums weighted losses.
 
 Registered: l1, rmse, dice, bce, ssim (= ssim11), and the rest of the source team's loss
-comparison (their Table 1): tversky, bce_dice, bce_tversky, berhu, grad, ssim5, ssim11.
+comparison (their Table 1): tversky, bce_dice, bce_tversky, berhu, grad, ssim5, ssim11; and
+cross_entropy for class labels (classification, segmentation).
 
-Every loss takes logits (N, C, H, W) and a target in [0, 1] of the same shape, applies the
+Every loss but cross_entropy takes logits (N, C, H, W) and a target in [0, 1] of the same shape, applies the
 sigmoid itself (bce and the bce_* sums use the fused BCE-with-logits form for their BCE term),
 and computes in float32 so it is safe under autocast.
 """
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from orchestrator.registry import Registry
+from common.registry import Registry
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 LOSSES: Registry[LossFn] = Registry("loss")
@@ -197,6 +198,19 @@ def ssim5_loss(logits: Tensor, target: Tensor) -> Tensor:
     """1 - SSIM(sigmoid(logits), target) over a 5x5 window (sigma 1.5, 'valid'); needs H, W >= 5."""
     p, t = _prep(logits, target)
     return 1 - ssim(p, t, window=5)
+
+
+# Pixels (segmentation) or samples marked with this label count in no loss and no metric.
+IGNORE_INDEX = 255
+
+
+@LOSSES.register("cross_entropy")
+def cross_entropy_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """Class logits (N, K) or (N, K, H, W) against integer labels (N) or (N, H, W); label 255 is ignored.
+
+    The one loss here that takes labels rather than a [0, 1] target (workers/recipe_check.py
+    keeps it in `loss.labels` and the others out of it)."""
+    return F.cross_entropy(logits.float(), target.long(), ignore_index=IGNORE_INDEX)
 
 
 class WeightedLoss:

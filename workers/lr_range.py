@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from orchestrator.plan import Plan
-from orchestrator.recipe import Recipe
-from workers.data import ChunkSamples, make_loader, prepare_batch
-from workers.losses import build_loss
-from workers.models import build_model
+from common.plan import Plan
+from common.recipe import Recipe
+from workers.data import make_loader
+from workers.models.registry import build_from_recipe
+from workers.tasks import get_task
 
 SMOOTHING = 0.98  # EMA of the loss, bias-corrected, as in the usual LR finder
 DIVERGE_FACTOR = 4.0  # stop once the smoothed loss is this many times its best
@@ -47,10 +47,12 @@ class LRCurve:
 
 
 def lr_range_test(recipe: Recipe, plan: Plan, dataset: Any, stage: int, steps: int, min_lr: float, max_lr: float,
-                  device: torch.device, on_step: Any = None) -> LRCurve:
+                  device: torch.device, info: dict[str, Any], on_step: Any = None) -> LRCurve:
+    """`info`: the task's data_info for this dataset and plan (classes, baseline)."""
     st = recipe.stages[stage]
+    task = get_task(recipe.task)(recipe, info)
     torch.manual_seed(recipe.run.seed)
-    model = build_model(recipe.model.name, width=recipe.model.width).to(device)
+    model = build_from_recipe(recipe.model, **task.model_kwargs()).to(device)
     if hasattr(model, "set_trainable"):
         model.set_trainable(st.trainable)
     model.train()
@@ -58,14 +60,13 @@ def lr_range_test(recipe: Recipe, plan: Plan, dataset: Any, stage: int, steps: i
     opt = (torch.optim.SGD(params, lr=min_lr, momentum=recipe.optimizer.momentum, weight_decay=recipe.optimizer.weight_decay)
            if recipe.optimizer.name == "sgd" else torch.optim.AdamW(params, lr=min_lr, weight_decay=recipe.optimizer.weight_decay))
     gamma = (max_lr / min_lr) ** (1.0 / max(steps - 1, 1))
-    mask_loss, depth_loss = build_loss(recipe.loss.mask), build_loss(recipe.loss.depth)
 
     # Only as many samples as the steps need, from the stage's own chunks, in plan order.
     sp = plan.stages[stage]
     need = steps * st.batch_size
     ids = np.concatenate([sp.chunk_ids(c) for c in range(sp.num_chunks)])[:need]
     rows = dataset.read_samples(ids)
-    samples = ChunkSamples(rows, st.resolution, dataset.describe, recipe.data.hflip, (recipe.run.seed, 99, stage))
+    samples = task.samples(rows, st.resolution, dataset.describe, train=True, flip_key=(recipe.run.seed, 99, stage))
     order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(recipe.run.seed)).tolist()
     batches = [order[i : i + st.batch_size] for i in range(0, len(order) - st.batch_size + 1, st.batch_size)]
     loader = make_loader(samples, batch_sampler=batches)
@@ -73,11 +74,10 @@ def lr_range_test(recipe: Recipe, plan: Plan, dataset: Any, stage: int, steps: i
     step = 0
     while step < steps:
         for batch in loader:
-            x, m, d = prepare_batch(batch, device)
+            batch = task.to_device(batch, device)
             for g in opt.param_groups:
                 g["lr"] = lr
-            out = model(x, path=st.forward) if hasattr(model, "parts") else model(x)
-            loss = mask_loss(out[:, 0:1], m) + recipe.loss.depth_weight * depth_loss(out[:, 1:2], d)
+            loss = task.losses(task.forward(model, batch.x, st.forward), batch)[0]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -1,22 +1,18 @@
-"""The model registry: recipes name a model ("unet56", "unet224"); build_model makes it."""
+"""Registered models (see registry.py for the contract a model module follows).
+
+Each model module registers itself on import; add a new one to the import list below.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from workers.models import (
+    basenet,  # noqa: F401
+    mobilenet_depth,  # noqa: F401
+    resnet_seg,  # noqa: F401
+    resunet,  # noqa: F401
+    unet,  # noqa: F401  (registers unet56, unet224)
+)
+from workers.models.registry import MODELS, build_model, count_params, model_task, model_variants
+from workers.models.unet import UNet56, UNet224
 
-from torch import nn
-
-from orchestrator.registry import Registry
-
-MODELS: Registry[type[nn.Module]] = Registry("model")
-
-# Imported for its side effect: registering the models in MODELS.
-from workers.models import unet  # noqa: E402, F401
-from workers.models.unet import UNet56, UNet224, count_params  # noqa: E402
-
-__all__ = ["MODELS", "UNet56", "UNet224", "build_model", "count_params"]
-
-
-def build_model(name: str, **kwargs: Any) -> nn.Module:
-    """Instantiate a registered model; unknown names raise UnknownNameError listing valid ones."""
-    return MODELS.get(name)(**kwargs)
+__all__ = ["MODELS", "UNet56", "UNet224", "build_model", "count_params", "model_task", "model_variants"]

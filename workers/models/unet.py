@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from workers.models import MODELS
+from workers.models.parts import FreezableParts
+from workers.models.registry import MODELS
 
 PARTS = ("head", "spine", "tail")
 
 
 def _ch(channels: int, width: float) -> int:
     return max(4, int(round(channels * width)))
-
-
-def count_params(model: nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameters (all of them, or only those with requires_grad)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -60,6 +54,8 @@ class Up(nn.Module):
 
 @MODELS.register("unet56")
 class UNet56(nn.Module):
+    task = "mask_depth"
+    variants: dict = {}
     """Classic bilinear U-Net: widths 64..512 (bottleneck 1024//2), four downs, four ups.
 
     17,264,770 parameters at width 1 with 6 in / 2 out channels. Any H, W >= 16 works;
@@ -143,7 +139,7 @@ def upsample_like(s: Tensor, x: Tensor) -> Tensor:
 
 
 @MODELS.register("unet224")
-class UNet224(nn.Module):
+class UNet224(FreezableParts):
     """head (6xH -> 6xH/4) + spine (UNet56) + tail (2xH/4 -> 2xH).
 
     `head_channels` defaults to round(96 * width) (min 4): 96 puts the total at width 1
@@ -169,6 +165,18 @@ class UNet224(nn.Module):
         self.tail = Tail(in_channels, out_channels, c)
         self._trainable: tuple[str, ...] = PARTS
 
+    task = "mask_depth"
+    variants: dict = {}
+    # Stage paths: "spine" runs the 56-px spine alone; "full" needs H, W divisible by 4 and >= 64.
+    paths = ("full", "spine")
+
+    @classmethod
+    def resolution_problem(cls, path: str, resolution: int) -> str | None:
+        # The full path's head and tail scale by 4 around the spine, which needs at least 16 px.
+        if path == "full" and (resolution % 4 or resolution < 64):
+            return f"resolution {resolution} must be a multiple of 4 and at least 64 for forward='full'"
+        return None
+
     def forward(self, x: Tensor, path: str = "full") -> Tensor:
         if path == "spine":
             return self.spine(x)
@@ -182,30 +190,3 @@ class UNet224(nn.Module):
 
     def parts(self) -> dict[str, nn.Module]:
         return {"head": self.head, "spine": self.spine, "tail": self.tail}
-
-    @property
-    def trainable_parts(self) -> tuple[str, ...]:
-        return self._trainable
-
-    def set_trainable(self, parts: Iterable[str]) -> None:
-        """Train only the named parts ("all" = every part); freeze the rest, BN stats included."""
-        names = list(parts)
-        wanted = set(PARTS) if "all" in names else set(names)
-        unknown = wanted - set(PARTS)
-        if unknown:
-            raise ValueError(f"unknown part(s) {sorted(unknown)}; valid: all, {', '.join(PARTS)}")
-        self._trainable = tuple(p for p in PARTS if p in wanted)
-        for name, module in self.parts().items():
-            module.requires_grad_(name in wanted)
-        self.train(self.training)
-
-    def train(self, mode: bool = True) -> UNet224:
-        super().train(mode)
-        if mode:
-            # A frozen part's BN would otherwise still update its running stats in train mode.
-            for name, module in self.parts().items():
-                if name not in self._trainable:
-                    for m in module.modules():
-                        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                            m.eval()
-        return self

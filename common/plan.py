@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from orchestrator.recipe import Recipe
+from common.recipe import Recipe
 from storage import fs
 from storage.layout import PLAN_JSON, PLAN_NPZ
 
@@ -79,7 +79,7 @@ class Plan:
 
 def make_plan(recipe: Recipe, sample_ids: np.ndarray) -> Plan:
     """Split off the eval ids, then give each stage its own seeded order of the training ids."""
-    from orchestrator.errors import RecipeError
+    from common.errors import RecipeError
 
     sample_ids = np.sort(np.asarray(sample_ids, dtype=np.int64))
     n = len(sample_ids)

@@ -11,9 +11,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from orchestrator.errors import RecipeError
-
-PARTS = ("head", "spine", "tail", "all")
+from common.errors import RecipeError
 
 
 class _Strict(BaseModel):
@@ -31,7 +29,7 @@ class RunSection(_Strict):
 class SynthSection(_Strict):
     samples: int = Field(4096, ge=16, description="Samples to synthesize when data.uri is empty.")
     seed: int = Field(0, description="Seed of the synthetic dataset.")
-    image_size: int = Field(200, ge=32, description="Side of the synthesized square images, px (the source used 200).")
+    image_size: int = Field(200, ge=8, description="Side of the synthesized square images, px (the source used 200; classification sets are 28).")
 
 
 class DataSection(_Strict):
@@ -43,12 +41,16 @@ class DataSection(_Strict):
     image_size: tuple[int, int] | None = Field(None, description="If set, every stored image must be this [height, width].")
     decode_workers: int = Field(0, ge=0, description="DataLoader worker processes that decode the images; 0 decodes in the training process.")
     hflip: float = Field(0.5, ge=0.0, le=1.0, description="Probability of a horizontal flip of a training sample.")
+    shift: int = Field(0, ge=0, le=16, description="Random translation of a training image by up to this many px (classification; zero-padded).")
     prefetch: bool = Field(True, description="Fetch the next chunk's bytes in the background while this chunk trains.")
 
 
 class ModelSection(_Strict):
     name: str = Field("unet224", description="Model name from the model registry (`orchestrator models`).")
-    width: float = Field(1.0, gt=0.0, le=4.0, description="Channel width multiplier; 1.0 is the source's 17.5M-param model.")
+    width: float = Field(1.0, gt=0.0, le=4.0, description="Channel width multiplier for models that take one; 1.0 keeps the model's (or variant's) own (unet224: the source's 17.5M params).")
+    variant: str | None = Field(None, description="A named variant of the model (`orchestrator models` lists them), e.g. basenet's baseline or best.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Constructor options of the model, over the variant's (e.g. basenet's batchnorm, dropout, channels, hidden).")
+    init_from: str | None = Field(None, description="A state_dict to start from (e.g. torchvision's ImageNet weights for the encoder), loaded with weights_only=True.")
 
     @field_validator("name")
     @classmethod
@@ -67,8 +69,9 @@ class LossSection(_Strict):
     mask: LossSpec = Field(default_factory=lambda: {"l1": 1.0, "dice": 1.0}, description="Mask loss terms (name: weight); the source's final pick is L1 + Dice.")
     depth: LossSpec = Field(default_factory=lambda: {"rmse": 1.0, "ssim": 1.0}, description="Depth loss terms (name: weight); the source's final pick is RMSE + SSIM.")
     depth_weight: float = Field(1.0, ge=0.0, description="Weight of the depth loss against the mask loss.")
+    labels: LossSpec = Field(default_factory=lambda: {"cross_entropy": 1.0}, description="Class-label loss terms (classification, segmentation).")
 
-    @field_validator("mask", "depth")
+    @field_validator("mask", "depth", "labels")
     @classmethod
     def _known_losses(cls, v: dict[str, float]) -> dict[str, float]:
         from workers.losses import LOSSES
@@ -89,21 +92,14 @@ class OptimizerSection(_Strict):
 
 class StageSection(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]+$", description="Stage name, shown in progress and MLflow.")
-    forward: Literal["spine", "full"] = Field(description="Which network runs: the 56-px spine alone, or head + spine + tail.")
-    trainable: list[Literal["head", "spine", "tail", "all"]] = Field(description="Parts whose weights train; the rest are frozen.")
+    forward: Literal["spine", "full"] = Field("full", description="Which network runs: the whole model, or (unet224) the 56-px spine alone.")
+    trainable: list[str] = Field(default_factory=lambda: ["all"], min_length=1, description="Model parts whose weights train (unet224: head, spine, tail; others: encoder, decoder...); the rest are frozen.")
     resolution: int = Field(ge=16, description="Input side in px for this stage.")
     batch_size: int = Field(ge=1, description="Global batch size (split across workers).")
     chunk_size: int = Field(ge=1, description="Samples per chunk; the stage covers the training split once, chunk by chunk.")
     epochs_per_chunk: int = Field(1, ge=1, description="Passes over each chunk before moving to the next.")
     lr: float = Field(gt=0.0, description="Peak learning rate.")
     scheduler: Literal["onecycle", "constant"] = Field("onecycle", description="LR schedule over the stage's steps.")
-
-    @model_validator(mode="after")
-    def _resolution_fits_network(self) -> StageSection:
-        # The full path's head and tail scale by 4 around the spine, which needs at least 16 px.
-        if self.forward == "full" and (self.resolution % 4 or self.resolution < 64):
-            raise ValueError(f"resolution {self.resolution} must be a multiple of 4 and at least 64 for forward='full'")
-        return self
 
 
 class CheckpointSection(_Strict):
@@ -148,8 +144,13 @@ class ExecutionSection(_Strict):
         return self
 
 
+TASK_KINDS = ("mask_depth", "depth", "segmentation", "classification")
+
+
 class Recipe(_Strict):
     run: RunSection
+    task: Literal["mask_depth", "depth", "segmentation", "classification"] = Field(
+        "mask_depth", description="What the model learns: mask_depth (the source's), depth, segmentation or classification.")
     data: DataSection = Field(default_factory=DataSection)
     model: ModelSection = Field(default_factory=ModelSection)
     loss: LossSection = Field(default_factory=LossSection)
@@ -164,6 +165,11 @@ class Recipe(_Strict):
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ValueError(f"stage names must be unique, got {names}")
+        from workers.recipe_check import recipe_problems
+
+        problems = recipe_problems(self)
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     def sha256(self) -> str:
@@ -171,12 +177,12 @@ class Recipe(_Strict):
 
         `execution` is left out: a run may resume with other resources (more workers, a GPU).
         """
-        body = self.model_dump(mode="json", exclude={"execution"})
+        body = _without_later_defaults(self.model_dump(mode="json", exclude={"execution"}))
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
     def flat_params(self) -> dict[str, str]:
         """The recipe flattened with dotted keys (stages by name), secrets redacted, for MLflow params."""
-        from orchestrator.redact import redact
+        from common.redact import redact
 
         out: dict[str, str] = {}
 
@@ -194,6 +200,28 @@ class Recipe(_Strict):
         return out
 
 
+# Fields added after runs were already being made, with their defaults: left out of a recipe's
+# identity while at their default, so a run started before they existed still resumes.
+_LATER_DEFAULTS: dict[tuple[str, ...], Any] = {
+    ("task",): "mask_depth",
+    ("data", "shift"): 0,
+    ("model", "variant"): None,
+    ("model", "options"): {},
+    ("model", "init_from"): None,
+    ("loss", "labels"): {"cross_entropy": 1.0},
+}
+
+
+def _without_later_defaults(body: dict[str, Any]) -> dict[str, Any]:
+    for path, default in _LATER_DEFAULTS.items():
+        node = body
+        for key in path[:-1]:
+            node = node.get(key, {})
+        if node.get(path[-1], object()) == default:
+            del node[path[-1]]
+    return body
+
+
 def _format_validation_error(source: str, err: ValidationError) -> str:
     lines = []
     for e in err.errors():
@@ -201,7 +229,13 @@ def _format_validation_error(source: str, err: ValidationError) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field (check its spelling against the recipe reference in README)"
-        lines.append(f"{source}: field '{loc or '<root>'}': {msg}")
+        if not loc:
+            # Whole-recipe checks name their own fields: "stages.0.resolution: ..." per line.
+            for line in msg.splitlines():
+                field, sep, rest = line.partition(": ")
+                lines.append(f"{source}: field '{field}': {rest}" if sep and " " not in field else f"{source}: field '<root>': {line}")
+            continue
+        lines.append(f"{source}: field '{loc}': {msg}")
     return "\n".join(lines)
 
 
