@@ -19,3 +19,13 @@ class RunError(OrchestratorError):
     """Any other failure of a run: exit 1."""
 
     exit_code = 1
+
+
+class RunInterrupted(RunError):
+    """The user interrupted the run (Ctrl-C) and its checkpoint is saved: exit 130, as for SIGINT."""
+
+    exit_code = 130
+
+    def __init__(self, message: str, step: int | None = None) -> None:
+        super().__init__(message)
+        self.step = step

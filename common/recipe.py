@@ -239,27 +239,31 @@ def _format_validation_error(source: str, err: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def _parse_override(item: str) -> tuple[list[str], Any]:
+def _parse_override(item: str, where: str) -> tuple[list[str], Any]:
     if "=" not in item:
-        raise RecipeError(f"--set {item!r}: expected KEY=VALUE, e.g. --set stages.spine.batch_size=64")
+        raise RecipeError(f"{where}: expected KEY=VALUE, e.g. --set stages.spine.batch_size=64")
     key, _, raw = item.partition("=")
     if not key or any(not p for p in key.split(".")):
-        raise RecipeError(f"--set {item!r}: bad key {key!r}")
+        raise RecipeError(f"{where}: bad key {key!r}")
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as exc:
-        raise RecipeError(f"--set {item!r}: value is not valid YAML ({exc.__class__.__name__})") from None
+        raise RecipeError(f"{where}: value is not valid YAML ({exc.__class__.__name__})") from None
     return key.split("."), value
 
 
-def apply_override(data: dict[str, Any], item: str) -> None:
-    """Set a dotted key; list items are addressed by index or, for stages, by name."""
-    parts, value = _parse_override(item)
+def apply_override(data: dict[str, Any], item: str, where: str | None = None) -> None:
+    """Set a dotted key; list items are addressed by index or, for stages, by name.
+
+    `where` starts an error's message (default: the --set option itself), so a key that comes from a
+    sweep file is named there."""
+    where = where or f"--set {item!r}"
+    parts, value = _parse_override(item, where)
     node: Any = data
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
         if isinstance(node, list):
-            idx = _list_index(node, part, item)
+            idx = _list_index(node, part, where)
             if last:
                 node[idx] = value
             else:
@@ -270,26 +274,28 @@ def apply_override(data: dict[str, Any], item: str) -> None:
             else:
                 node = node.setdefault(part, {})
         else:
-            raise RecipeError(f"--set {item!r}: '{'.'.join(parts[:i])}' is a value, not a section")
+            raise RecipeError(f"{where}: '{'.'.join(parts[:i])}' is a value, not a section")
 
 
-def _list_index(node: list[Any], part: str, item: str) -> int:
+def _list_index(node: list[Any], part: str, where: str) -> int:
     if part.lstrip("-").isdigit():
         idx = int(part)
         if not -len(node) <= idx < len(node):
-            raise RecipeError(f"--set {item!r}: index {idx} out of range (there are {len(node)})")
+            raise RecipeError(f"{where}: index {idx} out of range (there are {len(node)})")
         return idx
     for idx, x in enumerate(node):
         if isinstance(x, dict) and x.get("name") == part:
             return idx
     names = [x.get("name") for x in node if isinstance(x, dict)]
-    raise RecipeError(f"--set {item!r}: no item named {part!r}; valid: {', '.join(map(str, names))}")
+    raise RecipeError(f"{where}: no item named {part!r}; valid: {', '.join(map(str, names))}")
 
 
-def load_recipe_dict(path: str) -> dict[str, Any]:
+def load_recipe_dict(path: str, kind: str = "recipe", expect: str = "a recipe must be a YAML mapping with at least 'run' and 'stages'") -> dict[str, Any]:
     p = Path(path)
+    if p.is_dir():
+        raise RecipeError(f"{path}: is a folder, not a {kind} file")
     if not p.is_file():
-        raise RecipeError(f"{path}: recipe file not found")
+        raise RecipeError(f"{path}: {kind} file not found")
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as exc:
@@ -298,7 +304,7 @@ def load_recipe_dict(path: str) -> dict[str, Any]:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise RecipeError(f"{path}: malformed YAML{where}: {problem}") from None
     if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe must be a YAML mapping with at least 'run' and 'stages'")
+        raise RecipeError(f"{path}: {expect}")
     return data
 
 

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from common.errors import OrchestratorError, RecipeError, RunError
+from common.errors import OrchestratorError, RecipeError, RunError, RunInterrupted
 from storage.retry import StorageError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Chunked, preemption-proof training of vision models.")
@@ -57,15 +57,40 @@ def run(
 
         # The job's log, streamed here, ends with the driver's own summary.
         raise typer.Exit(submit_or_attach(rec, run_dir, address, err, detach, workdir))
-    runner.run(rec, address=address, console=err)
-    _print_summary(build_status(run_dir), rec.tracking.uri)
+    try:
+        runner.run(rec, address=address, console=err)
+    except RunInterrupted as exc:
+        # Name the exact command: a notebook user re-runs the cell, a terminal user pastes this.
+        raise RunInterrupted(f"{exc}: {resume_command()}", exc.step) from None
+    _print_summary(build_status(run_dir), rec.tracking.uri, rec.task)
 
 
-def _print_summary(status: dict | None, tracking_uri: str) -> None:
+def resume_command() -> str:
+    """This process's own command line, as the user would type it again."""
+    import shlex
+
+    return "orchestrator " + shlex.join(sys.argv[1:])
+
+
+def headline_metrics(metrics: dict[str, float], task: str) -> dict[str, float]:
+    """The task's compare columns that are present, then its eval/*_baseline values: what the run
+    line shows. Per-class values (dozens for classification and segmentation) stay in
+    `status --json`."""
+    from workers.tasks import get_task
+
+    keys = [key for _, key, _ in get_task(task).compare_columns]
+    keys += sorted(k for k in metrics if k.startswith("eval/") and k.endswith("_baseline") and k.count("/") == 1)
+    return {k: metrics[k] for k in dict.fromkeys(keys) if k in metrics}
+
+
+def _print_summary(status: dict | None, tracking_uri: str, task: str = "mask_depth") -> None:
     if not status:
         return
     final = status.get("final") or {}
-    metrics = " ".join(f"{k}={v:.4f}" for k, v in sorted((final.get("metrics") or {}).items()))
+    shown = headline_metrics(final.get("metrics") or {}, task)
+    metrics = " ".join(f"{k}={v:.4f}" for k, v in shown.items())
+    if status["state"] == "completed":
+        metrics += f" (all metrics: `orchestrator status {status['run_name']} --json`)"
     err.print(f"run '{status['run_name']}': {status['state']} at step {status['global_step']}; {metrics}")
     ui = f"mlflow ui --backend-store-uri {tracking_uri}" if tracking_uri.startswith("sqlite:") else tracking_uri
     err.print(f"  weights_sha256 {final.get('weights_sha256')}\n  MLflow run {status['mlflow_run_id']} (open it with: {ui})")
@@ -195,7 +220,15 @@ def _compare(experiment: str | None, tracking_uri: str, as_json: bool) -> None:
     from orchestrator.compare import collect, render
     from orchestrator.tracking import resolve_tracking_uri
 
-    table = collect(resolve_tracking_uri(tracking_uri), experiment)
+    uri = resolve_tracking_uri(tracking_uri)
+    try:
+        table = collect(uri, experiment)
+    except OrchestratorError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - MLflow, SQLAlchemy and HTTP errors alike: one line naming the store
+        from orchestrator.tracking import store_error
+
+        raise store_error(uri, exc, "--tracking-uri") from None
     if as_json:
         out.print_json(json.dumps(table))
     else:
@@ -267,6 +300,26 @@ def models(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     out.print(f"losses: {', '.join(LOSSES.names())}")
 
 
+@app.command()
+def study(
+    study_spec: Annotated[str, typer.Argument(metavar="STUDY", help="Study YAML, e.g. recipes/approx_mobilenetv2.yaml.")],
+    set_: SetOpt = None,
+    list_layers: Annotated[bool, typer.Option("--list-layers", help="List the model's conv layers (kind, weight shape, multiplies at its resolution) and stop.")] = False,
+    address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster whose workers evaluate the layers (default: a local Ray).")] = None,  # noqa: UP045
+) -> None:
+    """Layer sensitivity of approximate convolution: score a finished depth run with one conv layer
+    at a time approximate. Re-running the same command computes only the missing layers."""
+    from common.study import load_study
+    from orchestrator.study import list_layers as print_layers
+    from orchestrator.study import run_study
+
+    spec = load_study(study_spec, set_ or [])
+    if list_layers:
+        print_layers(spec, out)
+        return
+    run_study(spec, address=address, console=err)
+
+
 def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -281,11 +334,12 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         # Without standalone mode click returns typer.Exit's code instead of raising it.
-        code = app(standalone_mode=False)
+        code = app(standalone_mode=False, prog_name="orchestrator")
         if isinstance(code, int) and code:
             sys.exit(code)
     except OrchestratorError as exc:
-        err.print(f"error: {redact_text(str(exc))}", highlight=False, markup=False)
+        prefix = "interrupted" if isinstance(exc, RunInterrupted) else "error"
+        err.print(f"{prefix}: {redact_text(str(exc))}", highlight=False, markup=False)
         sys.exit(exc.exit_code)
     except StorageError as exc:
         err.print(f"error: {redact_text(str(exc))}", highlight=False, markup=False)
@@ -295,13 +349,39 @@ def main() -> None:
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except Exception as exc:  # click usage errors
-        import click
+    except typer.Abort:
+        err.print("aborted")
+        sys.exit(1)
+    except Exception as exc:  # noqa: BLE001 - no traceback reaches a user: usage errors, then anything unforeseen
+        if _is_usage_error(exc):
+            _show_usage_error(exc)
+        log = logging.getLogger("orchestrator")
+        log.debug("unexpected error", exc_info=exc)
+        text = " ".join(redact_text(f"{type(exc).__name__}: {exc}").split())
+        err.print(f"error: unexpected {text}; this is a bug in orchestrator: re-run with ORCHESTRATOR_LOG=DEBUG "
+                  "for the traceback and report it", highlight=False, markup=False)
+        sys.exit(1)
 
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+
+def _is_usage_error(exc: BaseException) -> bool:
+    """click's ClickException, whichever click raised it: typer >= 0.29 vendors its own
+    (typer._click), whose exceptions are not the `click` package's."""
+    return any(c.__name__ == "ClickException" for c in type(exc).__mro__)
+
+
+def _show_usage_error(exc: BaseException) -> None:
+    """One line naming the command and the argument or option, exit 2 (click's own report is a
+    usage block and a hint over several lines); `orchestrator` or `orchestrator data` without a
+    command prints the help, as before."""
+    ctx = getattr(exc, "ctx", None)
+    if type(exc).__name__ == "NoArgsIsHelpError":
+        exc.show()
+        sys.exit(exc.exit_code)
+    message = " ".join(exc.format_message().split()).rstrip(".")
+    if ctx is not None:
+        message = f"{ctx.command_path}: {message} (`{ctx.command_path} --help` lists its arguments and options)"
+    err.print(f"error: {message}", highlight=False, markup=False)
+    sys.exit(exc.exit_code)
 
 
 if __name__ == "__main__":

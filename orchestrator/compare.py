@@ -88,6 +88,7 @@ def collect(tracking_uri: str, experiment: str | None) -> dict[str, Any]:
             "interruptions": sum(1 for k in tags if k.startswith("orchestrator.interruption.")),
         })
     rows.sort(key=lambda r: r["run_name"])
+    studies = study_rows(client, exp.experiment_id)
     best = {}
     for _, key, way in columns:
         values = [r.get(key) for r in rows if r.get(key) is not None]
@@ -95,15 +96,59 @@ def collect(tracking_uri: str, experiment: str | None) -> dict[str, Any]:
             target = max(values) if way == "max" else min(values)
             best[key] = [r["run_name"] for r in rows if r.get(key) == target]
     return {"experiment": exp.name, "tracking_uri": tracking_uri, "runs": rows, "best": best,
-            "columns": [{"title": t, "key": k, "better": w} for t, k, w in columns]}
+            "columns": [{"title": t, "key": k, "better": w} for t, k, w in columns], "studies": studies}
+
+
+def study_rows(client: Any, experiment_id: str) -> list[dict[str, Any]]:
+    """One row per (study, scaling) of the experiment's runs tagged orchestrator.kind=study, from the
+    tags the study keeps current as layers commit (orchestrator/study.py)."""
+    runs = client.search_runs([experiment_id], filter_string="tags.`orchestrator.kind` = 'study'", max_results=10_000)
+    newest: dict[str, Any] = {}  # a study made again under its name (its folder removed) shows once, as made last
+    for run in runs:
+        name = run.data.tags.get("orchestrator.study_name", run.info.run_name)
+        if name not in newest or run.info.start_time > newest[name].info.start_time:
+            newest[name] = run
+    rows = []
+    for name, run in newest.items():
+        tags = run.data.tags
+        for scaling in [s for s in tags.get("orchestrator.study.scalings", "").split(",") if s]:
+            prefix = f"orchestrator.study.{scaling}."
+            rows.append({
+                "study": name, "run_id": run.info.run_id, "state": run.info.status, "scaling": scaling,
+                "multiplier": tags.get("orchestrator.study.multiplier"), "model_from": tags.get("orchestrator.study.model_from"),
+                "layers_done": tags.get(prefix + "layers_done", f"0/{tags.get('orchestrator.study.layers', '?')}"),
+                "most_sensitive": tags.get(prefix + "most_sensitive"), "least_sensitive": tags.get(prefix + "least_sensitive"),
+                "float_rms": float(tags["orchestrator.study.float_rms"]) if "orchestrator.study.float_rms" in tags else None,
+            })
+    return sorted(rows, key=lambda r: (r["study"], r["scaling"]))
 
 
 def render(table: dict[str, Any], console) -> None:
     from rich.console import Console
-    from rich.table import Table
 
     # Piped output (CI logs, notebooks) defaults to 80 columns, which truncates run names.
     console = Console(width=max(console.width, 160), soft_wrap=True) if not console.is_terminal else console
+    studies = table.get("studies") or []
+    if table["runs"] or not studies:
+        _render_runs(table, console)
+    if studies:
+        _render_studies(table["experiment"], studies, console)
+
+
+def _render_studies(experiment: str, studies: list[dict[str, Any]], console) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"experiment {experiment}: layer-sensitivity studies (sensitivity = |rms change| when that layer alone is approximate)")
+    for col in ("study", "scaling", "multiplier", "model", "state", "layers done", "float rms", "most sensitive", "least sensitive"):
+        t.add_column(col, justify="right" if col in ("layers done", "float rms") else "left")
+    for r in studies:
+        t.add_row(r["study"], r["scaling"], r["multiplier"] or "-", r["model_from"] or "-", r["state"], r["layers_done"],
+                  "-" if r["float_rms"] is None else f"{r['float_rms']:.4f}", r["most_sensitive"] or "-", r["least_sensitive"] or "-")
+    console.print(t)
+
+
+def _render_runs(table: dict[str, Any], console) -> None:
+    from rich.table import Table
     t = Table(title=f"experiment {table['experiment']} ({len(table['runs'])} runs; * = best)")
     # mask_depth runs differ in their losses (the source's loss tables); other tasks' experiments
     # are ablations, whose rows are told apart by the settings that differ between them.

@@ -51,6 +51,47 @@ def _check_dest(dest: str, verb: str) -> None:
                        "(a folder whose parent exists and is writable, or a bucket path with write access)") from None
 
 
+def _check_report(report: str | None) -> None:
+    """A --report FILE that cannot be written fails before packing, not after it."""
+    from storage import fs as sfs
+
+    if not report:
+        return
+    uri = sfs.normalize(report)
+    if not sfs.is_local(uri):
+        return
+    parent = os.path.dirname(uri)
+    while parent != os.path.dirname(parent) and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if os.path.isdir(uri):
+        why = "it is a folder"
+    elif not os.path.isdir(parent):
+        why = f"{parent} is a file, not a folder"
+    elif not os.access(parent, os.W_OK):
+        why = f"{parent} is not writable"
+    else:
+        return
+    raise RunError(f"--report {redact_text(uri)}: cannot write the report there ({why}); choose a FILE in a folder you can write")
+
+
+def _check_source(source: str, task: str) -> None:
+    """A SOURCE that is not there, or that is already a packed dataset, in one line."""
+    from storage import fs as sfs
+
+    uri = sfs.normalize(source)
+    try:
+        missing = not sfs.exists(uri)
+        packed = not missing and sfs.exists(sfs.join(uri, "manifest.json")) and sfs.exists(sfs.join(uri, "index.parquet"))
+    except Exception:  # noqa: BLE001 - unreachable or forbidden: pack itself says so, naming the URI
+        return
+    if missing:
+        raise RunError(f"{redact_text(uri)}: no such file or folder; point SOURCE at the raw {task} data "
+                       f"(`orchestrator data synth DEST --task {task} --layout seed` writes an example)")
+    if packed:
+        raise RunError(f"{redact_text(uri)}: this is a packed dataset already (manifest.json, index.parquet); train on it as it is "
+                       f"(data.uri: {redact_text(uri)}; `orchestrator data verify {redact_text(uri)}` checks it), or point SOURCE at raw files")
+
+
 @data_app.command("synth")
 def data_synth(
     dest: Annotated[str, typer.Argument(help="Destination URI (local path, file://, gs://, memory://).")],
@@ -151,6 +192,8 @@ def data_pack(
     columns = _parse_columns(column, task)
     if task == "mask_depth" and (classes or depth_units_per_m):
         raise RecipeError("--classes and --depth-units-per-m apply to --task classification, segmentation or depth")
+    _check_source(source, task)
+    _check_report(report)
     _check_dest(dest, "write the packed dataset")
     state: dict = {}
 
@@ -202,8 +245,12 @@ def data_verify(
 
     try:
         total = open_dataset(uri).num_samples
-    except DatasetError:
-        total = 0
+    except DatasetError as exc:
+        # Nothing to check sample by sample: one line naming the URI (or its manifest) and the fix;
+        # --json still prints the record, its one `bad` entry that line.
+        if as_json:
+            print(json.dumps(verify(uri, workers=workers), sort_keys=True))
+        raise RunError(" ".join(redact_text(str(exc)).split())) from None
     with count_progress(err, "verifying", total) as advance:
         res = verify(uri, workers=workers, progress=advance)
     if as_json:

@@ -92,13 +92,34 @@ def scaling_config(ex: Any):
     )
 
 
+def _sigint_chained_trainer() -> type:
+    """TorchTrainer whose SIGINT handler (abort the run at once) becomes the second press: the
+    first asks the workers for a checkpoint and a clean stop (orchestrator/interrupt.py). Ray
+    installs its handler in fit(), through this one method; if an upgrade moves it, the SIGINT
+    test in tests/test_tracking_survives.py fails."""
+    import signal
+
+    from ray.train.torch import TorchTrainer
+
+    class ChainedTorchTrainer(TorchTrainer):
+        def _register_sigint_handler(self, controller: Any) -> None:
+            super()._register_sigint_handler(controller)
+            from orchestrator import interrupt
+
+            stop = interrupt.active()
+            if stop is not None:
+                stop.take_over(signal.getsignal(signal.SIGINT))
+
+    return ChainedTorchTrainer
+
+
 def launch_ray(recipe: Recipe, config: dict[str, Any], address: str | None) -> None:
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     from workers.loop import train_loop
 
     ex = recipe.execution
+    _Trainer = _sigint_chained_trainer()  # noqa: N806 - a class
     init_ray(address)
     # Ray Train reads this in its controller, which takes it from the driver's environment. Ray
     # counts a drained node as free until its group start times out: with a (min, max) range,
@@ -107,7 +128,7 @@ def launch_ray(recipe: Recipe, config: dict[str, Any], address: str | None) -> N
     storage_fs, storage_path = fs.pyarrow_filesystem(recipe.run.storage)
     if storage_fs is None:
         storage_fs = checkpoints.pausing_local_filesystem()  # tests only: None unless asked for
-    trainer = TorchTrainer(
+    trainer = _Trainer(
         train_loop,
         train_loop_config=config,
         scaling_config=scaling_config(ex),

@@ -47,6 +47,7 @@ class ProgressDisplay:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._follow, name="progress", daemon=True)
         self._started_at = time.time()
+        self._last_rate: dict[str, Any] | None = None
 
     def __enter__(self) -> ProgressDisplay:
         self._thread.start()
@@ -62,7 +63,23 @@ class ProgressDisplay:
         except Exception:  # noqa: BLE001 - not written yet, or mid-write on an object store
             return None
         # A progress file left by an earlier attempt says nothing about this one.
-        return p if p.get("updated_at", 0) >= self._started_at - 1 else None
+        if p.get("updated_at", 0) < self._started_at - 1:
+            return None
+        return self._fill_rate(p)
+
+    def _fill_rate(self, p: dict[str, Any]) -> dict[str, Any]:
+        """A reading without a rate (the first step after a restart, a phase change) shows the
+        last one this display saw, with its ETA scaled to the steps left, rather than '-'."""
+        if p.get("samples_per_s") and p.get("eta_s") is not None:
+            self._last_rate = p
+            return p
+        last = self._last_rate
+        if last is None or last.get("total_steps") != p.get("total_steps"):
+            return p
+        left, left_then = p["total_steps"] - p["global_step"], last["total_steps"] - last["global_step"]
+        eta = last["eta_s"] * left / left_then if left_then > 0 else None
+        return {**p, "samples_per_s": p.get("samples_per_s") or last["samples_per_s"],
+                "eta_s": p.get("eta_s") if p.get("eta_s") is not None else eta}
 
     def _follow(self) -> None:
         if self.console.is_terminal:

@@ -10,6 +10,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from common.errors import RunError
 from storage import fs
 from storage.layout import RUN_JSON
 
@@ -38,11 +39,29 @@ def run_dir(recipe_storage: str, run_name: str) -> str:
     return fs.join(recipe_storage, run_name)
 
 
+def _damaged(run_dir_uri: str, uri: str, what: str) -> RunError:
+    """A run file that is not what this code wrote: one line naming it, not a traceback."""
+    return RunError(f"{uri}: {what}; the run's files are damaged: restore the file, or move {run_dir_uri} away "
+                    "and start the run again")
+
+
+def _read_json(run_dir_uri: str, uri: str) -> Any:
+    try:
+        return fs.read_json(uri)
+    except ValueError as exc:  # json.JSONDecodeError, UnicodeDecodeError
+        raise _damaged(run_dir_uri, uri, f"not valid JSON ({' '.join(str(exc).split())})") from None
+
+
 def load(run_dir_uri: str) -> RunRecord | None:
     uri = fs.join(run_dir_uri, RUN_JSON)
     if not fs.exists(uri):
         return None
-    return RunRecord(**fs.read_json(uri))
+    data = _read_json(run_dir_uri, uri)
+    try:
+        return RunRecord(**data)
+    except TypeError:
+        what = f"holds a JSON {type(data).__name__}" if not isinstance(data, dict) else f"keys {sorted(data)}"
+        raise _damaged(run_dir_uri, uri, f"not a run record ({what})") from None
 
 
 def save(run_dir_uri: str, rec: RunRecord) -> None:
@@ -52,4 +71,4 @@ def save(run_dir_uri: str, rec: RunRecord) -> None:
 
 def read_optional(run_dir_uri: str, name: str) -> Any:
     uri = fs.join(run_dir_uri, name)
-    return fs.read_json(uri) if fs.exists(uri) else None
+    return _read_json(run_dir_uri, uri) if fs.exists(uri) else None

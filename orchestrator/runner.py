@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import logging
+import os
+import sqlite3
 from typing import Any
 
 import numpy as np
 from rich.console import Console
 
-from common.errors import RecipeError, RunError
+from common.errors import RecipeError, RunError, RunInterrupted
 from common.plan import Plan, make_plan
 from common.recipe import Recipe
 from orchestrator import run_store, tracking
+from orchestrator.interrupt import StopOnInterrupt
 from orchestrator.lease import DriverLease
 from orchestrator.progress import ProgressDisplay, count_progress
 from storage import fs
-from storage.layout import ERROR_JSON, FINAL_JSON
+from storage.layout import CURSOR_JSON, ERROR_JSON, FINAL_JSON
 from storage.retry import StorageError
-from workers.preemption import PreemptedError
+from workers.preemption import PreemptedError, StopRequested
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +100,12 @@ def run(recipe: Recipe, address: str | None = None, console: Console | None = No
     try:
         fs.probe_writable(storage_root)
     except StorageError as exc:
-        raise RunError(f"run.storage {exc}") from None
+        cause: BaseException = exc
+        while cause.__cause__ is not None:  # the filesystem's own error, under storage's wrappers
+            cause = cause.__cause__
+        reason = " ".join(f"{type(cause).__name__}: {cause}".split())
+        raise RunError(f"run.storage {storage_root}: cannot write there ({reason}); set run.storage to a folder you can "
+                       "create and write, or a bucket path with write access (check the credentials)") from None
     # Everything below happens under the run's lease, so two drivers never train one run.
     with DriverLease(rdir, recipe.run.name):
         return _run_leased(recipe, rdir, address, console)
@@ -111,6 +119,7 @@ def _run_leased(recipe: Recipe, rdir: str, address: str | None, console: Console
                 f"run '{recipe.run.name}' already exists in {rdir} with a different recipe; "
                 "re-run it with the recipe it started with, or pick a new run.name (--set run.name=...)"
             )
+        _restore_tracking_store(recipe, rdir, rec, console)
         if rec.state == "completed":
             final = run_store.read_optional(rdir, FINAL_JSON)
             console.print(f"run '{recipe.run.name}' already completed; not training again. `orchestrator status {recipe.run.name}` shows it.")
@@ -128,8 +137,12 @@ def _run_leased(recipe: Recipe, rdir: str, address: str | None, console: Console
     tracking_uri = tracking.resolve_tracking_uri(recipe.tracking.uri)
     if rec is None:
         plan = make_plan(recipe, ds.sample_ids)
+        # A bad tracking.uri fails here, leaving no plan. In local mode a new experiment keeps its
+        # artifacts (prediction grids, the final model) in run storage, where they outlive the VM.
+        exp_id = tracking.ensure_experiment(tracking_uri, recipe.tracking.experiment,
+                                            tracking.local_artifact_location(tracking_uri, fs.normalize(recipe.run.storage),
+                                                                             recipe.tracking.experiment))
         plan.save(rdir)
-        exp_id = tracking.ensure_experiment(tracking_uri, recipe.tracking.experiment)
         run_id = tracking.create_run(tracking_uri, exp_id, recipe)
         rec = run_store.RunRecord(
             run_name=recipe.run.name, recipe=recipe.model_dump(mode="json"), recipe_sha256=recipe.sha256(),
@@ -143,12 +156,22 @@ def _run_leased(recipe: Recipe, rdir: str, address: str | None, console: Console
                 f"{data_uri}: holds {ds.num_samples} samples but run '{recipe.run.name}' was planned over {plan.num_samples}; "
                 "resume it on the same dataset, or start a new run.name"
             )
+        if not tracking.mark_running_if_present(rec.tracking_uri, rec.mlflow_run_id):
+            # Lost with its machine, and no copy to restore (a run started before copies were kept):
+            # training resumes all the same, its MLflow history from here on in a new MLflow run.
+            old_id = rec.mlflow_run_id
+            rec.mlflow_experiment_id = tracking.ensure_experiment(
+                rec.tracking_uri, recipe.tracking.experiment,
+                tracking.local_artifact_location(rec.tracking_uri, fs.normalize(recipe.run.storage), recipe.tracking.experiment))
+            rec.mlflow_run_id = tracking.create_run(rec.tracking_uri, rec.mlflow_experiment_id, recipe)
+            console.print(f"warning: MLflow run {old_id} is not in {rec.tracking_uri} and run storage holds no copy of it; "
+                          f"its history from here on goes to a new MLflow run {rec.mlflow_run_id}", highlight=False)
         console.print(f"run '{recipe.run.name}': resuming from {rdir} in MLflow run {rec.mlflow_run_id}")
-        tracking.mark_running(rec.tracking_uri, rec.mlflow_run_id)
     rec.state, rec.error = "running", None
     rec.attempts += 1
     run_store.save(rdir, rec)
     fs.remove(fs.join(rdir, ERROR_JSON))
+    _copy_tracking_store(rec, rdir)  # a new run's params are in run storage before its first step
 
     config = {
         "recipe": recipe.model_dump(mode="json"),
@@ -163,31 +186,47 @@ def _run_leased(recipe: Recipe, rdir: str, address: str | None, console: Console
     from orchestrator.launcher import launch
 
     watch = FatalErrorWatch(rdir)
+    stop = StopOnInterrupt(rdir, rec.attempts, console, fatal_watch=watch)
 
     def failed(msg: str, cause: BaseException | None = None) -> RunError:
         rec.state, rec.error = "failed", msg
         run_store.save(rdir, rec)
         tracking.end_run(rec.tracking_uri, rec.mlflow_run_id, "FAILED")
+        _copy_tracking_store(rec, rdir)
         return RunError(f"run '{recipe.run.name}' failed: {msg}. Fix the cause and re-run the same command to resume from the last checkpoint")
 
+    def interrupted(step: int | None) -> RunInterrupted:
+        rec.state, rec.error = "interrupted", None
+        run_store.save(rdir, rec)
+        tracking.end_run(rec.tracking_uri, rec.mlflow_run_id, "KILLED")
+        _copy_tracking_store(rec, rdir)
+        at = f"at step {step}" if step is not None else "at its last checkpoint"
+        return RunInterrupted(f"run '{recipe.run.name}': stopped {at} on your interrupt, checkpoint saved; "
+                              "the same command resumes it there", step)
+
     try:
-        with ProgressDisplay(rdir, console), watch:
+        with ProgressDisplay(rdir, console), watch, stop:
             launch(recipe, config, address)
     except BaseException as exc:
         if watch.fatal is not None:
             # A failure no restart can fix (failure_policy.py): the watch interrupted fit(), and
             # Ray Train's SIGINT handler aborted the run; whatever that raised, this is the cause.
             raise failed(watch.fatal["error"]) from None
+        if isinstance(exc, StopRequested):
+            # In-process backend: the user's interrupt, and its checkpoint is saved.
+            raise interrupted(exc.step) from None
         if isinstance(exc, PreemptedError):
             # In-process backend: the notice came, the checkpoint is saved; the next run resumes there.
             rec.state, rec.error = "interrupted", str(exc)
             run_store.save(rdir, rec)
             tracking.end_run(rec.tracking_uri, rec.mlflow_run_id, "KILLED")
+            _copy_tracking_store(rec, rdir)
             raise RunError(f"run '{recipe.run.name}': {exc}. Re-run the same command to resume") from None
         if isinstance(exc, KeyboardInterrupt):
             rec.state = "interrupted"
             run_store.save(rdir, rec)
             tracking.end_run(rec.tracking_uri, rec.mlflow_run_id, "KILLED")
+            _copy_tracking_store(rec, rdir)
             raise
         if not isinstance(exc, Exception):
             raise
@@ -196,10 +235,61 @@ def _run_leased(recipe: Recipe, rdir: str, address: str | None, console: Console
     if watch.fatal is not None:
         raise failed(watch.fatal["error"])
     final = run_store.read_optional(rdir, FINAL_JSON) or {}
+    if stop.requested and not final:
+        # On Ray the workers end cleanly after the stop's checkpoint (a failure would be restarted).
+        cursor = run_store.read_optional(rdir, CURSOR_JSON) or {}
+        raise interrupted((cursor.get("cursor") or {}).get("global_step"))
     rec.state = "completed"
     run_store.save(rdir, rec)
     tracking.end_run(rec.tracking_uri, rec.mlflow_run_id, "FINISHED")
+    _copy_tracking_store(rec, rdir)
     return final
+
+
+def _restore_tracking_store(recipe: Recipe, rdir: str, rec: run_store.RunRecord, console: Console) -> None:
+    """Local mode on a fresh machine (an expired Colab VM): the MLflow store on local disk is
+    gone, or older than the run. Bring the run's copy back from run storage first, so the run
+    goes on in the same MLflow run with its whole history (workers/tracking_store.py)."""
+    from workers import tracking_store
+
+    if rec.mlflow_run_id is None or tracking_store.sqlite_path(rec.tracking_uri) is None:
+        return
+    db = tracking_store.sqlite_path(rec.tracking_uri)
+    here = tracking.resolve_tracking_uri(recipe.tracking.uri)
+    if not os.path.isdir(os.path.dirname(db)) and tracking_store.sqlite_path(here) is not None:
+        # The run started on a machine with another layout (a different working directory):
+        # the store goes where this machine's recipe says.
+        console.print(f"MLflow store {db} is not on this machine: using {here}", highlight=False)
+        rec.tracking_uri = here
+        run_store.save(rdir, rec)
+    try:
+        done = tracking_store.restore(rec.tracking_uri, rec.mlflow_run_id, rdir)
+    except StorageError as exc:
+        raise RunError(f"run '{recipe.run.name}': cannot read the MLflow store's copy in run storage ({exc})") from None
+    except (sqlite3.Error, RuntimeError, OSError) as exc:
+        raise RunError(f"run '{recipe.run.name}': cannot restore MLflow run {rec.mlflow_run_id} into "
+                       f"{tracking_store.sqlite_path(rec.tracking_uri)} ({type(exc).__name__}: {exc})") from None
+    if done is None:
+        return
+    if done.experiment_id != rec.mlflow_experiment_id:
+        rec.mlflow_experiment_id = done.experiment_id
+        run_store.save(rdir, rec)
+    where = "into a new local store" if done.how == "copied" else "into the local store"
+    console.print(f"MLflow: restored run {rec.mlflow_run_id} ({done.metric_points} metric points) from run storage "
+                  f"{where} {tracking_store.sqlite_path(rec.tracking_uri)} in {done.seconds:.2f} s", highlight=False)
+
+
+def _copy_tracking_store(rec: run_store.RunRecord, rdir: str) -> None:
+    """The driver's copies (a new run's params, a run's end state); the chief worker writes one
+    at each checkpoint. A failure here costs nothing but that copy: say so and go on."""
+    from workers import tracking_store
+
+    if rec.mlflow_run_id is None:
+        return
+    try:
+        tracking_store.save_copy(rec.tracking_uri, rec.mlflow_run_id, rdir)
+    except Exception as exc:  # noqa: BLE001 - storage or sqlite: the run itself is unaffected
+        log.warning("could not copy the MLflow store into run storage: %s", exc)
 
 
 def _plan_line(plan: Plan) -> str:

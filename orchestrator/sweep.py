@@ -60,9 +60,11 @@ def _label(value: Any) -> str:
     return str(value).replace("/", "_")
 
 
-def _set(data: dict[str, Any], key: str, value: Any) -> None:
-    # Through the same code as --set, so list items (stages) are addressed the same way.
-    apply_override(data, f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}")
+def _set(data: dict[str, Any], key: str, value: Any, where: str) -> None:
+    # Through the same code as --set, so list items (stages) are addressed the same way; a bad key
+    # is named where the sweep file has it, not as a --set the user never typed.
+    dumped = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+    apply_override(data, f"{key}={dumped}", where=f"{where}: key {key!r}")
 
 
 def _absolute(path_or_uri: str, base: Path) -> str:
@@ -76,29 +78,32 @@ def expand(sweep_path: str, overrides: list[str] | None = None, cwd: Path | None
     """The sweep file and the recipes of its runs, validated before anything starts."""
     from pydantic import ValidationError
 
-    raw = load_recipe_dict(sweep_path)
+    raw = load_recipe_dict(sweep_path, kind="sweep", expect="a sweep file must be a YAML mapping with a 'sweep' section (name, base, grid or runs)")
     try:
         spec = SweepFile.model_validate(raw).sweep
     except ValidationError as err:
         raise RecipeError(_format_validation_error(sweep_path, err)) from None
-    base = load_recipe_dict(str(Path(sweep_path).parent / spec.base))
+    base_path = Path(sweep_path).parent / spec.base
+    if not base_path.is_file():
+        raise RecipeError(f"{sweep_path}: field 'sweep.base': {base_path}: recipe file not found (the path is relative to the sweep file)")
+    base = load_recipe_dict(str(base_path))
     cwd = cwd or Path.cwd()
     for key, value in spec.set.items():
-        _set(base, key, value)
+        _set(base, key, value, f"{sweep_path}: field 'sweep.set'")
     for item in overrides or []:
         apply_override(base, item)
     base.setdefault("tracking", {}).setdefault("experiment", spec.name)
 
     keys = list(spec.grid)
-    combos = [dict(zip(keys, values, strict=True)) for values in itertools.product(*spec.grid.values())] if keys else []
-    combos += spec.runs
+    combos = [("sweep.grid", dict(zip(keys, values, strict=True))) for values in itertools.product(*spec.grid.values())] if keys else []
+    combos += [(f"sweep.runs.{i}", run) for i, run in enumerate(spec.runs)]
     recipes, names = [], set()
-    for combo in combos:
+    for origin, combo in combos:
         data = copy.deepcopy(base)
         combo = dict(combo)
         label = combo.pop("label", None)
         for key, value in combo.items():
-            _set(data, key, value)
+            _set(data, key, value, f"{sweep_path}: field '{origin}'")
         name = "-".join([spec.name, *([_label(label)] if label is not None else (_label(v) for v in combo.values()))])
         if name in names:
             raise RecipeError(f"{sweep_path}: two runs of the sweep would both be named {name!r}")
@@ -142,10 +147,13 @@ def run_sweep(spec: SweepSpec, recipes: list[Recipe], address: str | None, conso
     # Create the MLflow store and experiment once: concurrent trials creating a fresh sqlite
     # schema at the same moment collide ("duplicate column name").
     from orchestrator import tracking
+    from storage import fs
 
     for uri in {r.tracking.uri for r in recipes}:
         for exp in {r.tracking.experiment for r in recipes if r.tracking.uri == uri}:
-            tracking.ensure_experiment(tracking.resolve_tracking_uri(uri), exp)
+            storage = next(r.run.storage for r in recipes if (r.tracking.uri, r.tracking.experiment) == (uri, exp))
+            resolved = tracking.resolve_tracking_uri(uri)
+            tracking.ensure_experiment(resolved, exp, tracking.local_artifact_location(resolved, fs.normalize(storage), exp))
     init_ray(address)
     from ray import tune
 

@@ -32,16 +32,50 @@ def artifact_root(tracking_uri: str) -> str | None:
     return None
 
 
-def ensure_experiment(tracking_uri: str, name: str) -> str:
-    client = _client(tracking_uri)
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    root = artifact_root(tracking_uri)
-    # MLflow 3's UI opens an experiment of unknown kind on its GenAI (traces) overview; this
-    # kind opens it on the runs table and charts, where training runs are compared.
-    return client.create_experiment(name, artifact_location=f"{root}/{name}" if root else None,
-                                    tags={"mlflow.experimentKind": "custom_model_development"})
+def local_artifact_location(tracking_uri: str, storage_root: str, name: str) -> str | None:
+    """Local mode (a sqlite store): a new experiment's artifacts go under run storage
+    (<run.storage>/mlartifacts/<experiment>), which outlives the machine as the checkpoints do;
+    the store itself is copied there at each checkpoint (workers/tracking_store.py). A tracking
+    server keeps its own artifact store: None."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    from storage import fs
+
+    root = fs.join(storage_root, "mlartifacts", name)
+    return "file://" + root if fs.is_local(root) else root
+
+
+def ensure_experiment(tracking_uri: str, name: str, artifact_location: str | None = None) -> str:
+    """The experiment's id, made if need be (its artifacts at `artifact_location` when given, else
+    ./mlartifacts beside a sqlite store); the first contact with the store, so a store that
+    cannot be opened (a bad scheme, a sqlite path under a file, a server that is down) is one
+    RunError naming tracking.uri here, before anything is trained. An experiment that already
+    exists keeps its artifact location."""
+    try:
+        client = _client(tracking_uri)
+        exp = client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        root = artifact_root(tracking_uri)
+        if artifact_location is None and root:
+            artifact_location = f"{root}/{name}"
+        # MLflow 3's UI opens an experiment of unknown kind on its GenAI (traces) overview; this
+        # kind opens it on the runs table and charts, where training runs are compared.
+        return client.create_experiment(name, artifact_location=artifact_location,
+                                        tags={"mlflow.experimentKind": "custom_model_development"})
+    except Exception as exc:  # noqa: BLE001 - MLflow, SQLAlchemy and HTTP errors alike
+        raise store_error(tracking_uri, exc, "tracking.uri") from None
+
+
+def store_error(tracking_uri: str, exc: BaseException, field: str) -> Exception:
+    """One line naming the tracking store (and the field or option that set it) and what to do."""
+    from common.errors import RunError
+    from common.redact import redact_text
+
+    text = " ".join(str(exc).split())
+    text = text.split(". ", 1)[0][:300]
+    return RunError(f"{field} {redact_text(tracking_uri)}: cannot open the MLflow tracking store ({type(exc).__name__}: "
+                    f"{redact_text(text)}); use sqlite:///PATH (a file in a folder you can write) or an MLflow server's http(s)://HOST:PORT")
 
 
 def create_run(tracking_uri: str, experiment_id: str, recipe: Recipe) -> str:
@@ -78,3 +112,17 @@ def end_run(tracking_uri: str, run_id: str, status: str) -> None:
 
 def mark_running(tracking_uri: str, run_id: str) -> None:
     _client(tracking_uri).update_run(run_id, status="RUNNING")
+
+
+def mark_running_if_present(tracking_uri: str, run_id: str) -> bool:
+    """mark_running; False when the store does not hold the run (a local store lost with its
+    machine, and no copy in run storage to restore it from)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mark_running(tracking_uri, run_id)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return True

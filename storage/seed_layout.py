@@ -412,7 +412,7 @@ def plan_seed_layout(source: str) -> SourcePlan:
     kinds = {c.is_zip for c in containers[:4]}
     kind = "seed-zips" if kinds == {True} else "seed-folders" if kinds == {False} else "seed-mixed"
     plan = SourcePlan(source, kind, containers, samples, bad, unlisted, ("source", "fg_x", "fg_y"))
-    _drop_duplicates(plan)
+    drop_duplicate_ids(plan)
     return plan
 
 
@@ -435,8 +435,23 @@ def _int(fields: list[str], i: int) -> int:
         return -1
 
 
-def _drop_duplicates(plan: SourcePlan) -> None:
-    """Every sample whose id another sample shares is bad: which copy is right cannot be known."""
+def manifest_row_id(manifest_uri: str, row: int, ids: list, cols: dict[str, list], kinds: Any, bad: list[dict[str, str]]) -> int | None:
+    """A manifest row's sample id, or None with the row recorded as bad (an empty field, an id that is no integer)."""
+    where = f"{manifest_uri} row {row + 1}"
+    empty = [k for k in kinds if cols[k][row] is None or cols[k][row] == ""]
+    if empty or ids[row] is None:
+        bad.append({"sample": str(ids[row]) if ids[row] is not None else where, "path": where, "reason": f"empty field(s): {', '.join(empty) or 'sample_id'}"})
+        return None
+    try:
+        return int(ids[row])
+    except (TypeError, ValueError):
+        bad.append({"sample": where, "path": where, "reason": f"sample_id {ids[row]!r} is not an integer"})
+        return None
+
+
+def drop_duplicate_ids(plan: SourcePlan, first_kind: str = "fg_bg") -> None:
+    """Every sample whose id another sample shares is bad: which copy is right cannot be known.
+    The bad entries name each copy's `first_kind` file."""
     by_id: dict[int, list[SampleRef]] = {}
     for s in plan.samples:
         by_id.setdefault(s.sample_id, []).append(s)
@@ -447,7 +462,7 @@ def _drop_duplicates(plan: SourcePlan) -> None:
             continue
         for s in group:
             others = ", ".join(o.name for o in group if o is not s)
-            plan.bad.append({"sample": str(sid), "path": plan.path_of(s.files["fg_bg"]), "reason": f"duplicate sample id {sid} (also {others})"})
+            plan.bad.append({"sample": str(sid), "path": plan.path_of(s.files[first_kind]), "reason": f"duplicate sample id {sid} (also {others})"})
     plan.samples = sorted(keep, key=lambda s: s.sample_id)
 
 
@@ -489,20 +504,13 @@ def plan_manifest(manifest_uri: str, columns: dict[str, str] | None = None) -> S
     bad: list[dict[str, str]] = []
     samples: list[SampleRef] = []
     for row in range(table.num_rows):
-        where = f"{manifest_uri} row {row + 1}"
-        empty = [k for k in MANIFEST_COLUMNS if not cols[k][row]]
-        if empty or ids[row] is None:
-            bad.append({"sample": str(ids[row]) if ids[row] is not None else where, "path": where, "reason": f"empty field(s): {', '.join(empty) or 'sample_id'}"})
-            continue
-        try:
-            sid = int(ids[row])
-        except (TypeError, ValueError):
-            bad.append({"sample": where, "path": where, "reason": f"sample_id {ids[row]!r} is not an integer"})
+        sid = manifest_row_id(manifest_uri, row, ids, cols, MANIFEST_COLUMNS, bad)
+        if sid is None:
             continue
         refs = {k: FileRef(None, _resolve(base, str(cols[k][row]))) for k in MANIFEST_COLUMNS}
         samples.append(SampleRef(sid, str(cols["fg_bg"][row]), refs, {"source": str(cols["fg_bg"][row])}))
     plan = SourcePlan(manifest_uri, "manifest", [], samples, bad, [], ("source",))
-    _drop_duplicates(plan)
+    drop_duplicate_ids(plan)
     return plan
 
 

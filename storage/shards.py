@@ -348,6 +348,11 @@ class ShardWriter:
     the first raw one). Any other keys become extra index columns (the set of keys must be the
     same for every sample; numpy scalar types keep their dtype; lists become list columns).
 
+    `index_columns` names index columns the writer puts first after the base ones, in that order:
+    a declared int64 column named there is stored in the shard as usual and its value copied into
+    the index too (e.g. classification's `label`, so its counts need no shard reads); any other
+    name is an extra key every sample must bring. Extra keys it does not name follow, sorted.
+
     The mask_depth columns (the default) are written exactly as before columns were declared:
     format /2, arrays checked as storage.codec's mask/depth encoders check them, and a
     `depth_mean` index column (computed from the depth when a sample does not bring one).
@@ -363,6 +368,7 @@ class ShardWriter:
         rows_per_group: int = ROWS_PER_GROUP,
         columns: Sequence[Column] = MASK_DEPTH_COLUMNS,
         task: str = MASK_DEPTH_TASK,
+        index_columns: Sequence[str] = (),
     ):
         if rows_per_group < 1 or rows_per_shard < 1:
             raise ValueError("rows_per_shard and rows_per_group must be >= 1")
@@ -373,7 +379,11 @@ class ShardWriter:
         self._mask_depth = is_mask_depth(self.columns)
         self._encode = encode_mask_depth_value if self._mask_depth else encode_value
         self._index_names = INDEX_COLUMNS if self._mask_depth else BASE_INDEX_COLUMNS
-        self._not_extra = frozenset((*sample_columns(self.columns), *self._index_names))
+        self.index_columns = self._check_index_columns(index_columns)
+        declared = {c.name for c in self.columns}
+        self._copied = frozenset(k for k in self.index_columns if k in declared)
+        self._listed = tuple(k for k in self.index_columns if k not in declared)
+        self._not_extra = frozenset((*sample_columns(self.columns), *self._index_names, *self.index_columns))
         self.uri = sfs.normalize(uri)
         self.rows_per_shard = int(rows_per_shard)
         self.rows_per_group = min(int(rows_per_group), self.rows_per_shard)
@@ -385,8 +395,23 @@ class ShardWriter:
         self._file: ShardFileWriter | None = None
         self._index: dict[str, list] = {c: [] for c in self._index_names}
         self._extra_keys: tuple[str, ...] | None = None
-        self._extra: dict[str, list] = {}
+        self._extra: dict[str, list] = {k: [] for k in self.index_columns}
         self._closed = False
+
+    def _check_index_columns(self, names: Sequence[str]) -> tuple[str, ...]:
+        names = (names,) if isinstance(names, str) else tuple(names)
+        by_name = {c.name: c for c in self.columns}
+        reserved = set(self._index_names) | {"sample_id", "height", "width"}
+        for k in names:
+            if not isinstance(k, str) or not k:
+                raise ValueError(f"index_columns: {k!r} is not a column name")
+            if k in reserved:
+                raise ValueError(f"index_columns: {k!r} is always in the index (the index's own columns are {list(self._index_names)})")
+            if k in by_name and by_name[k].is_bytes:
+                raise ValueError(f"index_columns: column {k!r} is {by_name[k].codec}; only int64 columns can be copied into the index")
+        if len(set(names)) != len(names):
+            raise ValueError(f"index_columns: {list(names)} names a column twice")
+        return names
 
     # -- adding ------------------------------------------------------------------------------
 
@@ -397,6 +422,9 @@ class ShardWriter:
         missing = [c.name for c in self.columns if c.name not in sample]
         if missing:
             raise ValueError(f"sample {sid}: columns {missing} missing; this writer's columns are {[c.name for c in self.columns]}")
+        missing = [k for k in self._listed if k not in sample]
+        if missing:
+            raise ValueError(f"sample {sid}: index columns {missing} missing; this writer's index_columns are {list(self.index_columns)}")
         values: dict[str, bytes | int] = {}
         for c in self.columns:
             try:
@@ -413,7 +441,7 @@ class ShardWriter:
         extra_keys = tuple(sorted(k for k in sample if k not in self._not_extra))
         if self._extra_keys is None:
             self._extra_keys = extra_keys
-            self._extra = {k: [] for k in extra_keys}
+            self._extra.update({k: [] for k in extra_keys})
         elif extra_keys != self._extra_keys:
             raise ValueError(f"sample {sid}: extra index columns {extra_keys} differ from the first sample's {self._extra_keys}")
 
@@ -431,6 +459,8 @@ class ShardWriter:
         if self._mask_depth:
             idx["depth_mean"].append(depth_mean)
         idx["checksum"].append(columns_checksum(self.columns, values))
+        for k in self.index_columns:
+            self._extra[k].append(np.int64(values[k]) if k in self._copied else sample[k])
         for k in extra_keys:
             self._extra[k].append(sample[k])
 

@@ -138,6 +138,17 @@ def make_classification(seed: int, sample_id: int, size: int = 28) -> tuple[np.n
 # -- segmentation ------------------------------------------------------------------------------------
 
 
+def _class_colour(cls: int, rng: np.random.Generator) -> np.ndarray:
+    """An object's colour: its class's typical hue (as grass is green and sky blue), jittered in hue,
+    saturation and brightness, so colour is a cue a small model picks up within minutes and shape
+    the one that tells near hues apart."""
+    import colorsys
+
+    hue = (cls - 1) / (len(SEGMENTATION_CLASSES) - 1) + rng.normal(0.0, 0.04)
+    rgb = colorsys.hsv_to_rgb(hue % 1.0, rng.uniform(0.45, 1.0), rng.uniform(0.45, 1.0))
+    return (np.asarray(rgb, dtype=np.float32) * 235.0 + 10.0).astype(np.float32)
+
+
 def make_segmentation(seed: int, sample_id: int, size: int = 64) -> tuple[np.ndarray, np.ndarray, int]:
     """(HxWx3 uint8 image, HxW uint8 class map with 255 on anti-aliased edges, background index)."""
     from storage.synth import NUM_BACKGROUNDS, _backgrounds
@@ -147,15 +158,17 @@ def make_segmentation(seed: int, sample_id: int, size: int = 64) -> tuple[np.nda
     img = _backgrounds(size)[bg_index].astype(np.float32)
     mask = np.zeros((size, size), np.uint8)
     ramp = np.linspace(1.15, 0.8, size, dtype=np.float32)[:, None, None]  # lit from above
-    for _ in range(int(rng.integers(1, 5))):
+    # One to three objects, each spanning a fifth to a half of the image as VOC's objects do, so
+    # a stride-32 encoder at the CPU recipe's 64 px still sees each one in its coarsest map.
+    for _ in range(int(rng.integers(1, 4))):
         cls = int(rng.integers(1, len(SEGMENTATION_CLASSES)))
         kind = SEGMENTATION_CLASSES[cls]
-        r = size * rng.uniform(0.09, 0.22)
+        r = size * rng.uniform(0.12, 0.25)
         cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
         angle = rng.uniform(0, 2 * np.pi)
         w = r * rng.uniform(0.35, 0.5)
         a = _alpha(size, lambda d, s, kind=kind, cx=cx, cy=cy, r=r, angle=angle, w=w: draw_shape(d, kind, cx * s, cy * s, r * s, angle, w * s, rng))
-        colour = rng.uniform(20, 235, 3).astype(np.float32)
+        colour = _class_colour(cls, rng)
         tex = colour * ramp + rng.normal(0.0, 8.0, (size, size, 3)).astype(np.float32)
         img = img * (1 - a[..., None]) + tex * a[..., None]
         mask[a >= 0.75] = cls
@@ -322,62 +335,9 @@ def _check(task: str, samples: int, image_size: int) -> None:
         raise ValueError(f"--image-size must be >= {MIN_IMAGE_SIZE[task]} px for {task}, got {image_size}")
 
 
-# Index columns (beyond storage's own) each task's samples bring: the training side reads these.
+# Index columns (beyond storage's own) each task's samples bring, in this order: the training side
+# reads these. Classification's `label` is also a declared column: ShardWriter copies it into the index.
 INDEX_EXTRA = {"classification": ("label",), "segmentation": ("class_pixels", "bg_index"), "depth": ("depth_sum_m", "depth_valid")}
-
-
-class _TaskShardWriter:
-    """Shards + index + manifest of a task dataset, through the same storage calls pack uses
-    (ShardFileWriter, index_table, write_index_and_manifest). Unlike ShardWriter, a declared column
-    may also be an index column (classification's `label`, whose counts the driver reads without
-    touching the shards)."""
-
-    def __init__(self, uri: str, task: str, rows_per_shard: int, rows_per_group: int) -> None:
-        from storage.shards import BASE_INDEX_COLUMNS, INDEX, MANIFEST, SHARD_DIR
-
-        if rows_per_group < 1 or rows_per_shard < 1:
-            raise ValueError("rows_per_shard and rows_per_group must be >= 1")
-        self.uri, self.task = sfs.normalize(uri), task
-        self.columns = task_columns(task)
-        self.rows_per_shard, self.rows_per_group = int(rows_per_shard), min(int(rows_per_group), int(rows_per_shard))
-        for name in (MANIFEST, INDEX):
-            sfs.remove(sfs.join(self.uri, name))
-        sfs.remove(sfs.join(self.uri, SHARD_DIR), recursive=True)
-        self._index: dict[str, list] = {c: [] for c in BASE_INDEX_COLUMNS}
-        self._extra: dict[str, list] = {c: [] for c in INDEX_EXTRA[task]}
-        self._shards: list[dict[str, Any]] = []
-        self._file = None
-
-    def add(self, sample: dict[str, Any]) -> None:
-        from storage.columns import encode_value
-        from storage.shards import ShardFileWriter, columns_checksum, shard_file
-
-        values = {c.name: encode_value(c, sample[c.name]) for c in self.columns}
-        if self._file is None:
-            self._file = ShardFileWriter(self.uri, shard_file(len(self._shards)), self.rows_per_group, self.columns)
-        group, row = self._file.add(sample["sample_id"], values, sample["height"], sample["width"])
-        for k, v in (("sample_id", sample["sample_id"]), ("shard", len(self._shards)), ("row_group", group), ("row", row),
-                     ("height", sample["height"]), ("width", sample["width"]), ("checksum", columns_checksum(self.columns, values))):
-            self._index[k].append(v)
-        for k in self._extra:
-            self._extra[k].append(sample[k])
-        if self._file.rows >= self.rows_per_shard:
-            self._shards.append(self._file.close())
-            self._file = None
-
-    def close(self, extra_manifest: dict[str, Any]) -> dict[str, Any]:
-        from storage.shards import index_table, write_index_and_manifest
-
-        if self._file is not None:
-            self._shards.append(self._file.close())
-            self._file = None
-        extra = {"rows_per_group": self.rows_per_group, **extra_manifest}
-        return write_index_and_manifest(self.uri, index_table(self._index, self._extra), self._shards, extra, columns=self.columns, task=self.task)
-
-    def abort(self) -> None:
-        if self._file is not None:
-            self._file.abort()
-            self._file = None
 
 
 def synthesize_task(
@@ -396,6 +356,7 @@ def synthesize_task(
     The bytes depend only on (task, seed, sample id, image_size), not on `workers`; `progress(n)`
     gets the number of samples just written after each chunk.
     """
+    from storage.shards import ShardWriter  # the pool's workers never need pyarrow
     from storage.synth import default_workers, map_chunks
 
     image_size = int(image_size or DEFAULT_IMAGE_SIZE[task])
@@ -403,12 +364,14 @@ def synthesize_task(
     workers = default_workers() if workers is None else max(1, int(workers))
     lo_hi: list[int] = []
     channels = 1 if task == "classification" else 3
-    writer = _TaskShardWriter(dest, task, rows_per_shard, rows_per_group)
-    try:
+    writer = ShardWriter(dest, rows_per_shard, rows_per_group, columns=task_columns(task), task=task, index_columns=INDEX_EXTRA[task])
+    with writer:
         for chunk in map_chunks(CHUNK_FN[task], samples, workers, seed, image_size):
             for s in chunk:
-                if task == "depth" and s["depth_valid"]:
-                    lo_hi = [min(lo_hi[0], s["_min_mm"]), max(lo_hi[1], s["_max_mm"])] if lo_hi else [s["_min_mm"], s["_max_mm"]]
+                if task == "depth":  # the dataset's depth range, for meta; not index columns
+                    lo, hi = s.pop("_min_mm"), s.pop("_max_mm")
+                    if s["depth_valid"]:
+                        lo_hi = [min(lo_hi[0], lo), max(lo_hi[1], hi)] if lo_hi else [lo, hi]
                 writer.add(s)
             if progress is not None:
                 progress(len(chunk))
@@ -419,9 +382,6 @@ def synthesize_task(
             "image_size": [image_size, image_size],
             "synth": {"task": task, "generator": "storage.synth_tasks", "version": 1},
         })
-    except BaseException:
-        writer.abort()
-        raise
 
 
 def synthesize_task_seed_layout(

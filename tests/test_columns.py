@@ -24,7 +24,13 @@ from storage.columns import (
     encode_value,
     encoded_size,
 )
-from storage.shards import columns_checksum, sample_checksum
+from storage.shards import (
+    BASE_INDEX_COLUMNS,
+    ShardWriter,
+    columns_checksum,
+    open_dataset,
+    sample_checksum,
+)
 
 
 def _rgb(h: int = 12, w: int = 20) -> np.ndarray:
@@ -175,3 +181,51 @@ def test_sizes_are_read_from_encoded_values():
     assert encoded_size(Column("image", "image"), codec.encode_jpeg(_rgb(12, 20))) == (12, 20)
     assert encoded_size(Column("seg", "raw_u8"), codec.encode_mask(np.zeros((7, 5), np.uint8))) == (7, 5)
     assert set(CODECS) == {"image", "raw_u8", "raw_u16", "int64"}
+
+
+def test_declared_int64_columns_named_in_index_columns_are_copied_into_the_index(tmp_path):
+    """Breaks if ShardWriter's index_columns stops copying a declared label into index.parquet
+    (first, in the order named, before the sorted extra keys), or changes the shards for it."""
+    cols = (Column("image", "image"), Column("label", "int64"))
+    samples = [{"sample_id": i, "image": codec.encode_jpeg(_rgb()), "label": np.int64(i % 3), "zeta": np.int32(i), "alpha": float(i),
+                "beta": [i, i]} for i in range(7)]
+
+    def write(uri, **kw):
+        with ShardWriter(str(uri), rows_per_shard=3, rows_per_group=2, columns=cols, task="classification", **kw) as w:
+            w.add_many(dict(s) for s in samples)
+            return w.close()
+
+    plain = write(tmp_path / "plain")
+    copied = write(tmp_path / "copied", index_columns=("label", "zeta"))
+    assert [s["sha256"] for s in copied["shards"]] == [s["sha256"] for s in plain["shards"]]  # the shards do not change
+    ds, ds_plain = open_dataset(str(tmp_path / "copied")), open_dataset(str(tmp_path / "plain"))
+    assert "label" not in ds_plain.index.column_names  # only when asked
+    assert ds.index.column_names == [*BASE_INDEX_COLUMNS, "label", "zeta", "alpha", "beta"]
+    assert ds.index.schema.field("label").type == "int64" and ds.index.schema.field("zeta").type == "int32"
+    ids = [6, 0, 4]
+    assert ds.index_values("label", ids).tolist() == ds.read_samples(ids)["label"].tolist() == [0, 0, 1]
+
+
+@pytest.mark.parametrize(
+    "index_columns, says",
+    [
+        (("image",), "only int64 columns"),
+        (("checksum",), "always in the index"),
+        (("height",), "always in the index"),
+        (("label", "label"), "twice"),
+        (("",), "not a column name"),
+    ],
+)
+def test_unusable_index_columns_are_refused_saying_why(tmp_path, index_columns, says):
+    """Breaks if ShardWriter accepts index columns it cannot write (bytes, the index's own, repeats)."""
+    cols = (Column("image", "image"), Column("label", "int64"))
+    with pytest.raises(ValueError, match=says):
+        ShardWriter(str(tmp_path / "ds"), columns=cols, task="classification", index_columns=index_columns)
+
+
+def test_a_sample_without_a_named_index_column_is_refused(tmp_path):
+    """Breaks if a sample that lacks an index column the writer was told to write slips through."""
+    cols = (Column("image", "image"), Column("label", "int64"))
+    with ShardWriter(str(tmp_path / "ds"), columns=cols, task="classification", index_columns=("label", "source")) as w:
+        with pytest.raises(ValueError, match=r"sample 3: index columns \['source'\] missing"):
+            w.add({"sample_id": 3, "image": codec.encode_jpeg(_rgb()), "label": 1})

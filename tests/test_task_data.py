@@ -17,9 +17,10 @@ from storage.columns import decode_value
 from storage.layouts.voc import VOC_CLASSES, voc_palette
 from storage.pack import pack
 from storage.seed_layout import SourceError, synthesize_seed_layout
-from storage.shards import open_dataset
+from storage.shards import BASE_INDEX_COLUMNS, open_dataset
 from storage.synth_tasks import (
     CLASSIFICATION_CLASSES,
+    INDEX_EXTRA,
     SEGMENTATION_CLASSES,
     synthesize_task,
     synthesize_task_seed_layout,
@@ -134,6 +135,13 @@ def test_synth_depth_is_millimetres_in_range_with_valid_counts_and_sums(synth_se
     assert any(v < 64 * 64 for v in valid)  # some samples carry invalid (0) holes
     # Depth is inferable: the floor recedes, so the bottom rows are nearer than the top ones.
     assert np.mean([d[-4:][d[-4:] > 0].mean() < d[:4][d[:4] > 0].mean() for d in depths]) > 0.9
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_synth_index_holds_the_task_index_columns_in_order(task, synth_sets):
+    """Breaks if a synthetic set's index gains helper values (depth's min/max) or reorders its columns."""
+    ds = open_dataset(synth_sets[task])
+    assert ds.index.column_names == [*BASE_INDEX_COLUMNS, *INDEX_EXTRA[task]]
 
 
 @pytest.mark.parametrize("task", TASKS)

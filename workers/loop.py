@@ -24,10 +24,19 @@ from storage import checkpoints, fs
 from storage.layout import CURSOR_JSON, ERROR_JSON, FINAL_JSON, PROGRESS_JSON
 from storage.retry import RETRY_COUNTER, StorageError
 from storage.shards import DatasetError, open_dataset
+from workers import tracking_store
 from workers.checkpoint_policy import CheckpointPolicy
 from workers.data import ChunkPrefetcher, DataError, check_sizes, make_loader
 from workers.models.registry import build_from_recipe
-from workers.preemption import FATAL, TRAINING_ACTIVE, PreemptedError, PreemptionMonitor
+from workers.preemption import (
+    FATAL,
+    INTERRUPT,
+    TRAINING_ACTIVE,
+    PreemptedError,
+    PreemptionMonitor,
+    StopRequested,
+    StopRequestWatch,
+)
 from workers.progress import ProgressWriter
 from workers.session import Session, configure_threads, make_session
 from workers.state import TrainState
@@ -41,7 +50,7 @@ FATAL_ERRORS = (DataError, DatasetError, StorageError)
 
 def _stop_reason(notice: str) -> str:
     """The checkpoint reason a stop is saved under: `Trainer._record_interruption` reads it back."""
-    return "error" if notice == FATAL else "preemption"
+    return "error" if notice == FATAL else "interrupt" if notice == INTERRUPT else "preemption"
 
 
 PERF_KEYS = ("perf/data_wait_fraction", "perf/storage_retries")
@@ -55,6 +64,13 @@ def train_loop(config: dict[str, Any]) -> None:
     TRAINING_ACTIVE.set()
     try:
         trainer.fit()
+    except StopRequested:
+        if recipe.execution.backend == "ray":
+            # The user's stop, checkpoint saved: end the worker without an error, or Ray Train
+            # would restart the group and train on. The driver knows it asked (orchestrator/interrupt.py).
+            log.warning("stopped at the user's request at step %d", trainer.state.cursor.global_step)
+            return
+        raise
     except FATAL_ERRORS as exc:
         # Keep the user-facing cause where the driver can read it, whatever Ray wraps it in;
         # the driver stops the run on it rather than let Ray restart into the same failure
@@ -92,16 +108,20 @@ class Trainer:
         self.state = TrainState(model=model)
         self.ddp_model: torch.nn.Module = model
         self.policy = CheckpointPolicy(recipe.checkpoint.every_steps, recipe.checkpoint.every_seconds)
-        self.preemption = PreemptionMonitor(recipe.execution.backend, self.world, self.device, recipe.checkpoint.preemption_poll_steps)
+        self.attempt = int(config.get("attempt", 1))
+        # The driver's stop request (Ctrl-C) is looked for by the chief only; the ranks agree in notice().
+        stop = StopRequestWatch(self.run_dir if session.is_chief else None, self.attempt)
+        self.preemption = PreemptionMonitor(recipe.execution.backend, self.world, self.device, recipe.checkpoint.preemption_poll_steps,
+                                            stop=stop)
         # A stop (notice, or FATAL with this rank's own error if it has one) that came on a chunk's
         # last step: the chunk-end checkpoint is taken first and stands in for the stop's.
         self._stop_at_chunk_end: tuple[str, BaseException | None] | None = None
-        self.attempt = int(config.get("attempt", 1))
         self.sink = None
         if session.is_chief and config.get("mlflow_run_id"):
             from workers.mlflow_sink import MlflowSink
 
             self.sink = MlflowSink(config["tracking_uri"], config["mlflow_run_id"])
+        self._store_copy_uri = config["tracking_uri"] if self.sink is not None and tracking_store.sqlite_path(config.get("tracking_uri")) else None
         self._loss_buf: list[tuple[int, Sequence[torch.Tensor]]] = []
         self._eval_rows: dict[str, Any] | None = None
         self._last_loss: float | None = None
@@ -162,6 +182,8 @@ class Trainer:
     def restore(self) -> bool:
         """Load the newest committed checkpoint, if any, and record the interruption. True when resuming."""
         previous = _read_optional_json(fs.join(self.run_dir, PROGRESS_JSON))  # the last sign of life before the cut
+        if self.session.is_chief and checkpoints.list_complete(self.run_dir):
+            self._progress("restore", force=True)  # the driver's line (and bench.resume) sees the restore begin
         loaded = self._load_newest_valid()
         if loaded is None:
             return False
@@ -194,6 +216,8 @@ class Trainer:
             cause = "preemption notice"
         elif meta.get("reason") == "error":
             cause = "stopped on an error"
+        elif meta.get("reason") == "interrupt":
+            cause = "interrupted by the user"
         elif int(meta.get("attempt", self.attempt)) != self.attempt:
             cause = "driver lost"
         else:
@@ -206,7 +230,7 @@ class Trainer:
             "steps_lost": max(0, last_step - c.global_step),
             "time_lost_s": round(max(0.0, last_alive - meta.get("saved_at", last_alive)), 3),
             # Downtime only means something within one driver attempt; a re-run may come days later.
-            "downtime_s": round(now - last_alive, 3) if cause != "driver lost" else None,
+            "downtime_s": round(now - last_alive, 3) if cause not in ("driver lost", "interrupted by the user") else None,
             "at": now,
         }
         self.state.interruption_log.append(record)
@@ -356,6 +380,8 @@ class Trainer:
             if failed is not None:
                 raise failed
             raise RuntimeError(f"another rank cannot fetch its part of the next chunk; stopped at step {step}")
+        if notice == INTERRUPT:
+            raise StopRequested(step)
         raise PreemptedError(f"preemption notice ({notice}) at step {step}: checkpoint saved, resuming from it")
 
     def _next_chunk(self, s: int, chunk: int) -> tuple[int, int] | None:
@@ -426,7 +452,21 @@ class Trainer:
         if self.sink is not None:
             self.sink.log_metrics(self.state.pending_metrics)
             self.sink.set_tags({"orchestrator.checkpoint.latest": uri})
+            # Local mode (sqlite): the run's MLflow records go to run storage with every checkpoint.
+            # The copy is taken here, on the chief, after this checkpoint's points reached the store,
+            # so it holds them; the driver cannot know when that write has landed. A cut before the
+            # copy leaves the previous one, one checkpoint behind: the resume re-sends this
+            # checkpoint's points from the checkpoint itself (Trainer.restore), so none is lost.
+            self._copy_tracking_store()
         self.state.pending_metrics.clear()
+
+    def _copy_tracking_store(self) -> None:
+        if self._store_copy_uri is None:
+            return
+        try:
+            tracking_store.save_copy(self._store_copy_uri, self.sink.run_id, self.run_dir)
+        except Exception:  # noqa: BLE001 - training goes on; the previous copy (and the checkpoints) stand
+            log.warning("could not copy the MLflow store into run storage", exc_info=True)
 
     def log_prediction_grid(self, s: int) -> None:
         if self.sink is None:

@@ -15,17 +15,22 @@ PROGRESS_EVERY_S_REMOTE = 10.0  # object stores bill and throttle per write
 
 
 class Rate:
-    """Samples/s and steps/s over the last WINDOW_S seconds of training."""
+    """Samples/s and steps/s over the last steps: the last MIN_STEPS step times whatever their
+    age, so that slow steps (the full UNet-224 on a CPU: ~30 s each) still give a rate at every
+    step, and beyond those only the steps of the last WINDOW_S seconds, so that the rate follows
+    a change of stage; at most MAX_STEPS."""
 
     WINDOW_S = 30.0
+    MIN_STEPS = 4  # step times kept whatever their age: three intervals
+    MAX_STEPS = 200
 
     def __init__(self) -> None:
-        self.events: deque[tuple[float, int]] = deque()
+        self.events: deque[tuple[float, int]] = deque(maxlen=self.MAX_STEPS)
 
     def add(self, samples: int) -> None:
         now = time.monotonic()
         self.events.append((now, samples))
-        while now - self.events[0][0] > self.WINDOW_S:
+        while len(self.events) > self.MIN_STEPS and now - self.events[0][0] > self.WINDOW_S:
             self.events.popleft()
 
     def _span(self) -> float:

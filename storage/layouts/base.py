@@ -131,22 +131,6 @@ def read_class_names(uri: str) -> list[str]:
     return names
 
 
-def drop_duplicate_ids(plan: SourcePlan, first_kind: str) -> None:
-    """Every sample whose id another sample shares is bad (which one is right cannot be known)."""
-    by_id: dict[int, list[SampleRef]] = {}
-    for s in plan.samples:
-        by_id.setdefault(s.sample_id, []).append(s)
-    keep = []
-    for sid, group in by_id.items():
-        if len(group) == 1:
-            keep.append(group[0])
-            continue
-        for s in group:
-            others = ", ".join(o.name for o in group if o is not s)
-            plan.bad.append({"sample": str(sid), "path": plan.path_of(s.files[first_kind]), "reason": f"duplicate sample id {sid} (also {others})"})
-    plan.samples = sorted(keep, key=lambda s: s.sample_id)
-
-
 # -- which layout is this? ------------------------------------------------------------------------------
 
 # layout name -> (what it looks like, in words; the task that packs it)

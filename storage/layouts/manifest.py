@@ -17,9 +17,17 @@ import posixpath
 from typing import Any
 
 from storage import fs as sfs
-from storage.layouts.base import TaskPlan, drop_duplicate_ids, read_class_names
+from storage.layouts.base import TaskPlan, read_class_names
 from storage.layouts.images_masks import check_classes
-from storage.seed_layout import MANIFEST_COLUMNS, FileRef, SampleRef, SourceError, _resolve
+from storage.seed_layout import (
+    MANIFEST_COLUMNS,
+    FileRef,
+    SampleRef,
+    SourceError,
+    _resolve,
+    drop_duplicate_ids,
+    manifest_row_id,
+)
 
 FILE_COLUMNS = {"classification": ("image",), "segmentation": ("image", "mask"), "depth": ("image", "depth")}
 TASK_COLUMNS = {"classification": ("image", "label"), "segmentation": ("image", "mask"), "depth": ("image", "depth"),
@@ -107,14 +115,8 @@ def plan_task_manifest(task: str, manifest_uri: str, columns: dict[str, str] | N
     labels: dict[int, int | str] = {}
     for row in range(table.num_rows):
         where = f"{manifest_uri} row {row + 1}"
-        empty = [k for k in kinds if cols[k][row] is None or cols[k][row] == ""]
-        if empty or ids[row] is None:
-            bad.append({"sample": str(ids[row]) if ids[row] is not None else where, "path": where, "reason": f"empty field(s): {', '.join(empty) or 'sample_id'}"})
-            continue
-        try:
-            sid = int(ids[row])
-        except (TypeError, ValueError):
-            bad.append({"sample": where, "path": where, "reason": f"sample_id {ids[row]!r} is not an integer"})
+        sid = manifest_row_id(manifest_uri, row, ids, cols, kinds, bad)
+        if sid is None:
             continue
         if task == "classification":
             label = _label_index(cols["label"][row], classes, numeric)

@@ -54,8 +54,6 @@ class Task:
     train_keys: ClassVar[tuple[str, ...]]
     # `orchestrator compare`: (column title, metric key, "max" | "min" | None).
     compare_columns: ClassVar[tuple[tuple[str, str, str | None], ...]]
-    # The metric a run is summed up by (status lines, sweeps): (key, "max" | "min").
-    headline: ClassVar[tuple[str, str]]
 
     def __init__(self, recipe: Recipe, info: dict[str, Any]) -> None:
         self.recipe = recipe

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from storage.codec import decode_depth_uint16
 from workers.losses import build_loss
 from workers.tasks.base import Batch, Task
-from workers.tasks.samples import ImageSamples, normalize, resize_nearest, unnormalize
+from workers.tasks.samples import ImageSamples, image_batch, resize_nearest, unnormalize
 
 # NYU Depth v2's usual evaluation range, for datasets whose manifest names none.
 DEFAULT_RANGE_M = (0.1, 10.0)
@@ -38,7 +38,6 @@ class DepthTask(Task):
     eval_keys = ("eval/a1", "eval/a2", "eval/a3", "eval/rel", "eval/rms", "eval/log10", "eval/rms_baseline")
     compare_columns = (("a1", "eval/a1", "max"), ("rel", "eval/rel", "min"), ("rms", "eval/rms", "min"),
                        ("log10", "eval/log10", "min"), ("rms baseline", "eval/rms_baseline", None))
-    headline = ("eval/rms", "min")
 
     def __init__(self, recipe: Any, info: dict[str, Any]) -> None:
         super().__init__(recipe, info)
@@ -67,9 +66,8 @@ class DepthTask(Task):
                             self.recipe.data.hflip if train else 0.0, 0, flip_key)
 
     def to_device(self, raw: tuple[torch.Tensor, torch.Tensor], device: torch.device | str) -> Batch:
-        images, depth = (t.to(device, non_blocking=True) for t in raw)
-        metres = depth.unsqueeze(1).float().div_(self.scale)
-        return Batch(normalize(images), (metres,))
+        x, depth = image_batch(raw, device)
+        return Batch(x, (depth.unsqueeze(1).float().div_(self.scale),))
 
     def _logits(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if out.shape[-2:] != target.shape[-2:]:

@@ -165,7 +165,6 @@ class MaskDepthTask(Task):
     train_keys = ("train/loss", "train/mask_loss", "train/depth_loss")
     eval_keys = ("eval/mask_iou", "eval/depth_rmse", "eval/depth_rmse_baseline")
     compare_columns = (("mIoU", "eval/mask_iou", "max"), ("mRMSE", "eval/depth_rmse", "min"))
-    headline = ("eval/mask_iou", "max")
 
     def __init__(self, recipe: Any, info: dict[str, Any]) -> None:
         super().__init__(recipe, info)

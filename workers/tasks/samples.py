@@ -56,6 +56,12 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return images.permute(0, 3, 1, 2).float().mul_(1.0 / (255.0 * INPUT_STD)).sub_(INPUT_MEAN / INPUT_STD)
 
 
+def image_batch(raw: tuple[torch.Tensor, torch.Tensor], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """An ImageSamples batch on the device: normalized float images and the targets as stored."""
+    images, targets = (t.to(device, non_blocking=True) for t in raw)
+    return normalize(images), targets
+
+
 def unnormalize(x: torch.Tensor) -> torch.Tensor:
     """The inverse of normalize, clamped to [0, 1], for pictures."""
     return (x * INPUT_STD + INPUT_MEAN).clamp(0, 1)
@@ -113,4 +119,4 @@ def _shifted(img: np.ndarray, h: int, shift: int) -> np.ndarray:
     return out
 
 
-__all__ = ["ImageSamples", "decode_image_into", "normalize", "resize_nearest", "unnormalize"]
+__all__ = ["ImageSamples", "decode_image_into", "image_batch", "normalize", "resize_nearest", "unnormalize"]

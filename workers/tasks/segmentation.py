@@ -3,35 +3,29 @@ ResNet18 segmenter."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from storage.codec import decode_mask
-from workers.losses import IGNORE_INDEX, build_loss
-from workers.tasks.base import Batch, Task
-from workers.tasks.classification import _Adapter, most_frequent
-from workers.tasks.samples import ImageSamples, normalize, resize_nearest, unnormalize
+from workers.losses import IGNORE_INDEX
+from workers.tasks.base import Batch
+from workers.tasks.labels import LabelEval, LabelTask, most_frequent
+from workers.tasks.samples import ImageSamples, resize_nearest, unnormalize
 
 
 def _class_map(value: bytes, side: int) -> np.ndarray:
     return resize_nearest(decode_mask(value), side).astype(np.int64)
 
 
-class SegmentationTask(Task):
+class SegmentationTask(LabelTask):
     name = "segmentation"
     columns = ("image", "mask")
-    loss_sections = ("labels",)
-    train_keys = ("train/loss",)
     compare_columns = (("mIoU", "eval/miou", "max"), ("mAP", "eval/map", "max"), ("mIoU baseline", "eval/miou_baseline", None))
-    headline = ("eval/miou", "max")
 
     def __init__(self, recipe: Any, info: dict[str, Any]) -> None:
         super().__init__(recipe, info)
-        self.loss = build_loss(recipe.loss.labels)
-        self.classes: list[str] = list(info["classes"])
 
     @classmethod
     def data_info(cls, dataset: Any, train_ids: np.ndarray) -> dict[str, Any]:
@@ -57,17 +51,11 @@ class SegmentationTask(Task):
         return ImageSamples(rows, resolution, 3, describe, "mask", _class_map,
                             self.recipe.data.hflip if train else 0.0, 0, flip_key)
 
-    def to_device(self, raw: tuple[torch.Tensor, torch.Tensor], device: torch.device | str) -> Batch:
-        images, labels = (t.to(device, non_blocking=True) for t in raw)
-        return Batch(normalize(images), (labels,))
-
-    def losses(self, out: torch.Tensor, batch: Batch) -> Sequence[torch.Tensor]:
-        return (self.loss(out, batch.targets[0]),)
 
     def evaluator(self) -> Any:
         from workers.eval.segmentation import SegmentationEval
 
-        return _Adapter(SegmentationEval(self.classes, int(self.info["baseline_class"]), int(self.info["ignore_index"])))
+        return LabelEval(SegmentationEval(self.classes, int(self.info["baseline_class"]), int(self.info["ignore_index"])))
 
     def picture(self, batch: Batch, out: torch.Tensor, path: str) -> None:
         from workers.pictures import segmentation_grid

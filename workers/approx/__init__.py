@@ -1,0 +1,33 @@
+"""Approximate-multiplier convolutions for layer-sensitivity studies (see conv.py)."""
+
+from __future__ import annotations
+
+from workers.approx.conv import (
+    ApproxConv2d,
+    LayerInfo,
+    approx_conv2d,
+    conv_layers,
+    direct_conv2d,
+    swap_layer,
+    trace_macs,
+)
+from workers.approx.multipliers import MULTIPLIERS, ProductTable, load_table, table_by_name
+from workers.approx.quant import FIXED_SCALES, dequantize, quantize, scale_for
+
+__all__ = [
+    "FIXED_SCALES",
+    "MULTIPLIERS",
+    "ApproxConv2d",
+    "LayerInfo",
+    "ProductTable",
+    "approx_conv2d",
+    "conv_layers",
+    "dequantize",
+    "direct_conv2d",
+    "load_table",
+    "quantize",
+    "scale_for",
+    "swap_layer",
+    "table_by_name",
+    "trace_macs",
+]
