@@ -4,8 +4,11 @@ For each layer (default: decoder.up0.convB, a dense 3x3 384 -> 384 conv on the 7
 encoder.features.2.conv.0.0, the pointwise 16 -> 96 conv at 112x112; the full-width
 mobilenetv2_depth at its 224-px working resolution, batch 1, a non-exact table, operands
 calibrated on the layer's real input), in the same run:
-  - `direct_conv2d` (Python loops, one table lookup per product) on a slice of the outputs: its
-    set-up (an empty slice) and the per-output time, scaled linearly to the whole layer;
+  - the per-element reference in the updates' own style (`direct_conv2d_tensors`: Python loops
+    indexing torch tensors one element at a time) on a small slice of the outputs, scaled linearly
+    to the whole layer: the baseline of `speedup_vs_direct`;
+  - `direct_conv2d` (the same loops over Python lists, ~10x faster) on a larger slice: its
+    set-up (an empty slice) and the per-output time, scaled linearly: `speedup_vs_python_lists`;
   - `approx_conv2d` (method "auto") on the whole layer, best of --repeats; its values on the slice
     must equal the reference's (`exact_on_slice`);
   - with --methods, every method on the whole layer (the figures behind conv.py's choice).
@@ -66,6 +69,7 @@ def _layer_bench(conv, x, table, args, rng: torch.Generator) -> dict[str, Any]: 
         auto_method,
         conv_kind,
         direct_conv2d,
+        direct_conv2d_tensors,
         output_shape,
     )
     from workers.approx.quant import quantize, scale_for
@@ -79,16 +83,21 @@ def _layer_bench(conv, x, table, args, rng: torch.Generator) -> dict[str, Any]: 
     n_out = shape[0] * shape[1] * shape[2] * shape[3]
     macs = n_out * wq.shape[1] * wq.shape[2] * wq.shape[3]
     k = wq.shape[1] * wq.shape[2] * wq.shape[3]
-    count = max(args.direct_outputs, -(-args.direct_products // k), 2)
+    count = max(args.direct_outputs, -(-args.direct_products // k))
     outs = [tuple(int(torch.randint(0, s, (1,), generator=rng)) for s in shape) for _ in range(count)]
 
-    # set-up: the lists of the image and of one filter, and one output (the slice's first)
-    setup_s = _best(lambda: direct_conv2d(xq, wq, table, outputs=outs[:1], **kw), 2)
-    t0 = time.perf_counter()
-    ref = direct_conv2d(xq, wq, table, outputs=outs, **kw)
-    slice_s = time.perf_counter() - t0
-    per_output_s = max(slice_s - setup_s, 1e-9) / (len(outs) - 1)
+    stats: dict[str, float] = {}
+    ref = direct_conv2d(xq, wq, table, outputs=outs, stats=stats, **kw)
+    setup_s = stats["setup_s"]
+    per_output_s = stats["loop_s"] / len(outs)
     direct_s = setup_s + per_output_s * n_out
+
+    # The updates' own style (tensor element indexing in Python loops) on a small slice of its own.
+    few = outs[: max(1, -(-args.direct_products // (10 * k)))]
+    t0 = time.perf_counter()
+    tensor_ref = direct_conv2d_tensors(xq, wq, table, few, **kw)
+    tensor_s = (time.perf_counter() - t0) / len(few) * n_out
+    assert tensor_ref.tolist() == ref.tolist()[: len(few)], "the two references disagree"
 
     method = auto_method(xq, wq, table, **kw)
     y = approx_conv2d(xq, wq, table, **kw)  # warm-up, and the values checked against the slice
@@ -108,7 +117,10 @@ def _layer_bench(conv, x, table, args, rng: torch.Generator) -> dict[str, Any]: 
         "approx_s": round(approx_s, 4),
         "approx_ns_per_mac": round(approx_s / macs * 1e9, 3),
         "exact_on_slice": exact,
-        "speedup_vs_direct": round(direct_s / approx_s, 1),
+        "update_style_outputs_timed": len(few),
+        "update_style_full_layer_s_estimate": round(tensor_s, 1),
+        "speedup_vs_direct": round(tensor_s / approx_s, 1),
+        "speedup_vs_python_lists": round(direct_s / approx_s, 1),
     }
     if args.methods:
         names = ["gather", "onehot", "bag_input", "bag_weight"] + (["factors"] if table.factors is not None else [])
@@ -170,7 +182,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--table", default="mitchell", help="a built-in multiplier or a .npy/.csv table")
     ap.add_argument("--resolution", type=int, default=224)
     ap.add_argument("--images", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
+    # One thread by default: the kernel is a few hundred short torch ops per layer, and on this
+    # shared 2-core box two intra-op threads wait for each other at every op whenever another
+    # job holds a core (measured: the all-layers pass 14 s with one thread, 42 s with two).
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--direct-outputs", type=int, default=48, help="least outputs the reference computes per layer")
     ap.add_argument("--direct-products", type=int, default=1_000_000, help="least products in the reference's slice")
     ap.add_argument("--repeats", type=int, default=3)
@@ -204,7 +219,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     layers = {}
     for name in layer_names:
         layers[name] = _layer_bench(model.get_submodule(name), inputs[name], table, args, rng)
-    direct = sum(r["direct_full_layer_s_estimate"] for r in layers.values())
+    direct = sum(r["update_style_full_layer_s_estimate"] for r in layers.values())
+    lists = sum(r["direct_full_layer_s_estimate"] for r in layers.values())
     approx = sum(r["approx_s"] for r in layers.values())
 
     result: dict[str, Any] = {
@@ -216,13 +232,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "batch_per_layer_timing": 1,
         "images": args.images,
         "layers": layers,
+        # vs the updates' style: per-element loops over torch tensors; vs the same loops over Python lists
         "speedup_vs_direct": round(direct / approx, 1),
+        "speedup_vs_python_lists": round(lists / approx, 1),
         "study_seconds": None,
     }
     if not args.no_all_layers:
         allr = _all_layers(model, images, table)
         macs = sum(info.macs or 0 for info in conv_layers(model, (args.images, 3, args.resolution, args.resolution)))
-        ns_direct = [r["direct_ns_per_mac"] for r in layers.values()]
+        # the reference at the rate it showed on the timed layer of the same kernel size
+        # (the mean of the timed layers for a size none of them has)
+        rate = {tuple(r["weight_shape"][2:]): r["direct_ns_per_mac"] for r in layers.values()}
+        mean_rate = sum(rate.values()) / len(rate)
+        direct_all = sum((info.macs or 0) * rate.get(info.kernel_size, mean_rate)
+                         for info in conv_layers(model, (args.images, 3, args.resolution, args.resolution)))
         result.update({
             "conv_layers": len(all_names),
             "macs_all_layers": macs,
@@ -230,8 +253,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "kernel_seconds_all_layers_per_kind": allr["per_kind"],
             "kernel_seconds_slowest_layers": allr["slowest"],
             "methods_chosen": allr["methods"],
-            # the reference at the mean per-multiply rate it showed on the timed layers
-            "direct_seconds_all_layers_5_images_estimate": round(macs * sum(ns_direct) / len(ns_direct) * 1e-9, 0),
+            "direct_seconds_all_layers_5_images_estimate": round(direct_all * 1e-9, 0),
         })
         result["speedup_all_layers_vs_direct_estimate"] = round(
             result["direct_seconds_all_layers_5_images_estimate"] / allr["seconds"], 1)

@@ -6,7 +6,8 @@ is then deleted (the VM's disk is gone), its run storage (runs/) and dataset (da
 A new virtualenv gets torch from the wheel on disk, as Colab's runtime comes with its torch.
 
 Timed, then, from a new virtualenv that holds only torch:
-  install_s     `pip install -c constraints.txt -e .` (README command 1's install)
+  install_s     `pip install -c constraints.txt -e .` (README command 1's install; --no-compile
+                as the notebook's cell does it)
   startup_s     `orchestrator run recipes/quickstart.yaml` until the worker begins to restore:
                 imports, recipe, dataset, lease, Ray, the worker group (MLflow's restore left out)
   restore_s     the MLflow store brought back from run storage (the driver) + the checkpoint
@@ -118,6 +119,9 @@ def main(argv: list[str] | None = None) -> dict:
                          "2.13.0's CPU wheel on this machine's disk")
     ap.add_argument("--kill-after-step", type=int, default=50, help="interrupt the first run past this step (a checkpoint)")
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--no-compile", action="store_true",
+                    help="pip install --no-compile (as the notebook does): no byte-compiling of every installed "
+                         "module; those imported compile on first use")
     ap.add_argument("--keep", action="store_true", help="keep the working folder (printed)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
@@ -143,8 +147,10 @@ def main(argv: list[str] | None = None) -> dict:
                                        check=True, capture_output=True, text=True).stdout.strip()
 
         # ---- timed: install
+        load_at_start = os.getloadavg()[0]  # other work on the machine slows every figure below
         t0 = time.time()
-        subprocess.run([*pip, "-c", "constraints.txt", "-e", "."], cwd=src, check=True, env=_env())
+        subprocess.run([*pip, *(["--no-compile"] if args.no_compile else []), "-c", "constraints.txt", "-e", "."],
+                       cwd=src, check=True, env=_env())
         install_s = time.time() - t0
         torch_after = subprocess.run([str(venv / "bin" / "python"), "-c", "import torch; print(torch.__version__)"],
                                      check=True, capture_output=True, text=True).stdout.strip()
@@ -186,6 +192,8 @@ def main(argv: list[str] | None = None) -> dict:
             "torch_in_venv": torch_version,
             "torch_after_install": torch_after,
             "recipe": RECIPE + " (execution.backend ray, as in the notebook)",
+            "pip_no_compile": args.no_compile,
+            "load_average_1m_at_start": round(load_at_start, 2),
             "install_s": round(install_s, 1),
             "startup_s": round(startup_s, 1),
             "restore_s": round(restore_s, 2),
@@ -205,7 +213,12 @@ def main(argv: list[str] | None = None) -> dict:
         if args.keep:
             print(f"kept {tmp}", file=sys.stderr)
         else:
-            shutil.rmtree(tmp, ignore_errors=True)
+            # A Ray worker of a killed driver can still write its progress for a moment after.
+            for _ in range(4):
+                shutil.rmtree(tmp, ignore_errors=True)
+                if not tmp.exists():
+                    break
+                time.sleep(5)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -25,7 +25,7 @@ from workers.approx import (
     table_by_name,
     trace_macs,
 )
-from workers.approx.conv import output_shape
+from workers.approx.conv import auto_method, output_shape
 
 METHODS = ("auto", "gather", "onehot", "bag_input", "bag_weight")
 # (in, out, kernel, stride, padding, groups, dilation, size)
@@ -161,6 +161,15 @@ def test_direct_reference_slice_equals_its_full_output() -> None:
     assert direct_conv2d(x, w, table, outputs=outs, **kw).tolist() == [int(full[o]) for o in outs]
     with pytest.raises(ValueError, match="outside the output shape"):
         direct_conv2d(x, w, table, outputs=[(0, 0, 99, 0)], **kw)
+
+
+def test_auto_runs_one_conv_for_exact_tables_and_the_gather_for_depthwise() -> None:
+    x, w, kw = _operands("dense_3x3")
+    assert auto_method(x, w, table_by_name("exact"), **kw) == "onehot"  # E = 0: a single conv
+    x, w, kw = _operands("depthwise_strided")
+    assert auto_method(x, w, table_by_name("mitchell"), **kw) == "gather"
+    with pytest.raises(ValueError, match="unknown method 'fast'"):
+        approx_conv2d(x, w, table_by_name("exact"), method="fast", **kw)
 
 
 def test_operands_outside_the_table_are_refused() -> None:

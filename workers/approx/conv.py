@@ -11,36 +11,71 @@ Padding: a padded position is operand 0, and it goes through the table like any 
 That is what the source did (it unfolded the zero-padded input and looked up every element),
 and every method here and `direct_conv2d` do the same.
 
-Methods (all exact, bit-identical int64; tests check each against direct_conv2d):
-  "gather"   unfold the patches, index = (x - lo) * n + (w - lo) into the flat table, sum;
-             chunked to bound memory.
-  "onehot"   table = exact product + E. One float64 conv of x and w, plus the E term split over
-             the operand values present on the side with fewer of them (rows/columns of E that
-             are zero there are skipped): sum_v conv(1[x == v], E[v, w]) or sum_u conv(E[x, u],
-             1[w == u]), stacked as channels of one float64 conv. One conv for an exact table.
-  "factors"  tables that are sums of r products f(a) g(b) (ProductTable.factors: exact and
-             DRUM r = 1, truncated r = operand bits, minus factors that vanish on the operands
-             present): one float64 conv of r stacked channels.
-  "bag"      the lookups as a sparse sum with embedding_bag (float32, exact, see below): either
-             input side (rows (value v, tap k) -> table[v, w[:, k]] over output channels, one
-             bag per output position) or weight side (rows (value u, tap k) -> table[x[k, :], u]
-             over positions, one bag per output channel), whichever builds fewer rows.
-  "auto"     see `choose_method`.
-Float sums are exact because every summand is an integer and every partial sum is bounded below
-2**53 (float64 convs; checked) or 2**24 (float32 bags: each bag holds at most
-floor(2**24 / max |table value present|) lookups; bags are summed in float64).
+Methods (all exact, bit-identical int64 for every table; the tests check each one against
+direct_conv2d):
+  "gather"      option (a): index = (x - lo) * n + (w - lo) into the flat table for every
+                product, looked up and summed per output by one embedding_bag over the table
+                as a one-column matrix (no tensor of looked-up values); chunked.
+  "onehot"      option (b), per value: table = exact product + E; one float64 conv of x and w
+                plus the E term split over the operand values present on the side with fewer of
+                them, skipping values whose E row/column is zero there: sum_v conv(1[x == v],
+                E[v, w]) or sum_u conv(E[x, u], 1[w == u]), stacked as the channels of float64
+                convs. An exact table (or one exact on the operands present) is one conv.
+  "factors"     option (b), low rank: a table that is a sum of r products f(a) g(b)
+                (ProductTable.factors: exact and DRUM r = 1, truncated one term per operand bit,
+                less the terms that vanish on the operands present) is one float64 conv with r
+                stacked channels.
+  "bag_input"   the lookups as a sparse sum: rows (operand value v, tap t) hold table[v, w[:, t]]
+                over the output channels, one embedding_bag run per output position (float32;
+                rows for the values present only; taps chunked by input channel).
+  "bag_weight"  the same with rows (weight value u, tap t) holding table[x[t, :], u] over the
+                output positions, one run per output channel (for small output maps).
+  "bag"         the bag side with the lower estimate (bag_side); "auto": see choose_method.
+Exactness: every summand is an integer and every float partial sum stays below 2**53 (float64
+convs and sums; checked) or 2**24 (float32 bags hold at most floor(2**24 / max |table value
+present|) lookups each, and bags are added in float64), so the sums are exact whatever the
+order; the conv results are rounded before the cast, which also absorbs the last-bit errors of
+an FFT or Winograd float64 conv a GPU library might pick.
 
-Measured on this repository's 2-core CPU box (shared; best of 3, mitchell table, percentile
-calibrated operands, ns per multiply-accumulate; `python -m bench.approx --methods`):
+Measurements (`python -m bench.approx --methods`, and the same layers one method at a time): ns
+per multiply-accumulate, one thread of the shared 2-core x86_64 box (load average 4-7 from other
+jobs, so figures move up to 2-3x between runs), batch 1 at the model's 224 px, operands
+calibrated on the layer's real input (99.99th percentile; 140-250 distinct values present on
+each side), mitchell table (drum4 for "factors"); the Python reference ran 150-260 ns per
+product on the same box when it was quiet, up to 660 when it was not:
 
-  layer (224 px, batch 1)                          gather  onehot   bag   direct (Python)
-  encoder.features.2.conv.0.0  pointwise 16->96@112   see _MEASURED below
-The figures and the rule they gave are in _MEASURED / choose_method.
+  layer                                  multiplies gather onehot bag_input bag_weight factors
+  enc features.2.conv.0.0 1x1 16->96 @112     19.3M    4.0     43      0.32        5.9    0.44
+  enc features.2.conv.1.0 dw 3x3 s2 @112       2.7M    6.1    411        31         34      11
+  dec up0.convB 3x3 384->384 @7x7             65.0M     15    137        15        3.2    0.20
+  dec up2.convB 3x3 192->192 @14x14           65.0M     10     43       3.5        5.5    0.14
+  dec up4.convB 3x3 96->96 @56x56              260M     20      -      0.49         13    0.12
+  dec up5.convA 3x3 112->48 @112x112           607M     15      -      0.44         25    0.25
+  dec conv3 3x3 48->1 @112x112                 5.4M    6.5   1638        12        533      13
+  (truncated8 "factors", 8 terms: 1.1-4.0; exact table, "onehot" = one conv: 0.1-0.4)
+
+Why "auto" picks as it does (choose_method, constants in COST_NS): the per-value decomposition
+costs one float64 conv per operand value present (0.25-0.35 ns per multiply each), and with
+calibrated scales 140-250 values are present, so it is 40-1600 ns per multiply: it is used only
+when it needs no correction at all (an exact table). A rank-1 factorization (DRUM) is a single
+conv and the fastest everywhere but in depthwise layers. For any other table the bag wins: on
+large output maps the input side, whose rows depend on the weights and the values present only
+(0.3-0.5 ns, 300x to 800x below the Python reference); on the decoder's 7x7 and 14x14 maps,
+where building input-side rows would cost more than the multiplies, the weight side (2-3 ns);
+on depthwise layers and one-output-channel layers, whose bag rows would hold one value, the
+gather (5-10 ns). Against the per-product Python loop that is 15x (depthwise gather) to about
+1000x (one factor on a large map); `python -m bench.approx` measures it per layer and for the
+whole model. The source's Python implementation took about 1 to 7 hours per layer for 5 images.
+
+Threads: every method is a few large torch ops that use torch's intra-op threads. On a machine
+busier than its cores (a shared box, several Ray workers per node) set torch threads to 1 per
+process: the threads of one op otherwise wait for each other at every op.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -51,7 +86,7 @@ from torch import nn
 from workers.approx.multipliers import ProductTable
 from workers.approx.quant import quantize
 
-METHODS = ("auto", "gather", "onehot", "factors", "bag")
+METHODS = ("auto", "gather", "onehot", "factors", "bag", "bag_input", "bag_weight")
 # Bound on the largest temporary of a method, in elements (64-128 MB).
 CHUNK_ELEMENTS = 2**24
 _F64_EXACT = 2**53
@@ -65,8 +100,8 @@ Padding = int | tuple[int, int] | str
 
 
 def _pair(v: int | Sequence[int], what: str) -> tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
+    if not isinstance(v, (tuple, list, torch.Size)):
+        return (int(v), int(v))
     t = tuple(int(i) for i in v)
     if len(t) == 1:
         return (t[0], t[0])
@@ -526,6 +561,8 @@ def approx_conv2d(
     xq (N, C, H, W) and wq (O, C / groups, kh, kw) are integer operands in table.lo..table.hi.
     Padding positions are operand 0 and go through the table (table[0, w]). `method` picks the
     algorithm (see the module docstring); all give identical integers."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
     st, di, pads = _prepare(xq, wq, table, stride, padding, dilation, groups)
     if method == "auto" and _depthwise_like(wq, groups):
         method = "gather"  # see estimate_costs
@@ -543,11 +580,42 @@ def approx_conv2d(
     if method in ("bag", "bag_input", "bag_weight"):
         side = {"bag": None, "bag_input": "input", "bag_weight": "weight"}[method]
         return _bag(xp, wq, table, st, di, groups, side)
-    raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}, bag_input, bag_weight")
+    raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
 
 
 # ---------------------------------------------------------------------------------------------
 # The per-product reference
+
+
+def direct_conv2d_tensors(
+    xq: torch.Tensor,
+    wq: torch.Tensor,
+    table: ProductTable,
+    outputs: Sequence[tuple[int, int, int, int]],
+    stride: int | tuple[int, int] = 1,
+    padding: Padding = 0,
+    dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
+) -> torch.Tensor:
+    """The source updates' way: Python loops over each output's products, indexing the image, the
+    kernel and the table as torch tensors one element at a time (the speed baseline of
+    bench/approx.py's `speedup_vs_direct`; `direct_conv2d` is the same arithmetic on Python lists,
+    ~10x faster, kept as the strict reference). Only the listed outputs (n, o, y, x)."""
+    st, di, pads = _prepare(xq, wq, table, stride, padding, dilation, groups)
+    xp = _pad(xq, pads).cpu()
+    w, values, lo = wq.cpu(), table.values.cpu(), table.lo
+    o_total, cg, kh, kw = w.shape
+    og = o_total // groups
+    vals = []
+    for n, o, i, j in outputs:
+        s = 0
+        c0 = (o // og) * cg
+        for c in range(cg):
+            for a in range(kh):
+                for b in range(kw):
+                    s += int(values[int(xp[n, c0 + c, i * st[0] + a * di[0], j * st[1] + b * di[1]]) - lo, int(w[o, c, a, b]) - lo])
+        vals.append(s)
+    return torch.tensor(vals, dtype=torch.int64)
 
 
 def direct_conv2d(
@@ -559,20 +627,23 @@ def direct_conv2d(
     dilation: int | tuple[int, int] = 1,
     groups: int = 1,
     outputs: Sequence[tuple[int, int, int, int]] | None = None,
+    stats: dict | None = None,
 ) -> torch.Tensor:
     """The reference: Python loops over outputs, one table lookup per product.
 
     With `outputs=None` the whole int64 (N, O, Ho, Wo) result; otherwise only the listed
-    outputs (n, o, y, x), returned as a 1-D int64 tensor in that order (it is slow: about
-    1e7 products a second)."""
+    outputs (n, o, y, x), returned as a 1-D int64 tensor in that order (it is slow: a few
+    million products a second). `stats`, if given, receives "setup_s" (checks, padding, the
+    table, the weights and the images in use as Python lists), "loop_s" (the loops) and
+    "products"."""
+    started = time.perf_counter()
     st, di, pads = _prepare(xq, wq, table, stride, padding, dilation, groups)
     xp = _pad(xq, pads)
     shape = output_shape(xp.shape, wq.shape, st, 0, di)
     lo = table.lo
     t = table.values.tolist()
     xp, wq = xp.cpu(), wq.cpu().to(torch.int64)
-    x_lists: dict[int, list] = {}  # Python lists of the images and filters in use, made once
-    w_lists: dict[int, list] = {}
+    w = wq.tolist()
     o_total, cg, kh, kw = wq.shape
     og = o_total // groups
     if outputs is None:
@@ -586,25 +657,36 @@ def direct_conv2d(
         for out in todo:
             if len(out) != 4 or not all(0 <= v < s for v, s in zip(out, shape, strict=True)):
                 raise ValueError(f"output {out} outside the output shape {shape}")
+    x_lists = {n: xp[n].tolist() for n in sorted({out[0] for out in todo})}  # images in use
     (sh, sw), (dh, dw) = st, di
+    w1 = [[wc[0][0] for wc in wo] for wo in w] if kh == kw == 1 else []
     vals = []
-    for n, o, i, j in todo:
-        s = 0
-        xn = x_lists.get(n)
-        if xn is None:
-            xn = x_lists[n] = xp[n].tolist()
-        wo = w_lists.get(o)
-        if wo is None:
-            wo = w_lists[o] = wq[o].tolist()
-        c0 = (o // og) * cg
-        i0, j0 = i * sh, j * sw
-        for cl in range(cg):
-            xc, wc = xn[c0 + cl], wo[cl]
-            for a in range(kh):
-                row, wr = xc[i0 + a * dh], wc[a]
-                for b in range(kw):
-                    s += t[row[j0 + b * dw] - lo][wr[b] - lo]
-        vals.append(s)
+    looped = time.perf_counter()
+    if kh == kw == 1:  # pointwise: no loops over kernel taps
+        for n, o, i, j in todo:
+            s = 0
+            xn, wo = x_lists[n], w1[o]
+            c0 = (o // og) * cg
+            i0, j0 = i * sh, j * sw
+            for cl in range(cg):
+                s += t[xn[c0 + cl][i0][j0] - lo][wo[cl] - lo]
+            vals.append(s)
+    else:
+        for n, o, i, j in todo:
+            s = 0
+            xn, wo = x_lists[n], w[o]
+            c0 = (o // og) * cg
+            i0, j0 = i * sh, j * sw
+            for cl in range(cg):
+                xc, wc = xn[c0 + cl], wo[cl]
+                for a in range(kh):
+                    row, wr = xc[i0 + a * dh], wc[a]
+                    for b in range(kw):
+                        s += t[row[j0 + b * dw] - lo][wr[b] - lo]
+            vals.append(s)
+    if stats is not None:
+        stats.update(setup_s=looped - started, loop_s=time.perf_counter() - looped,
+                     products=len(todo) * cg * kh * kw)
     result = torch.tensor(vals, dtype=torch.int64)
     return result.reshape(shape) if outputs is None else result
 
@@ -634,7 +716,7 @@ class ApproxConv2d(nn.Module):
             raise TypeError(f"ApproxConv2d wraps an nn.Conv2d, got {type(conv).__name__}")
         if conv.padding_mode != "zeros":
             raise ValueError(f"ApproxConv2d supports padding_mode 'zeros' only, got {conv.padding_mode!r}")
-        if method not in METHODS and method not in ("bag_input", "bag_weight"):
+        if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
         self.weight = conv.weight
         self.bias = conv.bias
