@@ -28,7 +28,7 @@ from tests.conftest import (
     write_recipe,
 )
 
-SAMPLES, EVAL = 200, 40
+SAMPLES, EVAL = 120, 24
 # (model section, resolution, dataset image size) per task: the smallest member of each family.
 TASK_SETUPS: dict[str, dict[str, Any]] = {
     "classification": {"model": {"name": "basenet", "variant": "bn"}, "resolution": 28, "image_size": 28},
@@ -60,8 +60,8 @@ def task_recipe(task: str, data_uri: str) -> dict[str, Any]:
         "loss": {"depth": {"l1": 0.1, "ssim": 1.0}} if task == "depth" else {},
         # Two stages, the second re-using the first's weights: a resume must rebuild the right optimizer.
         "stages": [
-            {"name": "first", "resolution": setup["resolution"], "batch_size": 16, "chunk_size": 80, "epochs_per_chunk": 2, "lr": 0.003},
-            {"name": "second", "resolution": setup["resolution"], "batch_size": 16, "chunk_size": 160, "lr": 0.001},
+            {"name": "first", "resolution": setup["resolution"], "batch_size": 16, "chunk_size": 48, "epochs_per_chunk": 2, "lr": 0.003},
+            {"name": "second", "resolution": setup["resolution"], "batch_size": 16, "chunk_size": 96, "lr": 0.001},
         ],
         "checkpoint": {"every_steps": 4, "every_seconds": 3600, "keep": 2},
         "tracking": {"uri": "sqlite:///mlflow.db", "experiment": "tests", "grid_samples": 2},
