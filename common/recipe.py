@@ -144,13 +144,9 @@ class ExecutionSection(_Strict):
         return self
 
 
-TASK_KINDS = ("mask_depth", "depth", "segmentation", "classification")
-
-
 class Recipe(_Strict):
     run: RunSection
-    task: Literal["mask_depth", "depth", "segmentation", "classification"] = Field(
-        "mask_depth", description="What the model learns: mask_depth (the source's), depth, segmentation or classification.")
+    task: str = Field("mask_depth", description="What the model learns, from the task registry: mask_depth (the source's), depth, segmentation or classification.")
     data: DataSection = Field(default_factory=DataSection)
     model: ModelSection = Field(default_factory=ModelSection)
     loss: LossSection = Field(default_factory=LossSection)
@@ -159,6 +155,15 @@ class Recipe(_Strict):
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     execution: ExecutionSection = Field(default_factory=ExecutionSection)
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, v: str) -> str:
+        from workers.tasks import TASKS  # a new task registers there; nothing here lists them
+
+        if v not in TASKS:
+            raise ValueError(f"unknown task {v!r}; valid: {', '.join(TASKS.names())}")
+        return v
 
     @model_validator(mode="after")
     def _unique_stage_names(self) -> Recipe:
