@@ -57,9 +57,7 @@ class ModelSection(_Strict):
     def _known_model(cls, v: str) -> str:
         from workers.models import MODELS
 
-        if v not in MODELS:
-            raise ValueError(f"unknown model {v!r}; valid: {', '.join(MODELS.names())}")
-        return v
+        return MODELS.check(v)
 
 
 LossSpec = dict[str, Annotated[float, Field(ge=0.0)]]
@@ -161,9 +159,7 @@ class Recipe(_Strict):
     def _known_task(cls, v: str) -> str:
         from workers.tasks import TASKS  # a new task registers there; nothing here lists them
 
-        if v not in TASKS:
-            raise ValueError(f"unknown task {v!r}; valid: {', '.join(TASKS.names())}")
-        return v
+        return TASKS.check(v)
 
     @model_validator(mode="after")
     def _unique_stage_names(self) -> Recipe:

@@ -39,6 +39,12 @@ class Registry(Generic[T]):
                 f"unknown {self.kind} {name!r}; valid: {', '.join(sorted(self._items))}"
             ) from None
 
+    def check(self, name: str) -> str:
+        """`name` if registered; else ValueError (what pydantic validators raise) listing the valid ones."""
+        if name not in self._items:
+            raise ValueError(f"unknown {self.kind} {name!r}; valid: {', '.join(sorted(self._items))}")
+        return name
+
     def names(self) -> list[str]:
         return sorted(self._items)
 
