@@ -7,10 +7,17 @@
 2. Decode + augment (the worker's ChunkSamples path, a batch at a time as the DataLoader asks)
    per core against bare JPEG decode of the same bytes, with the fastest decoder available here;
    Pillow, simplejpeg, PyTurboJPEG and torchvision.io are each measured or reported unavailable
-   with the reason. Also: per-component times, and the mask/depth encodings (PNG and the raw
-   format's variants) by size and decode speed.
+   with the reason. At full size and at 56 px (unet224's first stage), each against its limit
+   (at 56 px libjpeg-turbo's DCT-scaled decode) in the same turns; also without reusing decoded
+   backgrounds (every sample's bg decoded again: the per-JPEG cost). Also: per-component times,
+   and the mask/depth encodings (PNG and the raw format's variants) by size and decode speed.
 3. Data-wait fraction of a chunk's training time (quickstart's head_tail stage settings), data on
    the same emulated GCS, with the next chunk prefetched vs not.
+4. Size: `data synth --layout seed --zip` (the source's layout) of --source-samples samples,
+   `data pack`ed: shard bytes (shards + the shared backgrounds) against the zips' bytes, with a
+   baseline in the same run (the first --legacy-samples samples written as format /2, every row
+   holding its background and LZ4 depth, as `data pack` wrote them before), the 8-bit depth
+   encodings on the packed maps, and `data verify`'s time.
 """
 
 from __future__ import annotations
@@ -87,7 +94,11 @@ def bench_preload(args: argparse.Namespace, proxy: Any, bucket: str) -> dict[str
         got = fresh.read_samples(ids)
         dt = time.perf_counter() - t0
         assert got["sample_id"].tolist() == list(map(int, ids))
-        return dt, {**fresh.reader.stats.as_dict(), "http_requests": proxy.counters.requests}
+        stats = fresh.reader.stats.as_dict()
+        for table in fresh.shared.values():  # the backgrounds' own reads (format /4)
+            for k, v in table.reader.stats.as_dict().items():
+                stats[k] += v
+        return dt, {**stats, "http_requests": proxy.counters.requests}
 
     dt, stats = cold(chunk)
     out["preload_sharded_samples_per_s"] = _rate(len(chunk), dt)
@@ -189,6 +200,7 @@ def bench_decode(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(1)  # per core
     uri = os.path.join(tempfile.mkdtemp(), "decode")
+    load_before = os.getloadavg()[0]
     synthesize(uri, args.decode_samples, seed=2, image_size=args.image_size)
     ds = open_dataset(uri)
     rows = ds.read_samples(ds.sample_ids)
@@ -207,26 +219,37 @@ def bench_decode(args: argparse.Namespace) -> dict[str, Any]:
     if "simplejpeg" in ok:
         import simplejpeg
 
-        # The limit for a 56-px stage: libjpeg-turbo's DCT scaling to the smallest size >= 56 px.
-        limit_56 = _rate(n, _best_of(lambda: _each(lambda b: simplejpeg.decode_jpeg(b, colorspace="RGB", min_height=56, min_width=56), jpegs)))
-        out["jpeg_decode_limit_samples_per_s_per_core_at_56px"] = limit_56
+        # The limit for a 56-px stage: libjpeg-turbo's DCT scaling to the smallest size >= 56 px
+        # (measured below, in turns with the worker's path).
+        limit_56 = True
 
     # The worker's path: ChunkSamples.__getitems__ per batch, as the DataLoader calls it, timed in
-    # turns with the limit's decoder (the limit reported is from these turns).
+    # turns with the limit's decoder (the limits reported are from these turns). A fresh
+    # ChunkSamples per turn: each turn pays the first decode of every background (52 here, for
+    # 512 samples; a chunk of the source's holds ~100 for 50K samples).
     batches = [list(range(i, min(i + args.decode_batch, n))) for i in range(0, n, args.decode_batch)]
-    samples = ChunkSamples(rows, size, ds.describe, hflip=0.5, flip_key=(0, 0, 0, 0))
     limit_dec = ok[best]
 
-    # Where the time goes, per sample: the two JPEGs, the mask, the depth map, each written into
-    # a batch-sized buffer as the worker does (timed in the same turns); "other" is the rest of
-    # __getitems__ (flip keys, buffers, Python), within the noise of the machine.
+    class EveryBg(ChunkSamples):
+        """Without reusing decoded backgrounds: what every JPEG costs (two per sample)."""
+
+        def _bg_into(self, data: bytes, out: np.ndarray) -> None:
+            decode_rgb_into(data, out, "bg")
+
+    def worker(cls: type, side: int) -> None:
+        _each(cls(rows, side, ds.describe, hflip=0.5, flip_key=(0, 0, 0, 0)).__getitems__, batches)
+
+    # Where the time goes, per sample: the two JPEGs (the bg through the worker's reuse), the mask,
+    # the depth map, each written into a batch-sized buffer as the worker does (timed in the same
+    # turns); "other" is the rest of __getitems__ (flip keys, buffers, Python).
     def parts(kind: str) -> None:
+        cs = ChunkSamples(rows, size, ds.describe)
         for b in batches:
             if kind == "jpeg_pair":
                 buf = np.empty((len(b), 2, size, size, 3), np.uint8)
                 for j, i in enumerate(b):
                     decode_rgb_into(rows["fg_bg"][i], buf[j, 0])
-                    decode_rgb_into(rows["bg"][i], buf[j, 1])
+                    cs._bg_into(rows["bg"][i], buf[j, 1])
             elif kind == "mask":
                 buf = np.empty((len(b), size, size), np.uint8)
                 for j, i in enumerate(b):
@@ -237,8 +260,12 @@ def bench_decode(args: argparse.Namespace) -> dict[str, Any]:
                     codec.decode_depth_planes(rows["depth"][i], out=buf[j])
 
     kinds = ("jpeg_pair", "mask", "depth")
-    t = _best_of_alternating({"limit": lambda: _each(limit_dec, jpegs), "decode": lambda: _each(samples.__getitems__, batches),
-                              **{k: functools.partial(parts, k) for k in kinds}})
+    turns = {"limit": lambda: _each(limit_dec, jpegs), "decode": functools.partial(worker, ChunkSamples, size),
+             "decode_every_bg": functools.partial(worker, EveryBg, size), **{k: functools.partial(parts, k) for k in kinds}}
+    if limit_56:
+        turns.update({"limit_56": lambda: _each(lambda b: simplejpeg.decode_jpeg(b, colorspace="RGB", min_height=56, min_width=56), jpegs),
+                      "decode_56": functools.partial(worker, ChunkSamples, 56), "decode_every_bg_56": functools.partial(worker, EveryBg, 56)})
+    t = _best_of_alternating(turns)
     out["jpeg_decode_limit_samples_per_s_per_core"] = _rate(n, t["limit"])
     out["decode_samples_per_s_per_core"] = _rate(n, t["decode"])
     for kind in kinds:
@@ -246,24 +273,30 @@ def bench_decode(args: argparse.Namespace) -> dict[str, Any]:
     out["decode_us_per_sample_other"] = round(1e6 * (t["decode"] - sum(t[k] for k in kinds)) / n, 1)
     out["decode_us_per_sample_total"] = round(1e6 * t["decode"] / n, 1)
     out["jpeg_limit_us_per_sample"] = round(1e6 * t["limit"] / n, 1)
-    samples_56 = ChunkSamples(rows, 56, ds.describe, hflip=0.5, flip_key=(0, 0, 0, 0))
-    out["decode_samples_per_s_per_core_at_56px"] = _rate(n, _best_of(lambda: _each(samples_56.__getitems__, batches)))
-    out["decode_vs_jpeg_limit"] = round(out["decode_samples_per_s_per_core"] / out["jpeg_decode_limit_samples_per_s_per_core"], 3)
+    out["decode_vs_jpeg_limit"] = round(t["limit"] / t["decode"], 3)
+    out["decode_vs_jpeg_limit_every_bg_decoded"] = round(t["limit"] / t["decode_every_bg"], 3)
     if limit_56:
-        out["decode_vs_jpeg_limit_at_56px"] = round(out["decode_samples_per_s_per_core_at_56px"] / limit_56, 3)
+        out["jpeg_decode_limit_samples_per_s_per_core_at_56px"] = _rate(n, t["limit_56"])
+        out["decode_samples_per_s_per_core_at_56px"] = _rate(n, t["decode_56"])
+        out["decode_vs_jpeg_limit_at_56px"] = round(t["limit_56"] / t["decode_56"], 3)
+        out["decode_vs_jpeg_limit_at_56px_every_bg_decoded"] = round(t["limit_56"] / t["decode_every_bg_56"], 3)
     # The same two measured keeping every result (all of them in fresh memory), as this bench did before.
-    t = _best_of_alternating({"limit": lambda: [limit_dec(b) for b in jpegs], "decode": lambda: [samples.__getitems__(b) for b in batches]})
+    t = _best_of_alternating({"limit": lambda: [limit_dec(b) for b in jpegs],
+                              "decode": lambda: [cs.__getitems__(b) for cs in [ChunkSamples(rows, size, ds.describe, hflip=0.5)] for b in batches]})
     out["retained_jpeg_decode_limit_samples_per_s_per_core"] = _rate(n, t["limit"])
     out["retained_decode_samples_per_s_per_core"] = _rate(n, t["decode"])
     out["retained_decode_vs_jpeg_limit"] = round(out["retained_decode_samples_per_s_per_core"] / out["retained_jpeg_decode_limit_samples_per_s_per_core"], 3)
 
-    # The step after: integers -> float model tensors, flips. It runs on the training device; on
-    # a GPU that is ~free, this is what it costs where training runs on the CPU (one core).
+    # The step after: integers -> float model tensors, flips (and at 56 px the final resizes of
+    # the inputs and depth). It runs on the training device; on a GPU that is ~free, this is what
+    # it costs where training runs on the CPU (one core).
     def prepare_all(raw: list) -> None:
         _each(lambda r: prepare_batch(r, "cpu"), raw)
 
-    out["prepare_batch_on_cpu_samples_per_s_per_core"] = _rate(n, _best_of(
-        functools.partial(prepare_all, [samples.__getitems__(b) for b in batches])))
+    for side, key in ((size, ""), (56, "_at_56px")):
+        cs = ChunkSamples(rows, side, ds.describe, hflip=0.5, flip_key=(0, 0, 0, 0))
+        out[f"prepare_batch_on_cpu_samples_per_s_per_core{key}"] = _rate(n, _best_of(functools.partial(prepare_all, [cs.__getitems__(b) for b in batches])))
+    out["decode_load_average_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
 
     # Mask and depth encodings, on this dataset's maps: bytes, and decode speed of mask + depth
     # into batch buffers (the depth as byte planes where the worker takes it so).
@@ -350,6 +383,103 @@ def bench_data_wait(args: argparse.Namespace, proxy: Any, bucket: str) -> dict[s
     return out
 
 
+# -- 4. size ------------------------------------------------------------------------------------------
+
+
+def _tree_bytes(root: str, skip: tuple[str, ...] = ()) -> int:
+    total = 0
+    for dirpath, dirnames, files in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in skip]
+        total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
+    return total
+
+
+def bench_size(args: argparse.Namespace) -> dict[str, Any]:
+    from storage import codec
+    from storage.pack import choose_sizes, pack
+    from storage.seed_layout import synthesize_seed_layout
+    from storage.shards import LEGACY_MASK_DEPTH_FORMAT, ShardWriter, open_dataset
+    from storage.verify import verify
+
+    root = tempfile.mkdtemp()
+    src, dest, legacy = (os.path.join(root, k) for k in ("src", "packed", "legacy"))
+    n = args.source_samples
+    out: dict[str, Any] = {"size_source_samples": n, "size_load_average_1min": [round(os.getloadavg()[0], 2)]}
+    t0 = time.perf_counter()
+    synthesize_seed_layout(src, n, seed=0, image_size=args.image_size, as_zip=True)
+    out["size_synth_seed_zip_s"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    res = pack(src, dest)
+    out["size_pack_s"] = round(time.perf_counter() - t0, 1)
+    zips = sum(os.path.getsize(os.path.join(src, f)) for f in os.listdir(src) if f.endswith(".zip"))
+    labels = _tree_bytes(os.path.join(src, "labels"))
+    ds = open_dataset(dest)
+    m = ds.manifest
+    shards = sum(int(sh["bytes"]) for sh in m["shards"])
+    bg = m["shared"]["bg"]
+    bg_files = sum(int(f["bytes"]) for f in bg["files"])
+    everything = _tree_bytes(dest, skip=(".pack",))
+    out.update({
+        "source_zip_bytes": zips, "source_label_bytes": labels, "packed_shard_bytes": shards, "packed_backgrounds_bytes": bg_files,
+        "packed_backgrounds": bg["num"], "packed_dataset_bytes": everything, "packed_shards": res.shards, "packed_format": m["format"],
+        "shard_bytes_vs_source": round((shards + bg_files) / zips, 3),
+        "dataset_bytes_vs_source": round(everything / (zips + labels), 3),
+    })
+    t0 = time.perf_counter()
+    v = verify(dest)
+    out["size_verify_s"] = round(time.perf_counter() - t0, 1)
+    out["size_verify_ok"] = v["ok"]
+    out["size_verify_bad"] = len(v["bad"])
+
+    # Per sample, what a row stores, and the baseline: the first samples as `data pack` wrote
+    # them before (format /2: each row its own background, depth LZ4), in the same sizes of group.
+    k = min(n, args.legacy_samples)
+    rows = ds.read_samples(np.sort(ds.sample_ids)[:k])
+    for col in ("fg_bg", "mask", "depth"):
+        out[f"packed_{col}_bytes_per_sample"] = round(sum(map(len, rows[col])) / k)
+    values = [codec.depth_values(d) for d in rows["depth"]]
+    per_row = sum(len(rows[c][i]) for c in ("fg_bg", "bg", "mask") for i in range(k)) + sum(len(codec.encode_raw(v, codec=codec.CODEC_LZ4)) for v in values)
+    rps, rpg = choose_sizes(per_row // k, None, None)
+    with ShardWriter(legacy, rows_per_shard=rps, rows_per_group=rpg, format=LEGACY_MASK_DEPTH_FORMAT) as w:
+        for i in range(k):
+            w.add({"sample_id": int(rows["sample_id"][i]), "fg_bg": rows["fg_bg"][i], "bg": rows["bg"][i], "mask": rows["mask"][i],
+                   "depth": codec.encode_raw(values[i], codec=codec.CODEC_LZ4), "height": int(rows["height"][i]), "width": int(rows["width"][i]),
+                   "depth_mean": 0.0})
+        lm = w.close()
+    legacy_per_sample = sum(int(sh["bytes"]) for sh in lm["shards"]) / k
+    out["legacy_2_samples"] = k
+    out["shard_bytes_vs_source_legacy_2"] = round(legacy_per_sample * n / zips, 3)
+
+    # 8-bit depth (the source's PNG maps, as packed): encodings by size and decode time.
+    enc = {
+        "png": lambda v: _png(v),
+        "raw_lz4": lambda v: codec.encode_raw(v, codec=codec.CODEC_LZ4),
+        "raw_zstd3": lambda v: codec.encode_raw(v, codec=codec.CODEC_ZSTD, level=3),
+        "raw_zstd9": lambda v: codec.encode_raw(v, codec=codec.CODEC_ZSTD, level=9),
+    }
+    sample = values[: min(k, 500)]
+    for name, fn in enc.items():
+        data = [fn(v) for v in sample]
+        out[f"depth8_{name}_bytes_per_sample"] = round(sum(map(len, data)) / len(data))
+        out[f"depth8_{name}_decode_us"] = round(1e6 * _best_of(lambda data=data: _each(codec.depth_values, data)) / len(data), 1)
+    out["depth8_written_as"] = "raw_zstd9"
+    out["size_load_average_1min"].append(round(os.getloadavg()[0], 2))
+    import shutil
+
+    shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+def _png(values: np.ndarray) -> bytes:
+    from PIL import Image
+
+    from storage import codec
+
+    buf = io.BytesIO()
+    Image.fromarray(values).save(buf, format="PNG", compress_level=codec.PNG_COMPRESS_LEVEL)
+    return buf.getvalue()
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=4096, help="dataset size for the preload benchmark")
@@ -361,7 +491,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--decode-batch", type=int, default=16, help="batch size for the decode benchmark (quickstart's)")
     ap.add_argument("--wait-chunk", type=int, default=128, help="chunk size for the data-wait benchmark")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for the data-wait benchmark")
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: preload,decode,wait")
+    ap.add_argument("--source-samples", type=int, default=20000, help="samples of the source layout the size benchmark packs")
+    ap.add_argument("--legacy-samples", type=int, default=2000, help="of those, written as format /2 for the size baseline")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: preload,decode,wait,size")
     ap.add_argument("--json", action="store_true", help="one JSON line on stdout")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
@@ -387,6 +519,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 result.update(bench_decode(args))
             if "wait" not in skip:
                 result.update(bench_data_wait(args, proxy, "bench"))
+            if "size" not in skip:
+                result.update(bench_size(args))
     finally:
         stop_emulator(proc)
     result["bench_seconds"] = round(time.perf_counter() - t0, 1)

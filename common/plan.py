@@ -1,7 +1,9 @@
 """The plan: recipe + dataset size -> a held-out eval split and stages x chunks of sample ids.
 
 A chunk is a slice of a seeded permutation of the training ids; every stage covers the
-training split once. The plan is written to run storage at the first start and read back on
+training split once. With `data.chunking: row_groups` the permutation moves whole stored row
+groups (the ids of one group stay together, the groups in a seeded order), so a chunk reads
+about its own size from storage instead of touching every row group of the dataset. The plan is written to run storage at the first start and read back on
 every resume, so a resumed run trains exactly the chunks it planned.
 """
 
@@ -77,22 +79,44 @@ class Plan:
         return cls(meta["seed"], meta["num_samples"], arrays["eval_ids"], arrays["train_ids"], stages)
 
 
-def make_plan(recipe: Recipe, sample_ids: np.ndarray) -> Plan:
-    """Split off the eval ids, then give each stage its own seeded order of the training ids."""
+def grouped_permutation(ids: np.ndarray, groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """`ids` in a seeded order of their groups: each group's ids together (ascending), the groups
+    shuffled. Vectorized: a sort over the ids, no per-group Python loop (1.2M ids in well under a second)."""
+    _, inverse = np.unique(groups, return_inverse=True)
+    rank = rng.permutation(int(inverse.max()) + 1 if len(inverse) else 0)
+    return ids[np.lexsort((ids, rank[inverse]))]
+
+
+def make_plan(recipe: Recipe, sample_ids: np.ndarray, row_groups: np.ndarray | None = None) -> Plan:
+    """Split off the eval ids, then give each stage its own seeded order of the training ids.
+
+    `row_groups`, one key per id of `sample_ids` (the stored row group that holds it), is needed
+    with `data.chunking: row_groups`; the default chunking ignores it."""
     from common.errors import RecipeError
 
-    sample_ids = np.sort(np.asarray(sample_ids, dtype=np.int64))
+    sample_ids = np.asarray(sample_ids, dtype=np.int64)
+    by_group = recipe.data.chunking == "row_groups"
+    if by_group and (row_groups is None or len(row_groups) != len(sample_ids)):
+        raise ValueError("data.chunking row_groups needs the row group of every sample id")
+    order = np.argsort(sample_ids, kind="stable")
+    sample_ids = sample_ids[order]
+    group_of = None
+    if by_group:
+        group_of = np.asarray(row_groups)[order]
     n = len(sample_ids)
     n_eval = recipe.data.eval_samples
     if n_eval >= n:
         raise RecipeError(f"data.eval_samples={n_eval} leaves no training samples (the dataset has {n})")
     rng = np.random.default_rng([recipe.run.seed, 0])
-    shuffled = rng.permutation(sample_ids)
+    shuffled = grouped_permutation(sample_ids, group_of, rng) if by_group else rng.permutation(sample_ids)
     eval_ids, train_ids = np.sort(shuffled[:n_eval]), np.sort(shuffled[n_eval:])
+    if by_group:
+        train_groups = group_of[np.searchsorted(sample_ids, train_ids)]
     min_batch = recipe.execution.num_workers
     stages = []
     for i, st in enumerate(recipe.stages):
-        perm = np.random.default_rng([recipe.run.seed, 1, i]).permutation(train_ids)
+        stage_rng = np.random.default_rng([recipe.run.seed, 1, i])
+        perm = grouped_permutation(train_ids, train_groups, stage_rng) if by_group else stage_rng.permutation(train_ids)
         plan = StagePlan(st.name, st.chunk_size, perm)
         last = len(plan.chunk_ids(plan.num_chunks - 1))
         if last < min_batch:
@@ -104,15 +128,26 @@ def make_plan(recipe: Recipe, sample_ids: np.ndarray) -> Plan:
     return Plan(recipe.run.seed, n, eval_ids, train_ids, tuple(stages))
 
 
-def batches_for_rank(ids: np.ndarray, batch_size: int, world_size: int, rank: int, seed: list[int]) -> list[np.ndarray]:
+def rank_slice(ids: np.ndarray, world_size: int, rank: int, contiguous: bool = False) -> np.ndarray:
+    """The part of a chunk that rank r fetches and trains: ids[r::world], or with `contiguous`
+    (data.chunking row_groups, whose chunks hold whole row groups one after another) the r-th of
+    `world` consecutive blocks, so each rank reads only its own row groups. Both give rank r the
+    same number of ids (the first n % world ranks one more)."""
+    if not contiguous:
+        return ids[rank::world_size]
+    return np.array_split(ids, world_size)[rank]
+
+
+def batches_for_rank(ids: np.ndarray, batch_size: int, world_size: int, rank: int, seed: list[int],
+                     contiguous: bool = False) -> list[np.ndarray]:
     """This rank's batches of one pass over a chunk.
 
-    Rank r takes ids[r::world]; its shuffled slice is cut into the same number of steps on
+    Rank r takes its `rank_slice`; its shuffled slice is cut into the same number of steps on
     every rank (ceil(n / global batch)), so DDP ranks never wait on a missing step and every
     sample is trained exactly once per pass.
     """
     steps = num_steps(len(ids), batch_size, world_size)
-    mine = ids[rank::world_size]
+    mine = rank_slice(ids, world_size, rank, contiguous)
     order = np.random.default_rng(seed + [rank]).permutation(mine)
     return [b for b in np.array_split(order, steps)]
 
@@ -124,3 +159,14 @@ def num_steps(n: int, batch_size: int, world_size: int) -> int:
 
 def steps_per_chunk(n: int, batch_size: int, epochs: int, world_size: int) -> int:
     return epochs * num_steps(n, batch_size, world_size)
+
+
+def plan_for_dataset(recipe: Recipe, ds) -> Plan:
+    """make_plan over an opened dataset (storage.shards.ShardDataset): its ids and, when the recipe
+    chunks by row groups, the stored row group of each (from the index: no shard is read)."""
+    groups = None
+    if recipe.data.chunking == "row_groups":
+        shard = ds.index.column("shard").to_numpy().astype(np.int64)
+        group = ds.index.column("row_group").to_numpy().astype(np.int64)
+        groups = (shard << 32) | group
+    return make_plan(recipe, ds.sample_ids, groups)

@@ -43,6 +43,12 @@ class DataSection(_Strict):
     hflip: float = Field(0.5, ge=0.0, le=1.0, description="Probability of a horizontal flip of a training sample.")
     shift: int = Field(0, ge=0, le=16, description="Random translation of a training image by up to this many px (classification; zero-padded).")
     prefetch: bool = Field(True, description="Fetch the next chunk's bytes in the background while this chunk trains.")
+    chunking: Literal["samples", "row_groups"] = Field(
+        "samples",
+        description="How chunks are cut. samples: each chunk a random slice of all samples, so at scale every chunk "
+                    "touches nearly every stored row group and reads most of the dataset. row_groups: the shuffle moves "
+                    "whole row groups (~1 MB each), so a chunk reads about its own size; batches stay shuffled within "
+                    "the chunk. Use row_groups for datasets of 100K samples and more.")
 
 
 class ModelSection(_Strict):
@@ -105,6 +111,9 @@ class CheckpointSection(_Strict):
     every_seconds: float = Field(600.0, gt=0, description="Checkpoint when this many seconds passed since the last one.")
     keep: int = Field(3, ge=1, description="Complete checkpoints kept; older ones are deleted.")
     preemption_poll_steps: int = Field(1, ge=1, description="Ask Ray for preemption notices every N steps (a collective across workers).")
+    background: bool = Field(True, description="Serialize and upload each checkpoint in the background while training goes on "
+                             "(a snapshot in CPU memory at the step; at most one upload in flight; stops and the run's end wait "
+                             "for it); false saves on the training thread, which pauses for the whole upload.")
 
 
 class TrackingSection(_Strict):
@@ -129,7 +138,21 @@ class ExecutionSection(_Strict):
         60.0, gt=0, description="How long Ray Train waits for a worker group to start before it tries again (counts as a "
         "failure); an elastic run then starts with the workers there are. Raise it where new nodes take minutes to boot.")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads per worker; 0 = cpus_per_worker.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Training precision: auto = bf16 on a CUDA GPU with native bf16, fp16 with a gradient scaler "
+        "on older CUDA GPUs (T4, V100), fp32 on CPU; bf16/fp16 autocast the forward pass, losses and weights stay fp32.")
+    channels_last: bool | Literal["auto"] = Field(
+        "auto", description="channels_last memory format for conv models: auto = on for a CUDA GPU, off on CPU.")
+    compile: bool = Field(False, description="torch.compile the model (checkpoints hold the un-compiled module's state_dict, the same either way).")
 
+    @field_validator("channels_last", mode="before")
+    @classmethod
+    def _auto_or_bool(cls, v: Any) -> Any:
+        if isinstance(v, bool) or v == "auto":
+            return v
+        if isinstance(v, str) and v.lower() in ("true", "false"):
+            return v.lower() == "true"
+        raise ValueError(f"must be auto, true or false, got {v!r}")
 
     @model_validator(mode="after")
     def _elastic_range(self) -> ExecutionSection:
@@ -176,9 +199,10 @@ class Recipe(_Strict):
     def sha256(self) -> str:
         """Identity of what the run trains, to tell a resumed run from a changed one.
 
-        `execution` is left out: a run may resume with other resources (more workers, a GPU).
+        `execution` is left out: a run may resume with other resources (more workers, a GPU); so is
+        `checkpoint.background`, which changes when a checkpoint is written, not what it holds.
         """
-        body = _without_later_defaults(self.model_dump(mode="json", exclude={"execution"}))
+        body = _without_later_defaults(self.model_dump(mode="json", exclude={"execution": True, "checkpoint": {"background"}}))
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
     def flat_params(self) -> dict[str, str]:
@@ -206,10 +230,15 @@ class Recipe(_Strict):
 _LATER_DEFAULTS: dict[tuple[str, ...], Any] = {
     ("task",): "mask_depth",
     ("data", "shift"): 0,
+    ("data", "chunking"): "samples",
     ("model", "variant"): None,
     ("model", "options"): {},
     ("model", "init_from"): None,
     ("loss", "labels"): {"cross_entropy": 1.0},
+    # `execution` is outside the identity anyway (it may change between attempts); listed all the same.
+    ("execution", "precision"): "auto",
+    ("execution", "channels_last"): "auto",
+    ("execution", "compile"): False,
 }
 
 

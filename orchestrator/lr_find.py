@@ -7,7 +7,7 @@ from typing import Any
 from rich.console import Console
 
 from common.errors import RecipeError
-from common.plan import make_plan
+from common.plan import plan_for_dataset
 from common.recipe import Recipe
 from orchestrator import tracking
 
@@ -30,7 +30,7 @@ def run_lr_find(recipe: Recipe, stage_name: str | None, steps: int, min_lr: floa
     s = names.index(stage_name)
     data_uri = resolve_data(recipe, console)
     ds = open_dataset(data_uri)
-    plan = make_plan(recipe, ds.sample_ids)  # the run's own seeded split: eval samples stay out
+    plan = plan_for_dataset(recipe, ds)  # the run's own seeded split: eval samples stay out
     info = task_info(recipe, ds, plan.train_ids)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -48,6 +48,7 @@ class ProgressDisplay:
         self._thread = threading.Thread(target=self._follow, name="progress", daemon=True)
         self._started_at = time.time()
         self._last_rate: dict[str, Any] | None = None
+        self._precision_shown = False
 
     def __enter__(self) -> ProgressDisplay:
         self._thread.start()
@@ -65,6 +66,9 @@ class ProgressDisplay:
         # A progress file left by an earlier attempt says nothing about this one.
         if p.get("updated_at", 0) < self._started_at - 1:
             return None
+        if p.get("precision") and not self._precision_shown:  # once per attempt: what the worker resolved
+            self._precision_shown = True
+            self.console.print(p["precision"], highlight=False)
         return self._fill_rate(p)
 
     def _fill_rate(self, p: dict[str, Any]) -> dict[str, Any]:

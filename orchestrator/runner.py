@@ -11,7 +11,7 @@ import numpy as np
 from rich.console import Console
 
 from common.errors import RecipeError, RunError, RunInterrupted
-from common.plan import Plan, make_plan
+from common.plan import Plan, plan_for_dataset
 from common.recipe import Recipe
 from orchestrator import run_store, tracking
 from orchestrator.interrupt import StopOnInterrupt
@@ -27,6 +27,12 @@ log = logging.getLogger(__name__)
 
 def resolve_data(recipe: Recipe, console: Console) -> str:
     """The dataset URI; quickstart-style recipes synthesize it on first run."""
+    return open_data(recipe, console)[0]
+
+
+def open_data(recipe: Recipe, console: Console) -> tuple[str, Any]:
+    """The dataset URI (synthesized on first run for quickstart-style recipes) and the dataset,
+    opened and checked once: its index is the driver's biggest object (~100 MB at 1.2M samples)."""
     from storage.shards import DatasetError, open_dataset
 
     uri = recipe.data.uri
@@ -60,7 +66,7 @@ def resolve_data(recipe: Recipe, console: Console) -> str:
             "point data.uri at the full dataset or change data.expected_samples"
         )
     check_image_sizes(ds, recipe.data.image_size)
-    return fs.normalize(uri)
+    return fs.normalize(uri), ds
 
 
 def check_image_sizes(ds: Any, expected: tuple[int, int] | None) -> None:
@@ -125,18 +131,16 @@ def _run_leased(recipe: Recipe, rdir: str, address: str | None, console: Console
             console.print(f"run '{recipe.run.name}' already completed; not training again. `orchestrator status {recipe.run.name}` shows it.")
             return final or {}
 
-    data_uri = resolve_data(recipe, console)
-    from storage.shards import open_dataset
+    data_uri, ds = open_data(recipe, console)
     from workers.tasks import TaskDataError, get_task
 
-    ds = open_dataset(data_uri)
     try:
         get_task(recipe.task).check_dataset(ds)  # before a run record exists: a wrong pairing leaves nothing behind
     except TaskDataError as exc:
         raise RecipeError(f"field 'task': {exc}") from None
     tracking_uri = tracking.resolve_tracking_uri(recipe.tracking.uri)
     if rec is None:
-        plan = make_plan(recipe, ds.sample_ids)
+        plan = plan_for_dataset(recipe, ds)
         # A bad tracking.uri fails here, leaving no plan. In local mode a new experiment keeps its
         # artifacts (prediction grids, the final model) in run storage, where they outlive the VM.
         exp_id = tracking.ensure_experiment(tracking_uri, recipe.tracking.experiment,

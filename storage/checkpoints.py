@@ -39,10 +39,12 @@ def write_local(directory: str, state: dict[str, Any], meta: dict[str, Any]) -> 
     os.makedirs(directory, exist_ok=True)
     buf = io.BytesIO()
     torch.save(state, buf)
-    data = buf.getvalue()
+    data = buf.getbuffer()  # no copy of the bytes: a checkpoint is hundreds of MB (written in the background, see workers/checkpoint_writer.py)
     with open(os.path.join(directory, STATE_FILE), "wb") as f:
         f.write(data)
-    fs.write_json(os.path.join(directory, META_FILE), {**meta, "state_sha256": hashlib.sha256(data).hexdigest()})
+    digest = hashlib.sha256(data).hexdigest()
+    data.release()
+    fs.write_json(os.path.join(directory, META_FILE), {**meta, "state_sha256": digest})
 
 
 def read_local(directory: str) -> tuple[dict[str, Any], dict[str, Any]]:

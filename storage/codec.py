@@ -1,12 +1,13 @@
 """Byte encodings of the four per-sample images: JPEG inputs, a lossless 8-bit mask, lossless depth.
 
 Masks and depth maps are written in the raw format: the array's bytes behind a small
-self-describing header (see RAW_MAGIC), LZ4-compressed; 16-bit depth is stored as two byte planes
+self-describing header (see RAW_MAGIC), compressed; 16-bit depth is stored as two byte planes
 (low bytes, then high bytes), which compresses 4-7x better and is what the training batch takes
-as it is. Decoding costs a decompress and a copy: ~9x less than the PNGs used before, for 2-4x
-their size (bench/data.py measures PNG and the raw format's variants). PNG masks and depth
-maps (datasets packed before, the source's depth files) still decode: each decoder tells the
-encodings apart by their first bytes.
+as it is. Masks and 16-bit depth use LZ4 (a decompress and a copy: ~9x less than PNG); 8-bit depth
+(the source's depth maps, what `data pack` stores) uses zstd, which makes it smaller than the
+source's PNGs at a fifth of PNG's decode time (bench/data.py measures PNG and the raw format's
+variants). PNG masks and depth maps (datasets packed before, the source's depth files) still
+decode: each decoder tells the encodings apart by their first bytes.
 """
 
 from __future__ import annotations
@@ -57,11 +58,17 @@ RAW_ZSTD_LEVEL = 3
 # are ~28 KB a sample). Either codec reads back: switching DEPTH_CODEC changes only new data.
 MASK_LAYOUT, MASK_CODEC = LAYOUT_PLAIN, CODEC_LZ4
 DEPTH_LAYOUT, DEPTH_CODEC = LAYOUT_BYTE_PLANES, CODEC_LZ4
+# 8-bit depth (the source's PNG depth maps, as `data pack` stores them): zstd at level 9. On the
+# source layout's maps (bench/data.py, 200 px): LZ4 8.0 KB, zstd-3 2.4 KB, zstd-9 1.9 KB, PNG 2.2 KB;
+# decode ~30 us (zstd) vs ~15 (LZ4) vs ~230 (PNG). Level 9 costs ~0.3 ms a map to encode, once, at
+# pack time; decode speed does not depend on the level. It keeps a packed dataset no bigger than
+# the source's zips (shards/4), where LZ4 made depth ~3.7x its PNG.
+DEPTH8_LAYOUT, DEPTH8_CODEC, DEPTH8_ZSTD_LEVEL = LAYOUT_PLAIN, CODEC_ZSTD, 9
 # Sizes a raw header may claim (a guard against allocating garbage-sized buffers).
 _MAX_SIDE = 1 << 16
 
 _DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError)
-_codecs: dict[int, pa.Codec] = {}
+_codecs: dict[tuple[int, int | None], pa.Codec] = {}
 
 
 class CorruptImageError(ValueError):
@@ -72,11 +79,14 @@ class ImageSizeError(CorruptImageError):
     """An image that decodes, but not to the size its caller's `out` array has."""
 
 
-def _codec(code: int) -> pa.Codec:
-    c = _codecs.get(code)
+def _codec(code: int, level: int | None = None) -> pa.Codec:
+    """pyarrow's codec for `code` (zstd at `level`, default RAW_ZSTD_LEVEL; the level only matters
+    for compressing), made once per process."""
+    key = (code, (level or RAW_ZSTD_LEVEL) if code == CODEC_ZSTD else None)
+    c = _codecs.get(key)
     if c is None:
-        level = {"compression_level": RAW_ZSTD_LEVEL} if code == CODEC_ZSTD else {}
-        c = _codecs[code] = pa.Codec(_CODEC_NAMES[code], **level)
+        kwargs = {"compression_level": key[1]} if code == CODEC_ZSTD else {}
+        c = _codecs[key] = pa.Codec(_CODEC_NAMES[code], **kwargs)
     return c
 
 
@@ -107,8 +117,9 @@ def _open(data: bytes, what: str, fmt: str) -> Image.Image:
 # -- raw arrays ---------------------------------------------------------------------------------------
 
 
-def encode_raw(values: np.ndarray, layout: int = LAYOUT_PLAIN, codec: int = CODEC_LZ4) -> bytes:
-    """The raw format's bytes of an HxW uint8 or uint16 array (see RAW_MAGIC)."""
+def encode_raw(values: np.ndarray, layout: int = LAYOUT_PLAIN, codec: int = CODEC_LZ4, level: int | None = None) -> bytes:
+    """The raw format's bytes of an HxW uint8 or uint16 array (see RAW_MAGIC); `level` is zstd's
+    (default RAW_ZSTD_LEVEL), ignored by the other codecs."""
     values = np.asarray(values)
     if values.ndim != 2 or values.dtype.kind != "u" or values.dtype.itemsize not in (1, 2):
         raise ValueError(f"encode_raw wants an HxW uint8 or uint16 array, got {values.shape} {values.dtype}")
@@ -121,7 +132,7 @@ def encode_raw(values: np.ndarray, layout: int = LAYOUT_PLAIN, codec: int = CODE
     else:
         raise ValueError(f"unknown raw layout {layout}")
     if codec != CODEC_NONE:
-        payload = _codec(codec).compress(payload, asbytes=True)
+        payload = _codec(codec, level).compress(payload, asbytes=True)
     h, w = values.shape
     header = _RAW_HEADER.pack(RAW_VERSION, _DTYPE_CODES[values.dtype], layout, codec, h, w, len(payload))
     return RAW_MAGIC + header + payload
@@ -289,8 +300,9 @@ def encode_depth_uint16(depth_u16: np.ndarray) -> bytes:
 
 
 def encode_depth_8bit(depth_u8: np.ndarray) -> bytes:
-    """Raw-format bytes of 8-bit depth (value / 255), as the source dataset's depth maps are."""
-    return encode_raw(np.asarray(depth_u8, dtype=np.uint8), LAYOUT_PLAIN, DEPTH_CODEC)
+    """Raw-format bytes of 8-bit depth (value / 255), as the source dataset's depth maps are:
+    zstd (DEPTH8_CODEC), PNG-sized; datasets packed before hold LZ4 and read the same."""
+    return encode_raw(np.asarray(depth_u8, dtype=np.uint8), DEPTH8_LAYOUT, DEPTH8_CODEC, DEPTH8_ZSTD_LEVEL)
 
 
 def encode_depth_png(depth: np.ndarray) -> bytes:

@@ -4,10 +4,16 @@ dataset, resumably (one committed part per shard) and in parallel (Ray tasks or 
 `--task` picks what the dataset holds: mask_depth (the seed layout; the default), classification,
 segmentation or depth (their layouts are in storage/layouts/). Every task goes through the same
 parts, records, resume and report; only how a sample's files become column values differs
-(prepare_sample for mask_depth, storage.layouts.samples for the others)."""
+(prepare_sample for mask_depth, storage.layouts.samples for the others).
+
+mask_depth is packed as format /4 (storage/shards.py): each distinct background file gets an id
+(in the order of its container and name), background parts store each one once in shared/bg/,
+and sample parts store the id in its place. Sample parts still read and check their samples'
+backgrounds (a bad background makes each of its samples bad, named as before)."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -28,7 +34,7 @@ from PIL import Image
 from common.redact import redact_text
 from storage import codec
 from storage import fs as sfs
-from storage.columns import Column
+from storage.columns import MASK_DEPTH_COLUMNS, Column
 from storage.layouts.base import (  # BadSample lives there now; importable from here as before
     DEFAULT_TASK,
     BadSample,
@@ -40,6 +46,7 @@ from storage.layouts.base import (  # BadSample lives there now; importable from
 from storage.seed_layout import (
     IMAGE_KINDS,
     Container,
+    FileRef,
     MemberError,
     SampleRef,
     SourceError,
@@ -54,13 +61,19 @@ from storage.shards import (
     INDEX,
     INDEX_COLUMNS,
     MANIFEST,
+    MASK_DEPTH_SHARED,
     SHARD_DIR,
+    SHARED_DIR,
+    SHARED_FORMAT,
     ShardFileWriter,
     columns_checksum,
     index_table,
-    sample_checksum,
     shard_file,
+    shared_file,
+    shared_key,
+    stored_columns,
     write_index_and_manifest,
+    write_shared_index,
 )
 
 log = logging.getLogger(__name__)
@@ -81,6 +94,12 @@ DEFAULT_SAMPLE_BYTES = 48 * 2**10
 MASK_THRESHOLD = 128
 # Bad samples named in an error message before "and N more" (the report lists them all).
 BAD_IN_MESSAGE = 20
+# What a mask_depth shard row holds (/4): the background's id in its place; its table's column.
+MASK_DEPTH_STORED = stored_columns(MASK_DEPTH_COLUMNS, MASK_DEPTH_SHARED)
+BG_COLUMN = Column("bg", "image")
+# Roles of a part: a shard of samples, or a file of the shared backgrounds (mask_depth).
+SAMPLES, BACKGROUNDS = "samples", "backgrounds"
+_RECORD_PREFIX = {SAMPLES: "part", BACKGROUNDS: "bg-part"}
 
 
 class PackError(RuntimeError):
@@ -124,6 +143,8 @@ class PartTask:
     samples: list[tuple[int, str, dict[str, tuple[int | None, str]], dict[str, Any]]]
     task: str = DEFAULT_TASK
     options: dict[str, Any] = field(default_factory=dict)  # what the task's prepare needs (class count, depth units)
+    role: str = SAMPLES  # or BACKGROUNDS: samples are then (bg id, name, {"bg": file}, {})
+    bg_ids: list[int] = field(default_factory=list)  # mask_depth: each sample's background id
 
 
 # -- sizing ----------------------------------------------------------------------------------------
@@ -133,11 +154,15 @@ def _file_kinds(plan: SourcePlan) -> tuple[str, ...]:
     return plan.file_kinds if isinstance(plan, TaskPlan) else IMAGE_KINDS
 
 
-def mean_sample_bytes(plan: SourcePlan) -> int:
+def mean_sample_bytes(plan: SourcePlan, kinds: tuple[str, ...] | None = None) -> int:
+    """Mean bytes of a sample's files of `kinds` (default: what a shard row holds: every file,
+    but the background of mask_depth, which is stored once in its own table)."""
+    if kinds is None:
+        kinds = _file_kinds(plan) if isinstance(plan, TaskPlan) else tuple(k for k in IMAGE_KINDS if k != "bg")
     sizes = []
     for s in plan.samples[:2000]:
         total = 0
-        for kind in _file_kinds(plan):
+        for kind in kinds:
             ref = s.files[kind]
             if ref.container is None:
                 return DEFAULT_SAMPLE_BYTES
@@ -250,6 +275,8 @@ def _path_of(task: PartTask, c: int | None, member: str) -> str:
 
 def run_part(task: PartTask) -> dict[str, Any]:
     """Pack one part into its shard; write the part's index rows, then its record (the marker)."""
+    if task.role == BACKGROUNDS:
+        return _run_backgrounds_part(task)
     if task.task != DEFAULT_TASK:
         return _run_task_part(task)
     blobs = _read_part_files(task)
@@ -257,9 +284,11 @@ def run_part(task: PartTask) -> dict[str, Any]:
     extra: dict[str, list] = {c: [] for c in task.extra_columns}
     bad: list[dict[str, str]] = []
     bg_seen: dict[str, tuple[int, int]] = {}
+    bg_used: set[int] = set()
     writer: ShardFileWriter | None = None
+    key = shared_key("bg")
     try:
-        for sid, _name, files, sample_extra in task.samples:
+        for (sid, _name, files, sample_extra), bg_id in zip(task.samples, task.bg_ids, strict=True):
             paths = {k: _path_of(task, c, m) for k, (c, m) in files.items()}
             try:
                 images, h, w, depth_mean = prepare_sample({k: blobs[(c, m)] for k, (c, m) in files.items()}, paths, bg_seen)
@@ -267,10 +296,12 @@ def run_part(task: PartTask) -> dict[str, Any]:
                 bad.append({"sample": str(sid), "path": redact_text(exc.path), "reason": exc.reason})
                 continue
             if writer is None:
-                writer = ShardFileWriter(task.dest, shard_file(task.part), task.rows_per_group)
-            group, row = writer.add(sid, images, h, w)
+                writer = ShardFileWriter(task.dest, shard_file(task.part), task.rows_per_group, MASK_DEPTH_STORED)
+            values = {"fg_bg": images["fg_bg"], key: int(bg_id), "mask": images["mask"], "depth": images["depth"]}
+            group, row = writer.add(sid, values, h, w)
+            bg_used.add(int(bg_id))
             for k, v in (("sample_id", sid), ("row_group", group), ("row", row), ("height", h), ("width", w), ("depth_mean", depth_mean),
-                         ("checksum", sample_checksum(*(images[c] for c in ("fg_bg", "bg", "mask", "depth"))))):
+                         ("checksum", columns_checksum(MASK_DEPTH_STORED, values))):
                 cols[k].append(v)
             for k in task.extra_columns:
                 extra[k].append(sample_extra.get(k))
@@ -279,21 +310,57 @@ def run_part(task: PartTask) -> dict[str, Any]:
         if writer is not None:
             writer.abort()
         raise
-    return _commit_part(task, cols, extra, entry, bad)
+    return _commit_part(task, cols, extra, entry, bad, extra_record={"bg_used": sorted(bg_used)})
+
+
+def _run_backgrounds_part(task: PartTask) -> dict[str, Any]:
+    """Store one part's distinct backgrounds (each checked to decode) in a file of the shared
+    table, id as sample_id. One that does not decode is left out and recorded; its samples are
+    bad in their own parts, which read it too."""
+    blobs = _read_part_files(task)
+    cols: dict[str, list] = {c: [] for c in BASE_INDEX_COLUMNS if c != "shard"}
+    bad: list[dict[str, str]] = []
+    writer: ShardFileWriter | None = None
+    try:
+        for vid, _name, files, _ in task.samples:
+            c, m = files["bg"]
+            path, blob = _path_of(task, c, m), blobs[(c, m)]
+            try:
+                if isinstance(blob, MemberError):
+                    raise BadSample(path, _member_problem("bg", blob))
+                w, h = _decode(blob, "bg", path).size
+            except BadSample as exc:
+                bad.append({"sample": f"bg {vid}", "path": redact_text(exc.path), "reason": exc.reason})
+                continue
+            if writer is None:
+                writer = ShardFileWriter(task.dest, shared_file(BG_COLUMN.name, task.part), task.rows_per_group, (BG_COLUMN,))
+            value = {BG_COLUMN.name: bytes(blob)}
+            group, row = writer.add(vid, value, h, w)
+            for k, v in (("sample_id", vid), ("row_group", group), ("row", row), ("height", h), ("width", w),
+                         ("checksum", columns_checksum((BG_COLUMN,), value))):
+                cols[k].append(v)
+        entry = writer.close() if writer is not None else None
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    return _commit_part(task, cols, {}, entry, bad)
 
 
 def _commit_part(task: PartTask, cols: dict[str, list], extra: dict[str, list], entry: dict[str, Any] | None,
-                 bad: list[dict[str, str]], stats: dict[str, Any] | None = None) -> dict[str, Any]:
+                 bad: list[dict[str, str]], stats: dict[str, Any] | None = None, extra_record: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the part's index rows, then its record: the marker a re-run finds and reuses."""
     state = sfs.join(task.dest, STATE_DIR)
+    prefix = _RECORD_PREFIX[task.role]
     table = index_table({**cols, "shard": [0] * len(cols["sample_id"])}, extra).drop_columns(["shard"])
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
-    sfs.write_bytes(sfs.join(state, f"part-{task.part:05d}.index.parquet"), buf.getvalue())
-    record = {"part": task.part, "fingerprint": task.fingerprint, "shard": entry, "rows": len(cols["sample_id"]), "bad": bad, "samples": len(task.samples)}
+    sfs.write_bytes(sfs.join(state, f"{prefix}-{task.part:05d}.index.parquet"), buf.getvalue())
+    record = {"part": task.part, "role": task.role, "fingerprint": task.fingerprint, "shard": entry, "rows": len(cols["sample_id"]), "bad": bad,
+              "samples": len(task.samples), **(extra_record or {})}
     if stats is not None:
         record["stats"] = stats
-    sfs.write_json(sfs.join(state, f"part-{task.part:05d}.json"), record)
+    sfs.write_json(sfs.join(state, f"{prefix}-{task.part:05d}.json"), record)
     return record
 
 
@@ -347,24 +414,64 @@ def _run_task_part(task: PartTask) -> dict[str, Any]:
 # -- the whole pack -------------------------------------------------------------------------------
 
 
+def background_ids(plan: SourcePlan) -> tuple[list[int], list[FileRef]]:
+    """Each sample's background id, and the background file of each id: the distinct files in
+    the order of (container, name), so the ids depend only on the source's files."""
+    key = lambda ref: (-1 if ref.container is None else ref.container, ref.member)  # noqa: E731
+    files = sorted({key(s.files["bg"]): s.files["bg"] for s in plan.samples}.items())
+    ids = {k: i for i, (k, _) in enumerate(files)}
+    return [ids[key(s.files["bg"])] for s in plan.samples], [ref for _, ref in files]
+
+
 def _tasks(plan: SourcePlan, dest: str, rows_per_shard: int, rows_per_group: int) -> list[PartTask]:
     containers = [(c.kind, c.uri, c.is_zip) for c in plan.containers]
     config = {"version": PACK_VERSION, "rows_per_group": rows_per_group, "mask_threshold": MASK_THRESHOLD, "extra": plan.extra_columns}
     task, options = (plan.task, dict(plan.options)) if isinstance(plan, TaskPlan) else (DEFAULT_TASK, {})
     kinds = _file_kinds(plan)
+    bg_ids: list[int] = []
+    if task == DEFAULT_TASK:
+        config["format"] = SHARED_FORMAT
+        bg_ids, _ = background_ids(plan)
     tasks = []
     for part, start in enumerate(range(0, len(plan.samples), rows_per_shard)):
         refs: list[SampleRef] = plan.samples[start : start + rows_per_shard]
         samples = [(s.sample_id, s.name, {k: (s.files[k].container, s.files[k].member) for k in kinds}, s.extra) for s in refs]
-        tasks.append(PartTask(part, dest, rows_per_group, plan.fingerprint(refs, config), plan.extra_columns, containers, samples, task, options))
+        ids = bg_ids[start : start + rows_per_shard]
+        part_config = {**config, "bg_ids": ids} if task == DEFAULT_TASK else config
+        tasks.append(PartTask(part, dest, rows_per_group, plan.fingerprint(refs, part_config), plan.extra_columns, containers, samples, task,
+                              options, bg_ids=ids))
+    return tasks
+
+
+def _background_tasks(plan: SourcePlan, dest: str) -> list[PartTask]:
+    """mask_depth's background parts: the distinct background files, in files of ~SHARD_TARGET_BYTES."""
+    if isinstance(plan, TaskPlan) or not plan.samples:
+        return []
+    _, refs = background_ids(plan)
+    sizes = []
+    for ref in refs[:2000]:
+        entry = None if ref.container is None else plan.containers[ref.container].entries.get(member_key("bg", ref.member))
+        sizes.append(entry.size if entry else DEFAULT_SAMPLE_BYTES)
+    per_file, per_group = choose_sizes(int(np.mean(sizes)), None, None)
+    containers = [(c.kind, c.uri, c.is_zip) for c in plan.containers]
+    tasks = []
+    for part, start in enumerate(range(0, len(refs), per_file)):
+        chunk = refs[start : start + per_file]
+        h = hashlib.sha256(repr(("backgrounds", PACK_VERSION, SHARED_FORMAT, per_group)).encode())
+        for vid, ref in enumerate(chunk, start):
+            where = "" if ref.container is None else plan.containers[ref.container].uri
+            h.update(f"|{vid}|{where}|{ref.member}|{ref.stamp}".encode())
+        samples = [(vid, ref.member, {"bg": (ref.container, ref.member)}, {}) for vid, ref in enumerate(chunk, start)]
+        tasks.append(PartTask(part, dest, per_group, h.hexdigest(), (), containers, samples, DEFAULT_TASK, {}, role=BACKGROUNDS))
     return tasks
 
 
 def _done_record(dest: str, task: PartTask) -> dict[str, Any] | None:
     """The part's record when it was packed with this fingerprint and its shard is still there."""
     state = sfs.join(dest, STATE_DIR)
+    prefix = _RECORD_PREFIX[task.role]
     try:
-        record = sfs.read_json(sfs.join(state, f"part-{task.part:05d}.json"))
+        record = sfs.read_json(sfs.join(state, f"{prefix}-{task.part:05d}.json"))
     except (FileNotFoundError, ValueError):
         return None
     if record.get("fingerprint") != task.fingerprint:
@@ -376,7 +483,7 @@ def _done_record(dest: str, task: PartTask) -> dict[str, Any] | None:
                 return None
         except FileNotFoundError:
             return None
-    if not sfs.exists(sfs.join(state, f"part-{task.part:05d}.index.parquet")):
+    if not sfs.exists(sfs.join(state, f"{prefix}-{task.part:05d}.index.parquet")):
         return None
     return record
 
@@ -432,6 +539,7 @@ def _clear_stale(dest: str, settings: dict[str, Any]) -> None:
     if old != settings:
         sfs.remove(state, recursive=True)
         sfs.remove(sfs.join(dest, SHARD_DIR), recursive=True)
+        sfs.remove(sfs.join(dest, SHARED_DIR), recursive=True)
         sfs.write_json(sfs.join(state, "settings.json"), settings)
 
 
@@ -485,13 +593,21 @@ def pack(
     settings = {"version": PACK_VERSION, "rows_per_shard": rps, "rows_per_group": rpg, "samples": len(plan.samples)}
     if task != DEFAULT_TASK:
         settings["task"] = task
+    else:
+        settings["format"] = SHARED_FORMAT
     _clear_stale(dest, settings)
     tasks = _tasks(plan, dest, rps, rpg)
+    bg_tasks = _background_tasks(plan, dest) if task == DEFAULT_TASK else []
     records: dict[int, dict[str, Any]] = {}
+    bg_records: dict[int, dict[str, Any]] = {}
     for t in tasks:
         rec = _done_record(dest, t)
         if rec is not None:
             records[t.part] = rec
+    for t in bg_tasks:
+        rec = _done_record(dest, t)
+        if rec is not None:
+            bg_records[t.part] = rec
     todo = [t for t in tasks if t.part not in records]
     reused = len(records)
     if on_plan is not None:
@@ -500,14 +616,20 @@ def pack(
         progress(sum(r["samples"] for r in records.values()))
 
     def done(record: dict[str, Any]) -> None:
+        if record.get("role") == BACKGROUNDS:
+            bg_records[record["part"]] = record
+            return
         records[record["part"]] = record
         if progress is not None:
             progress(record["samples"])
 
     # memory:// lives in this process only: other processes or Ray tasks would write elsewhere.
     in_memory = dest.startswith("memory://") or plan.source.startswith("memory://")
+    # Background parts first: few, and every sample part's row refers to them.
+    bg_reused = len(bg_records)
+    todo = [t for t in bg_tasks if t.part not in bg_records] + todo
     where = _run_parts(todo, 1 if in_memory else workers or default_workers(), None if in_memory else address, done, allow_ray=not in_memory)
-    log.info("pack: %d parts run (%s), %d reused", len(todo), where, reused)
+    log.info("pack: %d parts run (%s), %d reused", len(todo), where, reused + bg_reused)
 
     bad = list(plan.bad) + [b for p in sorted(records) for b in records[p]["bad"]]
     bad = [{**b, "path": redact_text(b["path"])} for b in bad]
@@ -542,13 +664,15 @@ def pack(
         "mask_threshold": MASK_THRESHOLD,
         "pack": {"version": PACK_VERSION, "skipped": len(bad), "unlisted": len(plan.unlisted)},
     }
-    _remove_stray_shards(dest, {s["file"] for s in shards})
     if isinstance(plan, TaskPlan):
+        _remove_stray_shards(dest, {s["file"] for s in shards})
         del extra["mask_threshold"]
         extra["meta"] = task_meta(plan, [records[p].get("stats") or {} for p in sorted(records)])
         manifest = write_index_and_manifest(dest, index, shards, extra, columns=TASK_COLUMNS[task], task=task)
     else:
-        manifest = write_index_and_manifest(dest, index, shards, extra)
+        bg_entry = _backgrounds_table(dest, bg_records, records)
+        _remove_stray_shards(dest, {s["file"] for s in shards} | {f["file"] for f in bg_entry["files"]} | {bg_entry["index"]})
+        manifest = write_index_and_manifest(dest, index, shards, extra, shared={BG_COLUMN.name: bg_entry})
     result.packed, result.shards, result.manifest = packed, len(shards), manifest
     result.seconds = time.monotonic() - t0
     result.report = {"packed": packed, "skipped": bad, "unlisted": len(plan.unlisted), "complete": True, "dataset": redact_text(dest)}
@@ -606,11 +730,34 @@ def task_meta(plan: TaskPlan, part_stats: list[dict[str, Any]]) -> dict[str, Any
     return meta
 
 
+def _backgrounds_table(dest: str, bg_records: dict[int, dict[str, Any]], records: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Write the shared backgrounds' index from the background parts; returns its manifest entry.
+    PackError when a packed sample's background is not in it (its file changed during the pack)."""
+    state = sfs.join(dest, STATE_DIR)
+    files: list[dict[str, Any]] = []
+    tables = []
+    for p in sorted(bg_records):
+        rec = bg_records[p]
+        if not rec["rows"]:
+            continue
+        table = pq.read_table(io.BytesIO(sfs.read_bytes(sfs.join(state, f"{_RECORD_PREFIX[BACKGROUNDS]}-{p:05d}.index.parquet"))))
+        tables.append(table.add_column(1, "shard", pa.array([len(files)] * table.num_rows, pa.int32())))
+        files.append(rec["shard"])
+    index = pa.concat_tables(tables) if tables else index_table({c: [] for c in BASE_INDEX_COLUMNS})
+    have = set(index.column("sample_id").to_pylist())
+    missing = sorted({b for r in records.values() for b in r.get("bg_used", [])} - have)
+    if missing:
+        raise PackError(f"{redact_text(dest)}: backgrounds {missing[:BAD_IN_MESSAGE]} of packed samples could not be stored "
+                        f"({[b for r in bg_records.values() for b in r['bad']][:3]}); did the source change during the pack? Run the same command again")
+    return write_shared_index(dest, BG_COLUMN, index, files)
+
+
 def _remove_stray_shards(dest: str, keep: set[str]) -> None:
     """Shard files of parts that ended up empty (every sample bad) are not part of the dataset."""
-    for name in sfs.listdir(sfs.join(dest, SHARD_DIR)):
-        if f"{SHARD_DIR}/{name}" not in keep:
-            sfs.remove(sfs.join(dest, SHARD_DIR, name))
+    for folder in (SHARD_DIR, f"{SHARED_DIR}/{BG_COLUMN.name}"):
+        for name in sfs.listdir(sfs.join(dest, folder)):
+            if f"{folder}/{name}" not in keep:
+                sfs.remove(sfs.join(dest, folder, name))
 
 
 def _write_report(uri: str | None, report: dict[str, Any]) -> None:

@@ -198,20 +198,29 @@ class ShardReader:
         if not todo:
             return out
         # Row groups are contiguous within a shard: runs of wanted ones become one range each.
+        todo.sort(key=lambda t: (t[0][0], t[1]))
         paths, starts, ends = merge_offset_ranges(
             [str(s) for (s, _), _, _ in todo], [a for _, a, _ in todo], [b for _, _, b in todo],
-            max_gap=0, max_block=MERGE_MAX_BYTES, sort=True,
+            max_gap=0, max_block=MERGE_MAX_BYTES, sort=False,
         )
         merged = [(int(p), a, b) for p, a, b in zip(paths, starts, ends, strict=True)]
-        blobs = self._fetch_ranges(merged)
-        for (group, start, end) in todo:
+        blobs: list[bytes | None] = list(self._fetch_ranges(merged))
+        # The merged ranges follow the sorted groups, so one walk pairs them: a search per group
+        # over every range cost O(groups x ranges), 19M steps (6.5 s on a loaded core) for a 100K
+        # chunk of a 1.2M-sample dataset (bench.scale). Each range's bytes are let go once its groups
+        # are cut out of it: the peak is the groups' bytes plus one range, not twice the chunk.
+        i = 0
+        for group, start, end in todo:
             s = group[0]
-            for (ms, ma, mb), blob in zip(merged, blobs, strict=True):
-                if ms == s and ma <= start and end <= mb:
-                    piece = blob[start - ma : end - ma]
-                    out[group] = (start, piece)
-                    self._cache_put(s, f"{start}-{end}", piece)
-                    break
+            while not (merged[i][0] == s and merged[i][1] <= start and end <= merged[i][2]):
+                blobs[i] = None
+                i += 1
+            ma = merged[i][1]
+            blob = blobs[i]
+            assert blob is not None
+            piece = blob[start - ma : end - ma]
+            out[group] = (start, piece)
+            self._cache_put(s, f"{start}-{end}", piece)
         return out
 
     def discard(self, groups: Sequence[Group]) -> None:

@@ -13,16 +13,36 @@ the writer's extra per-sample columns. Storage encodes, checksums, reads and ver
 their codec; it does not know what they mean.
 
 Formats: /1 and /2 hold the mask_depth columns (MASK_DEPTH_COLUMNS; /1 with PNG masks and depth)
-and need no "columns" key; mask_depth datasets are still written as /2, byte for byte as before
-columns were declared (plus the "task" and "columns" keys), so older readers keep reading them.
-Any other columns are written as /3, which older code refuses rather than misreads.
+and need no "columns" key; /2 is what mask_depth datasets were written as until /4, byte for byte
+as before columns were declared (ShardWriter(format=LEGACY_MASK_DEPTH_FORMAT) still writes it, and
+it reads as before). Any other columns are written as /3, which older code refuses rather than
+misreads.
+
+/4 (SHARED_FORMAT; what mask_depth datasets are written as now) adds shared columns: a value many
+samples hold (mask_depth's background JPEG) is stored once, in its own table, and each shard row
+holds its id instead (an int64 column `<name>_id` in the column's place):
+
+  shared/bg/index.parquet          one row per distinct value: sample_id (the value's id), shard
+                                   (file number), row_group, row, height, width, checksum
+  shared/bg/part-NNNNN.parquet     the values (sample_id = id, the column, height, width)
+
+The manifest's "shared" ({"bg": {"key", "codec", "num", "index", "index_bytes", "index_sha256",
+"files": [shard entries]}}) lists them. A sample's index checksum covers its stored values (the
+id in place of the value); each shared value has its own checksum in the shared index, checked
+when it is read; `data verify` checks both, every file's sha256 and every value's decode.
+read_samples returns the declared columns with shared values resolved (the same bytes object for
+every sample that shares one), fetching each needed value once per read and keeping them in
+memory (up to SHARED_CACHE_BYTES) for the next reads. Older code refuses /4 (unknown format).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import posixpath
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -52,12 +72,21 @@ log = logging.getLogger(__name__)
 
 # /2: masks and depth maps in storage.codec's raw format; /1 held PNGs (both read: the decoders
 # tell the encodings apart per value). /3: declared columns other than the mask_depth ones.
-MASK_DEPTH_FORMAT = "orchestrator.shards/2"
+# /4: declared columns, some of them shared (stored once per distinct value; see the docstring).
+LEGACY_MASK_DEPTH_FORMAT = "orchestrator.shards/2"
 COLUMNS_FORMAT = "orchestrator.shards/3"
-FORMAT = MASK_DEPTH_FORMAT  # what a mask_depth dataset is written as
-READABLE_FORMATS = ("orchestrator.shards/1", MASK_DEPTH_FORMAT, COLUMNS_FORMAT)
+SHARED_FORMAT = "orchestrator.shards/4"
+MASK_DEPTH_FORMAT = SHARED_FORMAT  # what a mask_depth dataset is written as
+FORMAT = MASK_DEPTH_FORMAT
+READABLE_FORMATS = ("orchestrator.shards/1", LEGACY_MASK_DEPTH_FORMAT, COLUMNS_FORMAT, SHARED_FORMAT)
+WRITABLE_FORMATS = (LEGACY_MASK_DEPTH_FORMAT, COLUMNS_FORMAT, SHARED_FORMAT)
 # Formats whose columns are fixed: a manifest of these may omit "columns", and may only declare these.
-_MASK_DEPTH_FORMATS = ("orchestrator.shards/1", MASK_DEPTH_FORMAT)
+_MASK_DEPTH_FORMATS = ("orchestrator.shards/1", LEGACY_MASK_DEPTH_FORMAT)
+# The columns a mask_depth dataset shares (/4): the background, drawn on by many samples.
+MASK_DEPTH_SHARED = ("bg",)
+SHARED_DIR = "shared"
+# Shared values a ShardDataset keeps in memory between reads (a background is ~13-30 KB).
+SHARED_CACHE_BYTES = 64 * 2**20
 MANIFEST = "manifest.json"
 INDEX = "index.parquet"
 SHARD_DIR = "shards"
@@ -91,6 +120,39 @@ class DatasetError(RuntimeError):
 
 def shard_file(i: int) -> str:
     return f"{SHARD_DIR}/shard-{i:05d}.parquet"
+
+
+def shared_key(name: str) -> str:
+    """The int64 column a /4 shard row holds in place of shared column `name`: the value's id."""
+    return f"{name}_id"
+
+
+def shared_file(name: str, i: int) -> str:
+    return f"{SHARED_DIR}/{name}/part-{i:05d}.parquet"
+
+
+def shared_index_file(name: str) -> str:
+    return f"{SHARED_DIR}/{name}/index.parquet"
+
+
+def stored_columns(columns: Sequence[Column], shared: Sequence[str] = ()) -> tuple[Column, ...]:
+    """What a shard row holds: the declared columns, each shared one replaced by its int64 id."""
+    return tuple(Column(shared_key(c.name), "int64") if c.name in shared else c for c in columns)
+
+
+def _check_shared(columns: tuple[Column, ...], shared: Sequence[str]) -> tuple[str, ...]:
+    shared = (shared,) if isinstance(shared, str) else tuple(shared)
+    by_name = {c.name: c for c in columns}
+    for name in shared:
+        if name not in by_name:
+            raise ColumnsError(f"shared column {name!r} is not declared (columns {list(by_name)})")
+        if not by_name[name].is_bytes:
+            raise ColumnsError(f"shared column {name!r} is {by_name[name].codec}; only byte columns can be shared")
+        if shared_key(name) in by_name:
+            raise ColumnsError(f"shared column {name!r} needs the name {shared_key(name)!r} for its ids, which a declared column has")
+    if len(set(shared)) != len(shared):
+        raise ColumnsError(f"shared columns {list(shared)} name a column twice")
+    return shared
 
 
 def sample_checksum(fg_bg: bytes, bg: bytes, mask: bytes, depth: bytes) -> str:
@@ -288,6 +350,28 @@ def index_table(columns: dict[str, list], extra: dict[str, list] | None = None) 
     return pa.table(cols)
 
 
+def write_shared_index(uri: str, column: Column, index: pa.Table, files: list[dict[str, Any]]) -> dict[str, Any]:
+    """Write shared/<column>/index.parquet (one row per distinct value: BASE_INDEX_COLUMNS, the
+    value's id as sample_id) and return the manifest's "shared" entry of the column."""
+    missing = [k for k in BASE_INDEX_COLUMNS if k not in index.column_names]
+    if missing:
+        raise ValueError(f"shared index of {column.name!r}: columns {missing} missing")
+    buf = io.BytesIO()
+    pq.write_table(index, buf, compression="zstd")
+    data = buf.getvalue()
+    file = shared_index_file(column.name)
+    sfs.write_bytes(sfs.join(sfs.normalize(uri), file), data)
+    return {
+        "key": shared_key(column.name),
+        "codec": column.codec,
+        "num": index.num_rows,
+        "index": file,
+        "index_bytes": len(data),
+        "index_sha256": hashlib.sha256(data).hexdigest(),
+        "files": files,
+    }
+
+
 def write_index_and_manifest(
     uri: str,
     index: pa.Table,
@@ -295,12 +379,15 @@ def write_index_and_manifest(
     extra_manifest: dict[str, Any] | None = None,
     columns: Sequence[Column] = MASK_DEPTH_COLUMNS,
     task: str | None = None,
+    shared: Mapping[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Write index.parquet, then manifest.json last: the manifest is the completion marker.
 
     The manifest records `columns` and `task` (default: extra_manifest's "task", else
-    "mask_depth"); format /2 for the mask_depth columns, else /3. `extra_manifest` adds keys (e.g.
-    "meta", a dict storage does not interpret) but cannot change format, task or columns.
+    "mask_depth"); format /4 when `shared` is given (column name -> write_shared_index's entry,
+    each table written before), else /2 for the mask_depth columns and /3 for others.
+    `extra_manifest` adds keys (e.g. "meta", a dict storage does not interpret) but cannot change
+    format, task, columns or shared.
     """
     columns = check_columns(columns)
     extra_manifest = dict(extra_manifest or {})
@@ -309,7 +396,12 @@ def write_index_and_manifest(
         raise ValueError(f"task must be a non-empty string, got {task!r}")
     if not isinstance(extra_manifest.get("meta", {}), dict):
         raise ValueError(f"manifest meta must be a dict, got {type(extra_manifest['meta']).__name__}")
-    fmt = MASK_DEPTH_FORMAT if is_mask_depth(columns) else COLUMNS_FORMAT
+    shared = dict(shared or {})
+    _check_shared(columns, list(shared))
+    if shared:
+        fmt = SHARED_FORMAT
+    else:
+        fmt = LEGACY_MASK_DEPTH_FORMAT if is_mask_depth(columns) else COLUMNS_FORMAT
     uri = sfs.normalize(uri)
     with _open_for_write(sfs.join(uri, INDEX)) as f:
         pq.write_table(index, f, compression="zstd")
@@ -332,9 +424,66 @@ def write_index_and_manifest(
         manifest["depth_mean"] = float(np.mean(depth_means, dtype=np.float64)) if n else None
     manifest.update({"index": INDEX, "shards": shards})
     manifest.update(extra_manifest)
+    manifest.pop("shared", None)
     manifest.update({"format": fmt, "task": task, "columns": columns_to_manifest(columns)})
+    if shared:
+        manifest["shared"] = shared
     sfs.write_json(sfs.join(uri, MANIFEST), manifest)
     return manifest
+
+
+class SharedTableWriter:
+    """The table of one shared column (format /4): each distinct value (by content) stored once,
+    with a dense id (0, 1, ... in order of first appearance), in files of `rows_per_shard` rows."""
+
+    def __init__(self, uri: str, column: Column, rows_per_shard: int = ROWS_PER_SHARD, rows_per_group: int = ROWS_PER_GROUP) -> None:
+        self.uri = sfs.normalize(uri)
+        self.column = column
+        self.rows_per_shard = int(rows_per_shard)
+        self.rows_per_group = min(int(rows_per_group), self.rows_per_shard)
+        self._ids: dict[bytes, int] = {}
+        self._file: ShardFileWriter | None = None
+        self._files: list[dict[str, Any]] = []
+        self._index: dict[str, list] = {c: [] for c in BASE_INDEX_COLUMNS}
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def id_of(self, value: bytes, size: tuple[int, int]) -> int:
+        """The id of `value` (encoded bytes), storing it if it is new; `size` is its (height, width)."""
+        digest = hashlib.blake2b(value, digest_size=16).digest()
+        vid = self._ids.get(digest)
+        if vid is not None:
+            return vid
+        vid = self._ids[digest] = len(self._ids)
+        self.add(vid, value, size)
+        return vid
+
+    def add(self, vid: int, value: bytes, size: tuple[int, int]) -> None:
+        """Store `value` under id `vid` (ids are the caller's business: unique, any order)."""
+        if self._file is None:
+            self._file = ShardFileWriter(self.uri, shared_file(self.column.name, len(self._files)), self.rows_per_group, (self.column,))
+        group, row = self._file.add(vid, {self.column.name: value}, *size)
+        for k, v in (("sample_id", int(vid)), ("shard", len(self._files)), ("row_group", group), ("row", row), ("height", int(size[0])),
+                     ("width", int(size[1])), ("checksum", columns_checksum((self.column,), {self.column.name: value}))):
+            self._index[k].append(v)
+        if self._file.rows >= self.rows_per_shard:
+            self._files.append(self._file.close())
+            self._file = None
+
+    def close(self) -> dict[str, Any]:
+        """Finish the last file and write the table's index; returns its manifest entry."""
+        if self._file is not None:
+            self._files.append(self._file.close())
+            self._file = None
+        return write_shared_index(self.uri, self.column, index_table(self._index), self._files)
+
+    def abort(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.abort()
+            finally:
+                self._file = None
 
 
 class ShardWriter:
@@ -353,9 +502,13 @@ class ShardWriter:
     the index too (e.g. classification's `label`, so its counts need no shard reads); any other
     name is an extra key every sample must bring. Extra keys it does not name follow, sorted.
 
-    The mask_depth columns (the default) are written exactly as before columns were declared:
-    format /2, arrays checked as storage.codec's mask/depth encoders check them, and a
-    `depth_mean` index column (computed from the depth when a sample does not bring one).
+    The mask_depth columns (the default) are written as format /4 (SHARED_FORMAT): each distinct
+    background (`bg`, told apart by content) is stored once, in shared/bg/, and shard rows hold
+    its id; arrays are checked as storage.codec's mask/depth encoders check them, and the index has
+    a `depth_mean` column (computed from the depth when a sample does not bring one).
+    `format=LEGACY_MASK_DEPTH_FORMAT` writes them as /2 instead, exactly as before columns were
+    declared (every row holding its own background). `shared` names the shared columns of other
+    column sets (format /4); without, they are written as /3.
 
     Opening a writer on an existing dataset deletes its manifest first, so a crash mid-rewrite
     leaves a folder that is not a dataset rather than a manifest describing other files.
@@ -369,6 +522,8 @@ class ShardWriter:
         columns: Sequence[Column] = MASK_DEPTH_COLUMNS,
         task: str = MASK_DEPTH_TASK,
         index_columns: Sequence[str] = (),
+        shared: Sequence[str] | None = None,
+        format: str | None = None,
     ):
         if rows_per_group < 1 or rows_per_shard < 1:
             raise ValueError("rows_per_shard and rows_per_group must be >= 1")
@@ -377,25 +532,38 @@ class ShardWriter:
         self.columns = check_columns(columns)
         self.task = task
         self._mask_depth = is_mask_depth(self.columns)
+        if format is not None and format not in WRITABLE_FORMATS:
+            raise ValueError(f"format {format!r}: choose one of {list(WRITABLE_FORMATS)}")
+        if shared is None:
+            shared = MASK_DEPTH_SHARED if self._mask_depth and format in (None, SHARED_FORMAT) else ()
+        self.shared = _check_shared(self.columns, shared)
+        self.format = SHARED_FORMAT if self.shared else LEGACY_MASK_DEPTH_FORMAT if self._mask_depth else COLUMNS_FORMAT
+        if format is not None and format != self.format:
+            raise ValueError(f"format {format!r} cannot hold these columns (shared {list(self.shared)}); they are written as {self.format}")
+        self.stored_columns = stored_columns(self.columns, self.shared)
         self._encode = encode_mask_depth_value if self._mask_depth else encode_value
         self._index_names = INDEX_COLUMNS if self._mask_depth else BASE_INDEX_COLUMNS
         self.index_columns = self._check_index_columns(index_columns)
         declared = {c.name for c in self.columns}
         self._copied = frozenset(k for k in self.index_columns if k in declared)
         self._listed = tuple(k for k in self.index_columns if k not in declared)
-        self._not_extra = frozenset((*sample_columns(self.columns), *self._index_names, *self.index_columns))
+        self._not_extra = frozenset((*sample_columns(self.columns), *self._index_names, *self.index_columns,
+                                     *(shared_key(n) for n in self.shared)))
         self.uri = sfs.normalize(uri)
         self.rows_per_shard = int(rows_per_shard)
         self.rows_per_group = min(int(rows_per_group), self.rows_per_shard)
         sfs.remove(sfs.join(self.uri, MANIFEST))
         sfs.remove(sfs.join(self.uri, INDEX))
         sfs.remove(sfs.join(self.uri, SHARD_DIR), recursive=True)
+        sfs.remove(sfs.join(self.uri, SHARED_DIR), recursive=True)
 
         self._shards: list[dict[str, Any]] = []
         self._file: ShardFileWriter | None = None
         self._index: dict[str, list] = {c: [] for c in self._index_names}
         self._extra_keys: tuple[str, ...] | None = None
         self._extra: dict[str, list] = {k: [] for k in self.index_columns}
+        by_name = {c.name: c for c in self.columns}
+        self._tables = {n: SharedTableWriter(self.uri, by_name[n], self.rows_per_shard, self.rows_per_group) for n in self.shared}
         self._closed = False
 
     def _check_index_columns(self, names: Sequence[str]) -> tuple[str, ...]:
@@ -432,6 +600,8 @@ class ShardWriter:
             except ValueError as exc:
                 raise ValueError(f"sample {sid}, column {c.name!r}: {exc}") from exc
         height, width = self._size_of(sid, sample, values)
+        for name, table in self._tables.items():  # the value's id in its place
+            values[shared_key(name)] = table.id_of(values.pop(name), self._value_size(sample[name], by=name, default=(height, width)))
         depth_mean = None
         if self._mask_depth:
             depth_mean = sample.get("depth_mean")
@@ -446,7 +616,7 @@ class ShardWriter:
             raise ValueError(f"sample {sid}: extra index columns {extra_keys} differ from the first sample's {self._extra_keys}")
 
         if self._file is None:
-            self._file = ShardFileWriter(self.uri, shard_file(len(self._shards)), self.rows_per_group, self.columns)
+            self._file = ShardFileWriter(self.uri, shard_file(len(self._shards)), self.rows_per_group, self.stored_columns)
         row_group, row = self._file.add(sid, values, height, width)
 
         idx = self._index
@@ -458,7 +628,7 @@ class ShardWriter:
         idx["width"].append(width)
         if self._mask_depth:
             idx["depth_mean"].append(depth_mean)
-        idx["checksum"].append(columns_checksum(self.columns, values))
+        idx["checksum"].append(columns_checksum(self.stored_columns, values))
         for k in self.index_columns:
             self._extra[k].append(np.int64(values[k]) if k in self._copied else sample[k])
         for k in extra_keys:
@@ -489,6 +659,17 @@ class ShardWriter:
         why = f" ({'; '.join(problems)})" if problems else f" (columns {[c.name for c in self.columns]})"
         raise ValueError(f"sample {sid}: no column gives a size{why}; pass height and width")
 
+    def _value_size(self, value: Any, by: str, default: tuple[int, int]) -> tuple[int, int]:
+        """(height, width) of one value (a shared one has its own index row); `default` (the
+        sample's) when its bytes do not read: verify then names it."""
+        if isinstance(value, np.ndarray):
+            return int(value.shape[0]), int(value.shape[1])
+        column = next(c for c in self.columns if c.name == by)
+        try:
+            return encoded_size(column, value)
+        except codec.CorruptImageError:
+            return default
+
     def _close_shard(self) -> None:
         if self._file is None:
             return
@@ -503,17 +684,23 @@ class ShardWriter:
             raise RuntimeError("ShardWriter is already closed")
         self._close_shard()
         self._closed = True
+        shared = {name: table.close() for name, table in self._tables.items()}
         extra = {"rows_per_group": self.rows_per_group, **(extra_manifest or {})}
-        return write_index_and_manifest(self.uri, index_table(self._index, self._extra), self._shards, extra, columns=self.columns, task=self.task)
+        return write_index_and_manifest(self.uri, index_table(self._index, self._extra), self._shards, extra, columns=self.columns,
+                                        task=self.task, shared=shared or None)
 
     def abort(self) -> None:
         """Drop what is open without writing a manifest: the folder stays a non-dataset."""
         self._closed = True
-        if self._file is not None:
-            try:
-                self._file.abort()
-            finally:
-                self._file = None
+        try:
+            for table in self._tables.values():
+                table.abort()
+        finally:
+            if self._file is not None:
+                try:
+                    self._file.abort()
+                finally:
+                    self._file = None
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -547,16 +734,26 @@ class ShardDataset:
     extra columns the writer added, e.g. depth_mean, synth's bg_index/flipped/fg_x/..., a label);
     readers must treat extra columns as optional (index_values names what there is). The object
     is picklable, so it can be sent to workers.
+
+    A /4 dataset's `shared` maps each shared column to the ShardDataset of its table (the value's
+    id as sample_id); `stored_columns` are what shard rows hold (a shared column's int64 id in its
+    place); `sample_columns` are the declared ones, which read_samples resolves.
     """
 
-    def __init__(self, uri: str, manifest: dict[str, Any], index: pa.Table):
+    def __init__(self, uri: str, manifest: dict[str, Any], index: pa.Table, shared: Mapping[str, ShardDataset] | None = None,
+                 item: str = "sample"):
         self.uri = uri
         self.manifest = manifest
         self.index = index
         self.columns: tuple[Column, ...] = columns_from_manifest(manifest)
         self.task: str = manifest.get("task") or MASK_DEPTH_TASK
         self.meta: dict[str, Any] = manifest.get("meta") or {}
+        self.format: str = manifest.get("format") or LEGACY_MASK_DEPTH_FORMAT
+        self.shared: dict[str, ShardDataset] = dict(shared or {})
+        self.stored_columns = stored_columns(self.columns, tuple(self.shared))
         self.sample_columns = sample_columns(self.columns)
+        self._stored_names = sample_columns(self.stored_columns)
+        self.item = item  # what a row is called in error messages
         self.sample_ids = index.column("sample_id").to_numpy().astype(np.int64, copy=False)
         self._shard = index.column("shard").to_numpy().astype(np.int32, copy=False)
         self._group = index.column("row_group").to_numpy().astype(np.int32, copy=False)
@@ -564,6 +761,12 @@ class ShardDataset:
         self._order = np.argsort(self.sample_ids, kind="stable")
         self._sorted_ids = self.sample_ids[self._order]
         self._reader = None
+        self._init_shared_cache()
+
+    def _init_shared_cache(self) -> None:
+        self._shared_cache: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._shared_cache_bytes = 0
+        self._shared_lock = threading.Lock()
 
     @property
     def num_samples(self) -> int:
@@ -615,45 +818,85 @@ class ShardDataset:
         """The given samples, in exactly the order of `ids` (repeats allowed).
 
         Returns `sample_id`, every declared column (or just the `columns` asked for, from
-        `sample_columns`), `height`, `width`: sample_id/height/width and int64 columns as numpy
-        arrays, the other columns as lists of encoded bytes (decode with storage.columns or
-        storage.codec). Only the row groups that hold the ids are fetched (all at once, through
-        the local cache; storage/preload.py), and each sample is checked against its checksum: a
-        row group that fails is fetched once more, and a second failure raises DatasetError
-        naming the shard URI.
+        `sample_columns`, or a shared column's id column `<name>_id`), `height`, `width`:
+        sample_id/height/width and int64 columns as numpy arrays, the other columns as lists of
+        encoded bytes (decode with storage.columns or storage.codec). Only the row groups that
+        hold the ids are fetched (all at once, through the local cache; storage/preload.py), and
+        each sample is checked against its checksum: a row group that fails is fetched once more,
+        and a second failure raises DatasetError naming the shard URI. Shared values (/4) are
+        resolved after: each distinct one needed is fetched once (only the row groups of its
+        table that hold it), checked against its own checksum the same way, and kept in memory
+        for the next reads; samples that share one get the same bytes object.
         """
         columns = self.sample_columns if columns is None else ((columns,) if isinstance(columns, str) else tuple(columns))
-        unknown = [c for c in columns if c not in self.sample_columns]
+        keys = {shared_key(n): n for n in self.shared}
+        unknown = [c for c in columns if c not in self.sample_columns and c not in keys]
         if unknown:
-            raise ValueError(f"unknown columns {unknown}; choose from {self.sample_columns}")
+            raise ValueError(f"unknown columns {unknown}; choose from {[*self.sample_columns, *keys]}")
+        stored = list(dict.fromkeys(shared_key(c) if c in self.shared else c for c in columns))
         pos = self.positions(ids)
         n = len(pos)
         shard_of, group_of, row_of = self._shard[pos], self._group[pos], self._row[pos]
         wanted = sorted(set(zip(shard_of.tolist(), group_of.tolist(), strict=True)))
         groups = self._read_groups(wanted, pos, shard_of, group_of)
 
-        out_cols: dict[str, list] = {c: [None] * n for c in columns}
+        out_cols: dict[str, list] = {c: [None] * n for c in stored}
         by_group: dict[tuple[int, int], list[int]] = {}
         for i, key in enumerate(zip(shard_of.tolist(), group_of.tolist(), strict=True)):
             by_group.setdefault(key, []).append(i)
         for key, where in by_group.items():
             rows = row_of[where].tolist()
-            for c in columns:
+            for c in stored:
                 values, col = groups[key][c], out_cols[c]
                 for dst, r in zip(where, rows, strict=True):
                     col[dst] = values[r]
-        scalars = {"sample_id": np.int64, "height": np.int32, "width": np.int32, **{c.name: np.int64 for c in self.columns if not c.is_bytes}}
+        scalars = {"sample_id": np.int64, "height": np.int32, "width": np.int32, **{c.name: np.int64 for c in self.stored_columns if not c.is_bytes}}
         result: dict[str, Any] = {}
         for c in columns:
-            result[c] = np.asarray(out_cols[c], dtype=scalars[c]) if c in scalars else out_cols[c]
+            if c in self.shared:
+                result[c] = self._resolve_shared(c, np.asarray(out_cols[shared_key(c)], dtype=np.int64))
+            else:
+                result[c] = np.asarray(out_cols[c], dtype=scalars[c]) if c in scalars else out_cols[c]
         if "sample_id" in result and not np.array_equal(result["sample_id"], np.asarray(ids, dtype=np.int64).reshape(-1)):
             raise DatasetError(f"{self.uri}: index and shards disagree (read other sample ids than asked for); the dataset is damaged, re-create it")
         return result
 
+    def _resolve_shared(self, name: str, vids: np.ndarray) -> list[bytes]:
+        """The values of shared column `name` for these ids (one per sample), each distinct one
+        fetched once (or taken from memory)."""
+        got: dict[int, bytes] = {}
+        missing: list[int] = []
+        with self._shared_lock:
+            for v in np.unique(vids).tolist():
+                hit = self._shared_cache.get((name, v))
+                if hit is None:
+                    missing.append(v)
+                else:
+                    self._shared_cache.move_to_end((name, v))
+                    got[v] = hit
+        if missing:
+            table = self.shared[name]
+            pos = np.searchsorted(table._sorted_ids, missing)
+            absent = [v for v, p in zip(missing, pos.tolist(), strict=True) if p >= len(table._sorted_ids) or table._sorted_ids[p] != v]
+            if absent:
+                raise DatasetError(f"{self.uri}: samples refer to shared {name} ids {_describe_ids(np.asarray(absent))}, which "
+                                   f"{shared_index_file(name)} does not list; the dataset is damaged, re-pack it")
+            rows = table.read_samples(missing, columns=("sample_id", name))
+            with self._shared_lock:
+                for v, value in zip(rows["sample_id"].tolist(), rows[name], strict=True):
+                    got[v] = value
+                    if (name, v) not in self._shared_cache:
+                        self._shared_cache[(name, v)] = value
+                        self._shared_cache_bytes += len(value)
+                while self._shared_cache_bytes > SHARED_CACHE_BYTES and self._shared_cache:
+                    _, old = self._shared_cache.popitem(last=False)
+                    self._shared_cache_bytes -= len(old)
+        return [got[v] for v in vids.tolist()]
+
     def _read_groups(self, wanted: list[tuple[int, int]], pos: np.ndarray, shard_of: np.ndarray, group_of: np.ndarray) -> dict[tuple[int, int], dict[str, list]]:
         """Fetch and parse the wanted row groups ({column: values} each), verifying every sample asked for."""
         reader = self.reader
-        names = self.sample_columns
+        names = self._stored_names
         checks: dict[tuple[int, int], list[tuple[int, int, str]]] = {}
         # Taken per read, not held as a Python list: 1.2M checksum strings would cost ~80 MB per worker.
         sums = self.index.column("checksum").take(pa.array(pos, pa.int64())).to_pylist()
@@ -670,7 +913,7 @@ class ShardDataset:
                     bad[key] = f"row group {key[1]} cannot be parsed ({type(exc).__name__}: {exc})"
                     continue
                 values = {c: table.column(c).to_pylist() for c in names}
-                reason = _verify_rows(values, checks[key], self.columns)
+                reason = _verify_rows(values, checks[key], self.stored_columns, self.item)
                 if reason:
                     bad[key] = f"row group {key[1]}: {reason}"
                 else:
@@ -701,32 +944,40 @@ class ShardDataset:
         from storage.preload import ShardReader
 
         if self._reader is None:
-            self._reader = ShardReader(self.uri, self.manifest, cache_for(self.uri))
+            # A shared table's values are kept in memory by the dataset that reads them (see
+            # _resolve_shared): the disk cache holds the samples' row groups only.
+            self._reader = ShardReader(self.uri, self.manifest, cache_for(self.uri) if self.item == "sample" else None)
         return self._reader
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_reader"] = None  # holds a filesystem, a lock and parsed footers: per process
+        for k in ("_shared_cache", "_shared_cache_bytes", "_shared_lock"):  # per process too
+            state.pop(k, None)
         return state
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_shared_cache()
 
-def _verify_rows(values: dict[str, list], rows: list[tuple[int, int, str]], columns: Sequence[Column]) -> str | None:
+
+def _verify_rows(values: dict[str, list], rows: list[tuple[int, int, str]], columns: Sequence[Column], item: str = "sample") -> str | None:
     """None when each (row, sample id, checksum) matches the row group's values; else what is wrong."""
     n = len(values["sample_id"])
     # columns_checksum, inlined: this runs for every sample of every chunk.
     parts = [(values[c.name], not c.is_bytes) for c in columns]
     for r, sid, expected in rows:
         if r >= n or values["sample_id"][r] != sid:
-            return f"sample {sid} is not at row {r} where the index puts it"
+            return f"{item} {sid} is not at row {r} where the index puts it"
         h = hashlib.blake2b(digest_size=CHECKSUM_DIGEST_BYTES)
         try:
             for col, is_int in parts:
                 h.update(col[r].to_bytes(8, "little", signed=True) if is_int else col[r])
         except (TypeError, ValueError, AttributeError, OverflowError) as exc:  # a null where a value must be
-            return f"sample {sid} has a missing or malformed value ({type(exc).__name__}: {exc})"
+            return f"{item} {sid} has a missing or malformed value ({type(exc).__name__}: {exc})"
         got = h.hexdigest()
         if got != expected:
-            return f"sample {sid} fails its checksum (index {expected}, read {got})"
+            return f"{item} {sid} fails its checksum (index {expected}, read {got})"
     return None
 
 
@@ -760,15 +1011,9 @@ def _manifest_problem(manifest: Any) -> str | None:
     shards = manifest["shards"]
     if not isinstance(shards, list):
         return f"shards is a {type(shards).__name__}, not a list"
-    for i, sh in enumerate(shards):
-        if not isinstance(sh, dict):
-            return f"shards[{i}] is a {type(sh).__name__}, not an object"
-        wrong = [k for k, ok in (("file", isinstance(sh.get("file"), str)), ("rows", _is_int(sh.get("rows"))),
-                                 ("bytes", _is_int(sh.get("bytes"))), ("sha256", isinstance(sh.get("sha256"), str))) if not ok]
-        if sh.get("footer_bytes") is not None and not _is_int(sh["footer_bytes"]):
-            wrong.append("footer_bytes")
-        if wrong:
-            return f"shards[{i}] has no valid {', '.join(wrong)}"
+    problem = _file_entries_problem(shards, "shards")
+    if problem:
+        return problem
     if "task" in manifest and (not isinstance(manifest["task"], str) or not manifest["task"]):
         return f"task is {manifest['task']!r}, not a name"
     if manifest.get("meta") is not None and not isinstance(manifest["meta"], dict):
@@ -781,7 +1026,77 @@ def _manifest_problem(manifest: Any) -> str | None:
         return str(exc)
     if manifest["format"] in _MASK_DEPTH_FORMATS and not is_mask_depth(columns):
         return f"format {manifest['format']} declares columns {[c.as_dict() for c in columns]}, but it holds only {[c.as_dict() for c in MASK_DEPTH_COLUMNS]}"
+    shared = manifest.get("shared")
+    if manifest["format"] != SHARED_FORMAT:
+        return f'format {manifest["format"]} with "shared" (only {SHARED_FORMAT} has shared columns)' if shared else None
+    if manifest.get("columns") is None:
+        return f'format {SHARED_FORMAT} without "columns"'
+    if not isinstance(shared, dict) or not shared:
+        return f'format {SHARED_FORMAT} without "shared" (an object: column name -> its table)'
+    try:
+        _check_shared(columns, list(shared))
+    except ColumnsError as exc:
+        return str(exc)
+    by_name = {c.name: c for c in columns}
+    for name, entry in shared.items():
+        if not isinstance(entry, dict):
+            return f'shared[{name!r}] is a {type(entry).__name__}, not an object'
+        wrong = [k for k, ok in (("key", entry.get("key") == shared_key(name)), ("codec", entry.get("codec") == by_name[name].codec),
+                                 ("num", _is_int(entry.get("num")) and entry["num"] >= 0), ("index", isinstance(entry.get("index"), str) and entry["index"]),
+                                 ("index_sha256", isinstance(entry.get("index_sha256"), str)), ("files", isinstance(entry.get("files"), list))) if not ok]
+        if wrong:
+            return f"shared[{name!r}] has no valid {', '.join(wrong)}"
+        problem = _file_entries_problem(entry["files"], f"shared[{name!r}].files")
+        if problem:
+            return problem
     return None
+
+
+def _file_entries_problem(entries: list, where: str) -> str | None:
+    """What is wrong with a list of shard-file entries ({file, rows, bytes, sha256[, footer_bytes]}), or None."""
+    for i, sh in enumerate(entries):
+        if not isinstance(sh, dict):
+            return f"{where}[{i}] is a {type(sh).__name__}, not an object"
+        wrong = [k for k, ok in (("file", isinstance(sh.get("file"), str)), ("rows", _is_int(sh.get("rows"))),
+                                 ("bytes", _is_int(sh.get("bytes"))), ("sha256", isinstance(sh.get("sha256"), str))) if not ok]
+        if sh.get("footer_bytes") is not None and not _is_int(sh["footer_bytes"]):
+            wrong.append("footer_bytes")
+        if wrong:
+            return f"{where}[{i}] has no valid {', '.join(wrong)}"
+    return None
+
+
+def shared_table(uri: str, manifest: dict[str, Any], name: str, index: pa.Table) -> ShardDataset:
+    """The ShardDataset of a /4 dataset's shared column `name` (the value's id as sample_id)."""
+    entry = manifest["shared"][name]
+    column = next(c for c in columns_from_manifest(manifest) if c.name == name)
+    sub = {"format": COLUMNS_FORMAT, "task": f"shared {name}", "columns": [column.as_dict()], "num_samples": entry["num"],
+           "index": entry["index"], "shards": entry["files"]}
+    return ShardDataset(uri, sub, index, item=f"shared {name}")
+
+
+def _open_shared(uri: str, manifest: dict[str, Any]) -> dict[str, ShardDataset]:
+    """The shared tables of a /4 dataset, their indexes read and checked against the manifest."""
+    out = {}
+    for name, entry in (manifest.get("shared") or {}).items():
+        index_uri = sfs.join(uri, entry["index"])
+        try:
+            data = sfs.read_bytes(index_uri)
+        except FileNotFoundError as exc:
+            raise DatasetError(f"{uri}: {entry['index']} (the table of shared column {name!r}) is missing although manifest.json is there; "
+                               "the dataset is damaged, re-pack it") from exc
+        if hashlib.sha256(data).hexdigest() != entry["index_sha256"]:
+            raise DatasetError(f"{index_uri}: sha256 differs from the manifest's (the file changed after packing); the dataset is damaged, re-pack it")
+        try:
+            index = pq.read_table(pa.BufferReader(data))
+        except (OSError, pa.ArrowException) as exc:
+            raise DatasetError(_one_line(f"{index_uri}: cannot be read as Parquet ({type(exc).__name__}: {exc}); the dataset is damaged, re-pack it")) from exc
+        missing = [c for c in BASE_INDEX_COLUMNS if c not in index.column_names]
+        if missing or index.num_rows != entry["num"]:
+            what = f"columns {missing} missing" if missing else f"{index.num_rows} rows, the manifest says {entry['num']}"
+            raise DatasetError(f"{index_uri}: {what}; the dataset is damaged, re-pack it")
+        out[name] = shared_table(uri, manifest, name, index)
+    return out
 
 
 def open_dataset(uri: str) -> ShardDataset:
@@ -823,7 +1138,7 @@ def open_dataset(uri: str) -> ShardDataset:
     missing = [c for c in BASE_INDEX_COLUMNS if c not in index.column_names]
     if missing:
         raise DatasetError(f"{index_uri}: columns {missing} missing (it has {index.column_names}); the dataset is damaged, re-create it")
-    return ShardDataset(uri, manifest, index)
+    return ShardDataset(uri, manifest, index, _open_shared(uri, manifest))
 
 
 def _one_line(message: str) -> str:

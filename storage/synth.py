@@ -438,12 +438,15 @@ def synthesize(
     rows_per_group: int = 256,
     progress: ProgressFn | None = None,
     workers: int | None = None,
+    format: str | None = None,
 ) -> dict[str, Any]:
     """Write a synthetic dataset of `samples` samples (ids 0..samples-1) to `dest`; return its manifest.
 
     The bytes depend only on (seed, sample id, image_size), not on `workers`. `progress(n)` is
     called after each chunk with the number of samples just written (an increment, so a rich
-    progress bar's advance() fits).
+    progress bar's advance() fits). `format` is ShardWriter's: by default the current one (/4,
+    each of the NUM_BACKGROUNDS backgrounds stored once); storage.shards.LEGACY_MASK_DEPTH_FORMAT
+    writes /2 as before it (the same values, every row holding its background).
     """
     from storage.shards import ShardWriter  # the pool's workers never need pyarrow
 
@@ -452,7 +455,7 @@ def synthesize(
     if image_size < 2 * MIN_FG_PX:
         raise ValueError(f"image_size must be >= {2 * MIN_FG_PX} px, got {image_size}")
     workers = default_workers() if workers is None else max(1, int(workers))
-    writer = ShardWriter(dest, rows_per_shard=rows_per_shard, rows_per_group=rows_per_group)
+    writer = ShardWriter(dest, rows_per_shard=rows_per_shard, rows_per_group=rows_per_group, format=format)
     with writer:
         for chunk in _encoded_samples(samples, seed, image_size, workers):
             writer.add_many(chunk)

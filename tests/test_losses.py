@@ -421,3 +421,37 @@ def test_ssim5_works_on_images_too_small_for_the_11x11_window() -> None:
     assert torch.isfinite(LOSSES.get("ssim5")(x, t))
     with pytest.raises(ValueError, match="H, W >= 11"):
         LOSSES.get("ssim11")(x, t)
+
+
+def _ssim_nchw_reference(p: torch.Tensor, t: torch.Tensor, win: int) -> torch.Tensor:
+    """SSIM exactly as workers.losses computed it before its CPU fast path: the five moment maps
+    through two NCHW depthwise 1D convs (the values every earlier run, quickstart's included, trained on)."""
+    x = torch.arange(win, dtype=torch.float64) - (win - 1) / 2
+    g = torch.exp(-(x**2) / (2 * 1.5**2))
+    g = (g / g.sum()).to(p.dtype)
+    c = p.shape[1]
+    k = 5 * c
+    maps = torch.cat([p, t, p * p, t * t, p * t], dim=1)
+    maps = F.conv2d(maps, g.view(1, 1, 1, -1).expand(k, 1, 1, -1), groups=k)
+    maps = F.conv2d(maps, g.view(1, 1, -1, 1).expand(k, 1, -1, 1), groups=k)
+    mu_p, mu_t, pp, tt, pt = maps.split(c, dim=1)
+    var_p, var_t, cov = pp - mu_p**2, tt - mu_t**2, pt - mu_p * mu_t
+    num = (2 * mu_p * mu_t + 0.01**2) * (2 * cov + 0.03**2)
+    den = (mu_p**2 + mu_t**2 + 0.01**2) * (var_p + var_t + 0.03**2)
+    return (num / den).mean()
+
+
+@pytest.mark.parametrize("shape", [(16, 1, 128, 128), (32, 1, 32, 32), (3, 2, 40, 29), (2, 1, 11, 11)])
+@pytest.mark.parametrize("win", [5, 11])
+def test_ssim_fast_path_gives_the_very_bits_of_the_nchw_path_value_and_gradient(shape, win) -> None:
+    """The CPU fast path (channels_last depthwise convs, cached kernels) changes no bit of the loss
+    or of its gradient, so runs that trained with SSIM before (quickstart) reproduce bit for bit."""
+    torch.manual_seed(sum(shape) + win)
+    x, t = torch.randn(shape), torch.rand(shape)
+    got_x, want_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got = 1 - ssim(torch.sigmoid(got_x), t, window=win)
+    want = 1 - _ssim_nchw_reference(torch.sigmoid(want_x), t, win)
+    got.backward()
+    want.backward()
+    assert torch.equal(got, want)
+    assert torch.equal(got_x.grad, want_x.grad)

@@ -74,3 +74,88 @@ def test_rank_batches_train_every_sample_once_in_equal_step_counts(n, batch, wor
     assert all(len(x) > 0 for b in per_rank for x in b)
     seen = np.concatenate([x for b in per_rank for x in b])
     assert sorted(seen.tolist()) == ids.tolist()
+
+
+def _grouped_plan(chunking: str, n: int = 12_000, per_group: int = 40, seed: int = 0):
+    d = tiny_recipe("x", run={"seed": seed}, data={"eval_samples": 400, "chunking": chunking})
+    for st, size in zip(d["stages"], (1000, 1000, 2000), strict=True):
+        st["chunk_size"] = size
+    ids = np.arange(n) * 3 + 1
+    groups = np.arange(n) // per_group  # as stored: consecutive rows share a row group
+    rng = np.random.default_rng(5)
+    shuffle = rng.permutation(n)  # the index's row order need not be the ids' order
+    return make_plan(validate_recipe(d), ids[shuffle], groups[shuffle]), dict(zip(ids.tolist(), groups.tolist(), strict=True))
+
+
+def test_row_group_chunking_reads_about_a_chunk_not_the_whole_dataset():
+    """With data.chunking row_groups a 1,000-sample chunk touches ~25 row groups of 40; cut by
+    samples it touches nearly all 300, i.e. the whole dataset is read for every chunk."""
+    for chunking, most in (("row_groups", 1000 // 40 + 2), ("samples", None)):
+        p, group_of = _grouped_plan(chunking)
+        touched = [len({group_of[i] for i in p.chunk_ids(0, c).tolist()}) for c in range(p.stages[0].num_chunks)]
+        if most is None:
+            assert min(touched) > 250
+        else:
+            assert max(touched) <= most, touched
+
+
+def test_row_group_chunking_still_covers_the_split_once_keeps_eval_apart_and_is_seeded():
+    p, _ = _grouped_plan("row_groups")
+    assert len(p.eval_ids) == 400 and not set(p.eval_ids.tolist()) & set(p.train_ids.tolist())
+    for sp in p.stages:
+        allids = np.concatenate([sp.chunk_ids(c) for c in range(sp.num_chunks)])
+        assert sorted(allids.tolist()) == sorted(p.train_ids.tolist())
+    again, _ = _grouped_plan("row_groups")
+    other, _ = _grouped_plan("row_groups", seed=1)
+    assert all(np.array_equal(a.permutation, b.permutation) for a, b in zip(p.stages, again.stages, strict=True))
+    assert not np.array_equal(p.stages[0].permutation, other.stages[0].permutation)
+    # Stages differ in their group order, as they differ in their sample order by default.
+    assert not np.array_equal(p.stages[0].permutation, p.stages[1].permutation)
+
+
+def test_row_group_chunking_without_the_groups_is_refused():
+    d = tiny_recipe("x", data={"eval_samples": 10, "chunking": "row_groups"})
+    with pytest.raises(ValueError, match="row group"):
+        make_plan(validate_recipe(d), np.arange(500))
+
+
+def test_a_real_dataset_is_chunked_along_its_stored_row_groups(tiny_dataset):
+    from common.plan import plan_for_dataset
+    from storage.shards import open_dataset
+
+    ds = open_dataset(tiny_dataset)  # 240 samples, row groups of 32
+    recipe = validate_recipe(tiny_recipe(tiny_dataset, data={"eval_samples": 32, "chunking": "row_groups"}))
+    plan = plan_for_dataset(recipe, ds)
+    key = {int(s): (int(sh), int(g)) for s, sh, g in zip(ds.sample_ids, ds.index.column("shard").to_numpy(),
+                                                            ds.index.column("row_group").to_numpy(), strict=True)}
+    chunk = plan.chunk_ids(0, 0)  # 70 samples
+    assert len({key[int(i)] for i in chunk}) <= 70 // 32 + 2
+
+
+def test_contiguous_rank_slices_have_the_strided_sizes_and_cover_the_chunk_once():
+    from common.plan import rank_slice
+
+    ids = np.arange(1003) * 2
+    for world in (1, 2, 3, 4, 7):
+        strided = [rank_slice(ids, world, r) for r in range(world)]
+        blocks = [rank_slice(ids, world, r, contiguous=True) for r in range(world)]
+        assert [len(b) for b in blocks] == [len(s) for s in strided]
+        assert np.array_equal(np.concatenate(blocks), ids)  # each id once, each rank a run of neighbours
+        steps = {len(batches_for_rank(ids, 16, world, r, [0], contiguous=True)) for r in range(world)}
+        assert steps == {num_steps(len(ids), 16, world)}  # DDP ranks take the same number of steps
+
+
+def test_a_run_chunked_by_row_groups_trains_every_planned_sample_once(tmp_path, monkeypatch, tiny_dataset):
+    """The loop fetches and trains the plan's chunks of whole row groups: each chunk once, each
+    of its samples in exactly one batch (the loop checks that every planned sample arrived)."""
+    from orchestrator import runner
+    from tests.conftest import status_json
+
+    monkeypatch.chdir(tmp_path)
+    d = tiny_recipe(tiny_dataset, data={"eval_samples": 32, "chunking": "row_groups"})
+    d["stages"] = [{"name": "spine", "forward": "spine", "trainable": ["spine"], "resolution": 16, "batch_size": 16,
+                    "chunk_size": 104, "lr": 0.01}]
+    runner.run(validate_recipe(d))
+    st = status_json(tmp_path)
+    assert st["state"] == "completed" and [c["times_trained"] for c in st["chunk_log"]] == [1, 1]
+    assert sum(c["samples"] for c in st["chunk_log"]) == 240 - 32

@@ -91,6 +91,10 @@ def test_recipe_identity_ignores_execution_settings():
     b = validate_recipe(tiny_recipe("x", execution={"num_workers": 4}))
     c = validate_recipe(tiny_recipe("x", run={"seed": 1}))
     assert a.sha256() == b.sha256() != c.sha256()
+    # When a checkpoint is written (in the background or not) is not what the run trains either.
+    d = validate_recipe(tiny_recipe("x", checkpoint={"background": False}))
+    e = validate_recipe(tiny_recipe("x", checkpoint={"keep": 5}))
+    assert d.sha256() == a.sha256() != e.sha256()
 
 
 def test_flat_params_are_dotted_and_redact_secrets():

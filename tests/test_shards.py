@@ -19,10 +19,11 @@ from storage.columns import MASK_DEPTH_COLUMNS, Column, decode_value, encode_val
 from storage.shards import (
     COLUMNS_FORMAT,
     FORMAT,
+    LEGACY_MASK_DEPTH_FORMAT,
     DatasetError,
     ShardWriter,
+    columns_checksum,
     open_dataset,
-    sample_checksum,
 )
 
 SIZE = 24  # px; small images keep the tests fast, the format does not care about size
@@ -43,8 +44,8 @@ def _images(i: int, size: int = SIZE) -> dict[str, np.ndarray]:
     return {"fg_bg": fg_bg, "bg": bg, "mask": mask, "depth": depth}
 
 
-def _write(uri: str, n: int = N, extra: bool = True) -> dict:
-    w = ShardWriter(uri, rows_per_shard=ROWS_PER_SHARD, rows_per_group=ROWS_PER_GROUP)
+def _write(uri: str, n: int = N, extra: bool = True, format: str | None = None) -> dict:
+    w = ShardWriter(uri, rows_per_shard=ROWS_PER_SHARD, rows_per_group=ROWS_PER_GROUP, format=format)
     for i in range(n):
         sample = {"sample_id": i, **_images(i)}
         if extra:
@@ -119,9 +120,10 @@ def test_index_locates_every_sample_and_checksums_its_bytes(uri):
     assert idx["row"] == [i % ROWS_PER_GROUP for i in range(N)]
     assert idx["bg_index"] == [i % 3 for i in range(N)]
     assert ds.index.schema.field("bg_index").type == "int32"
-    got = ds.read_samples(range(N))
-    for i in range(N):
-        assert idx["checksum"][i] == sample_checksum(got["fg_bg"][i], got["bg"][i], got["mask"][i], got["depth"][i])
+    got = ds.read_samples(range(N), columns=(*ds.sample_columns, "bg_id"))
+    for i in range(N):  # over the stored values: the background's id in its place (format /4)
+        stored = {"fg_bg": got["fg_bg"][i], "bg_id": int(got["bg_id"][i]), "mask": got["mask"][i], "depth": got["depth"][i]}
+        assert idx["checksum"][i] == columns_checksum(ds.stored_columns, stored)
     assert ds.sample_ids.dtype == np.int64 and ds.sample_ids.tolist() == list(range(N))
     assert ds.depth_means([3, 1]).tolist() == [idx["depth_mean"][3], idx["depth_mean"][1]]
 
@@ -155,8 +157,9 @@ def test_read_samples_fetches_only_the_row_groups_that_hold_the_ids(uri, monkeyp
 
     monkeypatch.setattr(ShardReader, "_cat_ranges", spy)
     monkeypatch.setattr(pq.ParquetFile, "read", lambda *a, **k: pytest.fail("read_samples read a whole shard"))
-    # ids 5, 6 -> shard 0 group 1; 37 -> shard 2 group 1
-    got = ds.read_samples([37, 5, 6])
+    # ids 5, 6 -> shard 0 group 1; 37 -> shard 2 group 1 (without the backgrounds: their own
+    # table's reads are tested in test_shard_format4.py)
+    got = ds.read_samples([37, 5, 6], columns=("sample_id", "fg_bg", "mask", "depth"))
     assert got["sample_id"].tolist() == [37, 5, 6]
     footers = {s: ds.reader.footers([s])[s] for s in (0, 2)}
     data_ranges = [r for r in fetched if r[2] != ds.manifest["shards"][r[0]]["bytes"]]  # not footer reads
@@ -355,7 +358,7 @@ def test_a_format_1_dataset_with_png_masks_and_depth_still_opens_and_verifies(tm
     from storage.verify import verify
 
     uri = str(tmp_path / "old")
-    with ShardWriter(uri, rows_per_shard=ROWS_PER_SHARD, rows_per_group=ROWS_PER_GROUP) as w:
+    with ShardWriter(uri, rows_per_shard=ROWS_PER_SHARD, rows_per_group=ROWS_PER_GROUP, format=LEGACY_MASK_DEPTH_FORMAT) as w:
         for i in range(8):
             im = _images(i)
             w.add({"sample_id": i, "fg_bg": codec.encode_jpeg(im["fg_bg"]), "bg": codec.encode_jpeg(im["bg"]),
@@ -550,16 +553,16 @@ def test_a_malformed_manifest_is_one_dataset_error_naming_it(tmp_path, kind):
 
 
 def test_mask_depth_datasets_are_written_as_before_columns_were_declared(tmp_path):
-    """Breaks if the mask_depth shards change by a byte (a run's weights hash depends on its data):
-    the same bytes as a writer frozen at format /2's layout, and, with the library versions they
-    were recorded with, the sha256s recorded before columns were declared."""
+    """Breaks if the old writer path (format /2, still written on request) changes by a byte: the
+    same bytes as a writer frozen at format /2's layout, and, with the library versions they were
+    recorded with, the sha256s recorded before columns were declared."""
     uri = str(tmp_path / "ds")
     samples = []
     for i in range(20):
         im = _images(i)
         samples.append({"sample_id": i, "fg_bg": codec.encode_jpeg(im["fg_bg"]), "bg": codec.encode_jpeg(im["bg"]),
                         "mask": codec.encode_mask(im["mask"]), "depth": codec.encode_depth(im["depth"])})
-    with ShardWriter(uri, rows_per_shard=8, rows_per_group=3) as w:
+    with ShardWriter(uri, rows_per_shard=8, rows_per_group=3, format=LEGACY_MASK_DEPTH_FORMAT) as w:
         for s in samples:
             w.add(dict(s))
         m = w.close()
@@ -587,7 +590,7 @@ def test_mask_depth_datasets_are_written_as_before_columns_were_declared(tmp_pat
     recorded_with = ("25.0.1", "13.0.0", "2.4.6", "0.26.0")
     if (pa.__version__, PIL.__version__, np.__version__, skimage.__version__) != recorded_with:
         pytest.skip(f"sha256s recorded with pyarrow/Pillow/numpy/scikit-image {recorded_with}")
-    m = synthesize(str(tmp_path / "synth"), 70, seed=3, image_size=64, rows_per_shard=32, rows_per_group=8, workers=1)
+    m = synthesize(str(tmp_path / "synth"), 70, seed=3, image_size=64, rows_per_shard=32, rows_per_group=8, workers=1, format=LEGACY_MASK_DEPTH_FORMAT)
     assert [s["sha256"] for s in m["shards"]] == [
         "34085bc9b55fb440fa03eeb4145dffd8de264779d7884f7b8baa2dd515e37892",
         "d283677d9ff59851e3b032aa6c5537a66c7eec54a5f709a0a4b0020faafa3373",
@@ -603,7 +606,7 @@ def test_a_format_2_manifest_without_columns_reads_as_mask_depth(tmp_path):
     from storage.verify import verify
 
     uri = str(tmp_path / "ds")
-    _write(uri, n=12)
+    _write(uri, n=12, format=LEGACY_MASK_DEPTH_FORMAT)
     manifest = sfs.read_json(sfs.join(uri, "manifest.json"))
     sfs.write_json(sfs.join(uri, "manifest.json"), {k: v for k, v in manifest.items() if k not in ("task", "columns")})
     ds = open_dataset(uri)

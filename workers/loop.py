@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 import numpy as np
 import torch
 
-from common.plan import Plan, batches_for_rank, steps_per_chunk
+from common.plan import Plan, batches_for_rank, rank_slice, steps_per_chunk
 from common.recipe import Recipe, StageSection
 from storage import checkpoints, fs
 from storage.layout import CURSOR_JSON, ERROR_JSON, FINAL_JSON, PROGRESS_JSON
@@ -26,8 +26,10 @@ from storage.retry import RETRY_COUNTER, StorageError
 from storage.shards import DatasetError, open_dataset
 from workers import tracking_store
 from workers.checkpoint_policy import CheckpointPolicy
+from workers.checkpoint_writer import CheckpointWriter
 from workers.data import ChunkPrefetcher, DataError, check_sizes, make_loader
 from workers.models.registry import build_from_recipe
+from workers.precision import Precision, as_float
 from workers.preemption import (
     FATAL,
     INTERRUPT,
@@ -105,9 +107,14 @@ class Trainer:
         self.task = get_task(recipe.task)(recipe, config["task_info"])
 
         model = build_from_recipe(recipe.model, **self.task.model_kwargs()).to(self.device)
-        self.state = TrainState(model=model)
-        self.ddp_model: torch.nn.Module = model
+        # Precision, memory format, compilation: resolved once for this device (workers/precision.py).
+        self.precision = Precision.resolve(recipe.execution, self.device, model)
+        # `model` stays the un-compiled module: its state_dict is what checkpoints hold, either way.
+        self._train_model = self.precision.prepare_model(model)
+        self.state = TrainState(model=model, scaler=self.precision.make_scaler())
+        self.ddp_model: torch.nn.Module = self._train_model
         self.policy = CheckpointPolicy(recipe.checkpoint.every_steps, recipe.checkpoint.every_seconds)
+        self._ckpt_writer = CheckpointWriter(recipe.checkpoint.background)  # at most one upload in flight
         self.attempt = int(config.get("attempt", 1))
         # The driver's stop request (Ctrl-C) is looked for by the chief only; the ranks agree in notice().
         stop = StopRequestWatch(self.run_dir if session.is_chief else None, self.attempt)
@@ -121,6 +128,7 @@ class Trainer:
             from workers.mlflow_sink import MlflowSink
 
             self.sink = MlflowSink(config["tracking_uri"], config["mlflow_run_id"])
+            self.sink.set_tags(self.precision.tags())
         self._store_copy_uri = config["tracking_uri"] if self.sink is not None and tracking_store.sqlite_path(config.get("tracking_uri")) else None
         self._loss_buf: list[tuple[int, Sequence[torch.Tensor]]] = []
         self._eval_rows: dict[str, Any] | None = None
@@ -130,6 +138,7 @@ class Trainer:
         total_steps = sum(self._stage_steps(s) for s in range(len(recipe.stages)))
         self.progress = ProgressWriter(self.run_dir, [st.name for st in recipe.stages],
                                        [sp.num_chunks for sp in self.plan.stages], total_steps, session.node_id)
+        self.progress.precision = self.precision.describe()  # the driver shows it once, from progress.json
 
     # ----------------------------------------------------------------- set-up
     def describe(self, sample_id: int) -> str:
@@ -144,16 +153,17 @@ class Trainer:
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         if self.state.optimizer_stage != s:
-            self.state.optimizer = _make_optimizer(self.recipe, params, st.lr)
+            # With fp16's scaler, a fused optimizer takes the inf check on the device: no host sync per step.
+            self.state.optimizer = _make_optimizer(self.recipe, params, st.lr, fused=self.state.scaler is not None)
             self.state.scheduler = _make_scheduler(self.state.optimizer, st, self._stage_steps(s))
             self.state.optimizer_stage = s
         if self.world > 1:
             # Re-wrapped per stage: DDP only syncs the parameters that train in this stage.
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+                self._train_model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
         else:
-            self.ddp_model = model
+            self.ddp_model = self._train_model
 
     def _stage_steps(self, s: int) -> int:
         st, sp = self.recipe.stages[s], self.plan.stages[s]
@@ -248,6 +258,14 @@ class Trainer:
             self.train_chunk(s, c.chunk)
         self.finish()
 
+    @property
+    def _contiguous(self) -> bool:
+        # Chunks of whole row groups: each rank takes a run of neighbours, so it reads only its own groups.
+        return self.recipe.data.chunking == "row_groups"
+
+    def _mine(self, ids: np.ndarray) -> np.ndarray:
+        return rank_slice(ids, self.world, self.rank, self._contiguous)
+
     def train_chunk(self, s: int, chunk: int) -> None:
         st: StageSection = self.recipe.stages[s]
         sp = self.plan.stages[s]
@@ -255,18 +273,20 @@ class Trainer:
         ids = sp.chunk_ids(chunk)
         self._progress("preload", force=True)
         t_chunk = time.perf_counter()
-        rows = self.prefetcher.get((s, chunk), ids[self.rank :: self.world])
+        mine = self._mine(ids)
+        rows = self.prefetcher.get((s, chunk), mine)
         wait_s = time.perf_counter() - t_chunk
         nxt = self._next_chunk(s, chunk)
         if nxt is not None and self.recipe.data.prefetch:
             nids = self.plan.chunk_ids(*nxt)
-            self.prefetcher.prefetch(nxt, nids[self.rank :: self.world])
+            self.prefetcher.prefetch(nxt, self._mine(nids))
         check_sizes(rows, self.recipe.data.image_size, self.describe)
-        _check_complete(rows, ids[self.rank :: self.world], self.describe)
+        _check_complete(rows, mine, self.describe)
         position = {int(sid): i for i, sid in enumerate(rows["sample_id"])}
         seed = self.recipe.run.seed
         while c.epoch < st.epochs_per_chunk:
-            batches = batches_for_rank(ids, st.batch_size, self.world, self.rank, [seed, 3, s, chunk, c.epoch])
+            batches = batches_for_rank(ids, st.batch_size, self.world, self.rank, [seed, 3, s, chunk, c.epoch],
+                                       contiguous=self._contiguous)
             todo = [[position[int(x)] for x in b] for b in batches[c.batch :]]
             samples = self.task.samples(rows, st.resolution, self.describe, train=True, flip_key=(seed, s, chunk, c.epoch))
             loader = make_loader(samples, batch_sampler=todo, num_workers=self.recipe.data.decode_workers,
@@ -289,6 +309,7 @@ class Trainer:
                 # The first step after a (re)start is reported at once: recovery time is measured to it.
                 self._steps_this_process += 1
                 self._progress("train", force=self._steps_this_process == 1)
+                self._ckpt_writer.poll()  # a background checkpoint that landed: its metrics go to MLflow now
                 chunk_ends_now = c.epoch == st.epochs_per_chunk - 1 and c.batch == len(batches)
                 failed = self.prefetcher.failure()
                 if not isinstance(failed, FATAL_ERRORS):
@@ -311,13 +332,24 @@ class Trainer:
 
     def _train_step(self, batch: Batch, path: str) -> None:
         """One optimizer step on a batch already on the device (the task's to_device)."""
-        out = self.task.forward(self.ddp_model, batch.x, path)
+        prec = self.precision
+        with prec.autocast():
+            out = self.task.forward(self.ddp_model, prec.prepare_input(batch.x), path)
+        if prec.low:
+            # Losses in fp32, outside autocast (which would run e.g. SSIM's convolutions in bf16/fp16).
+            out = as_float(out)
         losses = self.task.losses(out, batch)
         loss = losses[0]
         opt = self.state.optimizer
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler = self.state.scaler
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)  # skips the update on inf/nan gradients (found on the device)
+            scaler.update()
         sched = self.state.scheduler
         # A restarted epoch (the world size changed mid-chunk) adds steps the schedule did not
         # plan for; OneCycleLR raises past its last step, so it holds its final rate instead.
@@ -375,6 +407,11 @@ class Trainer:
         """End this attempt once the stop's checkpoint is saved. FATAL raises this rank's own error
         (the driver reads it and stops the run), or a plain one when only another rank failed; a
         preemption notice raises PreemptedError, and Ray Train restarts from the checkpoint."""
+        # The stop's checkpoint is uploaded in the background: it must have landed (and its metrics
+        # reached MLflow) before anything ends this attempt, on every rank (the chief uploads).
+        self._ckpt_writer.wait()
+        if self.world > 1:
+            self.session.barrier()
         step = self.state.cursor.global_step
         if notice == FATAL:
             if failed is not None:
@@ -426,39 +463,76 @@ class Trainer:
         return make_loader(ds, batch_size=st.batch_size, num_workers=self.recipe.data.decode_workers)
 
     def checkpoint(self, reason: str) -> None:
+        """Save a checkpoint at this step. With `checkpoint.background` (the default) the state is
+        snapshotted here, tensors copied to CPU memory, and serialized, written and uploaded on the
+        writer's thread while training goes on (workers/checkpoint_writer.py); otherwise all of it
+        happens here. Either way the previous checkpoint lands first (at most one upload in flight),
+        a checkpoint counts once its meta.json (written last) has landed, and what must follow the
+        commit follows it: cursor.json, then this checkpoint's metrics to MLflow (on this thread,
+        at the next step's poll or at a wait), then the MLflow store copy."""
         c = self.state.cursor
         self._progress("checkpoint", force=True)
         if self.session.is_chief:
             self._drain_losses()
         name = checkpoints.checkpoint_name(c.global_step)
         metrics = {"global_step": c.global_step, "stage": c.stage, "chunk": c.chunk, "reason": reason}
+        writer = self._ckpt_writer
+        writer.wait()
         if not self.session.is_chief:
             self.session.report(metrics, None, name)
             self.policy.saved()
             return
-        with tempfile.TemporaryDirectory(prefix="orch-ckpt-") as tmp:
-            sd = self.state.state_dict()
-            sd["world_size"] = self.world
-            meta = {"name": name, "reason": reason, "cursor": vars(c).copy(), "saved_at": time.time(), "attempt": self.attempt}
-            checkpoints.write_local(tmp, sd, meta)
-            uri = self.session.report(metrics, tmp, name)
-        self.policy.saved()
-        fs.write_json(
-            fs.join(self.run_dir, CURSOR_JSON),
-            {"checkpoint": uri, "cursor": vars(c).copy(), "chunk_log": self.state.chunk_log,
-             "interruption_log": self.state.interruption_log,
-             "last_eval": self.state.last_eval, "world_size": self.world, "updated_at": time.time()},
-        )
+        sd = self.state.state_dict()
+        sd["world_size"] = self.world
+        if writer.background:
+            sd = writer.snapshot(sd)  # training mutates the live tensors in place from the next step on
+        meta = {"name": name, "reason": reason, "cursor": dict(sd["cursor"]), "saved_at": time.time(), "attempt": self.attempt}
+        record = {"cursor": sd["cursor"], "chunk_log": sd["chunk_log"], "interruption_log": sd["interruption_log"],
+                  "last_eval": sd["last_eval"], "world_size": self.world}
+        carried = list(self.state.pending_metrics)  # the points this checkpoint holds, sent once it commits
+
+        def write(local_dir: str) -> None:
+            checkpoints.write_local(local_dir, sd, meta)
+
+        if writer.background:
+            upload = self.session.start_upload(metrics, name, write)
+        else:
+            def upload() -> str | None:
+                with tempfile.TemporaryDirectory(prefix="orch-ckpt-") as tmp:
+                    write(tmp)
+                    return self.session.report(metrics, tmp, name)
+
+        def work() -> str | None:
+            uri = upload()
+            fs.write_json(fs.join(self.run_dir, CURSOR_JSON), {"checkpoint": uri, **record, "updated_at": time.time()})
+            return uri
+
+        self.policy.saved()  # not due again while this one uploads
+        writer.submit(work, lambda uri: self._checkpoint_landed(uri, carried), name=name)
+
+    def _checkpoint_landed(self, uri: str | None, carried: list[tuple[str, float, int]]) -> None:
+        """After a checkpoint committed, on the training thread: its metrics to MLflow, then (in
+        the background, the writer's next job) the MLflow store copy."""
+        self.policy.saved()  # the interval counts from the end of the save, as it did when saves were synchronous
         if self.sink is not None:
-            self.sink.log_metrics(self.state.pending_metrics)
+            self.sink.log_metrics(carried)
             self.sink.set_tags({"orchestrator.checkpoint.latest": uri})
+        # Only what this checkpoint carried: points added since (the next steps' losses) stay pending.
+        pending = self.state.pending_metrics
+        if pending[: len(carried)] == carried:
+            del pending[: len(carried)]
+        else:
+            for point in carried:
+                if point in pending:
+                    pending.remove(point)
+        if self.sink is not None and self._store_copy_uri is not None:
             # Local mode (sqlite): the run's MLflow records go to run storage with every checkpoint.
-            # The copy is taken here, on the chief, after this checkpoint's points reached the store,
-            # so it holds them; the driver cannot know when that write has landed. A cut before the
-            # copy leaves the previous one, one checkpoint behind: the resume re-sends this
-            # checkpoint's points from the checkpoint itself (Trainer.restore), so none is lost.
-            self._copy_tracking_store()
-        self.state.pending_metrics.clear()
+            # The copy is taken after this checkpoint's points reached the store, so it holds them;
+            # the driver cannot know when that write has landed. A cut before the copy leaves the
+            # previous one, one checkpoint behind: the resume re-sends this checkpoint's points from
+            # the checkpoint itself (Trainer.restore), so none is lost. It reads the sqlite file
+            # directly (no MLflow call), and the next checkpoint, a stop and the run's end wait for it.
+            self._ckpt_writer.submit(self._copy_tracking_store, name="mlflow-store-copy")
 
     def _copy_tracking_store(self) -> None:
         if self._store_copy_uri is None:
@@ -488,6 +562,7 @@ class Trainer:
 
     def finish(self) -> None:
         """Final record: weights hash, final eval, the model as an MLflow artifact."""
+        self._ckpt_writer.wait()  # the final checkpoint (and its metrics) land before the run is called done
         if not self.session.is_chief:
             return
         model = self.state.model
@@ -518,14 +593,22 @@ class Trainer:
         self.progress.write(phase, self.state.cursor, self._last_loss)
 
     def close(self) -> None:
-        self.prefetcher.close()
+        try:
+            # On the way out after an error: a checkpoint under way still lands (a committed one is
+            # always whole); its own failure is logged, not raised over the error being raised.
+            self._ckpt_writer.close()
+        finally:
+            self.prefetcher.close()
 
 
-def _make_optimizer(recipe: Recipe, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+def _make_optimizer(recipe: Recipe, params: list[torch.nn.Parameter], lr: float, fused: bool = False) -> torch.optim.Optimizer:
+    """fused: the fused kernels, which let GradScaler.step skip a step without a .item() (fp16 only:
+    elsewhere the default implementation, so fp32 and bf16 weights stay what they always were)."""
     o = recipe.optimizer
+    extra = {"fused": True} if fused else {}
     if o.name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=o.weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay, **extra)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=o.weight_decay, **extra)
 
 
 # OneCycleLR divides by the length of its warm-up and its anneal phase; a stage of a handful of

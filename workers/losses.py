@@ -150,6 +150,7 @@ def grad_loss(logits: Tensor, target: Tensor) -> Tensor:
 _SSIM_SIGMA = 1.5  # for every window size, as the source's (kornia) SSIM
 _SSIM_C1, _SSIM_C2 = 0.01**2, 0.03**2  # data range 1: both inputs lie in [0, 1]
 _gauss_cache: dict[tuple[int, torch.device, torch.dtype], Tensor] = {}
+_ssim_kernel_cache: dict[tuple[int, int, torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
 
 
 def _gauss_1d(window: int, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -163,6 +164,35 @@ def _gauss_1d(window: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     return g
 
 
+def _ssim_kernels(window: int, k: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The 1 x window and window x 1 depthwise weights for k channels, cached. On the CPU they are
+    channels_last, as the maps they filter are there (see `_blur`)."""
+    key = (window, k, device, dtype)
+    kw = _ssim_kernel_cache.get(key)
+    if kw is None:
+        g = _gauss_1d(window, device, dtype)
+        row, col = g.view(1, 1, 1, -1).expand(k, 1, 1, -1), g.view(1, 1, -1, 1).expand(k, 1, -1, 1)
+        if device.type == "cpu":
+            row, col = (w.contiguous(memory_format=torch.channels_last) for w in (row, col))
+        kw = _ssim_kernel_cache[key] = (row, col)
+    return kw
+
+
+def _blur(maps: Tensor, window: int) -> Tensor:
+    """The separable Gaussian over every channel of `maps` (N, k, H, W), 'valid': a 1 x window then
+    a window x 1 depthwise conv. On the CPU the depthwise convs run channels_last: oneDNN's NCHW
+    depthwise kernel is ~10x slower there (both directions), and the channels_last one gives the
+    very same bits, forward and backward; the result comes back NCHW-contiguous, so what follows
+    (and the loss's value) is exactly what the NCHW path computes."""
+    k = maps.shape[1]
+    row, col = _ssim_kernels(window, k, maps.device, maps.dtype)
+    cpu = maps.device.type == "cpu"
+    if cpu:
+        maps = maps.contiguous(memory_format=torch.channels_last)
+    maps = F.conv2d(F.conv2d(maps, row, groups=k), col, groups=k)
+    return maps.contiguous() if cpu else maps
+
+
 def ssim(p: Tensor, t: Tensor, window: int = 11) -> Tensor:
     """Mean SSIM of two (N, C, H, W) images in [0, 1]: window x window Gaussian window (sigma
     1.5), 'valid' filtering (no padding, so no edge artefacts; needs H, W >= window), computed
@@ -170,11 +200,7 @@ def ssim(p: Tensor, t: Tensor, window: int = 11) -> Tensor:
     n, c, h, w = p.shape
     if min(h, w) < window:
         raise ValueError(f"ssim needs H, W >= {window}, got {(h, w)}")
-    g = _gauss_1d(window, p.device, p.dtype)
-    k = 5 * c
-    maps = torch.cat([p, t, p * p, t * t, p * t], dim=1)
-    maps = F.conv2d(maps, g.view(1, 1, 1, -1).expand(k, 1, 1, -1), groups=k)
-    maps = F.conv2d(maps, g.view(1, 1, -1, 1).expand(k, 1, -1, 1), groups=k)
+    maps = _blur(torch.cat([p, t, p * p, t * t, p * t], dim=1), window)
     mu_p, mu_t, pp, tt, pt = maps.split(c, dim=1)
     var_p, var_t, cov = pp - mu_p**2, tt - mu_t**2, pt - mu_p * mu_t
     num = (2 * mu_p * mu_t + _SSIM_C1) * (2 * cov + _SSIM_C2)

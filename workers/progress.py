@@ -57,6 +57,7 @@ class ProgressWriter:
         self.node_id = node_id
         self.rate = Rate()
         self._last = 0.0
+        self.precision: str | None = None  # what the worker resolved (workers/precision.py); the driver shows it once
 
     def due(self, force: bool) -> bool:
         return force or time.monotonic() - self._last >= self.every_s
@@ -70,5 +71,5 @@ class ProgressWriter:
             "chunk": cursor.chunk, "chunks": self.chunks_per_stage[s], "global_step": cursor.global_step,
             "total_steps": self.total_steps, "loss": loss, "samples_per_s": self.rate.per_s(),
             "eta_s": (self.total_steps - cursor.global_step) / step_rate if step_rate else None,
-            "updated_at": time.time(), "pid": os.getpid(), "node_id": self.node_id,
+            "updated_at": time.time(), "pid": os.getpid(), "node_id": self.node_id, "precision": self.precision,
         })

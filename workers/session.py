@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -33,6 +34,14 @@ class Session:
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, name: str) -> str | None:
         """Persist a checkpoint (chief only) and return its URI in run storage."""
+        raise NotImplementedError
+
+    def start_upload(self, metrics: dict[str, Any], name: str, write: Callable[[str], None]) -> Callable[[], str]:
+        """Begin a background checkpoint (chief only; the other ranks call `report(metrics, None, name)`
+        at the same step). What must happen on the training thread happens here; the returned
+        function does the rest (`write(local_dir)` serializes the checkpoint into a new local folder,
+        then the upload, meta.json last, and the wait for the commit), may run on another thread,
+        and returns the checkpoint's URI once committed."""
         raise NotImplementedError
 
     def barrier(self) -> None:
@@ -60,6 +69,20 @@ class LocalSession(Session):
         if checkpoint_dir is None:
             return None
         return checkpoints.commit(checkpoint_dir, self.run_dir, name, self.keep)
+
+    def start_upload(self, metrics: dict[str, Any], name: str, write: Callable[[str], None]) -> Callable[[], str]:
+        def upload() -> str:
+            tmp = tempfile.mkdtemp(prefix="orch-ckpt-")
+            try:
+                write(tmp)
+                return checkpoints.commit(tmp, self.run_dir, name, self.keep)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+        return upload
+
+
+COMMIT_POLL_S = 2.0  # how long one wait for Ray Train's commit of a background checkpoint lasts
 
 
 class RaySession(Session):
@@ -100,6 +123,49 @@ class RaySession(Session):
         # commit, so whatever the caller does next (send metrics to MLflow) follows a durable state.
         ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
         return fs.join(self.run_dir, name)
+
+    def start_upload(self, metrics: dict[str, Any], name: str, write: Callable[[str], None]) -> Callable[[], str]:
+        """Ray Train's own asynchronous upload (`CheckpointUploadMode.ASYNC`), called on the training
+        thread like every report: it syncs the folder name across ranks (a collective, which must
+        keep its order against the loop's other collectives, so it cannot move to another thread),
+        then uploads on Ray's upload thread. ASYNC alone expects the folder already written, which
+        would leave torch.save of the whole state on the training thread; so the folder starts
+        empty and `checkpoint_upload_fn` fills it (`write`) on Ray's upload thread before the
+        default upload (the run's storage filesystem, meta.json last). The returned function waits
+        for the controller's commit, the rule `report` keeps."""
+        import ray.train
+
+        local = tempfile.mkdtemp(prefix="orch-ckpt-")
+        failed: list[BaseException] = []
+
+        def write_then_upload(ckpt: Any, dir_name: str) -> Any:
+            try:
+                write(ckpt.path)
+                # The default upload, as SYNC and ASYNC do without an upload function (a DeveloperAPI).
+                return ray.train.get_context().get_storage().persist_current_checkpoint(ckpt, dir_name)
+            except BaseException as exc:
+                failed.append(exc)  # Ray raises it in the training thread too; the wait below stops on it
+                raise
+
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local), checkpoint_dir_name=name,
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+                         delete_local_checkpoint_after_upload=True, checkpoint_upload_fn=write_then_upload)
+
+        def committed() -> str:
+            try:
+                while True:
+                    # Blocks until this report is committed, or the timeout: then look again, so an
+                    # upload that failed ends the wait instead of holding it forever.
+                    reported = ray.train.get_all_reported_checkpoints(
+                        consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=COMMIT_POLL_S)
+                    if any(os.path.basename(r.checkpoint.path.rstrip("/")) == name for r in reported if r.checkpoint):
+                        return fs.join(self.run_dir, name)
+                    if failed:
+                        raise RuntimeError(f"checkpoint {name}: upload to {self.run_dir} failed: {failed[0]}") from failed[0]
+            finally:
+                shutil.rmtree(local, ignore_errors=True)  # Ray deletes it after a successful upload
+
+        return committed
 
 
 def xla_device():

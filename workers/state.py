@@ -35,9 +35,12 @@ class TrainState:
     pending_metrics: list[tuple[str, float, int]] = field(default_factory=list)
     last_eval: dict[str, float] = field(default_factory=dict)
     interruption_log: list[dict[str, Any]] = field(default_factory=list)
+    # fp16's loss scaler (workers/precision.py); None in fp32 and bf16. Its scale and growth
+    # tracker are part of the trajectory: a resume without them would step differently.
+    scaler: torch.amp.GradScaler | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        sd = {
             "cursor": asdict(self.cursor),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict() if self.optimizer else None,
@@ -49,6 +52,9 @@ class TrainState:
             "interruption_log": [dict(x) for x in self.interruption_log],
             "rng": {"torch": torch.get_rng_state()},
         }
+        if self.scaler is not None:  # only then: an fp32 checkpoint holds what it always held
+            sd["scaler"] = self.scaler.state_dict()
+        return sd
 
     def load_model_and_progress(self, sd: dict[str, Any]) -> None:
         """Restore everything but the optimizer, which must first be rebuilt for its stage."""
@@ -59,6 +65,13 @@ class TrainState:
         self.last_eval = dict(sd["last_eval"])
         self.interruption_log = [dict(x) for x in sd.get("interruption_log", [])]
         torch.set_rng_state(sd["rng"]["torch"])
+        self.load_scaler(sd)
+
+    def load_scaler(self, sd: dict[str, Any]) -> None:
+        """The saved scale and growth tracker, when both this run and the checkpoint use one (the
+        precision may change between attempts: a new scaler then starts at its initial scale)."""
+        if self.scaler is not None and sd.get("scaler"):
+            self.scaler.load_state_dict(sd["scaler"])
 
     def load_optimizer(self, sd: dict[str, Any]) -> None:
         if sd["optimizer"] is not None and self.optimizer is not None and sd["optimizer_stage"] == self.optimizer_stage:

@@ -5,6 +5,14 @@ uint8, depth as the two byte planes of its 16-bit values) and becomes float inpu
 in `prepare_batch`, on the training device: the per-sample work is the decodes, each written
 straight into the batch, and nothing else. Horizontal flips are decided per sample here and
 applied there.
+
+Below the stored size the decode does only what the device cannot: JPEGs are decoded at
+libjpeg-turbo's DCT-scaled size (M/8 of the stored one) and, when the stage's side is at most
+half the stored one and that size is not exactly the stage's, the final bilinear resize is one
+batched op on the device (`prepare_batch`); depth maps cross at their stored size and are resized
+there too (the same arithmetic as per sample on the CPU: the same values). Masks are picked by
+nearest pixel centres on the CPU (cheap, and exact). A background that many samples share is
+decoded once per ChunkSamples (they hold the same bytes; /4 datasets the same bytes object).
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from storage.codec import (
     DEPTH_SCALE,
@@ -29,22 +38,30 @@ from workers.data import (
     DataError,
     _mix,
     _mix_on,
+    _nearest_index,
     _resize_into,
     decode_rgb_into,
+    is_jpeg,
+    jpeg_scaled_size,
 )
 from workers.losses import build_loss
 from workers.metrics import EvalAccumulator
 from workers.tasks.base import Batch, Task
 from workers.viz import prediction_grid
 
+# Decoded backgrounds a ChunkSamples keeps (a source dataset has ~100; 200 px RGB is 120 KB).
+BG_CACHE_ENTRIES = 256
+
 
 class RawBatch(NamedTuple):
     """What the decode step hands to the training loop (the batch dimension first).
 
-    rgb: B x 2 x H x W x 3 uint8 (fg_bg, bg), as decoded; mask: B x H x W uint8 (0/255);
-    depth: B x 2 x H x W uint8, the low and high bytes of round(depth * 65535) (the layout the
-    raw format stores, so decoding copies instead of interleaving); flip: B bool, the samples to
-    mirror left-right.
+    mask: B x r x r uint8 (0/255) at the stage's side r: what the others are resized to.
+    rgb: B x 2 x h x w x 3 uint8 (fg_bg, bg), as decoded: r x r, or the JPEGs' DCT-scaled size
+    when the stage is at most half the stored size (prepare_batch resizes them).
+    depth: B x 2 x h x w uint8, the low and high bytes of round(depth * 65535) (the layout the
+    raw format stores, so decoding copies instead of interleaving), at r x r or at the stored size.
+    flip: B bool, the samples to mirror left-right.
     """
 
     rgb: torch.Tensor
@@ -66,6 +83,13 @@ class ChunkSamples(torch.utils.data.Dataset):
         self.describe = describe  # sample_id -> "dataset shard ... sample ..." for error messages
         self.hflip = hflip
         self.flip_key = flip_key
+        self._bg: dict[tuple[Any, tuple[int, ...]], np.ndarray] = {}  # (bg bytes, shape) -> decoded
+        self._scratch: dict[tuple[int, int], np.ndarray] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_bg"], state["_scratch"] = {}, {}  # per process, filled as it decodes
+        return state
 
     def __len__(self) -> int:
         return len(self.rows["sample_id"])
@@ -74,29 +98,63 @@ class ChunkSamples(torch.utils.data.Dataset):
         """One sample as a RawBatch without the batch dimension (default_collate stacks these)."""
         return RawBatch(*(t[0] for t in self.__getitems__([i])))
 
+    def _sizes(self, indices: list[int]) -> tuple[tuple[int, int] | None, tuple[int, int], tuple[int, int]]:
+        """(the batch's stored size when all share one, else None; the RGB size it is decoded at;
+        the depth size it crosses at)."""
+        rows, r = self.rows, self.resolution
+        heights, widths = rows["height"], rows["width"]
+        h, w = int(heights[indices[0]]), int(widths[indices[0]])
+        if any(int(heights[i]) != h or int(widths[i]) != w for i in indices):
+            return None, (r, r), (r, r)  # mixed sizes: everything resized here, to r
+        rgb = (r, r)
+        # The DCT-scaled size only where scaling is needed (the stage at most half the stored
+        # size), so larger stages keep their pixels; only JPEGs (PNG inputs resize here).
+        if 2 * r <= h and 2 * r <= w and all(is_jpeg(rows[k][i]) for i in indices for k in ("fg_bg", "bg")):
+            rgb = jpeg_scaled_size(rows["fg_bg"][indices[0]], r, r) or rgb
+        return (h, w), rgb, (h, w)
+
     def __getitems__(self, indices: list[int]) -> RawBatch:
         n, r = len(indices), self.resolution
-        rgb = np.empty((n, 2, r, r, 3), dtype=np.uint8)
+        stored, rgb_hw, depth_hw = self._sizes(indices)
+        rgb = np.empty((n, 2, *rgb_hw, 3), dtype=np.uint8)
         mask = np.empty((n, r, r), dtype=np.uint8)
-        depth = np.empty((n, 2, r, r), dtype=np.uint8)
+        depth = np.empty((n, 2, *depth_hw), dtype=np.uint8)
         flip = np.zeros(n, dtype=np.bool_)
         prefix = _mix(*self.flip_key)  # flip_decision(hflip, *flip_key, sid), the key's part hashed once
         for j, i in enumerate(indices):
-            sid = self._decode_into(int(i), rgb[j], mask[j], depth[j])
+            sid = self._decode_into(int(i), rgb[j], mask[j], depth[j], stored)
             flip[j] = self.hflip > 0 and _mix_on(prefix, sid) / 2**64 < self.hflip
         return RawBatch(torch.from_numpy(rgb), torch.from_numpy(mask), torch.from_numpy(depth), torch.from_numpy(flip))
 
-    def _decode_into(self, i: int, rgb: np.ndarray, mask: np.ndarray, depth: np.ndarray) -> int:
+    def _bg_into(self, data: bytes, out: np.ndarray) -> None:
+        """The background decoded into `out`, once per distinct bytes and size (samples share it)."""
+        key = (data, out.shape)
+        hit = self._bg.get(key)
+        if hit is not None:
+            out[...] = hit
+            return
+        decode_rgb_into(data, out, "bg")
+        if len(self._bg) >= BG_CACHE_ENTRIES:
+            del self._bg[next(iter(self._bg))]
+        self._bg[key] = out.copy()
+
+    def _decode_into(self, i: int, rgb: np.ndarray, mask: np.ndarray, depth: np.ndarray, stored: tuple[int, int] | None) -> int:
         rows, r = self.rows, self.resolution
         sid = int(rows["sample_id"][i])
         h, w = int(rows["height"][i]), int(rows["width"][i])
-        full = (h, w) == (r, r)
         try:
             decode_rgb_into(rows["fg_bg"][i], rgb[0], "fg_bg")
-            decode_rgb_into(rows["bg"][i], rgb[1], "bg")
-            if full:  # straight into the batch
-                decode_mask(rows["mask"][i], out=mask)
+            self._bg_into(rows["bg"][i], rgb[1])
+            if stored is not None:  # depth crosses at the stored size; the mask is picked to r here
                 decode_depth_planes(rows["depth"][i], out=depth)
+                if (h, w) == (r, r):
+                    decode_mask(rows["mask"][i], out=mask)
+                else:
+                    m = self._scratch.get((h, w))
+                    if m is None:
+                        m = self._scratch[(h, w)] = np.empty((h, w), np.uint8)
+                    decode_mask(rows["mask"][i], out=m)
+                    np.take(np.take(m, _nearest_index(h, r), axis=0), _nearest_index(w, r), axis=1, out=mask)
             else:
                 m = decode_mask(rows["mask"][i])
                 d = decode_depth_uint16(rows["depth"][i])
@@ -117,24 +175,50 @@ class ChunkSamples(torch.utils.data.Dataset):
         return sid
 
 
-def prepare_batch(batch: RawBatch, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A RawBatch -> (inputs B x 6 x H x W normalized, mask B x 1 x H x W in {0, 1}, depth B x 1 x H x W
-    in [0, 1]) as float32 on `device`, mirrored where `batch.flip` says.
+# Devices whose torch has antialiased bilinear resizing; on others (XLA) the resize runs on the
+# host before the transfer (the same arithmetic as on the CPU).
+_RESIZE_DEVICES = ("cpu", "cuda")
 
-    The integers cross to the device (4x fewer bytes than floats), are flipped there, and
-    become floats last: on a GPU all of it costs next to nothing.
+
+def _resize(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear with antialiasing (as the CPU decode path's _resize_into), float, batched."""
+    return F.interpolate(t, size=size, mode="bilinear", antialias=True, align_corners=False)
+
+
+def prepare_batch(batch: RawBatch, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A RawBatch -> (inputs B x 6 x r x r normalized, mask B x 1 x r x r in {0, 1}, depth B x 1 x r x r
+    in [0, 1]) as float32 on `device`, r the mask's side, mirrored where `batch.flip` says.
+
+    The integers cross to the device (4x fewer bytes than floats), are resized there when they
+    came at another size than the mask's (one batched op), flipped, and become floats last: on a
+    GPU all of it costs next to nothing.
     """
     rgb, mask, depth, flip = batch
-    rgb, mask, depth = (t.to(device, non_blocking=True) for t in (rgb, mask, depth))
+    on_host = torch.device(device).type not in _RESIZE_DEVICES
+    if not on_host:
+        rgb, mask, depth = (t.to(device, non_blocking=True) for t in (rgb, mask, depth))
     n, _, h, w, _ = rgb.shape
+    size = tuple(mask.shape[-2:])
     x = rgb.permute(0, 1, 4, 2, 3).reshape(n, 6, h, w)  # uint8 still: a quarter of the bytes to move
+    if (h, w) != size:
+        x = _resize(x.float(), size)  # a new float tensor, ours to change
+    depth_resized = tuple(depth.shape[-2:]) != size
+    if depth_resized:
+        # 16-bit values as floats (exact), resized, rounded and clamped as the CPU path did per sample.
+        d16 = depth[:, 1:2].float().mul_(256.0).add_(depth[:, 0:1])
+        depth = _resize(d16, size).round_().clamp_(0, DEPTH_SCALE)
+    if on_host:
+        x, mask, depth = (t.to(device, non_blocking=True) for t in (x, mask, depth))
     if bool(flip.any()):  # flip is still on the CPU: no device sync
         if x.data_ptr() == rgb.data_ptr():
             x = x.clone()  # _mirror may write into x: never into the batch (reshape copies but for 1x1 images)
         x, mask, depth = _mirror(x, mask, depth, flip, static_shapes=x.device.type != "cpu")
     x = x.float().mul_(1.0 / (255.0 * INPUT_STD)).sub_(INPUT_MEAN / INPUT_STD)  # (x / 255 - MEAN) / STD
     m = mask.unsqueeze(1).float().div_(255.0)
-    d = depth[:, 1:2].float().mul_(256.0).add_(depth[:, 0:1]).div_(float(DEPTH_SCALE))  # exact below 2**24
+    if depth_resized:
+        d = depth.div_(float(DEPTH_SCALE))
+    else:
+        d = depth[:, 1:2].float().mul_(256.0).add_(depth[:, 0:1]).div_(float(DEPTH_SCALE))  # exact below 2**24
     return x, m, d
 
 
