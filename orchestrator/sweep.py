@@ -136,6 +136,14 @@ def run_sweep(spec: SweepSpec, recipes: list[Recipe], address: str | None, conso
     from orchestrator import runner
     from orchestrator.launcher import init_ray
 
+    if _all_completed(recipes):
+        # Nothing to train: report each run as `orchestrator run` would (restoring a lost local
+        # MLflow store on the way), without starting Ray and Tune for it.
+        for r in recipes:
+            runner.run(r, console=console)
+        console.print(f"sweep '{spec.name}': all {len(recipes)} runs completed already; nothing trained")
+        return [{"run_name": r.run.name, "error": None} for r in recipes]
+
     # Dataset synthesis and the size checks happen once, here, before trials race for them:
     # a quickstart-style base (empty data.uri) gets one dataset for the whole sweep.
     first = recipes[0].model_copy(deep=True)
@@ -192,6 +200,22 @@ def run_sweep(spec: SweepSpec, recipes: list[Recipe], address: str | None, conso
         raise RunError(f"sweep '{spec.name}': {len(failed)} of {len(rows)} runs failed:\n{lines}\n"
                        "Fix the cause and re-run the same command: finished runs are not trained again")
     return rows
+
+
+def _all_completed(recipes: list[Recipe]) -> bool:
+    """Every run of the sweep exists, completed, with this very recipe (a base with an empty
+    data.uri gets its dataset later, so its sha differs here: such a sweep takes the full path)."""
+    from orchestrator import run_store
+    from storage import fs
+
+    for r in recipes:
+        try:
+            rec = run_store.load(run_store.run_dir(fs.normalize(r.run.storage), r.run.name))
+        except Exception:  # noqa: BLE001 - unreadable here: the full path reports it properly
+            return False
+        if rec is None or rec.state != "completed" or rec.recipe_sha256 != r.sha256():
+            return False
+    return True
 
 
 def _trial_name(trial) -> str:
