@@ -6,8 +6,10 @@ is then deleted (the VM's disk is gone), its run storage (runs/) and dataset (da
 A new virtualenv gets torch from the wheel on disk, as Colab's runtime comes with its torch.
 
 Timed, then, from a new virtualenv that holds only torch:
-  install_s     `pip install -c constraints.txt -e .` (README command 1's install; --no-compile
-                as the notebook's cell does it)
+  install_s     the project installed into it with the constraints file: by default as the notebook's
+                cell does it, `uv pip install` (Colab's runtime ships uv; a bare virtualenv does not,
+                so `pip install uv` is timed too), from a cold uv cache; `--installer pip` times
+                README command 1's `pip install -c constraints.txt -e .` instead
   startup_s     `orchestrator run recipes/quickstart.yaml` until the worker begins to restore:
                 imports, recipe, dataset, lease, Ray, the worker group (MLflow's restore left out)
   restore_s     the MLflow store brought back from run storage (the driver) + the checkpoint
@@ -119,6 +121,9 @@ def main(argv: list[str] | None = None) -> dict:
                          "2.13.0's CPU wheel on this machine's disk")
     ap.add_argument("--kill-after-step", type=int, default=50, help="interrupt the first run past this step (a checkpoint)")
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--installer", choices=("uv", "pip"), default="uv",
+                    help="uv: the notebook's install cell (uv pip install; uv itself installed first and timed); "
+                         "pip: README command 1's install")
     ap.add_argument("--no-compile", action="store_true",
                     help="pip install --no-compile (as the notebook does): no byte-compiling of every installed "
                          "module; those imported compile on first use")
@@ -149,8 +154,16 @@ def main(argv: list[str] | None = None) -> dict:
         # ---- timed: install
         load_at_start = os.getloadavg()[0]  # other work on the machine slows every figure below
         t0 = time.time()
-        subprocess.run([*pip, *(["--no-compile"] if args.no_compile else []), "-c", "constraints.txt", "-e", "."],
-                       cwd=src, check=True, env=_env())
+        if args.installer == "uv":
+            # A cold cache of its own: nothing this machine downloaded before is reused.
+            uv_env = {**_env(), "UV_CACHE_DIR": str(tmp / "uv-cache")}
+            subprocess.run([*pip, "uv==0.13.9"], check=True, env=_env())  # as the notebook pins it
+            subprocess.run([str(venv / "bin" / "uv"), "pip", "install", "-q", "--python", str(venv / "bin" / "python"),
+                            *([] if args.no_compile else ["--compile-bytecode"]),
+                            "-c", "constraints.txt", "-e", "."], cwd=src, check=True, env=uv_env)
+        else:
+            subprocess.run([*pip, *(["--no-compile"] if args.no_compile else []), "-c", "constraints.txt", "-e", "."],
+                           cwd=src, check=True, env=_env())
         install_s = time.time() - t0
         torch_after = subprocess.run([str(venv / "bin" / "python"), "-c", "import torch; print(torch.__version__)"],
                                      check=True, capture_output=True, text=True).stdout.strip()
@@ -192,7 +205,8 @@ def main(argv: list[str] | None = None) -> dict:
             "torch_in_venv": torch_version,
             "torch_after_install": torch_after,
             "recipe": RECIPE + " (execution.backend ray, as in the notebook)",
-            "pip_no_compile": args.no_compile,
+            "installer": args.installer,
+            "no_compile": args.no_compile,
             "load_average_1m_at_start": round(load_at_start, 2),
             "install_s": round(install_s, 1),
             "startup_s": round(startup_s, 1),
