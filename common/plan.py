@@ -3,8 +3,9 @@
 A chunk is a slice of a seeded permutation of the training ids; every stage covers the
 training split once. With `data.chunking: row_groups` the permutation moves whole stored row
 groups (the ids of one group stay together, the groups in a seeded order), so a chunk reads
-about its own size from storage instead of touching every row group of the dataset. The plan is written to run storage at the first start and read back on
-every resume, so a resumed run trains exactly the chunks it planned.
+about its own size from storage instead of touching every row group of the dataset. The plan
+is written to run storage at the first start and read back on every resume, so a resumed run
+trains exactly the chunks it planned.
 """
 
 from __future__ import annotations
@@ -100,23 +101,23 @@ def make_plan(recipe: Recipe, sample_ids: np.ndarray, row_groups: np.ndarray | N
         raise ValueError("data.chunking row_groups needs the row group of every sample id")
     order = np.argsort(sample_ids, kind="stable")
     sample_ids = sample_ids[order]
-    group_of = None
-    if by_group:
-        group_of = np.asarray(row_groups)[order]
+    group_of = np.asarray(row_groups)[order] if by_group else None
+
+    def shuffle(ids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        if group_of is None:
+            return rng.permutation(ids)
+        return grouped_permutation(ids, group_of[np.searchsorted(sample_ids, ids)], rng)
+
     n = len(sample_ids)
     n_eval = recipe.data.eval_samples
     if n_eval >= n:
         raise RecipeError(f"data.eval_samples={n_eval} leaves no training samples (the dataset has {n})")
-    rng = np.random.default_rng([recipe.run.seed, 0])
-    shuffled = grouped_permutation(sample_ids, group_of, rng) if by_group else rng.permutation(sample_ids)
+    shuffled = shuffle(sample_ids, np.random.default_rng([recipe.run.seed, 0]))
     eval_ids, train_ids = np.sort(shuffled[:n_eval]), np.sort(shuffled[n_eval:])
-    if by_group:
-        train_groups = group_of[np.searchsorted(sample_ids, train_ids)]
     min_batch = recipe.execution.num_workers
     stages = []
     for i, st in enumerate(recipe.stages):
-        stage_rng = np.random.default_rng([recipe.run.seed, 1, i])
-        perm = grouped_permutation(train_ids, train_groups, stage_rng) if by_group else stage_rng.permutation(train_ids)
+        perm = shuffle(train_ids, np.random.default_rng([recipe.run.seed, 1, i]))
         plan = StagePlan(st.name, st.chunk_size, perm)
         last = len(plan.chunk_ids(plan.num_chunks - 1))
         if last < min_batch:
