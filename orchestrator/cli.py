@@ -324,9 +324,19 @@ def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _log_level() -> str:
+    """ORCHESTRATOR_LOG in any case (debug, INFO); an unknown value warns and keeps WARNING."""
+    level = os.environ.get("ORCHESTRATOR_LOG", "").strip().upper() or "WARNING"
+    if level in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        return level
+    print(f"warning: ORCHESTRATOR_LOG={level!r} is not a log level (DEBUG, INFO, WARNING, ERROR); using WARNING",
+          file=sys.stderr)
+    return "WARNING"
+
+
 def main() -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # its table-creation INFO lines are noise here
-    logging.basicConfig(level=os.environ.get("ORCHESTRATOR_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=_log_level(), format="%(levelname)s %(name)s: %(message)s")
     from common.redact import redact_text
 
     # GCE and Colab stop a VM with SIGTERM: turn it into KeyboardInterrupt so the run is

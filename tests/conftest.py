@@ -22,6 +22,11 @@ REPO = Path(__file__).resolve().parents[1]
 # therefore shares one token, set before anything imports Ray.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+# Ray Train's controller registers a reported checkpoint at its next poll of the workers, and the
+# loop waits for that commit (workers/session.py). orchestrator/launcher.py sets 0.5 s for users;
+# the test recipes checkpoint every 5 steps of a few tens of milliseconds, so here the poll is
+# 0.1 s: about 3 s less per Ray run, the same code path.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 TINY_SAMPLES = 240
 TINY_EVAL = 32
 
@@ -126,19 +131,25 @@ def mlflow_history(cwd: Path, run_id: str, key: str) -> list[tuple[int, float]]:
 
 
 def slow_recipe(data_uri: str, backend: str = "local") -> dict[str, Any]:
-    """The tiny recipe with a longer stage 2, so a test can cut it there; one CPU thread everywhere."""
+    """The tiny recipe with a longer stage 2 (18 steps a chunk, steps 16 to 69 of 95), so a test can
+    cut it there; one CPU thread everywhere."""
     r = tiny_recipe(data_uri, execution={"backend": backend, "num_workers": 1, "cpus_per_worker": 1})
-    r["stages"][1]["epochs_per_chunk"] = 3
+    r["stages"][1]["epochs_per_chunk"] = 2
     return r
 
 
 @pytest.fixture(scope="session")
-def reference_sha(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: str) -> str:
-    """weights_sha256 of slow_recipe trained in-process without interruption."""
+def reference_final(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: str) -> dict[str, Any]:
+    """status's `final` (weights_sha256, metrics) of slow_recipe trained in-process without interruption."""
     d = tmp_path_factory.mktemp("reference")
     res = run_cli("run", write_recipe(d / "r.yaml", slow_recipe(tiny_dataset)), cwd=d)
     assert res.returncode == 0, res.stderr
-    return status_json(d)["final"]["weights_sha256"]
+    return status_json(d)["final"]
+
+
+@pytest.fixture(scope="session")
+def reference_sha(reference_final: dict[str, Any]) -> str:
+    return reference_final["weights_sha256"]
 
 
 def assert_completed_exactly_once(cwd: Path, reference: str | None, interruptions: int = 1) -> dict[str, Any]:

@@ -253,3 +253,13 @@ def test_the_run_line_shows_the_headline_metrics_only(task: str):
     shown = headline_metrics(metrics, task)
     assert list(shown) == list(dict.fromkeys([*headline, "eval/made_up_baseline"]))
     assert headline_metrics({}, task) == {}
+
+
+@pytest.mark.parametrize(("value", "level"), [("debug", "DEBUG"), (" Info ", "INFO"), ("loud", "WARNING"), ("", "WARNING")])
+def test_orchestrator_log_takes_any_case_and_an_unknown_level_warns_instead_of_a_traceback(value, level, monkeypatch, capsys):
+    from orchestrator.cli import _log_level
+
+    monkeypatch.setenv("ORCHESTRATOR_LOG", value)
+    assert _log_level() == level
+    warned = capsys.readouterr().err
+    assert ("is not a log level" in warned) == (value == "loud")

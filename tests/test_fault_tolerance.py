@@ -22,6 +22,7 @@ from tests.conftest import (
     run_cli,
     slow_recipe,
     start_cli,
+    status_json,
     tiny_recipe,
     wait_for_cursor,
     write_recipe,
@@ -178,16 +179,26 @@ def _kill_during_checkpoint_write(tmp_path: Path, recipe: dict, reference_sha: s
     time.sleep(settle_s)  # let the state file's write finish: the marker is what is held back
     kill_group(proc)  # SIGKILL to the driver's session (a local Ray and its upload included)
     assert not (run_dir / partial / "meta.json").exists()
+    mid = status_json(tmp_path)
+    assert mid["final"] is None and any(c["times_trained"] == 1 for c in mid["chunk_log"])
     again = run_cli("run", path, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming" in again.stderr
     st = assert_completed_exactly_once(tmp_path, reference_sha)
+    assert st["mlflow_run_id"] == mid["mlflow_run_id"]
+    assert all(c["world_size"] == 1 for c in st["chunk_log"])
     assert _interruption(st)["resumed_at_step"] < 40
+    # On Ray, Ray Train persists checkpoints under RunConfig(storage_path, name): the run directory.
+    assert st["final"]["checkpoint"].startswith(str(run_dir / "ckpt-"))
 
 
 @pytest.mark.ray
 def test_driver_sigkill_mid_checkpoint_resumes_from_the_previous_one(tmp_path, tiny_dataset, reference_sha):
-    """A kill while Ray Train uploads a checkpoint, after its state file and before its completion
-    marker, must not leave that checkpoint as the resume point."""
+    """Colab expiry on the production path: the driver and its local Ray die mid-stage-2, while Ray
+    Train uploads a checkpoint (after its state file, before its completion marker). The same
+    command resumes from the checkpoint before, in the same MLflow run, and TorchTrainer runs the
+    same loop as the in-process backend (same plan, same batches): the weights equal the
+    uninterrupted in-process run's."""
     _kill_during_checkpoint_write(tmp_path, slow_recipe(tiny_dataset, backend="ray"), reference_sha, settle_s=1, reach_s=180)
 
 

@@ -16,6 +16,7 @@ from tests.conftest import (
     kill_group,
     mlflow_history,
     run_cli,
+    slow_recipe,
     start_cli,
     status_json,
     tiny_recipe,
@@ -91,51 +92,45 @@ def test_corrupt_checkpoint_is_refused_not_loaded(in_tmp, tiny_dataset):
         checkpoints.read_local(str(d))
 
 
-def test_resume_after_sigkill_continues_in_same_mlflow_run_with_identical_weights(tmp_path, tiny_dataset):
+def test_resume_after_sigkill_continues_in_same_mlflow_run_with_identical_weights(tmp_path, tiny_dataset, reference_final):
     """SIGKILL the real `orchestrator run` process mid-stage-2, run the same command again.
 
     It must resume from the last checkpoint (not the start), train no chunk twice, keep one
-    MLflow run with one point per step, and end with the weights of an uninterrupted run.
+    MLflow run with one point per step, and end with the weights and metrics of an uninterrupted
+    run (reference_final: the same recipe, trained once per session).
     """
-    slow = tiny_recipe(tiny_dataset)
-    slow["stages"][1]["epochs_per_chunk"] = 3  # long enough to be killed inside stage 2
-    ref_dir, kill_dir = tmp_path / "ref", tmp_path / "kill"
-    ref_dir.mkdir(), kill_dir.mkdir()
-    ref = run_cli("run", write_recipe(ref_dir / "r.yaml", slow), cwd=ref_dir)
-    assert ref.returncode == 0, ref.stderr
-    ref_sha = status_json(ref_dir)["final"]["weights_sha256"]
-
-    path = write_recipe(kill_dir / "r.yaml", slow)
-    proc = start_cli("run", path, cwd=kill_dir, log=kill_dir / "attempt1.log")
+    slow = slow_recipe(tiny_dataset)  # stage 2 long enough to be killed inside it
+    path = write_recipe(tmp_path / "r.yaml", slow)
+    proc = start_cli("run", path, cwd=tmp_path, log=tmp_path / "attempt1.log")
     try:
-        cut = wait_for_cursor(kill_dir / "runs" / "tiny", lambda c: c["stage"] == 1 and c["chunk"] >= 1 and c["batch"] > 0, proc)
+        cut = wait_for_cursor(tmp_path / "runs" / "tiny", lambda c: c["stage"] == 1 and c["chunk"] >= 1 and c["batch"] > 0, proc)
     finally:
         kill_group(proc)
-    mid = status_json(kill_dir)
+    mid = status_json(tmp_path)
     assert mid["state"] == "interrupted", "a run whose driver died must not show as running"
     assert mid["final"] is None
 
-    again = run_cli("run", path, cwd=kill_dir)
+    again = run_cli("run", path, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert "resuming" in again.stderr
-    st = status_json(kill_dir)
+    st = status_json(tmp_path)
     assert st["state"] == "completed"
     assert st["mlflow_run_id"] == mid["mlflow_run_id"]
     assert st["interruptions"] == 1
     assert all(c["times_trained"] == 1 for c in st["chunk_log"]), st["chunk_log"]
-    assert st["final"]["weights_sha256"] == ref_sha, "deterministic resume must reproduce the uninterrupted weights"
+    assert st["final"]["weights_sha256"] == reference_final["weights_sha256"], \
+        "deterministic resume must reproduce the uninterrupted weights"
 
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{kill_dir / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert len(client.search_runs([client.get_experiment_by_name("tests").experiment_id])) == 1
     record = json.loads(client.get_run(st["mlflow_run_id"]).data.tags["orchestrator.interruption.1"])
     assert record["cause"] == "driver lost"
     assert record["resumed_at_step"] >= cut["global_step"] > 0, "resumed from the start, not the last checkpoint"
     assert record["steps_lost"] <= slow["checkpoint"]["every_steps"], "lost more than one checkpoint interval"
     assert st["interruption_log"] == [record]
-    steps = [s for s, _ in mlflow_history(kill_dir, st["mlflow_run_id"], "train/loss")]
+    steps = [s for s, _ in mlflow_history(tmp_path, st["mlflow_run_id"], "train/loss")]
     assert steps == list(range(1, st["global_step"] + 1)), "exactly one train/loss point per step"
-    ref_loss = json.loads((ref_dir / "runs" / "tiny" / "final.json").read_text())["metrics"]
-    assert st["final"]["metrics"] == pytest.approx(ref_loss)
-    assert Path(kill_dir / "runs" / "tiny" / "final.json").exists()
+    assert st["final"]["metrics"] == pytest.approx(reference_final["metrics"])
+    assert Path(tmp_path / "runs" / "tiny" / "final.json").exists()
