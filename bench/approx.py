@@ -24,19 +24,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import time
 from typing import Any
 
 import torch
 
+from bench import machine
+
 DEFAULT_LAYERS = ("decoder.up0.convB", "encoder.features.2.conv.0.0")
-
-
-def _machine() -> str:
-    return f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or platform.platform()}"
 
 
 def _best(fn, repeats: int) -> float:  # noqa: ANN001
@@ -225,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     result: dict[str, Any] = {
         "bench": "approx",
-        "machine": _machine(),
+        "machine": machine(),
         "torch_threads": args.threads,
         "table": table.name,
         "resolution": args.resolution,

@@ -22,15 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
 from typing import Any
 
-
-def _machine() -> str:
-    return f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or platform.platform()}"
+from bench import machine
 
 
 def _load() -> list[float]:
@@ -155,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from tests.gcs_emulator import make_bucket, point_gcsfs_at, start_emulator, stop_emulator
 
     torch.set_num_threads(args.threads)
-    result: dict[str, Any] = {"bench": "checkpoint", "machine": _machine(), "load_avg_start": _load(),
+    result: dict[str, Any] = {"bench": "checkpoint", "machine": machine(), "load_avg_start": _load(),
                               "latency_ms_per_request": args.latency_ms, "model": f"unet224 width {args.width}"}
     t_bench = time.perf_counter()
     proc, url = start_emulator()

@@ -27,18 +27,15 @@ import functools
 import io
 import json
 import os
-import platform
 import tempfile
 import time
 from typing import Any
 
 import numpy as np
 
+from bench import machine
+
 PACKAGES = ("PIL", "simplejpeg", "turbojpeg", "torchvision")
-
-
-def _machine() -> str:
-    return f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or platform.platform()}"
 
 
 def _rate(n: int, seconds: float) -> float:
@@ -506,7 +503,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from tests.fault_proxy import FaultProxy
     from tests.gcs_emulator import make_bucket, point_gcsfs_at, start_emulator, stop_emulator
 
-    result: dict[str, Any] = {"bench": "data", "machine": _machine()}
+    result: dict[str, Any] = {"bench": "data", "machine": machine()}
     t0 = time.perf_counter()
     proc, url = start_emulator()
     try:

@@ -10,16 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import tempfile
 import time
 
 import torch
 
-
-def _machine() -> str:
-    return f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or platform.platform()}"
+from bench import machine
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -82,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     n = len(ids)
     result = {
         "bench": "loop",
-        "machine": _machine(),
+        "machine": machine(),
         "torch_threads": args.threads,
         "samples": n,
         "resolution": args.resolution,

@@ -36,12 +36,10 @@ import threading
 import time
 from pathlib import Path
 
+from bench import machine
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = "recipes/quickstart.yaml"
-
-
-def _machine() -> str:
-    return f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or platform.platform()}"
 
 
 def _env() -> dict[str, str]:
@@ -200,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
         restore_s = store_s + (loaded - begin)
         first_step_s = step_at["updated_at"] - loaded
         result = {
-            "machine": _machine(),
+            "machine": machine(),
             "python": platform.python_version(),
             "torch_in_venv": torch_version,
             "torch_after_install": torch_after,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -28,13 +27,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench import machine
+
 REPO = Path(__file__).resolve().parents[1]
 SIGMA = 1.5
 C1, C2 = 0.01**2, 0.03**2
-
-
-def _machine() -> str:
-    return f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or platform.platform()}, torch {torch.__version__}"
 
 
 def _load1() -> float:
@@ -148,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     naive_s, project_s = statistics.median(naive_t), statistics.median(project_t)
     result = {
         "bench": "ssim",
-        "machine": _machine(),
+        "machine": f"{machine()}, torch {torch.__version__}",
         "torch_threads": args.threads,
         "shape": list(shape),
         "repeats": args.repeats,

@@ -16,8 +16,7 @@ def run_lr_find(recipe: Recipe, stage_name: str | None, steps: int, min_lr: floa
     import torch
 
     from orchestrator.progress import count_progress
-    from orchestrator.runner import resolve_data, task_info
-    from storage.shards import open_dataset
+    from orchestrator.runner import open_data, task_info
     from workers.lr_range import lr_range_test, plot
 
     names = [st.name for st in recipe.stages]
@@ -28,8 +27,7 @@ def run_lr_find(recipe: Recipe, stage_name: str | None, steps: int, min_lr: floa
     if not 0 < min_lr < max_lr:
         raise RecipeError(f"--min-lr {min_lr} / --max-lr {max_lr}: need 0 < min-lr < max-lr")
     s = names.index(stage_name)
-    data_uri = resolve_data(recipe, console)
-    ds = open_dataset(data_uri)
+    _, ds = open_data(recipe, console)  # opened and checked once
     plan = plan_for_dataset(recipe, ds)  # the run's own seeded split: eval samples stay out
     info = task_info(recipe, ds, plan.train_ids)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -154,11 +154,10 @@ def _file_kinds(plan: SourcePlan) -> tuple[str, ...]:
     return plan.file_kinds if isinstance(plan, TaskPlan) else IMAGE_KINDS
 
 
-def mean_sample_bytes(plan: SourcePlan, kinds: tuple[str, ...] | None = None) -> int:
-    """Mean bytes of a sample's files of `kinds` (default: what a shard row holds: every file,
-    but the background of mask_depth, which is stored once in its own table)."""
-    if kinds is None:
-        kinds = _file_kinds(plan) if isinstance(plan, TaskPlan) else tuple(k for k in IMAGE_KINDS if k != "bg")
+def mean_sample_bytes(plan: SourcePlan) -> int:
+    """Mean bytes of what a shard row holds: every file of a sample but the background of
+    mask_depth, which is stored once in its own table."""
+    kinds = _file_kinds(plan) if isinstance(plan, TaskPlan) else tuple(k for k in IMAGE_KINDS if k != "bg")
     sizes = []
     for s in plan.samples[:2000]:
         total = 0
@@ -423,15 +422,14 @@ def background_ids(plan: SourcePlan) -> tuple[list[int], list[FileRef]]:
     return [ids[key(s.files["bg"])] for s in plan.samples], [ref for _, ref in files]
 
 
-def _tasks(plan: SourcePlan, dest: str, rows_per_shard: int, rows_per_group: int) -> list[PartTask]:
+def _tasks(plan: SourcePlan, dest: str, rows_per_shard: int, rows_per_group: int, bg_ids: list[int]) -> list[PartTask]:
+    """The sample parts; `bg_ids` is background_ids(plan)[0] for mask_depth (empty otherwise)."""
     containers = [(c.kind, c.uri, c.is_zip) for c in plan.containers]
     config = {"version": PACK_VERSION, "rows_per_group": rows_per_group, "mask_threshold": MASK_THRESHOLD, "extra": plan.extra_columns}
     task, options = (plan.task, dict(plan.options)) if isinstance(plan, TaskPlan) else (DEFAULT_TASK, {})
     kinds = _file_kinds(plan)
-    bg_ids: list[int] = []
     if task == DEFAULT_TASK:
         config["format"] = SHARED_FORMAT
-        bg_ids, _ = background_ids(plan)
     tasks = []
     for part, start in enumerate(range(0, len(plan.samples), rows_per_shard)):
         refs: list[SampleRef] = plan.samples[start : start + rows_per_shard]
@@ -443,11 +441,11 @@ def _tasks(plan: SourcePlan, dest: str, rows_per_shard: int, rows_per_group: int
     return tasks
 
 
-def _background_tasks(plan: SourcePlan, dest: str) -> list[PartTask]:
-    """mask_depth's background parts: the distinct background files, in files of ~SHARD_TARGET_BYTES."""
+def _background_tasks(plan: SourcePlan, dest: str, refs: list[FileRef]) -> list[PartTask]:
+    """mask_depth's background parts: the distinct background files (`refs`, background_ids(plan)[1]),
+    in files of ~SHARD_TARGET_BYTES."""
     if isinstance(plan, TaskPlan) or not plan.samples:
         return []
-    _, refs = background_ids(plan)
     sizes = []
     for ref in refs[:2000]:
         entry = None if ref.container is None else plan.containers[ref.container].entries.get(member_key("bg", ref.member))
@@ -596,8 +594,10 @@ def pack(
     else:
         settings["format"] = SHARED_FORMAT
     _clear_stale(dest, settings)
-    tasks = _tasks(plan, dest, rps, rpg)
-    bg_tasks = _background_tasks(plan, dest) if task == DEFAULT_TASK else []
+    # Each sample's background id and the distinct background files: one sort over the samples.
+    bg_ids, bg_refs = background_ids(plan) if task == DEFAULT_TASK else ([], [])
+    tasks = _tasks(plan, dest, rps, rpg, bg_ids)
+    bg_tasks = _background_tasks(plan, dest, bg_refs) if task == DEFAULT_TASK else []
     records: dict[int, dict[str, Any]] = {}
     bg_records: dict[int, dict[str, Any]] = {}
     for t in tasks:

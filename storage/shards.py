@@ -741,7 +741,7 @@ class ShardDataset:
     """
 
     def __init__(self, uri: str, manifest: dict[str, Any], index: pa.Table, shared: Mapping[str, ShardDataset] | None = None,
-                 item: str = "sample"):
+                 item: str = "sample", disk_cache: bool = True):
         self.uri = uri
         self.manifest = manifest
         self.index = index
@@ -754,6 +754,7 @@ class ShardDataset:
         self.sample_columns = sample_columns(self.columns)
         self._stored_names = sample_columns(self.stored_columns)
         self.item = item  # what a row is called in error messages
+        self.disk_cache = disk_cache
         self.sample_ids = index.column("sample_id").to_numpy().astype(np.int64, copy=False)
         self._shard = index.column("shard").to_numpy().astype(np.int32, copy=False)
         self._group = index.column("row_group").to_numpy().astype(np.int32, copy=False)
@@ -944,9 +945,7 @@ class ShardDataset:
         from storage.preload import ShardReader
 
         if self._reader is None:
-            # A shared table's values are kept in memory by the dataset that reads them (see
-            # _resolve_shared): the disk cache holds the samples' row groups only.
-            self._reader = ShardReader(self.uri, self.manifest, cache_for(self.uri) if self.item == "sample" else None)
+            self._reader = ShardReader(self.uri, self.manifest, cache_for(self.uri) if self.disk_cache else None)
         return self._reader
 
     def __getstate__(self) -> dict[str, Any]:
@@ -1072,7 +1071,9 @@ def shared_table(uri: str, manifest: dict[str, Any], name: str, index: pa.Table)
     column = next(c for c in columns_from_manifest(manifest) if c.name == name)
     sub = {"format": COLUMNS_FORMAT, "task": f"shared {name}", "columns": [column.as_dict()], "num_samples": entry["num"],
            "index": entry["index"], "shards": entry["files"]}
-    return ShardDataset(uri, sub, index, item=f"shared {name}")
+    # Its values are kept in memory by the dataset that reads them (ShardDataset._resolve_shared):
+    # the disk cache holds the samples' row groups only.
+    return ShardDataset(uri, sub, index, item=f"shared {name}", disk_cache=False)
 
 
 def _open_shared(uri: str, manifest: dict[str, Any]) -> dict[str, ShardDataset]:

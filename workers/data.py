@@ -95,9 +95,9 @@ def decode_rgb_into(data: bytes, out: np.ndarray, what: str = "input") -> None:
     its size; anything else (PNG inputs, which `data pack` keeps) through Pillow. Raises
     CorruptImageError naming `what`.
     """
-    is_jpeg = isinstance(data, (bytes, bytearray, memoryview)) and bytes(data[:2]) == _JPEG_SOI
+    jpeg = is_jpeg(data)
     try:
-        if simplejpeg is not None and is_jpeg:
+        if simplejpeg is not None and jpeg:
             r_h, r_w = out.shape[:2]
             try:  # the usual case: the (DCT-scaled) image is out's size, decoded in place
                 if simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=r_h, min_width=r_w, buffer=out).shape == out.shape:
@@ -109,7 +109,7 @@ def decode_rgb_into(data: bytes, out: np.ndarray, what: str = "input") -> None:
         else:
             _decode_rgb_pillow(data, out)
     except Exception as exc:  # noqa: BLE001 - decoders raise many types for bad bytes
-        raise CorruptImageError(f"{what} {'JPEG' if is_jpeg else 'image'} cannot be decoded ({type(exc).__name__}: {exc})") from exc
+        raise CorruptImageError(f"{what} {'JPEG' if jpeg else 'image'} cannot be decoded ({type(exc).__name__}: {exc})") from exc
 
 
 def is_jpeg(data: Any) -> bool:

@@ -38,7 +38,6 @@ from workers.data import (
     DataError,
     _mix,
     _mix_on,
-    _nearest_index,
     _resize_into,
     decode_rgb_into,
     is_jpeg,
@@ -154,7 +153,7 @@ class ChunkSamples(torch.utils.data.Dataset):
                     if m is None:
                         m = self._scratch[(h, w)] = np.empty((h, w), np.uint8)
                     decode_mask(rows["mask"][i], out=m)
-                    np.take(np.take(m, _nearest_index(h, r), axis=0), _nearest_index(w, r), axis=1, out=mask)
+                    _resize_into(mask, m, nearest=True)
             else:
                 m = decode_mask(rows["mask"][i])
                 d = decode_depth_uint16(rows["depth"][i])
@@ -205,8 +204,7 @@ def prepare_batch(batch: RawBatch, device: torch.device | str) -> tuple[torch.Te
     depth_resized = tuple(depth.shape[-2:]) != size
     if depth_resized:
         # 16-bit values as floats (exact), resized, rounded and clamped as the CPU path did per sample.
-        d16 = depth[:, 1:2].float().mul_(256.0).add_(depth[:, 0:1])
-        depth = _resize(d16, size).round_().clamp_(0, DEPTH_SCALE)
+        depth = _resize(_depth16(depth), size).round_().clamp_(0, DEPTH_SCALE)
     if on_host:
         x, mask, depth = (t.to(device, non_blocking=True) for t in (x, mask, depth))
     if bool(flip.any()):  # flip is still on the CPU: no device sync
@@ -218,8 +216,14 @@ def prepare_batch(batch: RawBatch, device: torch.device | str) -> tuple[torch.Te
     if depth_resized:
         d = depth.div_(float(DEPTH_SCALE))
     else:
-        d = depth[:, 1:2].float().mul_(256.0).add_(depth[:, 0:1]).div_(float(DEPTH_SCALE))  # exact below 2**24
+        d = _depth16(depth).div_(float(DEPTH_SCALE))
     return x, m, d
+
+
+def _depth16(planes: torch.Tensor) -> torch.Tensor:
+    """B x 2 x H x W uint8 depth planes (low byte, high byte) -> B x 1 x H x W float 16-bit values
+    (exact: below 2**24)."""
+    return planes[:, 1:2].float().mul_(256.0).add_(planes[:, 0:1])
 
 
 def _mirror(x: torch.Tensor, mask: torch.Tensor, depth: torch.Tensor, flip: torch.Tensor,
