@@ -144,6 +144,12 @@ class ExecutionSection(_Strict):
     channels_last: bool | Literal["auto"] = Field(
         "auto", description="channels_last memory format for conv models: auto = on for a CUDA GPU, off on CPU.")
     compile: bool = Field(False, description="torch.compile the model (checkpoints hold the un-compiled module's state_dict, the same either way).")
+    max_nonfinite_steps: int = Field(
+        5, ge=1, le=1000, description="Stop the run as diverged after this many non-finite (NaN/inf) losses in a row; no "
+        "checkpoint is ever written after a non-finite loss, so the kept ones stay finite.")
+    max_restarts_without_progress: int = Field(
+        3, ge=1, le=100, description="Stop the run when its workers restart this many times in a row without committing "
+        "a newer checkpoint (a chunk that OOMs, a crash at the same step), whatever max_failures says.")
 
     @field_validator("channels_last", mode="before")
     @classmethod
@@ -239,6 +245,8 @@ _LATER_DEFAULTS: dict[tuple[str, ...], Any] = {
     ("execution", "precision"): "auto",
     ("execution", "channels_last"): "auto",
     ("execution", "compile"): False,
+    ("execution", "max_nonfinite_steps"): 5,
+    ("execution", "max_restarts_without_progress"): 3,
 }
 
 

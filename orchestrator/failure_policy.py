@@ -15,8 +15,13 @@ import threading
 from storage import fs
 from storage.layout import ERROR_JSON
 
-# error.json kinds that a restart cannot fix.
-NOT_RETRYABLE = frozenset({"data", "storage"})
+# error.json kinds that a restart cannot fix: bad data, a 401/403/404-class storage error, a
+# diverged run, restarts that make no progress, no usable checkpoint, a dropped mount (it stays
+# down until the user remounts it). "unavailable" (transient faults past their retry budget) is
+# not here: Ray Train's restart resumes from the last checkpoint once the store answers again.
+NOT_RETRYABLE = frozenset({"data", "storage", "diverged", "no_progress", "checkpoint", "mount"})
+# Kinds where the run itself is fine and stopped cleanly: it is "interrupted", not "failed".
+STOPPED_CLEANLY = frozenset({"mount", "unavailable"})
 POLL_S = 0.5
 
 

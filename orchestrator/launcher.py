@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any
@@ -113,6 +114,44 @@ def _sigint_chained_trainer() -> type:
     return ChainedTorchTrainer
 
 
+# Ray Train's record of the run's checkpoints, in the run directory (its CheckpointManager).
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def set_aside_stale_ray_snapshot(run_dir: str) -> bool:
+    """Ray Train's controller refuses to start when its snapshot names a checkpoint folder that is
+    gone or was never completed (a VM lost while Drive synced the snapshot but not the folder:
+    "Path not found"), or when the snapshot itself is torn. Our workers restore from run storage
+    (newest usable checkpoint first), not from Ray's pick, so such a snapshot is moved aside and
+    Ray starts with none; the cost is that Ray's num_to_keep no longer knows the older folders.
+    True when it was moved."""
+    uri = fs.join(run_dir, RAY_SNAPSHOT)
+    try:
+        raw = fs.read_bytes(uri)
+    except FileNotFoundError:
+        return False
+    reason = None
+    try:
+        snap = json.loads(raw)
+        entries = [*snap.get("checkpoint_results", []), *snap.get("pending_training_results", []),
+                   *([snap["latest_checkpoint_result"]] if snap.get("latest_checkpoint_result") else [])]
+        names = {e["checkpoint_dir_name"] for e in entries}
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        reason = f"it is torn ({type(exc).__name__})"
+        names = set()
+    complete = set(checkpoints.list_complete(run_dir))
+    missing = sorted(names - complete)
+    if missing:
+        reason = f"it names checkpoint folders that are missing or incomplete: {', '.join(missing)}"
+    if reason is None:
+        return False
+    log.warning("Ray Train's checkpoint record %s is unusable (%s); setting it aside, the run resumes from the newest "
+                "usable checkpoint in run storage", uri, reason)
+    fs.write_bytes(f"{uri}.stale", raw)
+    fs.remove(uri)
+    return True
+
+
 def launch_ray(recipe: Recipe, config: dict[str, Any], address: str | None) -> None:
     import ray.train
 
@@ -125,6 +164,7 @@ def launch_ray(recipe: Recipe, config: dict[str, Any], address: str | None) -> N
     # counts a drained node as free until its group start times out: with a (min, max) range,
     # this is how long a preempted run waits before it shrinks.
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(ex.worker_start_timeout_s)
+    set_aside_stale_ray_snapshot(config["run_dir"])
     storage_fs, storage_path = fs.pyarrow_filesystem(recipe.run.storage)
     if storage_fs is None:
         storage_fs = checkpoints.pausing_local_filesystem()  # tests only: None unless asked for

@@ -13,13 +13,15 @@ from rich.console import Console
 from common.errors import RecipeError, RunError, RunInterrupted
 from common.plan import Plan, plan_for_dataset
 from common.recipe import Recipe
+from common.redact import redact_text
 from orchestrator import run_store, tracking
+from orchestrator.failure_policy import STOPPED_CLEANLY
 from orchestrator.interrupt import StopOnInterrupt
 from orchestrator.lease import DriverLease
 from orchestrator.progress import ProgressDisplay, count_progress
 from storage import fs
 from storage.layout import CURSOR_JSON, ERROR_JSON, FINAL_JSON
-from storage.retry import StorageError
+from storage.retry import MountDropped, StorageError, StorageUnavailable
 from workers.preemption import PreemptedError, StopRequested
 
 log = logging.getLogger(__name__)
@@ -192,21 +194,30 @@ def _run_leased(recipe: Recipe, rdir: str, address: str | None, console: Console
     watch = FatalErrorWatch(rdir)
     stop = StopOnInterrupt(rdir, rec.attempts, console, fatal_watch=watch)
 
-    def failed(msg: str, cause: BaseException | None = None) -> RunError:
-        rec.state, rec.error = "failed", msg
-        run_store.save(rdir, rec)
-        tracking.end_run(rec.tracking_uri, rec.mlflow_run_id, "FAILED")
-        _copy_tracking_store(rec, rdir)
-        return RunError(f"run '{recipe.run.name}' failed: {msg}. Fix the cause and re-run the same command to resume from the last checkpoint")
+    def finish(state: str, error: str | None, mlflow_status: str) -> None:
+        _finish(rec, rdir, state, error, mlflow_status)
+
+    def failed(msg: str, kind: str | None = None) -> RunError:
+        finish("failed", msg, "FAILED")
+        # A diverged run, or one whose restarts make no progress, would only fail again on resume:
+        # its message says what to change instead.
+        advice = "" if kind in ("diverged", "no_progress", "checkpoint") else \
+            ". Fix the cause and re-run the same command to resume from the last checkpoint"
+        return RunError(f"run '{recipe.run.name}' failed: {msg}{advice}")
+
+    def stopped(msg: str) -> RunError:
+        # The run is fine; its storage stopped answering. Nothing is lost: the last checkpoint stands.
+        finish("interrupted", msg, "KILLED")
+        return RunError(f"run '{recipe.run.name}' stopped: {msg}")
 
     def interrupted(step: int | None) -> RunInterrupted:
-        rec.state, rec.error = "interrupted", None
-        run_store.save(rdir, rec)
-        tracking.end_run(rec.tracking_uri, rec.mlflow_run_id, "KILLED")
-        _copy_tracking_store(rec, rdir)
+        finish("interrupted", None, "KILLED")
         at = f"at step {step}" if step is not None else "at its last checkpoint"
         return RunInterrupted(f"run '{recipe.run.name}': stopped {at} on your interrupt, checkpoint saved; "
                               "the same command resumes it there", step)
+
+    def recorded(err: dict[str, Any]) -> RunError:
+        return stopped(err["error"]) if err.get("kind") in STOPPED_CLEANLY else failed(err["error"], err.get("kind"))
 
     try:
         with ProgressDisplay(rdir, console), watch, stop:
@@ -215,39 +226,63 @@ def _run_leased(recipe: Recipe, rdir: str, address: str | None, console: Console
         if watch.fatal is not None:
             # A failure no restart can fix (failure_policy.py): the watch interrupted fit(), and
             # Ray Train's SIGINT handler aborted the run; whatever that raised, this is the cause.
-            raise failed(watch.fatal["error"]) from None
+            raise recorded(watch.fatal) from None
         if isinstance(exc, StopRequested):
             # In-process backend: the user's interrupt, and its checkpoint is saved.
             raise interrupted(exc.step) from None
         if isinstance(exc, PreemptedError):
             # In-process backend: the notice came, the checkpoint is saved; the next run resumes there.
-            rec.state, rec.error = "interrupted", str(exc)
-            run_store.save(rdir, rec)
-            tracking.end_run(rec.tracking_uri, rec.mlflow_run_id, "KILLED")
-            _copy_tracking_store(rec, rdir)
+            finish("interrupted", str(exc), "KILLED")
             raise RunError(f"run '{recipe.run.name}': {exc}. Re-run the same command to resume") from None
+        if isinstance(exc, StorageUnavailable):
+            # In-process backend: storage did not answer within its budget (a dropped mount, an outage).
+            raise stopped(fs.mount_advice(exc) if isinstance(exc, MountDropped) else
+                          f"{exc}; nothing is lost: re-run the same command once the storage answers") from None
         if isinstance(exc, KeyboardInterrupt):
-            rec.state = "interrupted"
-            run_store.save(rdir, rec)
-            tracking.end_run(rec.tracking_uri, rec.mlflow_run_id, "KILLED")
-            _copy_tracking_store(rec, rdir)
+            finish("interrupted", None, "KILLED")
             raise
         if not isinstance(exc, Exception):
             raise
-        err = run_store.read_optional(rdir, ERROR_JSON)
-        raise failed(err["error"] if err else _root_cause(exc)) from exc
+        err = _read_error(rdir)
+        if err:
+            raise recorded(err) from exc
+        raise failed(_root_cause(exc)) from exc
     if watch.fatal is not None:
-        raise failed(watch.fatal["error"])
-    final = run_store.read_optional(rdir, FINAL_JSON) or {}
+        raise recorded(watch.fatal)
+    final = _read_optional(rdir, FINAL_JSON) or {}
     if stop.requested and not final:
         # On Ray the workers end cleanly after the stop's checkpoint (a failure would be restarted).
-        cursor = run_store.read_optional(rdir, CURSOR_JSON) or {}
+        cursor = _read_optional(rdir, CURSOR_JSON) or {}
         raise interrupted((cursor.get("cursor") or {}).get("global_step"))
-    rec.state = "completed"
-    run_store.save(rdir, rec)
-    tracking.end_run(rec.tracking_uri, rec.mlflow_run_id, "FINISHED")
-    _copy_tracking_store(rec, rdir)
+    finish("completed", None, "FINISHED")
     return final
+
+
+def _finish(rec: run_store.RunRecord, rdir: str, state: str, error: str | None, mlflow_status: str) -> None:
+    """The end of one attempt, in one place: the run record, the MLflow run's status, the MLflow
+    store's copy. Each step is best-effort: storage or MLflow that stopped answering must not turn
+    a clean stop into a traceback (the next run re-reads what it needs from the checkpoints)."""
+    rec.state, rec.error = state, error
+    try:
+        run_store.save(rdir, rec)
+    except StorageError as exc:
+        log.warning("could not record the run's state (%s) in run storage: %s", state, exc)
+    try:
+        tracking.end_run(rec.tracking_uri, rec.mlflow_run_id, mlflow_status)
+    except Exception as exc:  # noqa: BLE001 - the tracking server may be down; the run's state is recorded above
+        log.warning("could not mark the MLflow run %s as %s: %s", rec.mlflow_run_id, mlflow_status, redact_text(str(exc)))
+    _copy_tracking_store(rec, rdir)
+
+
+def _read_optional(rdir: str, name: str) -> dict[str, Any] | None:
+    try:
+        return run_store.read_optional(rdir, name)
+    except StorageError:
+        return None
+
+
+def _read_error(rdir: str) -> dict[str, Any] | None:
+    return _read_optional(rdir, ERROR_JSON)
 
 
 def _restore_tracking_store(recipe: Recipe, rdir: str, rec: run_store.RunRecord, console: Console) -> None:
@@ -302,12 +337,17 @@ def _plan_line(plan: Plan) -> str:
 
 
 def _root_cause(exc: BaseException) -> str:
-    """The innermost exception's message: Ray wraps worker errors several layers deep."""
+    """The innermost exception's message: Ray wraps worker errors several layers deep. A storage
+    error's own message names the URI, so the search stops there rather than at its cause."""
     seen = exc
-    while True:
+    while not isinstance(seen, StorageError):
         nxt = getattr(seen, "cause", None) or seen.__cause__
         if nxt is None or nxt is seen:
             break
         seen = nxt
+    if isinstance(seen, MountDropped):
+        return fs.mount_advice(seen)
+    if isinstance(seen, StorageError):
+        return str(seen)
     text = str(seen).strip().splitlines()
     return f"{type(seen).__name__}: {text[-1] if text else ''}"

@@ -19,7 +19,15 @@ import fsspec
 from fsspec.core import url_to_fs
 
 from common.redact import redact_text
-from storage.retry import StorageError, is_transient, storage_retry
+from storage.retry import (
+    MountDropped,
+    StorageError,
+    StorageUnavailable,
+    durable_retry,
+    is_mount_drop,
+    is_transient,
+    storage_retry,
+)
 
 # gs:// and gcs:// resolve to gcsfs under the project's retry policy (see storage/gcs.py); a
 # string so that gcsfs is imported only when a bucket is used.
@@ -76,17 +84,29 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
+def mount_advice(exc: MountDropped) -> str:
+    """The user-facing line for a dropped mount: Colab's Drive mount is the one users meet."""
+    return (f"{exc}: the mount holding it dropped (a Google Drive mount does this). Nothing is lost: remount it (in "
+            "Colab: drive.mount('/content/drive', force_remount=True)), then run the same command again to resume from "
+            "the last checkpoint")
+
+
 def _wrap(uri: str, exc: BaseException) -> StorageError:
+    if is_local(uri) and is_mount_drop(exc):
+        return MountDropped(f"{normalize(uri)}: the mount is not answering ({os.strerror(exc.errno)})", normalize(uri))
+    if is_transient(exc):
+        return StorageUnavailable(redact_text(f"{uri}: {describe_error(exc)}"))
     return StorageError(redact_text(f"{uri}: {describe_error(exc)}"))
 
 
-def _named(fn: Callable[..., T]) -> Callable[..., T]:
-    """storage_retry, then any failure but "not found" becomes a StorageError naming the URI.
+def _named(fn: Callable[..., T], policy: Callable[[Callable[..., T]], Callable[..., T]] = storage_retry) -> Callable[..., T]:
+    """A retry policy, then any failure but "not found" becomes a StorageError naming the URI
+    (`StorageUnavailable` when it was transient faults that outlasted the budget).
 
     FileNotFoundError passes through unchanged: callers use it to mean "absent" (a lease, a
     checkpoint); everything else (403, a bucket that is gone, retries used up) is one message.
     """
-    retried = storage_retry(fn)
+    retried = policy(fn)
 
     @functools.wraps(fn)
     def call(uri: str, *args: Any, **kwargs: Any) -> T:
@@ -127,8 +147,7 @@ def size(uri: str) -> int:
     return int(fs.info(path)["size"])
 
 
-@_named
-def write_bytes(uri: str, data: bytes) -> None:
+def _write_bytes(uri: str, data: bytes) -> None:
     """Write atomically where the filesystem allows it: a temp name, then a rename.
 
     Object stores replace an object atomically on upload, so they write directly.
@@ -146,12 +165,19 @@ def write_bytes(uri: str, data: bytes) -> None:
         fs.pipe_file(path, data)
 
 
+write_bytes = _named(_write_bytes)
+# The writes a run cannot go on without (checkpoint files, cursor.json, the MLflow store copy):
+# they ride out minutes of outage (storage/retry.py DURABLE_RETRY_S) instead of one.
+write_bytes_durable = _named(_write_bytes, durable_retry)
+
+
 def read_json(uri: str) -> Any:
     return json.loads(read_bytes(uri))
 
 
-def write_json(uri: str, obj: Any) -> None:
-    write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True).encode())
+def write_json(uri: str, obj: Any, durable: bool = False) -> None:
+    data = json.dumps(obj, indent=2, sort_keys=True).encode()
+    (write_bytes_durable if durable else write_bytes)(uri, data)
 
 
 @_named

@@ -7,3 +7,4 @@ CURSOR_JSON = "cursor.json"  # a view of the newest committed checkpoint's curso
 PROGRESS_JSON = "progress.json"  # live progress from the chief worker
 FINAL_JSON = "final.json"  # final weights hash and metrics, written once training completes
 ERROR_JSON = "error.json"  # a worker's user-facing failure message
+RESTARTS_JSON = "restarts.json"  # the chief's record of worker-group starts: a run that restarts without progress stops

@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import random
+import re
 import socket
 import struct
 import threading
@@ -15,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 UPSTREAM_CONCURRENCY = 4
+_UPLOAD_NAME = re.compile(r'"name":\s*"([^"]*)"')
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection", "content-length"}
 
 
@@ -26,6 +28,11 @@ class Faults:
     forbid: bool = False  # answer every request 403 (a permanent error)
     corrupt_gets: int = 0  # the next N GET bodies of object data get one byte flipped
     corrupt_match: str = ""  # ...only for URLs containing this
+    # An outage of one path: every request naming an object that contains this (in its URL, or in
+    # an upload's metadata, where gcsfs puts the object name of a multipart upload) gets a 503...
+    outage_match: str = ""
+    # ...or a 403 (a permanent error) instead.
+    forbid_match: str = ""
 
 
 @dataclass
@@ -107,14 +114,20 @@ class FaultProxy:
 
     # -- one request ----------------------------------------------------------------------------
 
-    def _decide(self, method: str, path: str) -> str:
+    def _decide(self, method: str, path: str, body: bytes | None = None) -> str:
         with self._lock:
             f, c = self.faults, self.counters
             c.requests += 1
             c.paths.append(f"{method} {path}")
-            if f.forbid:
+            # The object's name: in the URL, or in a multipart upload's JSON metadata (not its data).
+            named = _UPLOAD_NAME.search(body[:4096].decode("latin-1")) if body else None
+            head = path + (named.group(1) if named else "")
+            if f.forbid or (f.forbid_match and f.forbid_match in head):
                 c.forbidden += 1
                 return "forbid"
+            if f.outage_match and f.outage_match in head:
+                c.failed_503 += 1
+                return "503"
             r = self._rng.random()
             if r < f.fail_rate:
                 c.failed_503 += 1
@@ -131,7 +144,7 @@ class FaultProxy:
     def _handle(self, h: BaseHTTPRequestHandler) -> None:
         length = int(h.headers.get("Content-Length") or 0)
         body = h.rfile.read(length) if length else None
-        action = self._decide(h.command, h.path)
+        action = self._decide(h.command, h.path, body)
         if self.faults.latency_s:
             time.sleep(self.faults.latency_s)
         if action == "forbid":

@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from storage.retry import StorageError
+
 log = logging.getLogger(__name__)
 
 
@@ -184,6 +186,8 @@ class CheckpointWriter:
             return
         try:
             self.wait()
+        except StorageError as exc:  # storage that stopped answering: the message says which; the previous checkpoint stands
+            log.warning("the last checkpoint upload failed: %s", exc)
         except Exception:  # noqa: BLE001 - the caller is already failing or finished; the previous checkpoint stands
             log.warning("the last checkpoint upload failed", exc_info=True)
 

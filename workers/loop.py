@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -21,8 +22,8 @@ import torch
 from common.plan import Plan, batches_for_rank, rank_slice, steps_per_chunk
 from common.recipe import Recipe, StageSection
 from storage import checkpoints, fs
-from storage.layout import CURSOR_JSON, ERROR_JSON, FINAL_JSON, PROGRESS_JSON
-from storage.retry import RETRY_COUNTER, StorageError
+from storage.layout import CURSOR_JSON, ERROR_JSON, FINAL_JSON, PROGRESS_JSON, RESTARTS_JSON
+from storage.retry import RETRY_COUNTER, MountDropped, StorageError, StorageUnavailable
 from storage.shards import DatasetError, open_dataset
 from workers import tracking_store
 from workers.checkpoint_policy import CheckpointPolicy
@@ -46,8 +47,35 @@ from workers.tasks import Batch, get_task
 
 log = logging.getLogger(__name__)
 
-# Failures a restart cannot fix: recorded for the driver, which stops the run on them.
-FATAL_ERRORS = (DataError, DatasetError, StorageError)
+class DivergedError(RuntimeError):
+    """Non-finite losses, `execution.max_nonfinite_steps` in a row: no restart can fix a diverged run."""
+
+
+class NoProgressError(RuntimeError):
+    """The workers restarted `execution.max_restarts_without_progress` times without a new checkpoint."""
+
+
+# Failures recorded for the driver (error.json). Those of a kind in orchestrator/failure_policy.py's
+# NOT_RETRYABLE stop the run at once; StorageUnavailable (transient faults past their budget) is
+# recorded too but left to Ray Train's restart, which resumes from the last checkpoint.
+FATAL_ERRORS = (DataError, DatasetError, StorageError, DivergedError, NoProgressError, checkpoints.CheckpointCorruptError)
+
+
+def error_kind(exc: BaseException) -> str:
+    """The error.json kind of a recorded failure (orchestrator/failure_policy.py decides on it)."""
+    if isinstance(exc, MountDropped):
+        return "mount"
+    if isinstance(exc, StorageUnavailable):
+        return "unavailable"
+    if isinstance(exc, (DataError, DatasetError)):
+        return "data"
+    if isinstance(exc, DivergedError):
+        return "diverged"
+    if isinstance(exc, NoProgressError):
+        return "no_progress"
+    if isinstance(exc, checkpoints.CheckpointCorruptError):
+        return "checkpoint"
+    return "storage"
 
 
 def _stop_reason(notice: str) -> str:
@@ -77,11 +105,12 @@ def train_loop(config: dict[str, Any]) -> None:
         # Keep the user-facing cause where the driver can read it, whatever Ray wraps it in;
         # the driver stops the run on it rather than let Ray restart into the same failure
         # (orchestrator/failure_policy.py). Any rank may hit it: its own slice is bad.
-        kind = "data" if isinstance(exc, (DataError, DatasetError)) else "storage"
+        kind = error_kind(exc)
+        text = fs.mount_advice(exc) if isinstance(exc, MountDropped) else str(exc)
         try:
-            fs.write_json(fs.join(config["run_dir"], ERROR_JSON), {"error": str(exc), "kind": kind, "rank": session.world_rank})
-        except Exception:  # noqa: BLE001 - the storage itself may be what failed; Ray still reports it
-            log.warning("could not record the error in run storage", exc_info=True)
+            fs.write_json(fs.join(config["run_dir"], ERROR_JSON), {"error": text, "kind": kind, "rank": session.world_rank})
+        except Exception as exc2:  # noqa: BLE001 - the storage itself may be what failed; Ray still reports it
+            log.warning("could not record the error in run storage: %s", exc2)
         raise
     finally:
         TRAINING_ACTIVE.clear()
@@ -133,6 +162,15 @@ class Trainer:
         self._loss_buf: list[tuple[int, Sequence[torch.Tensor]]] = []
         self._eval_rows: dict[str, Any] | None = None
         self._last_loss: float | None = None
+        # Divergence: non-finite losses in a row, as drained (no extra host sync), and the first
+        # of them; and whether every loss since the last checkpoint was finite (its meta says so).
+        self._nonfinite_streak = 0
+        self._first_nonfinite_step: int | None = None
+        self._losses_finite = True
+        # Losses come to the host in batches; at most this many steps pass unseen, so a diverged
+        # run stops within 2x max_nonfinite_steps of its first NaN (flush_every_steps is 20).
+        self._drain_every = min(recipe.tracking.flush_every_steps, recipe.execution.max_nonfinite_steps)
+        self._taken: set[str] = set()  # checkpoint folder names in run storage at the restore
         self._data_wait = 0.0
         self._steps_this_process = 0
         total_steps = sum(self._stage_steps(s) for s in range(len(recipe.stages)))
@@ -169,35 +207,22 @@ class Trainer:
         st, sp = self.recipe.stages[s], self.plan.stages[s]
         return sum(steps_per_chunk(len(sp.chunk_ids(c)), st.batch_size, st.epochs_per_chunk, self.world) for c in range(sp.num_chunks))
 
-    def _load_newest_valid(self) -> tuple[dict[str, Any], dict[str, Any]] | None:
-        """The newest checkpoint that passes its checksum; a corrupt one is skipped with a warning."""
-        with self.session.restore_dir() as d:
-            if d is None:
-                return None
-            try:
-                return checkpoints.read_local(d)
-            except (checkpoints.CheckpointCorruptError, FileNotFoundError, RuntimeError) as exc:
-                log.warning("checkpoint %s is unusable (%s); falling back to an older one", d, exc)
-                bad = os.path.basename(d.rstrip("/"))
-        for name in reversed(checkpoints.list_complete(self.run_dir)):
-            if name >= bad and bad.startswith(checkpoints.PREFIX):
-                continue
-            try:
-                with tempfile.TemporaryDirectory() as tmp:
-                    return checkpoints.read_local(checkpoints.download(fs.join(self.run_dir, name), tmp))
-            except (checkpoints.CheckpointCorruptError, FileNotFoundError, RuntimeError) as exc:
-                log.warning("checkpoint %s is unusable (%s); trying an older one", name, exc)
-        raise RuntimeError(f"{self.run_dir}: no usable checkpoint left to resume from; start a new run.name")
-
     def restore(self) -> bool:
         """Load the newest committed checkpoint, if any, and record the interruption. True when resuming."""
         previous = _read_optional_json(fs.join(self.run_dir, PROGRESS_JSON))  # the last sign of life before the cut
-        if self.session.is_chief and checkpoints.list_complete(self.run_dir):
+        folders = checkpoints.list_folders(self.run_dir)
+        self._taken = set(folders)
+        if self.session.is_chief and folders:
             self._progress("restore", force=True)  # the driver's line (and bench.resume) sees the restore begin
-        loaded = self._load_newest_valid()
+        # From run storage, newest usable first, on both backends: Ray's own pick (its controller's
+        # latest) may be the torn one, and a run whose Ray snapshot was set aside has none.
+        loaded = checkpoints.load_newest_usable(self.run_dir, set_aside_unusable=self.recipe.execution.backend == "local"
+                                                and self.session.is_chief)
+        if self.session.is_chief:
+            self._check_restart_progress(loaded[2].get("cursor", {}).get("global_step", 0) if loaded else 0)
         if loaded is None:
             return False
-        sd, meta = loaded
+        _, sd, meta = loaded
         self.state.load_model_and_progress(sd)
         c = self.state.cursor
         if not c.done:
@@ -218,6 +243,30 @@ class Trainer:
         self.state.pending_metrics.clear()
         log.warning("resumed from %s at %s", meta.get("name"), c)
         return True
+
+    def _check_restart_progress(self, step: int) -> None:
+        """Count this worker-group start against the restore point: Ray Train restarts a group that
+        fails the same way (a chunk that OOMs) up to max_failures times, forever with -1. Starts of
+        this driver attempt that all restore the same step mean no restart is helping."""
+        uri = fs.join(self.run_dir, RESTARTS_JSON)
+        starts = [r for r in (_read_optional_json(uri) or {}).get("starts", []) if r.get("attempt") == self.attempt]
+        starts.append({"attempt": self.attempt, "step": int(step), "at": time.time()})
+        limit = self.recipe.execution.max_restarts_without_progress
+        same = 0
+        for r in reversed(starts):
+            if r["step"] != step:
+                break
+            same += 1
+        restarts = same - 1  # the first start at this step is not a restart
+        if restarts >= limit:
+            raise NoProgressError(
+                f"the workers restarted {restarts} times in a row from step {step} without saving a newer checkpoint "
+                f"(execution.max_restarts_without_progress is {limit}); the cause is usually in the worker logs "
+                "(out of memory: lower stages.*.chunk_size or batch_size, or give the workers more memory)")
+        try:
+            fs.write_json(uri, {"starts": starts[-100:]})
+        except StorageError as exc:  # advisory: a miss only delays this stop by one restart
+            log.warning("could not record this worker start: %s", exc)
 
     def _record_interruption(self, meta: dict[str, Any], previous: dict[str, Any] | None) -> None:
         c = self.state.cursor
@@ -249,7 +298,10 @@ class Trainer:
 
     # ------------------------------------------------------------------- loop
     def fit(self) -> None:
-        self.restore()
+        if not self.restore():
+            # A fresh run saves its starting point: whatever happens next (a diverged first stage,
+            # a kill before the first interval), one checkpoint of finite weights exists.
+            self.checkpoint("start")
         c = self.state.cursor
         while not c.done:
             s = c.stage
@@ -308,6 +360,7 @@ class Trainer:
                 self.progress.rate.add(len(batch.x) * self.world)
                 # The first step after a (re)start is reported at once: recovery time is measured to it.
                 self._steps_this_process += 1
+                _maybe_crash_for_tests(c.global_step)
                 self._progress("train", force=self._steps_this_process == 1)
                 self._ckpt_writer.poll()  # a background checkpoint that landed: its metrics go to MLflow now
                 chunk_ends_now = c.epoch == st.epochs_per_chunk - 1 and c.batch == len(batches)
@@ -362,7 +415,7 @@ class Trainer:
         if self.session.is_chief:
             # Kept as tensors: a .item() per step would sync the GPU every step.
             self._loss_buf.append((self.state.cursor.global_step + 1, [t.detach() for t in losses]))
-            if len(self._loss_buf) >= self.recipe.tracking.flush_every_steps:
+            if len(self._loss_buf) >= self._drain_every:
                 self._drain_losses()
 
     def _drain_losses(self) -> None:
@@ -371,8 +424,27 @@ class Trainer:
         vals = torch.stack([torch.stack(list(v)) for _, v in self._loss_buf]).float().cpu().tolist()
         for (step, _), row in zip(self._loss_buf, vals, strict=True):
             self.state.pending_metrics += [(k, v, step) for k, v in zip(self.task.train_keys, row, strict=True)]
+            if math.isfinite(row[0]):
+                self._nonfinite_streak = 0
+            else:
+                self._nonfinite_streak += 1
+                self._losses_finite = False
+                if self._nonfinite_streak == 1:
+                    self._first_nonfinite_step = step
         self._last_loss = vals[-1][0]
         self._loss_buf.clear()
+        if self._nonfinite_streak >= self.recipe.execution.max_nonfinite_steps:
+            raise self._diverged()
+
+    def _diverged(self) -> DivergedError:
+        c = self.state.cursor
+        st = self.recipe.stages[min(c.stage, len(self.recipe.stages) - 1)]
+        return DivergedError(
+            f"training diverged in stage '{st.name}' (stages.{st.name}.lr = {st.lr:g}): the loss is not finite since step "
+            f"{self._first_nonfinite_step} ({self._nonfinite_streak} in a row, execution.max_nonfinite_steps is "
+            f"{self.recipe.execution.max_nonfinite_steps}); stopped at step {c.global_step} without saving it. The "
+            f"checkpoints kept are from before it (all finite). Lower stages.{st.name}.lr and start the run under a new "
+            "name (--set run.name=...): a changed recipe does not resume under the old one")
 
     def _end_chunk(self, s: int, chunk: int, n: int) -> None:
         st = self.recipe.stages[s]
@@ -428,6 +500,14 @@ class Trainer:
             return s + 1, 0
         return None
 
+    def _agree_flag(self, flag: bool) -> bool:
+        """The chief's flag, on every rank (one broadcast; free with one worker)."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([1 if flag else 0], device=self.device)
+        torch.distributed.broadcast(t, src=0)
+        return bool(t.item())
+
     def _agree(self, reason: str | None) -> str | None:
         """All ranks must checkpoint at the same step; the chief's clock decides."""
         if self.world == 1:
@@ -474,7 +554,11 @@ class Trainer:
         self._progress("checkpoint", force=True)
         if self.session.is_chief:
             self._drain_losses()
-        name = checkpoints.checkpoint_name(c.global_step)
+        # A rank-agreed decision, so that every rank stops together: never save after a non-finite loss.
+        if self._agree_flag(self.session.is_chief and self._nonfinite_streak > 0):
+            raise self._diverged() if self.session.is_chief else DivergedError("the chief found the loss not finite")
+        name = checkpoints.fresh_name(c.global_step, self._taken)
+        self._taken.add(name)
         metrics = {"global_step": c.global_step, "stage": c.stage, "chunk": c.chunk, "reason": reason}
         writer = self._ckpt_writer
         writer.wait()
@@ -486,7 +570,9 @@ class Trainer:
         sd["world_size"] = self.world
         if writer.background:
             sd = writer.snapshot(sd)  # training mutates the live tensors in place from the next step on
-        meta = {"name": name, "reason": reason, "cursor": dict(sd["cursor"]), "saved_at": time.time(), "attempt": self.attempt}
+        meta = {"name": name, "reason": reason, "cursor": dict(sd["cursor"]), "saved_at": time.time(), "attempt": self.attempt,
+                "losses_finite": self._losses_finite}
+        self._losses_finite = True
         record = {"cursor": sd["cursor"], "chunk_log": sd["chunk_log"], "interruption_log": sd["interruption_log"],
                   "last_eval": sd["last_eval"], "world_size": self.world}
         carried = list(self.state.pending_metrics)  # the points this checkpoint holds, sent once it commits
@@ -504,7 +590,11 @@ class Trainer:
 
         def work() -> str | None:
             uri = upload()
-            fs.write_json(fs.join(self.run_dir, CURSOR_JSON), {"checkpoint": uri, **record, "updated_at": time.time()})
+            fs.write_json(fs.join(self.run_dir, CURSOR_JSON), {"checkpoint": uri, **record, "updated_at": time.time()}, durable=True)
+            if self.recipe.execution.backend == "ray":
+                # What a kill left half-written before this one is removed now (in-process, commit
+                # does it, with the retention Ray Train's own num_to_keep does here).
+                checkpoints.apply_retention(self.run_dir, name, keep=0)
             return uri
 
         self.policy.saved()  # not due again while this one uploads
@@ -539,7 +629,9 @@ class Trainer:
             return
         try:
             tracking_store.save_copy(self._store_copy_uri, self.sink.run_id, self.run_dir)
-        except Exception:  # noqa: BLE001 - training goes on; the previous copy (and the checkpoints) stand
+        except StorageError as exc:  # training goes on; the previous copy (and the checkpoints) stand
+            log.warning("could not copy the MLflow store into run storage: %s", exc)
+        except Exception:  # noqa: BLE001 - sqlite or anything else: the same, with its traceback for a bug report
             log.warning("could not copy the MLflow store into run storage", exc_info=True)
 
     def log_prediction_grid(self, s: int) -> None:
@@ -599,6 +691,7 @@ class Trainer:
             self._ckpt_writer.close()
         finally:
             self.prefetcher.close()
+            self.progress.close()
 
 
 def _make_optimizer(recipe: Recipe, params: list[torch.nn.Parameter], lr: float, fused: bool = False) -> torch.optim.Optimizer:
@@ -632,6 +725,13 @@ def _check_complete(rows: dict[str, Any], ids: np.ndarray, describe: Any) -> Non
     if len(got) != len(ids) or not np.array_equal(np.sort(got), np.sort(np.asarray(ids, dtype=np.int64))):
         missing = sorted(set(map(int, ids)) - set(map(int, got)))[:5]
         raise DataError(f"{describe(missing[0]) if missing else 'dataset'}: {len(ids) - len(got)} planned samples missing from the shards (e.g. {missing})")
+
+
+def _maybe_crash_for_tests(step: int) -> None:
+    """Fault injection for the restarts-without-progress test: the worker process dies (as an OOM
+    kill would) each time it reaches this step. Unset in normal use."""
+    if os.environ.get("ORCHESTRATOR_TEST_CRASH_AT_STEP") == str(step):
+        os.kill(os.getpid(), 9)
 
 
 def _read_optional_json(uri: str) -> dict[str, Any] | None:

@@ -1,17 +1,17 @@
-"""The worker's view of its execution backend: rank, device, checkpoint restore and report.
+"""The worker's view of its execution backend: rank, device and checkpoint report.
 
-`RaySession` goes through Ray Train (`ray.train.report`, `ray.train.get_checkpoint`);
+Restores read run storage directly (storage/checkpoints.py `load_newest_usable`) on both backends.
+`RaySession` goes through Ray Train (`ray.train.report`);
 `LocalSession` runs the same loop in-process with no cluster, committing checkpoints to run
 storage itself. The loop only talks to this interface.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,9 +28,6 @@ class Session:
     @property
     def is_chief(self) -> bool:
         return self.world_rank == 0
-
-    def restore_dir(self) -> contextlib.AbstractContextManager[str | None]:
-        raise NotImplementedError
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, name: str) -> str | None:
         """Persist a checkpoint (chief only) and return its URI in run storage."""
@@ -55,15 +52,6 @@ class LocalSession(Session):
     def __init__(self, run_dir: str, keep: int) -> None:
         self.run_dir = run_dir
         self.keep = keep
-
-    @contextlib.contextmanager
-    def restore_dir(self) -> Iterator[str | None]:
-        names = checkpoints.list_complete(self.run_dir)
-        if not names:
-            yield None
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            yield checkpoints.download(fs.join(self.run_dir, names[-1]), tmp)
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, name: str) -> str | None:
         if checkpoint_dir is None:
@@ -99,17 +87,6 @@ class RaySession(Session):
         self.world_size = ctx.get_world_size()
         self.device = xla_device() if use_tpu else ray.train.torch.get_device()
         self.node_id = ray.get_runtime_context().get_node_id()
-
-    @contextlib.contextmanager
-    def restore_dir(self) -> Iterator[str | None]:
-        import ray.train
-
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
-            yield None
-            return
-        with ckpt.as_directory() as d:
-            yield d
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, name: str) -> str | None:
         import ray.train

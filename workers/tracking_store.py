@@ -118,9 +118,9 @@ def save_copy(tracking_uri: str, run_id: str, run_dir: str) -> dict[str, Any] | 
             data = gzip.compress(f.read(), compresslevel=6)
     # The database first, then the note that describes it: a cut between the two leaves a
     # database at least as new as its note says.
-    fs.write_bytes(fs.join(run_dir, COPY_DB), data)
+    fs.write_bytes_durable(fs.join(run_dir, COPY_DB), data)
     info["bytes"] = len(data)
-    fs.write_json(fs.join(run_dir, COPY_JSON), info)
+    fs.write_json(fs.join(run_dir, COPY_JSON), info, durable=True)
     log.debug("MLflow store copy of run %s: %d bytes in %.3f s", run_id, len(data), time.perf_counter() - t0)
     return info
 
