@@ -113,11 +113,12 @@ def run(recipe: Recipe, address: str | None = None, console: Console | None = No
         raise RunError(f"run.storage {storage_root}: cannot write there ({reason}); set run.storage to a folder you can "
                        "create and write, or a bucket path with write access (check the credentials)") from None
     # Everything below happens under the run's lease, so two drivers never train one run.
-    with DriverLease(rdir, recipe.run.name):
-        return _run_leased(recipe, rdir, address, console)
+    # A driver that loses the lease stops without committing (orchestrator/lease.py).
+    with DriverLease(rdir, recipe.run.name) as lease:
+        return _run_leased(recipe, rdir, address, console, lease)
 
 
-def _run_leased(recipe: Recipe, rdir: str, address: str | None, console: Console) -> dict[str, Any]:
+def _run_leased(recipe: Recipe, rdir: str, address: str | None, console: Console, lease: DriverLease) -> dict[str, Any]:
     rec = run_store.load(rdir)
     if rec is not None:
         if rec.recipe_sha256 != recipe.sha256():
@@ -185,6 +186,7 @@ def _run_leased(recipe: Recipe, rdir: str, address: str | None, console: Console
         "tracking_uri": rec.tracking_uri,
         "mlflow_run_id": rec.mlflow_run_id,
         "attempt": rec.attempts,
+        "lease_token": lease.token,  # the chief checks it before each commit (storage.lease.check_holder)
     }
     from orchestrator.failure_policy import FatalErrorWatch
     from orchestrator.launcher import launch
@@ -212,6 +214,7 @@ def _run_leased(recipe: Recipe, rdir: str, address: str | None, console: Console
         with ProgressDisplay(rdir, console), watch, stop:
             launch(recipe, config, address)
     except BaseException as exc:
+        lease.check()  # lost: the heartbeat stopped the run; another driver owns run.json now, write nothing
         if watch.fatal is not None:
             # A failure no restart can fix (failure_policy.py): the watch interrupted fit(), and
             # Ray Train's SIGINT handler aborted the run; whatever that raised, this is the cause.
@@ -236,6 +239,7 @@ def _run_leased(recipe: Recipe, rdir: str, address: str | None, console: Console
             raise
         err = run_store.read_optional(rdir, ERROR_JSON)
         raise failed(err["error"] if err else _root_cause(exc)) from exc
+    lease.verify()  # still ours in run storage, before this driver's last writes
     if watch.fatal is not None:
         raise failed(watch.fatal["error"])
     final = run_store.read_optional(rdir, FINAL_JSON) or {}
