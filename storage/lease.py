@@ -22,6 +22,9 @@ How each store gives the compare-and-swap:
   enter it by judging our lease lapsed, i.e. after LEASE_TTL_S without a renewal, and the heartbeat
   gives the lease up (orchestrator/lease.py) before that; whatever slips through anyway (a clock
   jump, a renewal stalled inside the window) is caught by `check_holder` before the next commit.
+  Likewise with three or more racers on one lapsed lease: a racer whose rename caught the winner's
+  fresh record puts it back, and a fourth that created one in that instant holds the lease too
+  until the winner's next heartbeat finds it and stops (two racers: exactly one wins, tested).
 * A Drive folder mounted on two VMs: the FUSE mount's exclusive create and rename are atomic on
   one machine only; across machines both can succeed. See the README ("When machines vanish").
 """
@@ -259,6 +262,11 @@ class _LocalStore(_Store):
             os.fsync(f.fileno())
         try:
             current, _ = self.read()
+            if current is None:
+                # A racer that judged an older record lapsed may have it renamed aside for a moment
+                # before putting it back (claim): look once more before calling it lost.
+                time.sleep(0.2)
+                current, _ = self.read()
             if current is None or current.token != lease.token:
                 raise LeaseLostError(_lost_to(current))
             # The window: between this check and the replace, no compare-and-swap (module doc).
