@@ -1,147 +1,171 @@
-"""One driver per run: a lease file in run storage, renewed by a heartbeat, that lapses when its driver dies.
+"""One driver per run, fenced: the driver's side of the run lease (storage/lease.py holds the
+file protocol, compare-and-swap on every store).
 
 A second `orchestrator run` of a live run refuses and says who holds the lease and since when.
 A lease whose heartbeat is older than LEASE_TTL_S, or whose holder is a dead process on this
 same host, is taken over: that is how a re-run after a Colab expiry or a SIGKILL proceeds.
+
+While the run trains, a heartbeat renews the lease every HEARTBEAT_S, each renewal conditional
+on the lease still being this driver's. The driver gives up (records why in `.lost` and
+interrupts the main thread, which stops the run without committing) when a renewal finds another
+holder, or when renewals have failed for so long that the lease may have lapsed in another
+driver's eyes (LEASE_TTL_S - LOSS_MARGIN_S since the last heartbeat written). The chief worker
+checks the lease before each checkpoint commit (storage.lease.check_holder), so a driver that has
+not noticed yet can at worst waste compute, never commit.
 """
 
 from __future__ import annotations
 
-import json
+import _thread
 import os
-import socket
 import threading
 import time
-import uuid
-from dataclasses import asdict, dataclass
+from typing import Any
 
 from common.errors import RunError
-from storage import fs
+from storage import lease as _proto
+from storage.fs import mount_advice
+from storage.lease import (
+    LEASE_JSON,
+    Lease,
+    LeaseHeldError,
+    LeaseLostError,
+    check_holder,
+    is_live,
+    read,
+)
+from storage.retry import MountDropped
 
-LEASE_JSON = "lease.json"
-LEASE_TTL_S = 60.0
-HEARTBEAT_S = 10.0
-# After writing a claim, wait and read it back: on stores without exclusive create (GCS through
-# fsspec), two drivers writing at once both read back, and only the last writer sees its own token.
-SETTLE_S = 1.0
+__all__ = ["LEASE_JSON", "LEASE_TTL_S", "HEARTBEAT_S", "LOSS_MARGIN_S", "DriverLease", "Lease", "LeaseLostError",
+           "check_holder", "is_live", "read"]
 
-
-@dataclass
-class Lease:
-    holder: str  # host:pid
-    token: str
-    acquired_at: float
-    heartbeat_at: float
-
-    def describe(self) -> str:
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.acquired_at))
-        return f"{self.holder} since {since} (last heartbeat {time.time() - self.heartbeat_at:.0f} s ago)"
-
-
-def _me() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def is_live(lease: Lease, now: float | None = None) -> bool:
-    """A lease counts while its heartbeat is fresh and, on this host, while its process lives."""
-    now = time.time() if now is None else now
-    if now - lease.heartbeat_at > LEASE_TTL_S:
-        return False
-    host, _, pid = lease.holder.rpartition(":")
-    if host == socket.gethostname() and pid.isdigit():
-        return _pid_alive(int(pid))
-    return True
-
-
-def read(run_dir: str) -> Lease | None:
-    uri = fs.join(run_dir, LEASE_JSON)
-    try:
-        return Lease(**json.loads(fs.read_bytes(uri)))
-    except FileNotFoundError:
-        return None
-    except (ValueError, TypeError):
-        return None  # a torn write from a dying driver is no lease
-
-
-def _write_exclusive_local(path: str, data: bytes) -> bool:
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-        return False
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    return True
+LEASE_TTL_S = _proto.LEASE_TTL_S  # the protocol's (storage/lease.py); patch it there
+HEARTBEAT_S = float(os.environ.get("ORCHESTRATOR_LEASE_HEARTBEAT_S", "10"))  # the variable: tests only
+# Renewals failing for LEASE_TTL_S - LOSS_MARGIN_S: give the lease up before others may take it.
+LOSS_MARGIN_S = 10.0
+CHECK_S = 1.0  # how often the heartbeat thread looks at its deadline
 
 
 class DriverLease:
-    """Acquire on enter, heartbeat while inside, release on exit."""
+    """Acquire on enter, heartbeat while inside, release on exit; `token` goes to the workers
+    (the train config's "lease_token") for their pre-commit check."""
 
     def __init__(self, run_dir: str, run_name: str) -> None:
         self.run_dir = run_dir
         self.run_name = run_name
-        self.uri = fs.join(run_dir, LEASE_JSON)
-        self.lease = Lease(_me(), uuid.uuid4().hex, time.time(), time.time())
+        self.lease = _proto.new_lease()
+        self.token = self.lease.token
+        self.lost: str | None = None  # why the lease was lost, once it was
+        self._held: _proto.Held | None = None
         self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._renewal: threading.Thread | None = None
+        self._last_error: BaseException | None = None
         self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
 
-    def _refuse(self, other: Lease) -> RunError:
+    def _refuse(self, other: Lease | None) -> RunError:
+        who = other.describe() if other is not None else "another driver (its claim is being written)"
         return RunError(
-            f"run '{self.run_name}' is being driven by {other.describe()}; "
+            f"run '{self.run_name}' is being driven by {who}; "
             f"`orchestrator status {self.run_name}` follows it. If that driver is gone, its lease lapses "
-            f"{LEASE_TTL_S:.0f} s after its last heartbeat; then re-run this command"
+            f"{_proto.LEASE_TTL_S:.0f} s after its last heartbeat; then re-run this command"
         )
 
+    def lost_error(self) -> RunError:
+        err = RunError(
+            f"run '{self.run_name}': {self.lost}; this driver stopped without committing (checkpoints are committed "
+            f"only under the lease). `orchestrator status {self.run_name}` shows who drives it now; if nobody does, "
+            "re-run the same command to resume from the last checkpoint"
+        )
+        err.lease_lost = True  # type: ignore[attr-defined]
+        return err
+
     def acquire(self) -> None:
-        current = read(self.run_dir)
-        if current is not None and is_live(current):
-            raise self._refuse(current)
-        data = json.dumps(asdict(self.lease)).encode()
-        if fs.is_local(self.uri):
-            path = fs.normalize(self.uri)
-            if current is not None:
-                # Taking over a lapsed lease: remove it, then race for the exclusive create.
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            if not _write_exclusive_local(path, data):
-                raise self._refuse(read(self.run_dir) or current or self.lease)
-            return
-        fs.write_bytes(self.uri, data)
-        time.sleep(SETTLE_S)
-        back = read(self.run_dir)
-        if back is None or back.token != self.lease.token:
-            raise self._refuse(back or self.lease)
+        try:
+            self._held = _proto.claim(self.run_dir, self.lease)
+        except LeaseHeldError as exc:
+            raise self._refuse(exc.current) from None
+        self.lease = self._held.lease
+
+    # ---------------------------------------------------------------- heartbeat
+    def _renew_once(self) -> None:
+        try:
+            assert self._held is not None
+            self._held.renew()
+            self.lease = self._held.lease
+            self._last_error = None
+        except LeaseLostError as exc:
+            self._lose(f"{exc}")
+        except Exception as exc:  # noqa: BLE001 - a failed renewal is retried at the next beat, within the TTL
+            self._last_error = exc
 
     def _beat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
-            self.lease.heartbeat_at = time.time()
-            try:
-                fs.write_bytes(self.uri, json.dumps(asdict(self.lease)).encode())
-            except Exception:  # noqa: BLE001 - a missed beat is retried at the next one
-                pass
+        last_try = time.monotonic()
+        while not self._stop.wait(min(HEARTBEAT_S, CHECK_S)):
+            if self.lost is not None:
+                return
+            since = time.time() - self.lease.heartbeat_at
+            if since > _proto.LEASE_TTL_S - LOSS_MARGIN_S:
+                if isinstance(self._last_error, MountDropped):  # Colab's Drive mount dropped: say what to do
+                    self._lose(f"its run storage stopped answering for {since:.0f} s: {mount_advice(self._last_error)}")
+                    return
+                why = f"last error {type(self._last_error).__name__}: {self._last_error}" if self._last_error else \
+                    "its storage did not answer"
+                self._lose(f"could not renew its lease for {since:.0f} s ({why}), so another driver may take the run over")
+                return
+            if time.monotonic() - last_try < HEARTBEAT_S or (self._renewal is not None and self._renewal.is_alive()):
+                continue  # not due, or a renewal stalled in storage: the deadline above still runs
+            last_try = time.monotonic()
+            # Each renewal in its own thread, so a call that hangs cannot hold up the deadline.
+            self._renewal = threading.Thread(target=self._renew_once, name="lease-renewal", daemon=True)
+            self._renewal.start()
 
+    def _lose(self, why: str) -> None:
+        with self._lock:
+            if self.lost is not None or self._stop.is_set():
+                return
+            self.lost = why
+            # A first Ctrl-C asks the run for a checkpoint (orchestrator/interrupt.py); a lost lease
+            # must stop it at once instead, as a second press does.
+            from orchestrator import interrupt
+
+            stop = interrupt.active()
+            if stop is not None:
+                stop.requested = True
+            _thread.interrupt_main()
+
+    def check(self) -> None:
+        """Raise the lost-lease RunError if the heartbeat has given the lease up."""
+        if self.lost is not None:
+            raise self.lost_error()
+
+    def verify(self) -> None:
+        """check(), then read run storage: the lease must still be this driver's (before the driver's own
+        last writes, e.g. marking the run completed)."""
+        self.check()
+        try:
+            check_holder(self.run_dir, self.token)
+        except LeaseLostError as exc:
+            self.lost = str(exc)
+            raise self.lost_error() from None
+
+    # ---------------------------------------------------------------- release
     def release(self) -> None:
-        self._stop.set()
-        current = read(self.run_dir)
-        if current is not None and current.token == self.lease.token:
-            fs.remove(self.uri)
+        with self._lock:
+            self._stop.set()
+        if self._held is not None and self.lost is None:
+            try:
+                self._held.release()
+            except Exception:  # noqa: BLE001 - a lease left behind lapses after its TTL
+                pass
 
     def __enter__(self) -> DriverLease:
         self.acquire()
         self._thread.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         self.release()
+        if self.lost is not None and exc_type is not None and not getattr(exc, "lease_lost", False):
+            # The heartbeat's interrupt (a KeyboardInterrupt), or whatever the interrupted run raised.
+            raise self.lost_error() from None

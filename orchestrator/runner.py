@@ -17,7 +17,7 @@ from common.redact import redact_text
 from orchestrator import run_store, tracking
 from orchestrator.failure_policy import STOPPED_CLEANLY
 from orchestrator.interrupt import StopOnInterrupt
-from orchestrator.lease import DriverLease
+from orchestrator.lease import DriverLease, LeaseLostError
 from orchestrator.progress import ProgressDisplay, count_progress
 from storage import fs
 from storage.layout import CURSOR_JSON, ERROR_JSON, FINAL_JSON
@@ -115,11 +115,12 @@ def run(recipe: Recipe, address: str | None = None, console: Console | None = No
         raise RunError(f"run.storage {storage_root}: cannot write there ({reason}); set run.storage to a folder you can "
                        "create and write, or a bucket path with write access (check the credentials)") from None
     # Everything below happens under the run's lease, so two drivers never train one run.
-    with DriverLease(rdir, recipe.run.name):
-        return _run_leased(recipe, rdir, address, console)
+    # A driver that loses the lease stops without committing (orchestrator/lease.py).
+    with DriverLease(rdir, recipe.run.name) as lease:
+        return _run_leased(recipe, rdir, address, console, lease)
 
 
-def _run_leased(recipe: Recipe, rdir: str, address: str | None, console: Console) -> dict[str, Any]:
+def _run_leased(recipe: Recipe, rdir: str, address: str | None, console: Console, lease: DriverLease) -> dict[str, Any]:
     rec = run_store.load(rdir)
     if rec is not None:
         if rec.recipe_sha256 != recipe.sha256():
@@ -187,6 +188,7 @@ def _run_leased(recipe: Recipe, rdir: str, address: str | None, console: Console
         "tracking_uri": rec.tracking_uri,
         "mlflow_run_id": rec.mlflow_run_id,
         "attempt": rec.attempts,
+        "lease_token": lease.token,  # the chief checks it before each commit (storage.lease.check_holder)
     }
     from orchestrator.failure_policy import FatalErrorWatch
     from orchestrator.launcher import launch
@@ -223,6 +225,11 @@ def _run_leased(recipe: Recipe, rdir: str, address: str | None, console: Console
         with ProgressDisplay(rdir, console), watch, stop:
             launch(recipe, config, address)
     except BaseException as exc:
+        lease.check()  # lost: the heartbeat stopped the run; another driver owns run.json now, write nothing
+        fenced = _cause_of_type(exc, LeaseLostError)
+        if fenced is not None:  # the chief found another holder before a commit: the same, seen first by the worker
+            lease.lost = str(fenced)
+            raise lease.lost_error() from None
         if watch.fatal is not None:
             # A failure no restart can fix (failure_policy.py): the watch interrupted fit(), and
             # Ray Train's SIGINT handler aborted the run; whatever that raised, this is the cause.
@@ -247,6 +254,7 @@ def _run_leased(recipe: Recipe, rdir: str, address: str | None, console: Console
         if err:
             raise recorded(err) from exc
         raise failed(_root_cause(exc)) from exc
+    lease.verify()  # still ours in run storage, before this driver's last writes
     if watch.fatal is not None:
         raise recorded(watch.fatal)
     final = _read_optional(rdir, FINAL_JSON) or {}
@@ -334,6 +342,17 @@ def _copy_tracking_store(rec: run_store.RunRecord, rdir: str) -> None:
 def _plan_line(plan: Plan) -> str:
     chunks = " + ".join(f"{s.name} {s.num_chunks}" for s in plan.stages)
     return f"{len(plan.train_ids)} train / {len(plan.eval_ids)} eval samples, chunks: {chunks}"
+
+
+def _cause_of_type(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """`exc` or the first exception of `kind` in its chain of causes (Ray wraps worker errors)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, kind):
+            return seen
+        nxt = getattr(seen, "cause", None) or seen.__cause__
+        seen = None if nxt is seen else nxt
+    return None
 
 
 def _root_cause(exc: BaseException) -> str:

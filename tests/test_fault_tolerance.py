@@ -223,6 +223,38 @@ def test_two_drivers_racing_train_the_run_once(tmp_path, tiny_dataset):
     assert_completed_exactly_once(tmp_path, None, interruptions=0)
 
 
+def test_a_driver_that_loses_its_lease_mid_run_stops_and_writes_nothing_more(tmp_path, tiny_dataset, monkeypatch):
+    """Another driver takes the lease over while this one trains (a Drive folder on two VMs, a stall
+    past the TTL): at its next heartbeat the driver stops at once, says who holds the lease, and
+    leaves the run's record to the new holder (no 'failed', no 'interrupted', no final)."""
+    from storage import lease as slease
+
+    monkeypatch.setenv("ORCHESTRATOR_LEASE_HEARTBEAT_S", "0.5")
+    path = write_recipe(tmp_path / "r.yaml", slow_recipe(tiny_dataset))
+    run_dir = tmp_path / "runs" / "tiny"
+    proc = start_cli("run", path, cwd=tmp_path, log=tmp_path / "run.log")
+    try:
+        wait_for_cursor(run_dir, lambda c: True, proc)  # the first checkpoint committed: training is under way
+        now = time.time()
+        other = slease.Lease("elsewhere:4242", "f" * 32, now, now)  # live for a minute: the test needs seconds
+        (run_dir / "lease.tmp").write_bytes(other.encode())
+        os.replace(run_dir / "lease.tmp", run_dir / "lease.json")
+        code = proc.wait(timeout=120)
+    finally:
+        kill_group(proc)
+    log = (tmp_path / "run.log").read_text()
+    assert code == 1, log[-3000:]
+    assert "lost its lease to elsewhere:4242" in log and "stopped without committing" in log, log[-3000:]
+    assert json.loads((run_dir / "lease.json").read_text())["token"] == other.token
+    assert json.loads((run_dir / "run.json").read_text())["state"] == "running"
+    assert not (run_dir / "final.json").exists()
+    # Fenced: nothing this driver snapshotted after the takeover was committed.
+    from storage import checkpoints
+
+    assert all(json.loads((run_dir / n / "meta.json").read_text())["saved_at"] < now
+               for n in checkpoints.list_complete(str(run_dir)))
+
+
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny_dataset, reference_sha):
     """A checkpoint whose bytes no longer match its sha256 is skipped with a warning naming it."""
     path = write_recipe(tmp_path / "r.yaml", slow_recipe(tiny_dataset))

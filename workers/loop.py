@@ -21,7 +21,7 @@ import torch
 
 from common.plan import Plan, batches_for_rank, rank_slice, steps_per_chunk
 from common.recipe import Recipe, StageSection
-from storage import checkpoints, fs
+from storage import checkpoints, fs, lease
 from storage.layout import CURSOR_JSON, ERROR_JSON, FINAL_JSON, PROGRESS_JSON, RESTARTS_JSON
 from storage.retry import RETRY_COUNTER, MountDropped, StorageError, StorageUnavailable
 from storage.shards import DatasetError, open_dataset
@@ -171,6 +171,7 @@ class Trainer:
         # run stops within 2x max_nonfinite_steps of its first NaN (flush_every_steps is 20).
         self._drain_every = min(recipe.tracking.flush_every_steps, recipe.execution.max_nonfinite_steps)
         self._taken: set[str] = set()  # checkpoint folder names in run storage at the restore
+        self._lease_token: str | None = config.get("lease_token")  # the driver's (orchestrator/lease.py)
         self._data_wait = 0.0
         self._steps_this_process = 0
         total_steps = sum(self._stage_steps(s) for s in range(len(recipe.stages)))
@@ -579,6 +580,10 @@ class Trainer:
 
         def write(local_dir: str) -> None:
             checkpoints.write_local(local_dir, sd, meta)
+            if self._lease_token:
+                # Fenced: the files go up only while the lease is still our driver's, so a driver that
+                # lost it (its storage stalled past the TTL) can at worst waste compute, never commit.
+                lease.check_holder(self.run_dir, self._lease_token)
 
         if writer.background:
             upload = self.session.start_upload(metrics, name, write)
