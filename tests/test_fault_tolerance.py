@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -158,9 +159,12 @@ def test_a_stop_on_a_chunks_last_step_is_recorded_with_its_cause(tmp_path, tiny_
     assert (rec["cause"], rec["resumed_at_step"], rec["steps_lost"]) == (cause, 10, 0)
 
 
-def _kill_during_checkpoint_write(tmp_path: Path, recipe: dict, reference_sha: str, settle_s: float, reach_s: float) -> None:
+def _kill_during_checkpoint_write(tmp_path: Path, recipe: dict, reference_sha: str, settle_s: float, reach_s: float,
+                                  lose_newest: bool = False) -> None:
     """Hold one checkpoint's write after its state file and before its completion marker, SIGKILL
-    the driver's session there, and check that the same command resumes from the checkpoint before."""
+    the driver's session there, and check that the same command resumes from the checkpoint before.
+    lose_newest: also delete the newest complete checkpoint's folder, which Ray Train's own record
+    still names (a VM lost while Drive synced that record but not the folder)."""
     path = write_recipe(tmp_path / "r.yaml", recipe)
     run_dir = tmp_path / "runs" / "tiny"
     partial = "ckpt-000000040"
@@ -181,9 +185,16 @@ def _kill_during_checkpoint_write(tmp_path: Path, recipe: dict, reference_sha: s
     assert not (run_dir / partial / "meta.json").exists()
     mid = status_json(tmp_path)
     assert mid["final"] is None and any(c["times_trained"] == 1 for c in mid["chunk_log"])
+    if lose_newest:
+        newest = sorted(p.name for p in run_dir.glob("ckpt-*") if (p / "meta.json").exists())[-1]
+        assert newest in (run_dir / "checkpoint_manager_snapshot.json").read_text()
+        shutil.rmtree(run_dir / newest)
     again = run_cli("run", path, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming" in again.stderr
+    if lose_newest:
+        assert "checkpoint record" in again.stderr and (run_dir / "checkpoint_manager_snapshot.json.stale").exists()
+    assert not (run_dir / partial).exists(), "a half-written folder stays after newer checkpoints commit"
     st = assert_completed_exactly_once(tmp_path, reference_sha)
     assert st["mlflow_run_id"] == mid["mlflow_run_id"]
     assert all(c["world_size"] == 1 for c in st["chunk_log"])
@@ -199,7 +210,8 @@ def test_driver_sigkill_mid_checkpoint_resumes_from_the_previous_one(tmp_path, t
     command resumes from the checkpoint before, in the same MLflow run, and TorchTrainer runs the
     same loop as the in-process backend (same plan, same batches): the weights equal the
     uninterrupted in-process run's."""
-    _kill_during_checkpoint_write(tmp_path, slow_recipe(tiny_dataset, backend="ray"), reference_sha, settle_s=1, reach_s=180)
+    _kill_during_checkpoint_write(tmp_path, slow_recipe(tiny_dataset, backend="ray"), reference_sha, settle_s=1, reach_s=180,
+                                  lose_newest=True)
 
 
 def test_driver_sigkill_mid_checkpoint_in_process_resumes_from_the_previous_one(tmp_path, tiny_dataset, reference_sha):
@@ -253,25 +265,3 @@ def test_a_driver_that_loses_its_lease_mid_run_stops_and_writes_nothing_more(tmp
 
     assert all(json.loads((run_dir / n / "meta.json").read_text())["saved_at"] < now
                for n in checkpoints.list_complete(str(run_dir)))
-
-
-def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny_dataset, reference_sha):
-    """A checkpoint whose bytes no longer match its sha256 is skipped with a warning naming it."""
-    path = write_recipe(tmp_path / "r.yaml", slow_recipe(tiny_dataset))
-    run_dir = tmp_path / "runs" / "tiny"
-    proc = start_cli("run", path, cwd=tmp_path, log=tmp_path / "run.log")
-    try:
-        wait_for_cursor(run_dir, _in_stage_two, proc)
-    finally:
-        kill_group(proc)
-    names = sorted(p.name for p in run_dir.iterdir() if p.name.startswith("ckpt-") and (p / "meta.json").exists())
-    assert len(names) <= 3, "retention keeps checkpoint.keep complete checkpoints"
-    newest = run_dir / names[-1] / "state.pt"
-    data = bytearray(newest.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    newest.write_bytes(bytes(data))
-    res = run_cli("run", path, cwd=tmp_path)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert names[-1] in res.stderr and "unusable" in res.stderr
-    st = assert_completed_exactly_once(tmp_path, reference_sha)
-    assert _interruption(st)["resumed_at_step"] == int(names[-2].removeprefix("ckpt-"))
