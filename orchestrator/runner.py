@@ -127,6 +127,7 @@ def _run_leased(recipe: Recipe, rdir: str, address: str | None, console: Console
             )
         _restore_tracking_store(recipe, rdir, rec, console)
         if rec.state == "completed":
+            tracking.deliver_leftovers(rec.tracking_uri, rec.mlflow_run_id, rdir)  # MLflow was down at its end
             final = run_store.read_optional(rdir, FINAL_JSON)
             console.print(f"run '{recipe.run.name}' already completed; not training again. `orchestrator status {recipe.run.name}` shows it.")
             return final or {}

@@ -131,6 +131,18 @@ def mark_running_if_present(tracking_uri: str, run_id: str) -> bool:
     return True
 
 
+def deliver_leftovers(tracking_uri: str, run_id: str | None, run_dir: str) -> None:
+    """A completed run whose end found MLflow down left what it could not send (metric points,
+    tags, artifacts) in run storage (workers/mlflow_sink.py): sent now, once, and the MLflow run
+    marked FINISHED; still down, one warning line again. Nothing to do is one listing."""
+    from workers.mlflow_sink import MlflowSink, has_leftovers
+
+    if run_id is None or not has_leftovers(run_dir):
+        return
+    if MlflowSink(tracking_uri, run_id, run_dir).close(wait_s=0):
+        end_run(tracking_uri, run_id, "FINISHED")
+
+
 def _tolerant(tracking_uri: str, what: str, call) -> None:
     """Run an MLflow call with a few quick retries (not MLflow's four minutes); an outage (no
     connection, a timeout, a 5xx) is one warning line, any other error is raised."""

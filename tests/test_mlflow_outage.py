@@ -14,6 +14,7 @@ import pytest
 
 from tests.conftest import (
     kill_group,
+    run_cli,
     slow_recipe,
     start_cli,
     status_json,
@@ -112,6 +113,58 @@ def test_an_mlflow_outage_mid_run_loses_no_point_and_stops_no_training(tmp_path,
 
 
 
+
+def test_a_run_killed_during_an_outage_resumes_and_ends_with_mlflow_down_then_delivers_everything(
+        tmp_path, tiny_dataset, reference_sha, server, monkeypatch):
+    """The points MLflow did not take stay pending in every checkpoint: a process lost while
+    MLflow is down loses none of them. The resumed one (MLflow still down) completes the run and
+    leaves what it could not send in run storage; the next `orchestrator run`, MLflow back,
+    sends it: one point per (metric, step), the artifacts, and the run FINISHED."""
+    monkeypatch.setenv("ORCHESTRATOR_MLFLOW_RETRY_S", "0.5")
+    monkeypatch.setenv("ORCHESTRATOR_MLFLOW_FINAL_WAIT_S", "1")
+    recipe = slow_recipe(tiny_dataset)
+    recipe["tracking"]["uri"] = server.uri
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    proc = start_cli("run", path, cwd=tmp_path, log=tmp_path / "run.log")
+    run_dir = tmp_path / "runs" / "tiny"
+    try:
+        down_at = wait_for_cursor(run_dir, lambda c: c["global_step"] >= 10, proc)["global_step"]
+        server.stop()
+        wait_for_cursor(run_dir, lambda c: c["global_step"] >= down_at + 15, proc)  # three checkpoints with MLflow down
+    finally:
+        kill_group(proc)
+    assert "buffering metrics, training goes on" in (tmp_path / "run.log").read_text()
+
+    res = run_cli("run", path, cwd=tmp_path)  # MLflow still down: the run resumes and completes
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "still unreachable at the end of the run" in res.stderr and "Traceback" not in res.stderr, res.stderr[-4000:]
+    assert (run_dir / "mlflow-spill").is_dir()
+
+    server.start()
+    res = run_cli("run", path, cwd=tmp_path)  # already completed: sends what was left
+    assert res.returncode == 0 and "already completed" in res.stdout + res.stderr, res.stderr[-4000:]
+    from workers.mlflow_sink import has_leftovers
+
+    assert not has_leftovers(str(run_dir))
+
+    st = status_json(tmp_path)
+    assert st["state"] == "completed" and st["interruptions"] == 1
+    assert st["final"]["weights_sha256"] == reference_sha
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=server.uri)
+    run = client.get_run(st["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["orchestrator.weights_sha256"] == reference_sha
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
+    assert steps == list(range(1, st["global_step"] + 1)), "not exactly one train/loss point per step"
+    for key in run.data.metrics:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert len(steps) == len(set(steps)), f"{key}: a step logged twice"
+    top = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"model", "final.json"} <= top
+
+
 # ------------------------------------------------------------- the sink on its own (no server)
 class FakeClient:
     """MLflow's client as the sink uses it; `down` makes every call fail as a refused connection,
@@ -197,6 +250,8 @@ def test_the_sink_keeps_points_tags_and_artifacts_through_an_outage_and_sends_ea
 
 
 def test_over_the_bound_points_go_to_run_storage_and_a_later_process_sends_them(tmp_path, monkeypatch, caplog):
+    from workers.mlflow_sink import has_leftovers
+
     client = FakeClient()
     client.down = True
     sink = _sink(tmp_path, client, monkeypatch, bound=10)
@@ -206,10 +261,14 @@ def test_over_the_bound_points_go_to_run_storage_and_a_later_process_sends_them(
     assert "saved to" in caplog.text and "over the bound of 10" in caplog.text
     sink.log_metrics(_pts(15, 18))
     sink.set_tags({"t": "1"})
+    model = tmp_path / "state_dict.pt"
+    model.write_bytes(b"weights")
+    sink.log_artifact(str(model), "model")
     assert sink.close(wait_s=0) is False  # still down at the end: the run completes all the same
     end = [r.getMessage() for r in caplog.records if "at the end of the run" in r.getMessage()]
-    assert len(end) == 1 and "17 metric points" in end[0] and "1 tags" in end[0], end
+    assert len(end) == 1 and "17 metric points" in end[0] and "1 tags and 1 artifacts (state_dict.pt)" in end[0], end
     assert str(tmp_path / "mlflow-spill") in end[0] and "hunter2" not in caplog.text
+    assert has_leftovers(str(tmp_path))
 
     # The next process (a resume) finds them and sends them, oldest first, none twice.
     client.down = False
@@ -218,7 +277,8 @@ def test_over_the_bound_points_go_to_run_storage_and_a_later_process_sends_them(
     nxt.log_metrics([], dedupe=True)
     nxt.resume({"train/loss"})
     assert [s for _, _, s in client.points] == list(range(1, 18))
-    assert [n for n in os.listdir(tmp_path / "mlflow-spill") if n[0].isdigit()] == []
+    assert client.tags == {"t": "1"} and client.artifacts == [("state_dict.pt", "model", b"weights")]
+    assert not has_leftovers(str(tmp_path))
     assert nxt.floor["train/loss"] == 17  # re-trained steps at or below are not sent again
 
 

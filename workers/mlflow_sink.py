@@ -32,6 +32,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from common.redact import redact_text
@@ -51,6 +52,27 @@ _QUICK_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACK
 _ARTIFACT_TIMEOUT = "60"  # an upload (the final model) may take longer than a metric batch
 
 Point = tuple[str, float, int]
+TAGS_JSON = "tags.json"
+ARTIFACTS_DIR = "artifacts"
+
+
+@dataclass
+class _Artifact:
+    name: str
+    artifact_path: str | None
+    local: str | None  # a copy on this machine
+    stored: str | None = None  # <run>/mlflow-spill/artifacts/NNNN (.json, .data) while MLflow is down
+
+
+def has_leftovers(run_dir: str) -> bool:
+    """Whether a process left points, tags or artifacts in run storage for MLflow."""
+    from storage import fs
+
+    spill = f"{run_dir.rstrip('/')}/{SPILL_DIR}"
+    names = fs.listdir(spill)
+    if any(n[:1].isdigit() or n == TAGS_JSON for n in names):
+        return True
+    return ARTIFACTS_DIR in names and any(n.endswith(".json") for n in fs.listdir(f"{spill}/{ARTIFACTS_DIR}"))
 
 
 @contextmanager
@@ -112,10 +134,13 @@ class MlflowSink:
         self._buffered: set[tuple[str, int]] = set()
         self._dedupe = False  # ask MLflow which steps it holds before sending the buffer
         self._tags: dict[str, str] = {}
-        self._artifacts: list[tuple[str, str | None]] = []  # (a copy of the file, artifact_path)
+        self._artifacts: list[_Artifact] = []
         self._artifact_tmp: str | None = None
         self._spill_dir = f"{run_dir.rstrip('/')}/{SPILL_DIR}" if run_dir else None
-        self._spilled = self._list_spill()  # left by an earlier process: sent first
+        # Left by an earlier process (lost during an outage, or a run that ended with MLflow down): sent first.
+        self._spilled = self._list_spill()
+        self._tags_stored = self._load_stored_tags()
+        self._artifacts += self._list_stored_artifacts()
         self._down_since: float | None = None
         self._next_try = 0.0
         self._kept_during_outage = 0
@@ -139,14 +164,16 @@ class MlflowSink:
             self._spill()
 
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
-        # The caller's file is usually in a temporary folder that goes away: keep a copy until sent.
+        # The caller's file is usually in a temporary folder that goes away: keep a copy until sent,
+        # and while MLflow is down one in run storage too, which a later process sends.
         if self._artifact_tmp is None:
             self._artifact_tmp = tempfile.mkdtemp(prefix="orch-mlflow-artifacts-")
         keep = os.path.join(self._artifact_tmp, f"{len(os.listdir(self._artifact_tmp)):04d}", os.path.basename(local_path))
         os.makedirs(os.path.dirname(keep))
         shutil.copy2(local_path, keep)
-        self._artifacts.append((keep, artifact_path))
-        self.flush()
+        self._artifacts.append(_Artifact(os.path.basename(local_path), artifact_path, keep))
+        if not self.flush():
+            self._store_artifacts()
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         self._tags.update({k: str(v) for k, v in tags.items()})
@@ -190,19 +217,20 @@ class MlflowSink:
         n_points = len(self._buffer) + sum(n for _, n in self._spilled_counts())
         described = self._describe_points()
         saved = ""
-        if self._spill_dir is not None and (self._buffer or self._tags):
+        if self._spill_dir is not None:
             try:
                 from storage import fs
 
-                self._spill()
+                self._spill(quiet=True)
                 if self._tags:
-                    fs.write_json(f"{self._spill_dir}/tags.json", self._tags)
-                saved = f"; its points and tags are saved in {self._spill_dir}"
+                    fs.write_json(f"{self._spill_dir}/{TAGS_JSON}", self._tags)
+                self._store_artifacts()
+                saved = (f"; they are saved in {self._spill_dir} and the next `orchestrator run` of this run sends them")
             except Exception as exc:  # noqa: BLE001 - the run still completes; say what was not kept
                 saved = f"; could not save them to run storage either ({type(exc).__name__})"
         log.warning("MLflow at %s still unreachable at the end of the run: %d metric points (%s), %d tags and %d artifacts "
                     "(%s) not delivered%s", self.where, n_points, described, len(self._tags),
-                    len(self._artifacts), ", ".join(os.path.basename(p) for p, _ in self._artifacts) or "none", saved)
+                    len(self._artifacts), ", ".join(a.name for a in self._artifacts) or "none", saved)
         return False
 
     # ---------------------------------------------------------------- sending
@@ -278,14 +306,33 @@ class MlflowSink:
             for i in range(0, len(tags), 100):
                 self._call(self.client.log_batch, self.run_id, tags=tags[i : i + 100])
             self._tags = {}
+            if self._tags_stored:
+                from storage import fs
+
+                fs.remove(f"{self._spill_dir}/{TAGS_JSON}")
+                self._tags_stored = False
         n_art = 0
         while self._artifacts:
-            path, artifact_path = self._artifacts[0]
-            self._call(self.client.log_artifact, self.run_id, path, artifact_path, timeout=_ARTIFACT_TIMEOUT)
+            self._send_artifact(self._artifacts[0])
             self._artifacts.pop(0)
-            shutil.rmtree(os.path.dirname(path), ignore_errors=True)
             n_art += 1
         return n_points, n_tags, n_art
+
+    def _send_artifact(self, art: _Artifact) -> None:
+        from storage import fs
+
+        if art.local is None or not os.path.exists(art.local):  # only in run storage: an earlier process's
+            if self._artifact_tmp is None:
+                self._artifact_tmp = tempfile.mkdtemp(prefix="orch-mlflow-artifacts-")
+            art.local = os.path.join(self._artifact_tmp, f"stored-{os.path.basename(art.stored or '')}", art.name)
+            os.makedirs(os.path.dirname(art.local), exist_ok=True)
+            with open(art.local, "wb") as f:
+                f.write(fs.read_bytes(f"{art.stored}.data"))
+        self._call(self.client.log_artifact, self.run_id, art.local, art.artifact_path, timeout=_ARTIFACT_TIMEOUT)
+        shutil.rmtree(os.path.dirname(art.local), ignore_errors=True)
+        if art.stored is not None:
+            fs.remove(f"{art.stored}.json")  # the record first: a data file without one is never sent
+            fs.remove(f"{art.stored}.data")
 
     def _went_down(self, exc: BaseException) -> None:
         self._next_try = time.monotonic() + RETRY_S
@@ -307,7 +354,7 @@ class MlflowSink:
             log.warning("could not list %s", self._spill_dir, exc_info=True)
             return []
 
-    def _spill(self) -> None:
+    def _spill(self, quiet: bool = False) -> None:
         """The buffer to run storage, memory starts again (the points stay in order: files are
         sent first, by name). Without run storage to spill to, the buffer just grows."""
         if self._spill_dir is None or not self._buffer:
@@ -317,8 +364,9 @@ class MlflowSink:
         seq = max((int(os.path.basename(u)[:6]) for u in self._spilled), default=-1) + 1
         uri = f"{self._spill_dir}/{seq:06d}.json"
         fs.write_json(uri, {"run_id": self.run_id, "points": [list(p) for p in self._buffer]})
-        log.warning("MLflow at %s still unreachable: %d metric points (over the bound of %d in memory) saved to %s; "
-                    "sent from there when MLflow is back", self.where, len(self._buffer), MAX_BUFFER, uri)
+        if not quiet:
+            log.warning("MLflow at %s still unreachable: %d metric points (over the bound of %d in memory) saved to %s; "
+                        "sent from there when MLflow is back", self.where, len(self._buffer), MAX_BUFFER, uri)
         self._spilled.append(uri)
         self._buffer, self._buffered = [], set()
 
@@ -341,6 +389,53 @@ class MlflowSink:
         if self._spilled:
             parts.append(f"{len(self._spilled)} spilled files")
         return ", ".join(parts[:6]) + (", ..." if len(parts) > 6 else "") if parts else "none"
+
+    def _load_stored_tags(self) -> bool:
+        if self._spill_dir is None:
+            return False
+        from storage import fs
+
+        try:
+            self._tags.update(fs.read_json(f"{self._spill_dir}/{TAGS_JSON}"))
+            return True
+        except Exception:  # noqa: BLE001 - none left (the usual case), or unreadable: nothing to resend
+            return False
+
+    def _list_stored_artifacts(self) -> list[_Artifact]:
+        if self._spill_dir is None:
+            return []
+        from storage import fs
+
+        out = []
+        try:
+            for n in fs.listdir(f"{self._spill_dir}/{ARTIFACTS_DIR}"):
+                if n.endswith(".json"):
+                    rec = fs.read_json(f"{self._spill_dir}/{ARTIFACTS_DIR}/{n}")
+                    out.append(_Artifact(rec["name"], rec["artifact_path"], None, f"{self._spill_dir}/{ARTIFACTS_DIR}/{n[:-5]}"))
+        except Exception:  # noqa: BLE001 - unreadable run storage shows up elsewhere
+            log.warning("could not list %s/%s", self._spill_dir, ARTIFACTS_DIR, exc_info=True)
+        return out
+
+    def _store_artifacts(self) -> None:
+        """The artifacts not yet sent, to run storage (once each): a process lost while MLflow is
+        down, or a run that ends with it down, leaves them for a later one."""
+        if self._spill_dir is None:
+            return
+        from storage import fs
+
+        for art in self._artifacts:
+            if art.stored is not None:
+                continue
+            try:
+                taken = {n.split(".")[0] for n in fs.listdir(f"{self._spill_dir}/{ARTIFACTS_DIR}")}
+                seq = max((int(n) for n in taken if n.isdigit()), default=-1) + 1
+                stored = f"{self._spill_dir}/{ARTIFACTS_DIR}/{seq:04d}"
+                with open(art.local, "rb") as f:
+                    fs.write_bytes(f"{stored}.data", f.read())
+                fs.write_json(f"{stored}.json", {"name": art.name, "artifact_path": art.artifact_path})
+                art.stored = stored
+            except Exception:  # noqa: BLE001 - it is still kept in memory for this process
+                log.warning("could not save MLflow artifact %s to run storage", art.name, exc_info=True)
 
     def _drop_artifact_tmp(self) -> None:
         if self._artifact_tmp is not None:
