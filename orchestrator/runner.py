@@ -13,7 +13,7 @@ from rich.console import Console
 from common.errors import RecipeError, RunError, RunInterrupted
 from common.plan import Plan, plan_for_dataset
 from common.recipe import Recipe
-from orchestrator import run_store, tracking
+from orchestrator import memory_check, run_store, tracking
 from orchestrator.interrupt import StopOnInterrupt
 from orchestrator.lease import DriverLease
 from orchestrator.progress import ProgressDisplay, count_progress
@@ -142,6 +142,7 @@ def _run_leased(recipe: Recipe, rdir: str, address: str | None, console: Console
     tracking_uri = tracking.resolve_tracking_uri(recipe.tracking.uri)
     if rec is None:
         plan = plan_for_dataset(recipe, ds)
+        memory_check.check_chunks_fit(recipe, plan, ds)  # a chunk no worker can hold: exit 2 before anything exists
         # A bad tracking.uri fails here, leaving no plan. In local mode a new experiment keeps its
         # artifacts (prediction grids, the final model) in run storage, where they outlive the VM.
         exp_id = tracking.ensure_experiment(tracking_uri, recipe.tracking.experiment,
