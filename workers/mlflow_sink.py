@@ -143,7 +143,6 @@ class MlflowSink:
         self._artifacts += self._list_stored_artifacts()
         self._down_since: float | None = None
         self._next_try = 0.0
-        self._kept_during_outage = 0
 
     # ----------------------------------------------------------------- public
     def resume(self, keys: set[str]) -> None:
