@@ -14,7 +14,7 @@ from common.errors import RecipeError, RunError, RunInterrupted
 from common.plan import Plan, plan_for_dataset
 from common.recipe import Recipe
 from common.redact import redact_text
-from orchestrator import run_store, tracking
+from orchestrator import memory_check, run_store, tracking
 from orchestrator.failure_policy import STOPPED_CLEANLY
 from orchestrator.interrupt import StopOnInterrupt
 from orchestrator.lease import DriverLease, LeaseLostError
@@ -130,6 +130,7 @@ def _run_leased(recipe: Recipe, rdir: str, address: str | None, console: Console
             )
         _restore_tracking_store(recipe, rdir, rec, console)
         if rec.state == "completed":
+            tracking.deliver_leftovers(rec.tracking_uri, rec.mlflow_run_id, rdir)  # MLflow was down at its end
             final = run_store.read_optional(rdir, FINAL_JSON)
             console.print(f"run '{recipe.run.name}' already completed; not training again. `orchestrator status {recipe.run.name}` shows it.")
             return final or {}
@@ -144,6 +145,7 @@ def _run_leased(recipe: Recipe, rdir: str, address: str | None, console: Console
     tracking_uri = tracking.resolve_tracking_uri(recipe.tracking.uri)
     if rec is None:
         plan = plan_for_dataset(recipe, ds)
+        memory_check.check_chunks_fit(recipe, plan, ds)  # a chunk no worker can hold: exit 2 before anything exists
         # A bad tracking.uri fails here, leaving no plan. In local mode a new experiment keeps its
         # artifacts (prediction grids, the final model) in run storage, where they outlive the VM.
         exp_id = tracking.ensure_experiment(tracking_uri, recipe.tracking.experiment,

@@ -106,8 +106,10 @@ def set_tags(tracking_uri: str, run_id: str, tags: dict[str, Any]) -> None:
 
 
 def end_run(tracking_uri: str, run_id: str, status: str) -> None:
-    """status: FINISHED, FAILED or KILLED. A resumed run is set back to RUNNING first."""
-    _client(tracking_uri).set_terminated(run_id, status=status)
+    """status: FINISHED, FAILED or KILLED. A resumed run is set back to RUNNING first. An MLflow
+    server that is down does not turn the run's end into a traceback: one warning line."""
+    _tolerant(tracking_uri, f"mark MLflow run {run_id} {status}",
+              lambda: _client(tracking_uri).set_terminated(run_id, status=status))
 
 
 def mark_running(tracking_uri: str, run_id: str) -> None:
@@ -116,13 +118,46 @@ def mark_running(tracking_uri: str, run_id: str) -> None:
 
 def mark_running_if_present(tracking_uri: str, run_id: str) -> bool:
     """mark_running; False when the store does not hold the run (a local store lost with its
-    machine, and no copy in run storage to restore it from)."""
+    machine, and no copy in run storage to restore it from). A server that is down: a warning,
+    and training resumes (its metrics wait in the chief's buffer: workers/mlflow_sink.py)."""
     from mlflow.exceptions import MlflowException
 
     try:
-        mark_running(tracking_uri, run_id)
+        _tolerant(tracking_uri, f"mark MLflow run {run_id} RUNNING", lambda: mark_running(tracking_uri, run_id))
     except MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             return False
         raise
     return True
+
+
+def deliver_leftovers(tracking_uri: str, run_id: str | None, run_dir: str) -> None:
+    """A completed run whose end found MLflow down left what it could not send (metric points,
+    tags, artifacts) in run storage (workers/mlflow_sink.py): sent now, once, and the MLflow run
+    marked FINISHED; still down, one warning line again. Nothing to do is one listing."""
+    from workers.mlflow_sink import MlflowSink, has_leftovers
+
+    if run_id is None or not has_leftovers(run_dir):
+        return
+    if MlflowSink(tracking_uri, run_id, run_dir).close(wait_s=0):
+        end_run(tracking_uri, run_id, "FINISHED")
+
+
+def _tolerant(tracking_uri: str, what: str, call) -> None:
+    """Run an MLflow call with a few quick retries (not MLflow's four minutes); an outage (no
+    connection, a timeout, a 5xx) is one warning line, any other error is raised."""
+    import logging
+
+    from common.redact import redact_text
+    from workers.mlflow_sink import is_transient, quick_http
+
+    try:
+        with quick_http(retries="2"):
+            call()
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        text = redact_text(" ".join(str(exc).split()))[:200]
+        logging.getLogger(__name__).warning("MLflow at %s unreachable: could not %s (%s: %s); the run goes on, "
+                                            "MLflow shows its old status until the next run", redact_text(tracking_uri),
+                                            what, type(exc).__name__, text)

@@ -156,7 +156,7 @@ class Trainer:
         if session.is_chief and config.get("mlflow_run_id"):
             from workers.mlflow_sink import MlflowSink
 
-            self.sink = MlflowSink(config["tracking_uri"], config["mlflow_run_id"])
+            self.sink = MlflowSink(config["tracking_uri"], config["mlflow_run_id"], self.run_dir)
             self.sink.set_tags(self.precision.tags())
         self._store_copy_uri = config["tracking_uri"] if self.sink is not None and tracking_store.sqlite_path(config.get("tracking_uri")) else None
         self._loss_buf: list[tuple[int, Sequence[torch.Tensor]]] = []
@@ -241,7 +241,9 @@ class Trainer:
             # Points this checkpoint carried may or may not have reached MLflow before the cut.
             self.sink.log_metrics(self.state.pending_metrics, dedupe=True)
             self.sink.resume({*self.task.metric_keys(self.task.info), *PERF_KEYS})
-        self.state.pending_metrics.clear()
+        # What MLflow did not take (it is down: workers/mlflow_sink.py) stays pending, so the
+        # next checkpoint carries it again.
+        self.state.pending_metrics[:] = self.sink.undelivered() if self.sink is not None else []
         log.warning("resumed from %s at %s", meta.get("name"), c)
         return True
 
@@ -620,6 +622,10 @@ class Trainer:
             for point in carried:
                 if point in pending:
                     pending.remove(point)
+        if self.sink is not None:
+            # MLflow down: the points it has not taken stay pending, oldest first, and every
+            # checkpoint carries them until they land (the sink skips those it already sent).
+            pending[:0] = self.sink.undelivered()
         if self.sink is not None and self._store_copy_uri is not None:
             # Local mode (sqlite): the run's MLflow records go to run storage with every checkpoint.
             # The copy is taken after this checkpoint's points reached the store, so it holds them;
@@ -680,6 +686,7 @@ class Trainer:
                     json.dump(final, f, indent=2)
                 self.sink.log_artifact(os.path.join(tmp, "final.json"))
             self.sink.set_tags({"orchestrator.weights_sha256": sha})
+            self.sink.close()  # a bounded wait for an MLflow that is down; the run completes either way
         fs.write_json(fs.join(self.run_dir, FINAL_JSON), final)
         self._progress("done", force=True)
 
