@@ -49,6 +49,15 @@ class LoopbackCluster:
             self.stop()  # a half-started head must not outlive the test that wanted it
             raise
 
+    @classmethod
+    def adopt(cls, port: int) -> LoopbackCluster:
+        """A cluster something else started (tests/test_cluster_auth.py runs the YAML's own `ray start`
+        lines) on loopback at `port`: found, watched and stopped the same way."""
+        self = cls.__new__(cls)
+        self.port, self.address, self.session_dir = port, f"127.0.0.1:{port}", ""
+        self.session_dir = self._find_session_dir()
+        return self
+
     def add_node(self, num_cpus: int = 1, num_gpus: int = 0) -> None:
         """A worker node; num_gpus advertises fake GPUs (Ray resources only, no CUDA behind them)."""
         ray_cli("start", f"--address={self.address}", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",

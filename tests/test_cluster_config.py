@@ -24,6 +24,10 @@ import yaml
 from packaging.requirements import InvalidRequirement, Requirement
 
 REPO = Path(__file__).resolve().parents[1]
+AUTOSCALER_ACCOUNT = "ray-autoscaler-sa-v1@"  # Ray's own: roles/owner-like, given to the head
+WORKER_ACCOUNT = "orchestrator-worker@YOUR_GCP_PROJECT.iam.gserviceaccount.com"
+# A commit, or the placeholder the docs tell users to replace with one (never a movable tag or branch).
+COMMIT = r"(?:[0-9a-f]{40}|YOUR_COMMIT_SHA)"
 GPU_CONFIG = REPO / "ray_cluster.yaml"
 TPU_CONFIG = REPO / "ray_cluster.tpu.yaml"
 NOTEBOOK = REPO / "notebooks" / "colab_quickstart.ipynb"
@@ -101,6 +105,12 @@ def install_requirements(config: dict[str, Any]) -> list[str]:
     return reqs
 
 
+def network_tags(node: dict[str, Any]) -> list[str]:
+    """GCE writes tags as {items: [...]}, the TPU API as a list."""
+    tags = node.get("tags") or []
+    return tags.get("items", []) if isinstance(tags, dict) else tags
+
+
 def is_spot(scheduling: dict[str, Any]) -> bool:
     return scheduling.get("preemptible") is True or scheduling.get("provisioningModel") == "SPOT"
 
@@ -160,7 +170,8 @@ def test_head_state_outlives_the_head(path):
     assert mount, f"{device} should be mounted by the head's start commands"
     assert ("/" + db.group(1)).startswith(mount.group(1) + "/")
     assert re.search(r"--artifacts-destination gs://\S+", start)
-    assert "--host 0.0.0.0" in start
+    # Listening on the VPC is only safe behind authentication (tests/test_cluster_auth.py starts it).
+    assert "--app-name basic-auth" in start
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -184,12 +195,15 @@ def test_every_worker_is_preemptible_and_can_write_run_storage(path):
         # compute account has read-only storage scope and cannot write checkpoints to GCS.
         accounts = node.get("serviceAccounts") or []
         assert accounts and set(accounts[0]["scopes"]) & GCS_WRITE_SCOPES, f"{name}: needs a GCS-writable service account"
+        # Least privilege: the autoscaler's project-wide account stays on the head.
+        assert not any(a["email"].startswith(AUTOSCALER_ACCOUNT) for a in accounts), f"{name}: runs as the autoscaler"
+        assert accounts[0]["email"] == WORKER_ACCOUNT, name
+        assert "orchestrator" in network_tags(node), f"{name}: the firewall rules admit the cluster's tag only"
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_setup_commands_pin_the_project_ray_and_torch_as_pyproject_does(path):
+def test_setup_commands_pin_the_project_by_commit_and_ray_and_torch_as_constraints_do(path):
     config = load(path)
-    version = pyproject()["project"]["version"]
     reqs = install_requirements(config)
     assert reqs, "setup commands should install the project"
     names = {}
@@ -203,14 +217,56 @@ def test_setup_commands_pin_the_project_ray_and_torch_as_pyproject_does(path):
         assert pinned, f"unpinned install {spec!r}: every node and every replacement must run the same code"
     project = names.get("orchestrator")
     assert project is not None, "setup commands should install orchestrator"
-    if project.url:
-        assert project.url.endswith(f"@v{version}"), f"{project} should be pinned to the release tag v{version}"
-    else:
-        assert str(project.specifier) == f"=={version}"
+    # A commit, not a release tag: a tag can be moved, and a worker re-created mid-run must match the head.
+    assert project.url and re.search(rf"@{COMMIT}$", project.url), f"{project} should be pinned to a commit"
     assert not re.search(r"pip install\s+(-\S+\s+)*['\"]?orchestrator['\"]?(\s|$)", " ".join(all_commands(config)))
     for dep in ("ray", "torch"):
         assert dep in names, f"setup commands should pin {dep}"
         assert str(names[dep].specifier) == f"=={pinned_version(dep)}", f"{dep} differs from pyproject.toml"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_install_uses_the_constraints_of_the_commit_it_installs(path):
+    """A worker re-created mid-run installs exactly the head's packages: every pip line is bound by
+    constraints.txt, fetched from the same commit as the project; uv comes from PyPI, not curl | sh."""
+    config = load(path)
+    cmds = all_commands(config)
+    installs = [c for c in cmds if re.search(r"\bpip install\b", c)]
+    assert installs
+    for cmd in installs:
+        assert re.search(r"(^|\s)-c ~/constraints\.txt(\s|$)", cmd), f"{cmd!r}: install without the constraints"
+    fetch = [c for c in cmds if "constraints.txt" in c and "curl" in c]
+    assert len(fetch) == 1, "constraints.txt should be fetched once"
+    commit = re.search(rf"/orchestrator/({COMMIT})/constraints\.txt", fetch[0])
+    project = next(Requirement(r) for r in install_requirements(config) if Requirement(r).name == "orchestrator")
+    assert commit and project.url.endswith("@" + commit.group(1)), "constraints and project from different commits"
+    assert cmds.index(fetch[0]) < min(cmds.index(c) for c in installs)
+    assert not any(re.search(r"\|\s*(ba)?sh\b", c) for c in cmds), "no curl | sh"
+    uv = [r for r in install_requirements(config) if Requirement(r).name == "uv"]
+    assert uv == [f"uv=={pinned_version('uv')}"]
+    assert all("--python-preference only-managed" in c for c in cmds if "uv venv" in c), "the image's Python varies"
+    # The pins cover what the head adds: mlflow[auth]'s Flask-WTF and the autoscaler's GCP client.
+    for dep in ("Flask-WTF", "WTForms", "google-api-python-client", "httplib2"):
+        pinned_version(dep)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_node_starts_ray_with_token_auth_and_the_dashboard_on_loopback(path):
+    config = load(path)
+    mounts = config["file_mounts"]
+    assert mounts.get("~/.ray/auth_token") == "~/.ray/auth_token", "the token made once on your machine"
+    assert "~/.orchestrator/mlflow_password" in mounts
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in config[key] if "ray start" in c]
+        assert len(starts) == 1, key
+        assert "export RAY_AUTH_MODE=token" in starts[0], f"{key}: Ray without token auth"
+        assert 'RAY_AUTH_TOKEN_PATH="$HOME/.ray/auth_token"' in starts[0], key
+        assert "MLFLOW_TRACKING_PASSWORD=\"$(cat ~/.orchestrator/mlflow_password)\"" in starts[0], key
+    head_start = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head_start and "--dashboard-host=0.0.0.0" not in head_start
+    # No secret on a command line or in the file: only the paths of files that hold them.
+    text = path.read_text()
+    assert not re.search(r"(RAY_AUTH_TOKEN|MLFLOW_TRACKING_PASSWORD|MLFLOW_AUTH_ADMIN_PASSWORD)=[^\"$\s]", text)
 
 
 def test_local_ray_matches_the_cluster_ray():

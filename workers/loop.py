@@ -33,6 +33,7 @@ from workers.models.registry import build_from_recipe
 from workers.precision import Precision, as_float
 from workers.preemption import (
     FATAL,
+    GCE,
     INTERRUPT,
     TRAINING_ACTIVE,
     PreemptedError,
@@ -494,7 +495,11 @@ class Trainer:
             raise RuntimeError(f"another rank cannot fetch its part of the next chunk; stopped at step {step}")
         if notice == INTERRUPT:
             raise StopRequested(step)
-        raise PreemptedError(f"preemption notice ({notice}) at step {step}: checkpoint saved, resuming from it")
+        from workers import gce_notice
+
+        # How much of GCE's ~30 s the checkpoint took, from the metadata server's notice to landed.
+        took = f" {time.monotonic() - gce_notice.noticed_at:.2f} s after the notice" if notice == GCE and gce_notice.noticed_at else ""
+        raise PreemptedError(f"preemption notice ({notice}) at step {step}: checkpoint saved{took}, resuming from it")
 
     def _next_chunk(self, s: int, chunk: int) -> tuple[int, int] | None:
         if chunk + 1 < self.plan.stages[s].num_chunks:

@@ -1,4 +1,5 @@
-"""Preemption notices: a node drained for preemption (Ray) or SIGTERM to the worker (what GCE sends).
+"""Preemption notices: a node drained for preemption (Ray), GCE's metadata server saying the VM is
+preempted (workers/gce_notice.py, the earliest on GCE) or SIGTERM to the worker (what GCE sends).
 
 Either one makes the loop take a just-in-time checkpoint and stop with `PreemptedError`, so
 the steps trained before the notice are all kept and Ray Train restarts the worker group on a
@@ -96,9 +97,12 @@ FATAL = "fatal"
 # The user asked the run to stop (Ctrl-C): a checkpoint, then the run ends instead of restarting.
 INTERRUPT = "interrupt"
 
+# GCE's metadata server said this VM is preempted (workers/gce_notice.py).
+GCE = "gce"
+
 # What ranks all-reduce (MAX) to agree on one answer: a higher code outranks a lower one. An
 # interrupt outranks a preemption notice: the user wants the run stopped, not moved.
-_CODES = {None: 0, "drain": 1, "sigterm": 2, INTERRUPT: 3, FATAL: 4}
+_CODES = {None: 0, "drain": 1, GCE: 2, "sigterm": 3, INTERRUPT: 4, FATAL: 5}
 _BY_CODE = {v: k for k, v in _CODES.items()}
 
 
@@ -142,15 +146,22 @@ class PreemptionMonitor:
         self.device = device
         self.every_steps = every_steps
         self.stop = stop
+        # Each worker watches its own VM's metadata server (a thread; none off GCE).
+        from workers import gce_notice
+
+        gce_notice.start()
 
     def notice(self, global_step: int, fatal: bool = False) -> str | None:
-        """"drain" or "sigterm" for a preemption notice, INTERRUPT when the user asked the run to
+        """"drain", GCE or "sigterm" for a preemption notice, INTERRUPT when the user asked the run to
         stop; FATAL when some rank reports (`fatal`) that it cannot go on, which outranks a
         notice: no restart will get further."""
         if global_step % self.every_steps:
             return None
         stop = self.stop is not None and self.stop.requested()
-        reason = FATAL if fatal else INTERRUPT if stop else "sigterm" if SIGTERM_RECEIVED.is_set() else None
+        from workers.gce_notice import PREEMPTED
+
+        reason = (FATAL if fatal else INTERRUPT if stop else "sigterm" if SIGTERM_RECEIVED.is_set()
+                  else GCE if PREEMPTED.is_set() else None)
         if self.backend == "ray":
             import ray.train
 
