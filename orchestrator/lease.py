@@ -34,7 +34,7 @@ from storage.lease import (
     is_live,
     read,
 )
-from storage.retry import MountDropped
+from storage.retry import MountDropped, is_mount_drop
 
 __all__ = ["LEASE_JSON", "LEASE_TTL_S", "HEARTBEAT_S", "LOSS_MARGIN_S", "DriverLease", "Lease", "LeaseLostError",
            "check_holder", "is_live", "read"]
@@ -56,6 +56,7 @@ class DriverLease:
         self.lease = _proto.new_lease()
         self.token = self.lease.token
         self.lost: str | None = None  # why the lease was lost, once it was
+        self.mount_dropped = False  # lost because the mount under run storage dropped (not to another driver)
         self._held: _proto.Held | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -72,6 +73,10 @@ class DriverLease:
         )
 
     def lost_error(self) -> RunError:
+        if self.mount_dropped:
+            err = RunError(f"run '{self.run_name}' stopped: {self.lost}")
+            err.lease_lost = True  # type: ignore[attr-defined]
+            return err
         err = RunError(
             f"run '{self.run_name}': {self.lost}; this driver stopped without committing (checkpoints are committed "
             f"only under the lease). `orchestrator status {self.run_name}` shows who drives it now; if nobody does, "
@@ -106,8 +111,12 @@ class DriverLease:
                 return
             since = time.time() - self.lease.heartbeat_at
             if since > _proto.LEASE_TTL_S - LOSS_MARGIN_S:
-                if isinstance(self._last_error, MountDropped):  # Colab's Drive mount dropped: say what to do
-                    self._lose(f"its run storage stopped answering for {since:.0f} s: {mount_advice(self._last_error)}")
+                if isinstance(self._last_error, MountDropped) or is_mount_drop(self._last_error):
+                    # Colab's Drive mount dropped: say what to do (storage/lease.py calls the OS directly).
+                    dropped = self._last_error if isinstance(self._last_error, MountDropped) else \
+                        MountDropped(f"{self.run_dir}: the mount is not answering ({self._last_error.strerror})", self.run_dir)
+                    self.mount_dropped = True
+                    self._lose(f"its run storage stopped answering for {since:.0f} s: {mount_advice(dropped)}")
                     return
                 why = f"last error {type(self._last_error).__name__}: {self._last_error}" if self._last_error else \
                     "its storage did not answer"
