@@ -288,6 +288,19 @@ def test_renewals_that_fail_past_the_ttl_stop_the_run(tmp_path: Path, fast_lease
             _wait_for_interrupt()
 
 
+def test_renewals_that_meet_a_dropped_mount_stop_the_run_naming_the_remount(tmp_path: Path, fast_lease, monkeypatch):
+    """Colab's Drive mount dropping under run storage: the driver stops with what to do, not an OSError."""
+    run_dir = str(tmp_path / "r")
+
+    def dropped(self, lease, version):
+        raise OSError(107, "Transport endpoint is not connected")
+
+    with pytest.raises(RunError, match=r"stopped: its run storage stopped answering .*force_remount=True.*same command"):
+        with driver_lease.DriverLease(run_dir, "r"):
+            monkeypatch.setattr(slease._LocalStore, "renew", dropped)
+            _wait_for_interrupt()
+
+
 def test_a_live_lease_refuses_a_second_driver_and_a_released_one_is_gone(tmp_path: Path, fast_lease):
     run_dir = str(tmp_path / "r")
     with driver_lease.DriverLease(run_dir, "r") as a:
