@@ -19,7 +19,16 @@ err = Console(stderr=True, soft_wrap=True)
 
 # storage.layouts.TASKS, spelled out here so `--help` needs no storage import.
 TASKS = ("mask_depth", "classification", "segmentation", "depth")
+FORCE_HELP = ("Write into a DEST that holds files this tool did not write (refused otherwise, exit 2); "
+              "only files it writes are ever replaced or deleted there.")
 TASK_HELP = "What the dataset holds: mask_depth (the default: fg_bg/bg/mask/depth), classification, segmentation or depth."
+
+
+def check_dest(dest: str, command: str, force: bool) -> None:
+    """DEST empty, or holding only what this tool writes (storage.dest_check), unless --force: exit 2."""
+    from storage.dest_check import check_dest as _check_ours
+
+    _check_ours(dest, command, force)
 
 
 def _check_task(task: str) -> str:
@@ -103,6 +112,7 @@ def data_synth(
     as_zip: Annotated[bool, typer.Option("--zip", help="With --layout seed: fg_bg, fg_bg_mask, depth and bg as ZIP_STORED zips, as the source shipped them.")] = False,
     workers: Annotated[int | None, typer.Option("--workers", min=1, help="Processes that make samples (default: up to 2).")] = None,
     task: Annotated[str, typer.Option("--task", help=TASK_HELP)] = "mask_depth",
+    force: Annotated[bool, typer.Option("--force", help=FORCE_HELP)] = False,
 ) -> None:
     """Write a synthetic dataset: mask_depth made the way the source dataset was, or a learnable classification, segmentation or depth set."""
     from orchestrator.progress import count_progress
@@ -120,6 +130,7 @@ def data_synth(
         if image_size is not None and image_size < MIN_IMAGE_SIZE[task]:
             raise RecipeError(f"--image-size {image_size}: {task} needs at least {MIN_IMAGE_SIZE[task]} px")
     _check_dest(dest, "write the dataset")
+    check_dest(dest, "data synth", force)
     with count_progress(err, "synthesizing", samples) as advance:
         if task != "mask_depth":
             from storage.synth_tasks import synthesize_task, synthesize_task_seed_layout
@@ -127,7 +138,7 @@ def data_synth(
             if layout == "seed":
                 info = synthesize_task_seed_layout(task, dest, samples, seed=seed, image_size=image_size, progress=advance, workers=workers)
             else:
-                manifest = synthesize_task(task, dest, samples, seed=seed, image_size=image_size, progress=advance, workers=workers)
+                manifest = synthesize_task(task, dest, samples, seed=seed, image_size=image_size, progress=advance, workers=workers, force=True)
         elif layout == "seed":
             from storage.seed_layout import synthesize_seed_layout
 
@@ -135,7 +146,7 @@ def data_synth(
         else:
             from storage.synth import synthesize
 
-            manifest = synthesize(dest, samples, seed=seed, image_size=image_size or 200, progress=advance, workers=workers)
+            manifest = synthesize(dest, samples, seed=seed, image_size=image_size or 200, progress=advance, workers=workers, force=True)
     if task != "mask_depth":
         if layout == "seed":
             err.print(f"wrote {info['samples']} {task} samples in the {info['layout']} layout to {redact_text(dest)}; "
@@ -182,6 +193,7 @@ def data_pack(
     task: Annotated[str, typer.Option("--task", help=TASK_HELP)] = "mask_depth",
     classes: Annotated[str | None, typer.Option("--classes", help="Class names, one per line (line 1 = class 0), for segmentation sources without classes.txt and for manifests.")] = None,
     depth_units_per_m: Annotated[float | None, typer.Option("--depth-units-per-m", min=1e-9, help="--task depth: 16-bit depth PNG values per metre (default 1000: millimetres, NYU; KITTI: 256).")] = None,
+    force: Annotated[bool, typer.Option("--force", help=FORCE_HELP)] = False,
 ) -> None:
     """Pack a raw dataset into Parquet shards + index + manifest. Killed? Run it again: it continues."""
     from orchestrator.progress import count_progress
@@ -195,6 +207,7 @@ def data_pack(
     _check_source(source, task)
     _check_report(report)
     _check_dest(dest, "write the packed dataset")
+    check_dest(dest, "data pack", force)
     state: dict = {}
 
     def on_plan(samples: int, todo: int) -> None:
@@ -209,7 +222,7 @@ def data_pack(
     try:
         res = pack(source, dest, skip_bad=skip_bad, report=report, rows_per_shard=rows_per_shard, rows_per_group=rows_per_group,
                    workers=workers, address=address, columns=columns, progress=progress, on_plan=on_plan,
-                   task=task, classes=classes, depth_units_per_m=depth_units_per_m)
+                   task=task, classes=classes, depth_units_per_m=depth_units_per_m, force=True)
     except (SourceError, PackError) as exc:
         raise RunError(str(exc)) from None
     finally:

@@ -35,6 +35,7 @@ from common.redact import redact_text
 from storage import codec
 from storage import fs as sfs
 from storage.columns import MASK_DEPTH_COLUMNS, Column
+from storage.dest_check import check_dest, is_packed_file, remove_packed_files
 from storage.layouts.base import (  # BadSample lives there now; importable from here as before
     DEFAULT_TASK,
     BadSample,
@@ -62,8 +63,6 @@ from storage.shards import (
     INDEX_COLUMNS,
     MANIFEST,
     MASK_DEPTH_SHARED,
-    SHARD_DIR,
-    SHARED_DIR,
     SHARED_FORMAT,
     ShardFileWriter,
     columns_checksum,
@@ -527,17 +526,46 @@ def default_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def _clear_stale(dest: str, settings: dict[str, Any]) -> None:
-    """Start over when the part layout changed (other shard/group sizes): old parts cannot be reused."""
+def _recorded_files(dest: str) -> set[str]:
+    """The data files (relative to DEST) that an earlier pack recorded: in its part records under
+    DEST/.pack/ and in its manifest. A re-pack removes no other file: DEST may hold a user's files."""
+    out: set[str] = set()
+    state = sfs.join(dest, STATE_DIR)
+    for name in sfs.listdir(state):
+        if not name.endswith(".json") or name == "settings.json":
+            continue
+        try:
+            shard = sfs.read_json(sfs.join(state, name)).get("shard")
+        except (FileNotFoundError, ValueError, AttributeError):
+            continue
+        if isinstance(shard, dict) and isinstance(shard.get("file"), str):
+            out.add(shard["file"])
+    try:
+        manifest = sfs.read_json(sfs.join(dest, MANIFEST))
+    except (FileNotFoundError, ValueError):
+        manifest = None
+    if isinstance(manifest, dict):
+        out |= {s["file"] for s in manifest.get("shards") or [] if isinstance(s, dict) and isinstance(s.get("file"), str)}
+        for entry in (manifest.get("shared") or {}).values():
+            if isinstance(entry, dict):
+                out |= {entry["index"]} if isinstance(entry.get("index"), str) else set()
+                out |= {f["file"] for f in entry.get("files") or [] if isinstance(f, dict) and isinstance(f.get("file"), str)}
+    # Only names a pack writes: a damaged or hand-edited record cannot point the re-pack at a user's file.
+    return {f for f in out if is_packed_file(f) and not f.startswith(f"{STATE_DIR}/")}
+
+
+def _clear_stale(dest: str, settings: dict[str, Any], recorded: set[str]) -> None:
+    """Start over when the part layout changed (other shard/group sizes): old parts cannot be reused.
+    Removes what the earlier pack recorded and its state files, nothing else."""
     state = sfs.join(dest, STATE_DIR)
     try:
         old = sfs.read_json(sfs.join(state, "settings.json"))
     except (FileNotFoundError, ValueError):
         old = None
     if old != settings:
-        sfs.remove(state, recursive=True)
-        sfs.remove(sfs.join(dest, SHARD_DIR), recursive=True)
-        sfs.remove(sfs.join(dest, SHARED_DIR), recursive=True)
+        for rel in sorted(recorded):
+            sfs.remove(sfs.join(dest, rel))
+        remove_packed_files(dest, STATE_DIR)
         sfs.write_json(sfs.join(state, "settings.json"), settings)
 
 
@@ -557,6 +585,7 @@ def pack(
     task: str = DEFAULT_TASK,
     classes: str | None = None,
     depth_units_per_m: float | None = None,
+    force: bool = False,
 ) -> PackResult:
     """Pack `source` into a dataset at `dest`.
 
@@ -576,10 +605,14 @@ def pack(
     SOURCE in another task's layout is a SourceError saying which `--task` fits. `classes` is a
     class-names file (one per line) for segmentation/classification sources without one;
     `depth_units_per_m` the unit of 16-bit depth PNGs (default 1000: millimetres; KITTI: 256).
+
+    DEST must be empty or hold only files this tool writes (storage.dest_check; ForeignDestError
+    otherwise, unless `force`); a re-pack removes only the files an earlier pack recorded.
     """
     t0 = time.monotonic()
     check_task(task)
     dest = sfs.normalize(dest)
+    check_dest(dest, "data pack", force)
     plan = plan_pack_source(task, source, columns, classes, depth_units_per_m)
     if not plan.samples and not plan.bad:
         what = "no label_info lines / manifest rows" if task == DEFAULT_TASK else "no images"
@@ -587,13 +620,14 @@ def pack(
     rps, rpg = choose_sizes(mean_sample_bytes(plan), rows_per_shard, rows_per_group)
     # A re-pack first removes the manifest: a crash mid-way then leaves no dataset describing
     # shards that are being rewritten.
+    recorded = _recorded_files(dest)
     sfs.remove(sfs.join(dest, MANIFEST))
     settings = {"version": PACK_VERSION, "rows_per_shard": rps, "rows_per_group": rpg, "samples": len(plan.samples)}
     if task != DEFAULT_TASK:
         settings["task"] = task
     else:
         settings["format"] = SHARED_FORMAT
-    _clear_stale(dest, settings)
+    _clear_stale(dest, settings, recorded)
     # Each sample's background id and the distinct background files: one sort over the samples.
     bg_ids, bg_refs = background_ids(plan) if task == DEFAULT_TASK else ([], [])
     tasks = _tasks(plan, dest, rps, rpg, bg_ids)
@@ -665,13 +699,14 @@ def pack(
         "pack": {"version": PACK_VERSION, "skipped": len(bad), "unlisted": len(plan.unlisted)},
     }
     if isinstance(plan, TaskPlan):
-        _remove_stray_shards(dest, {s["file"] for s in shards})
+        _remove_stray_shards(dest, {s["file"] for s in shards}, recorded | _record_files(records))
         del extra["mask_threshold"]
         extra["meta"] = task_meta(plan, [records[p].get("stats") or {} for p in sorted(records)])
         manifest = write_index_and_manifest(dest, index, shards, extra, columns=TASK_COLUMNS[task], task=task)
     else:
         bg_entry = _backgrounds_table(dest, bg_records, records)
-        _remove_stray_shards(dest, {s["file"] for s in shards} | {f["file"] for f in bg_entry["files"]} | {bg_entry["index"]})
+        _remove_stray_shards(dest, {s["file"] for s in shards} | {f["file"] for f in bg_entry["files"]} | {bg_entry["index"]},
+                             recorded | _record_files(records) | _record_files(bg_records))
         manifest = write_index_and_manifest(dest, index, shards, extra, shared={BG_COLUMN.name: bg_entry})
     result.packed, result.shards, result.manifest = packed, len(shards), manifest
     result.seconds = time.monotonic() - t0
@@ -752,12 +787,16 @@ def _backgrounds_table(dest: str, bg_records: dict[int, dict[str, Any]], records
     return write_shared_index(dest, BG_COLUMN, index, files)
 
 
-def _remove_stray_shards(dest: str, keep: set[str]) -> None:
-    """Shard files of parts that ended up empty (every sample bad) are not part of the dataset."""
-    for folder in (SHARD_DIR, f"{SHARED_DIR}/{BG_COLUMN.name}"):
-        for name in sfs.listdir(sfs.join(dest, folder)):
-            if f"{folder}/{name}" not in keep:
-                sfs.remove(sfs.join(dest, folder, name))
+def _record_files(records: dict[int, dict[str, Any]]) -> set[str]:
+    return {r["shard"]["file"] for r in records.values() if isinstance(r.get("shard"), dict)}
+
+
+def _remove_stray_shards(dest: str, keep: set[str], recorded: set[str]) -> None:
+    """Shard files of parts that ended up empty (every sample bad) are not part of the dataset.
+    Only files a pack recorded go: a user's file in shards/ stays."""
+    for rel in sorted(recorded - keep):
+        if is_packed_file(rel):
+            sfs.remove(sfs.join(dest, rel))
 
 
 def _write_report(uri: str | None, report: dict[str, Any]) -> None:
