@@ -27,7 +27,7 @@ LAYER_GROUPS = ("all", "encoder", "decoder", "pointwise", "depthwise", "dense")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class FixedScaling(_Strict):
