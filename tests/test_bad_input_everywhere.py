@@ -122,7 +122,9 @@ CASES = [
     Case("status/unknown-run", ["status", "ghost"], 1, ["'ghost'", "orchestrator runs"]),
     Case("status/no-runs", ["status", "--json"], 1, ["no runs", "{tmp}/runs"]),
     Case("status/damaged-run-record", ["status", "r1"], 1, ["{tmp}/runs/r1/run.json", "not a run record"], {"runs/r1/run.json": "[1, 2]"}),
-    Case("runs/damaged-run-record", ["runs", "--json"], 1, ["{tmp}/runs/r1/run.json", "not valid JSON"], {"runs/r1/run.json": "{oops"}),
+    Case("status/damaged-run-record-not-json", ["status", "r1"], 1, ["{tmp}/runs/r1/run.json", "not valid JSON", "restore the file"],
+         {"runs/r1/run.json": "{oops"}),
+    Case("status/only-damaged-runs", ["status"], 1, ["{tmp}/runs/r1/run.json", "not valid JSON"], {"runs/r1/run.json": "{oops"}),
     Case("runs/unknown-option", ["runs", "--jsn"], 2, ["orchestrator runs", "--jsn"]),
     Case("logs/no-address", ["logs", "r1"], 2, ["orchestrator logs", "--address"]),
     Case("logs/unreachable-address", ["logs", "r1", "--address", "http://127.0.0.1:1"], 1, ["--address http://127.0.0.1:1", "cannot reach"]),
@@ -263,3 +265,36 @@ def test_orchestrator_log_takes_any_case_and_an_unknown_level_warns_instead_of_a
     assert _log_level() == level
     warned = capsys.readouterr().err
     assert ("is not a log level" in warned) == (value == "loud")
+
+
+def test_runs_lists_the_others_and_marks_a_damaged_run(tmp_path: Path):
+    """One torn run.json (or plan.json) never hides the other runs: `runs` lists them all, the
+    damaged ones with state "damaged", the file and what to do (text and --json)."""
+    from dataclasses import asdict
+
+    from orchestrator.run_store import RunRecord
+
+    good = asdict(RunRecord(run_name="good", recipe={}, recipe_sha256="x", state="completed", mlflow_run_id="abc"))
+    (tmp_path / "runs" / "good").mkdir(parents=True)
+    (tmp_path / "runs" / "good" / "run.json").write_text(json.dumps(good))
+    (tmp_path / "runs" / "torn").mkdir()
+    (tmp_path / "runs" / "torn" / "run.json").write_text("{oops")
+    (tmp_path / "runs" / "badplan").mkdir()
+    (tmp_path / "runs" / "badplan" / "run.json").write_text(json.dumps(good | {"run_name": "badplan"}))
+    (tmp_path / "runs" / "badplan" / "plan.json").write_text("[")
+
+    res = run_cli("runs", "--json", cwd=tmp_path)
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    by_name = {r["run_name"]: r for r in json.loads(res.stdout)}
+    assert by_name["good"]["state"] == "completed" and by_name["good"]["mlflow_run_id"] == "abc"
+    for name, file in (("torn", "run.json"), ("badplan", "plan.json")):
+        assert by_name[name]["state"] == "damaged"
+        assert f"{tmp_path}/runs/{name}/{file}" in by_name[name]["error"] and "not valid JSON" in by_name[name]["error"]
+
+    res = run_cli("runs", cwd=tmp_path)
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    assert "good" in res.stdout and "completed" in res.stdout and res.stdout.count("damaged") == 2
+    assert f"{tmp_path}/runs/torn/run.json" in res.stderr and "restore the file" in res.stderr
+
+    res = run_cli("status", "--json", cwd=tmp_path)  # the newest intact run, not a damaged one
+    assert res.returncode == 0 and json.loads(res.stdout)["run_name"] == "good", res.stderr
