@@ -194,6 +194,8 @@ def data_pack(
     classes: Annotated[str | None, typer.Option("--classes", help="Class names, one per line (line 1 = class 0), for segmentation sources without classes.txt and for manifests.")] = None,
     depth_units_per_m: Annotated[float | None, typer.Option("--depth-units-per-m", min=1e-9, help="--task depth: 16-bit depth PNG values per metre (default 1000: millimetres, NYU; KITTI: 256).")] = None,
     force: Annotated[bool, typer.Option("--force", help=FORCE_HELP)] = False,
+    max_pixels: Annotated[int, typer.Option("--max-pixels", min=1, help="Images of more pixels than this are bad samples, named with their size "
+                                                                        "(default 40,000,000: 40 MP decodes in ~120 MB, every epoch).")] = 40_000_000,
 ) -> None:
     """Pack a raw dataset into Parquet shards + index + manifest. Killed? Run it again: it continues."""
     from orchestrator.progress import count_progress
@@ -222,7 +224,8 @@ def data_pack(
     try:
         res = pack(source, dest, skip_bad=skip_bad, report=report, rows_per_shard=rows_per_shard, rows_per_group=rows_per_group,
                    workers=workers, address=address, columns=columns, progress=progress, on_plan=on_plan,
-                   task=task, classes=classes, depth_units_per_m=depth_units_per_m, force=True)
+                   task=task, classes=classes, depth_units_per_m=depth_units_per_m, force=True,
+                   max_pixels=max_pixels)
     except (SourceError, PackError) as exc:
         raise RunError(str(exc)) from None
     finally:

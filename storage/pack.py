@@ -37,11 +37,14 @@ from storage import fs as sfs
 from storage.columns import MASK_DEPTH_COLUMNS, Column
 from storage.dest_check import check_dest, is_packed_file, remove_packed_files
 from storage.layouts.base import (  # BadSample lives there now; importable from here as before
+    DEFAULT_MAX_PIXELS,
     DEFAULT_TASK,
     BadSample,
     TaskPlan,
     check_task,
     detect_layout,
+    open_image_checked,
+    set_max_pixels,
     wrong_layout,
 )
 from storage.seed_layout import (
@@ -144,6 +147,7 @@ class PartTask:
     options: dict[str, Any] = field(default_factory=dict)  # what the task's prepare needs (class count, depth units)
     role: str = SAMPLES  # or BACKGROUNDS: samples are then (bg id, name, {"bg": file}, {})
     bg_ids: list[int] = field(default_factory=list)  # mask_depth: each sample's background id
+    max_pixels: int = DEFAULT_MAX_PIXELS  # images over this are bad samples (--max-pixels)
 
 
 # -- sizing ----------------------------------------------------------------------------------------
@@ -186,8 +190,10 @@ def choose_sizes(sample_bytes: int, rows_per_shard: int | None, rows_per_group: 
 
 def _decode(data: bytes, kind: str, path: str) -> Image.Image:
     try:
-        img = Image.open(io.BytesIO(data))
+        img = open_image_checked(data, kind, path)  # over the pixel limit: BadSample, before any decode
         img.load()  # Pillow decodes lazily: a truncated file fails here, not in training
+    except BadSample:
+        raise
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types for bad bytes
         raise BadSample(path, f"{kind} cannot be decoded ({type(exc).__name__}: {exc}); corrupt or truncated image") from None
     if img.format not in ("JPEG", "PNG"):
@@ -273,6 +279,7 @@ def _path_of(task: PartTask, c: int | None, member: str) -> str:
 
 def run_part(task: PartTask) -> dict[str, Any]:
     """Pack one part into its shard; write the part's index rows, then its record (the marker)."""
+    set_max_pixels(task.max_pixels)
     if task.role == BACKGROUNDS:
         return _run_backgrounds_part(task)
     if task.task != DEFAULT_TASK:
@@ -421,7 +428,8 @@ def background_ids(plan: SourcePlan) -> tuple[list[int], list[FileRef]]:
     return [ids[key(s.files["bg"])] for s in plan.samples], [ref for _, ref in files]
 
 
-def _tasks(plan: SourcePlan, dest: str, rows_per_shard: int, rows_per_group: int, bg_ids: list[int]) -> list[PartTask]:
+def _tasks(plan: SourcePlan, dest: str, rows_per_shard: int, rows_per_group: int, bg_ids: list[int],
+           max_pixels: int = DEFAULT_MAX_PIXELS) -> list[PartTask]:
     """The sample parts; `bg_ids` is background_ids(plan)[0] for mask_depth (empty otherwise)."""
     containers = [(c.kind, c.uri, c.is_zip) for c in plan.containers]
     config = {"version": PACK_VERSION, "rows_per_group": rows_per_group, "mask_threshold": MASK_THRESHOLD, "extra": plan.extra_columns}
@@ -429,6 +437,8 @@ def _tasks(plan: SourcePlan, dest: str, rows_per_shard: int, rows_per_group: int
     kinds = _file_kinds(plan)
     if task == DEFAULT_TASK:
         config["format"] = SHARED_FORMAT
+    if max_pixels != DEFAULT_MAX_PIXELS:  # another limit re-checks every part; the default keeps earlier packs' parts
+        config["max_pixels"] = max_pixels
     tasks = []
     for part, start in enumerate(range(0, len(plan.samples), rows_per_shard)):
         refs: list[SampleRef] = plan.samples[start : start + rows_per_shard]
@@ -436,11 +446,11 @@ def _tasks(plan: SourcePlan, dest: str, rows_per_shard: int, rows_per_group: int
         ids = bg_ids[start : start + rows_per_shard]
         part_config = {**config, "bg_ids": ids} if task == DEFAULT_TASK else config
         tasks.append(PartTask(part, dest, rows_per_group, plan.fingerprint(refs, part_config), plan.extra_columns, containers, samples, task,
-                              options, bg_ids=ids))
+                              options, bg_ids=ids, max_pixels=max_pixels))
     return tasks
 
 
-def _background_tasks(plan: SourcePlan, dest: str, refs: list[FileRef]) -> list[PartTask]:
+def _background_tasks(plan: SourcePlan, dest: str, refs: list[FileRef], max_pixels: int = DEFAULT_MAX_PIXELS) -> list[PartTask]:
     """mask_depth's background parts: the distinct background files (`refs`, background_ids(plan)[1]),
     in files of ~SHARD_TARGET_BYTES."""
     if isinstance(plan, TaskPlan) or not plan.samples:
@@ -455,11 +465,14 @@ def _background_tasks(plan: SourcePlan, dest: str, refs: list[FileRef]) -> list[
     for part, start in enumerate(range(0, len(refs), per_file)):
         chunk = refs[start : start + per_file]
         h = hashlib.sha256(repr(("backgrounds", PACK_VERSION, SHARED_FORMAT, per_group)).encode())
+        if max_pixels != DEFAULT_MAX_PIXELS:
+            h.update(f"|max_pixels={max_pixels}".encode())
         for vid, ref in enumerate(chunk, start):
             where = "" if ref.container is None else plan.containers[ref.container].uri
             h.update(f"|{vid}|{where}|{ref.member}|{ref.stamp}".encode())
         samples = [(vid, ref.member, {"bg": (ref.container, ref.member)}, {}) for vid, ref in enumerate(chunk, start)]
-        tasks.append(PartTask(part, dest, per_group, h.hexdigest(), (), containers, samples, DEFAULT_TASK, {}, role=BACKGROUNDS))
+        tasks.append(PartTask(part, dest, per_group, h.hexdigest(), (), containers, samples, DEFAULT_TASK, {}, role=BACKGROUNDS,
+                              max_pixels=max_pixels))
     return tasks
 
 
@@ -586,6 +599,7 @@ def pack(
     classes: str | None = None,
     depth_units_per_m: float | None = None,
     force: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> PackResult:
     """Pack `source` into a dataset at `dest`.
 
@@ -605,6 +619,7 @@ def pack(
     SOURCE in another task's layout is a SourceError saying which `--task` fits. `classes` is a
     class-names file (one per line) for segmentation/classification sources without one;
     `depth_units_per_m` the unit of 16-bit depth PNGs (default 1000: millimetres; KITTI: 256).
+    An image (or depth array) of more than `max_pixels` pixels is a bad sample, named with its size.
 
     DEST must be empty or hold only files this tool writes (storage.dest_check; ForeignDestError
     otherwise, unless `force`); a re-pack removes only the files an earlier pack recorded.
@@ -630,8 +645,8 @@ def pack(
     _clear_stale(dest, settings, recorded)
     # Each sample's background id and the distinct background files: one sort over the samples.
     bg_ids, bg_refs = background_ids(plan) if task == DEFAULT_TASK else ([], [])
-    tasks = _tasks(plan, dest, rps, rpg, bg_ids)
-    bg_tasks = _background_tasks(plan, dest, bg_refs) if task == DEFAULT_TASK else []
+    tasks = _tasks(plan, dest, rps, rpg, bg_ids, max_pixels)
+    bg_tasks = _background_tasks(plan, dest, bg_refs, max_pixels) if task == DEFAULT_TASK else []
     records: dict[int, dict[str, Any]] = {}
     bg_records: dict[int, dict[str, Any]] = {}
     for t in tasks:
