@@ -11,7 +11,10 @@ import pytest
 from storage import fs as sfs
 from storage.dest_check import ForeignDestError, check_dest, foreign_files
 from storage.shards import open_dataset
+from tests import gcs_emulator as _emulator
 from tests.conftest import run_cli
+
+gcs_emulator, gcs = _emulator.gcs_emulator, _emulator.gcs  # fixtures
 
 THESIS = b"PK\x03\x04 my thesis, three years of work\n"
 NOTES = b"notes I keep next to the shards\n"
@@ -158,6 +161,24 @@ def test_an_object_store_dest_is_checked_and_kept_the_same_way():
     pack(raw, dest, task="classification", workers=1, force=True, rows_per_shard=8)
     pack(raw, dest, task="classification", workers=1, force=True, rows_per_shard=16)
     synthesize_task("classification", dest, 16, workers=1, force=True)
+    assert sfs.read_bytes(f"{dest}/shards/notes.txt") == NOTES
+    assert sfs.read_bytes(f"{dest}/shared/thesis.docx") == THESIS
+    assert open_dataset(dest).num_samples == 16
+
+
+def test_a_gcs_dest_is_checked_and_kept_the_same_way(gcs):
+    """gs:// through real gcsfs (the emulator): a bucket's objects are listed, named and kept."""
+    from storage.pack import pack
+    from storage.synth_tasks import synthesize_task, synthesize_task_seed_layout
+
+    raw, dest = gcs.uri("raw"), gcs.uri("mydrive")
+    synthesize_task_seed_layout("classification", raw, 16, workers=1)
+    sfs.write_bytes(f"{dest}/shards/notes.txt", NOTES)
+    sfs.write_bytes(f"{dest}/shared/thesis.docx", THESIS)
+    with pytest.raises(ForeignDestError, match=rf"{dest}: .*shards/notes\.txt, shared/thesis\.docx"):
+        synthesize_task("classification", dest, 16, workers=1)
+    pack(raw, dest, task="classification", workers=1, force=True, rows_per_shard=8)
+    pack(raw, dest, task="classification", workers=1, force=True, rows_per_shard=4)
     assert sfs.read_bytes(f"{dest}/shards/notes.txt") == NOTES
     assert sfs.read_bytes(f"{dest}/shared/thesis.docx") == THESIS
     assert open_dataset(dest).num_samples == 16
