@@ -29,11 +29,23 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
+def _no_credentials(v: Any) -> Any:
+    """A URI field: credentials in it would be printed, logged to MLflow and stored in run.json."""
+    from common.redact import credentials_problem
+
+    problem = credentials_problem(v) if isinstance(v, str) else None
+    if problem:
+        raise ValueError(problem)
+    return v
+
+
 class RunSection(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Run name: the run's folder under `storage` and its MLflow run name.")
     storage: str = Field("runs", description="Run storage root, any fsspec URI; the run lives at <storage>/<name>.")
     seed: int = Field(0, description="Seed of the plan's permutations, initial weights and augmentation.")
     deterministic: bool = Field(True, description="Deterministic kernels and seeded order, so a resumed run reproduces an uninterrupted one on CPU.")
+
+    _storage_uri = field_validator("storage")(_no_credentials)
 
 
 class SynthSection(_Strict):
@@ -60,6 +72,8 @@ class DataSection(_Strict):
                     "whole row groups (~1 MB each), so a chunk reads about its own size; batches stay shuffled within "
                     "the chunk. Use row_groups for datasets of 100K samples and more.")
 
+    _data_uri = field_validator("uri")(_no_credentials)
+
 
 class ModelSection(_Strict):
     name: str = Field("unet224", description="Model name from the model registry (`orchestrator models`).")
@@ -67,6 +81,8 @@ class ModelSection(_Strict):
     variant: str | None = Field(None, description="A named variant of the model (`orchestrator models` lists them), e.g. basenet's baseline or best.")
     options: dict[str, Any] = Field(default_factory=dict, description="Constructor options of the model, over the variant's (e.g. basenet's batchnorm, dropout, channels, hidden).")
     init_from: str | None = Field(None, description="A state_dict to start from (e.g. torchvision's ImageNet weights for the encoder), loaded with weights_only=True.")
+
+    _init_from_uri = field_validator("init_from")(_no_credentials)
 
     @field_validator("options")
     @classmethod
@@ -151,6 +167,8 @@ class TrackingSection(_Strict):
     experiment: str = Field("orchestrator", description="MLflow experiment name.")
     flush_every_steps: int = Field(20, ge=1, description="Train losses are sent to MLflow in batches of this many steps.")
     grid_samples: int = Field(4, ge=1, le=16, description="Eval samples in the prediction grid logged at each stage end.")
+
+    _tracking_uri = field_validator("uri")(_no_credentials)
 
 
 class ExecutionSection(_Strict):

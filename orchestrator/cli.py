@@ -97,7 +97,10 @@ def _print_summary(status: dict | None, tracking_uri: str, task: str = "mask_dep
 
 
 def _runs_root(storage: str) -> str:
+    from common.redact import check_no_credentials
     from storage import fs
+
+    check_no_credentials(storage, "--storage")
 
     return fs.normalize(storage)
 
@@ -229,9 +232,11 @@ def sweep(
 
 
 def _compare(experiment: str | None, tracking_uri: str, as_json: bool) -> None:
+    from common.redact import check_no_credentials
     from orchestrator.compare import collect, render
     from orchestrator.tracking import resolve_tracking_uri
 
+    check_no_credentials(tracking_uri, "--tracking-uri")
     uri = resolve_tracking_uri(tracking_uri)
     try:
         table = collect(uri, experiment)

@@ -12,7 +12,7 @@ from rich.console import Console
 # Bad arguments raise RecipeError (exit 2): orchestrator.cli prints it as one `error:` line,
 # where a typer.BadParameter raised in a command body would surface as a traceback.
 from common.errors import RecipeError, RunError
-from common.redact import redact_text
+from common.redact import check_no_credentials, redact_text
 
 data_app = typer.Typer(no_args_is_help=True, help="Make, pack and check datasets.")
 err = Console(stderr=True, soft_wrap=True)
@@ -117,6 +117,7 @@ def data_synth(
     """Write a synthetic dataset: mask_depth made the way the source dataset was, or a learnable classification, segmentation or depth set."""
     from orchestrator.progress import count_progress
 
+    check_no_credentials(dest, "DEST")
     _check_task(task)
     if layout not in ("shards", "seed"):
         raise RecipeError(f"--layout {layout!r}: choose 'shards' (a packed dataset) or 'seed' (the raw layout `data pack --task {task}` takes)")
@@ -202,6 +203,8 @@ def data_pack(
     from storage.pack import PackError, pack
     from storage.seed_layout import SourceError
 
+    for value, what in ((source, "SOURCE"), (dest, "DEST"), (report, "--report")):
+        check_no_credentials(value, what)
     _check_task(task)
     columns = _parse_columns(column, task)
     if task == "mask_depth" and (classes or depth_units_per_m):
@@ -259,6 +262,7 @@ def data_verify(
     from storage.shards import DatasetError, open_dataset
     from storage.verify import verify
 
+    check_no_credentials(uri, "URI")
     try:
         total = open_dataset(uri).num_samples
     except DatasetError as exc:

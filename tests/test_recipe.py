@@ -98,7 +98,12 @@ def test_recipe_identity_ignores_execution_settings():
 
 
 def test_flat_params_are_dotted_and_redact_secrets():
-    r = validate_recipe(tiny_recipe("gs://user:hunter2@bucket/data?token=abc"))
+    with pytest.raises(RecipeError, match="field 'data.uri': gs://\\*\\*\\*@bucket.*holds credentials") as exc:
+        validate_recipe(tiny_recipe("gs://user:hunter2@bucket/data?token=abc"))
+    assert "hunter2" not in str(exc.value) and "abc" not in str(exc.value)
+    # Refused at validation; flat_params still redacts, should one get past it.
+    r = validate_recipe(tiny_recipe("gs://bucket/data"))
+    r.data.__dict__["uri"] = "gs://user:hunter2@bucket/data?token=abc"
     p = r.flat_params()
     assert p["stages.head_tail.batch_size"] == "8"
     assert "hunter2" not in p["data.uri"] and "abc" not in p["data.uri"]
