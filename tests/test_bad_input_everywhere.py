@@ -98,7 +98,15 @@ CASES = [
          {"r.yaml": edit(MD, {"data.shufle": True, "stages.0.batch_size": "eight", "model.name": "vgg"})}, lines=3),
     Case("run/trainable-part-the-model-lacks", ["run", "r.yaml"], 2, ["r.yaml", "stages.0.trainable", "wings", "spine"],
          {"r.yaml": edit(MD, {"stages.0.trainable": ["wings"]})}),
+    Case("run/non-finite-lr", ["run", "r.yaml"], 2, ["r.yaml", "stages.0.lr", "finite"], {"r.yaml": edit(MD, {"stages.0.lr": float("inf")})}),
+    Case("run/keep-one-checkpoint", ["run", "r.yaml"], 2, ["r.yaml", "checkpoint.keep", "greater than or equal to 2"],
+         {"r.yaml": edit(MD, {"checkpoint.keep": 1})}),
+    Case("run/resolution-out-of-range", ["run", "r.yaml"], 2, ["r.yaml", "stages.0.resolution", "less than or equal to 4096"],
+         {"r.yaml": edit(MD, {"stages.0.resolution": 100000})}),
+    Case("run/password-in-data-uri", ["run", "r.yaml"], 2, ["r.yaml", "data.uri", "https://***@host/ds", "holds credentials", "GOOGLE_APPLICATION_CREDENTIALS"],
+         {"r.yaml": edit(MD, {"data.uri": "https://bob:hunter2@host/ds"})}),
     # -- run: --set -------------------------------------------------------------------------------------
+    Case("run/set-non-finite", ["run", "r.yaml", "--set", "stages.0.lr=.nan"], 2, ["stages.0.lr", "finite"], {"r.yaml": MD}),
     Case("run/set-without-equals", ["run", "r.yaml", "--set", "model.name"], 2, ["--set", "model.name", "KEY=VALUE"], {"r.yaml": MD}),
     Case("run/set-unknown-stage", ["run", "r.yaml", "--set", "stages.nope.lr=1"], 2, ["--set", "'nope'", "spine"], {"r.yaml": MD}),
     # -- run: the data -------------------------------------------------------------------------------------
@@ -134,6 +142,9 @@ CASES = [
     Case("synth/zero-samples", ["data", "synth", "ds", "--samples", "0"], 2, ["data synth", "--samples"], absent=["ds"]),
     Case("synth/unknown-layout", ["data", "synth", "ds", "--layout", "bogus"], 2, ["--layout", "'bogus'"], absent=["ds"]),
     Case("synth/no-dest", ["data", "synth"], 2, ["data synth", "'dest'"]),
+    Case("synth/dest-holds-user-files", ["data", "synth", "mydrive", "--samples", "4"], 2,
+         ["{tmp}/mydrive", "did not write", "shards/notes.txt", "shared/thesis.docx", "--force"],
+         {"mydrive/shared/thesis.docx": "thesis\n", "mydrive/shards/notes.txt": "notes\n"}),
     # -- data pack --------------------------------------------------------------------------------------------
     Case("pack/missing-source", ["data", "pack", "nosuch", "out"], 1, ["{tmp}/nosuch", "no such file or folder"], absent=["out"]),
     Case("pack/layout-does-not-fit-task", ["data", "pack", "{rawcls}", "out", "--task", "segmentation"], 1,
@@ -144,6 +155,9 @@ CASES = [
     Case("pack/unwritable-report", ["data", "pack", "{rawcls}", "out", "--task", "classification", "--report", "blocker/report.json"], 1,
          ["--report", "{tmp}/blocker/report.json"], BLOCKER, absent=["out"]),
     Case("pack/unknown-task", ["data", "pack", "{rawcls}", "out", "--task", "nope"], 2, ["--task", "'nope'"], absent=["out"]),
+    Case("pack/dest-holds-user-files", ["data", "pack", "{rawcls}", "out", "--task", "classification"], 2,
+         ["{tmp}/out", "did not write", "notes.txt", "--force"], {"out/notes.txt": "mine\n"}, absent=["out/.pack"]),
+    Case("pack/max-pixels-zero", ["data", "pack", "{rawcls}", "out", "--max-pixels", "0"], 2, ["--max-pixels"], absent=["out"]),
     Case("pack/bad-column", ["data", "pack", "{rawcls}", "out", "--column", "foo"], 2, ["--column", "'foo'", "KIND=COLUMN"], absent=["out"]),
     # -- data verify ------------------------------------------------------------------------------------------
     Case("verify/manifest-not-json", ["data", "verify", "ds"], 1, ["{tmp}/ds/manifest.json", "not valid JSON", "re-pack"], {"ds/manifest.json": "not json{"}),
