@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -13,10 +14,29 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from common.errors import RecipeError
 
+# Upper bounds where a bigger value is a typo, not a plan. 4096 px: a 4096x4096 input is 16.8 MP, far
+# past any model here (the source trains at 224); `data pack` refuses bigger images by default.
+MAX_RESOLUTION = 4096
+MAX_WORKERS = 1024  # Ray Train workers (one per GPU or host)
+MAX_DECODE_WORKERS = 64  # DataLoader processes per worker
+MAX_THREADS = 1024  # CPUs per worker, torch threads
+MAX_SYNTH_SAMPLES = 10_000_000
+
 
 class _Strict(BaseModel):
-    # Unknown keys are typos, and a typo silently ignored costs a night of training.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Unknown keys are typos, and a typo silently ignored costs a night of training. A non-finite
+    # number (`lr: .inf`, `.nan`) is never meant: refused in every float field.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+def _no_credentials(v: Any) -> Any:
+    """A URI field: credentials in it would be printed, logged to MLflow and stored in run.json."""
+    from common.redact import credentials_problem
+
+    problem = credentials_problem(v) if isinstance(v, str) else None
+    if problem:
+        raise ValueError(problem)
+    return v
 
 
 class RunSection(_Strict):
@@ -25,11 +45,13 @@ class RunSection(_Strict):
     seed: int = Field(0, description="Seed of the plan's permutations, initial weights and augmentation.")
     deterministic: bool = Field(True, description="Deterministic kernels and seeded order, so a resumed run reproduces an uninterrupted one on CPU.")
 
+    _storage_uri = field_validator("storage")(_no_credentials)
+
 
 class SynthSection(_Strict):
-    samples: int = Field(4096, ge=16, description="Samples to synthesize when data.uri is empty.")
+    samples: int = Field(4096, ge=16, le=MAX_SYNTH_SAMPLES, description="Samples to synthesize when data.uri is empty.")
     seed: int = Field(0, description="Seed of the synthetic dataset.")
-    image_size: int = Field(200, ge=8, description="Side of the synthesized square images, px (the source used 200; classification sets are 28).")
+    image_size: int = Field(200, ge=8, le=MAX_RESOLUTION, description="Side of the synthesized square images, px (the source used 200; classification sets are 28).")
 
 
 class DataSection(_Strict):
@@ -39,7 +61,7 @@ class DataSection(_Strict):
     eval_samples: int = Field(256, ge=1, description="Held-out eval split size, kept apart from every training chunk.")
     expected_samples: int | None = Field(None, ge=1, description="If set, the dataset must hold exactly this many samples.")
     image_size: tuple[int, int] | None = Field(None, description="If set, every stored image must be this [height, width].")
-    decode_workers: int = Field(0, ge=0, description="DataLoader worker processes that decode the images; 0 decodes in the training process.")
+    decode_workers: int = Field(0, ge=0, le=MAX_DECODE_WORKERS, description="DataLoader worker processes that decode the images; 0 decodes in the training process.")
     hflip: float = Field(0.5, ge=0.0, le=1.0, description="Probability of a horizontal flip of a training sample.")
     shift: int = Field(0, ge=0, le=16, description="Random translation of a training image by up to this many px (classification; zero-padded).")
     prefetch: bool = Field(True, description="Fetch the next chunk's bytes in the background while this chunk trains.")
@@ -50,6 +72,8 @@ class DataSection(_Strict):
                     "whole row groups (~1 MB each), so a chunk reads about its own size; batches stay shuffled within "
                     "the chunk. Use row_groups for datasets of 100K samples and more.")
 
+    _data_uri = field_validator("uri")(_no_credentials)
+
 
 class ModelSection(_Strict):
     name: str = Field("unet224", description="Model name from the model registry (`orchestrator models`).")
@@ -57,6 +81,16 @@ class ModelSection(_Strict):
     variant: str | None = Field(None, description="A named variant of the model (`orchestrator models` lists them), e.g. basenet's baseline or best.")
     options: dict[str, Any] = Field(default_factory=dict, description="Constructor options of the model, over the variant's (e.g. basenet's batchnorm, dropout, channels, hidden).")
     init_from: str | None = Field(None, description="A state_dict to start from (e.g. torchvision's ImageNet weights for the encoder), loaded with weights_only=True.")
+
+    _init_from_uri = field_validator("init_from")(_no_credentials)
+
+    @field_validator("options")
+    @classmethod
+    def _finite_options(cls, v: dict[str, Any]) -> dict[str, Any]:
+        bad = _non_finite(v)
+        if bad:
+            raise ValueError(f"{bad}: must be a finite number")
+        return v
 
     @field_validator("name")
     @classmethod
@@ -67,6 +101,18 @@ class ModelSection(_Strict):
 
 
 LossSpec = dict[str, Annotated[float, Field(ge=0.0)]]
+
+
+def _non_finite(obj: Any, where: str = "") -> str | None:
+    """The dotted key of the first non-finite float in a plain value (dicts, lists), else None."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return where or "value"
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for k, v in items:
+        bad = _non_finite(v, f"{where}.{k}" if where else str(k))
+        if bad:
+            return bad
+    return None
 
 
 class LossSection(_Strict):
@@ -98,7 +144,7 @@ class StageSection(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]+$", description="Stage name, shown in progress and MLflow.")
     forward: Literal["spine", "full"] = Field("full", description="Which network runs: the whole model, or (unet224) the 56-px spine alone.")
     trainable: list[str] = Field(default_factory=lambda: ["all"], min_length=1, description="Model parts whose weights train (unet224: head, spine, tail; others: encoder, decoder...); the rest are frozen.")
-    resolution: int = Field(ge=16, description="Input side in px for this stage.")
+    resolution: int = Field(ge=16, le=MAX_RESOLUTION, description="Input side in px for this stage.")
     batch_size: int = Field(ge=1, description="Global batch size (split across workers).")
     chunk_size: int = Field(ge=1, description="Samples per chunk; the stage covers the training split once, chunk by chunk.")
     epochs_per_chunk: int = Field(1, ge=1, description="Passes over each chunk before moving to the next.")
@@ -109,7 +155,7 @@ class StageSection(_Strict):
 class CheckpointSection(_Strict):
     every_steps: int = Field(200, ge=1, description="Checkpoint every N optimizer steps (and at every chunk end).")
     every_seconds: float = Field(600.0, gt=0, description="Checkpoint when this many seconds passed since the last one.")
-    keep: int = Field(3, ge=1, description="Complete checkpoints kept; older ones are deleted.")
+    keep: int = Field(3, ge=2, description="Complete checkpoints kept (at least 2: a damaged newest one falls back to the one before); older ones are deleted.")
     preemption_poll_steps: int = Field(1, ge=1, description="Ask Ray for preemption notices every N steps (a collective across workers).")
     background: bool = Field(True, description="Serialize and upload each checkpoint in the background while training goes on "
                              "(a snapshot in CPU memory at the step; at most one upload in flight; stops and the run's end wait "
@@ -122,22 +168,24 @@ class TrackingSection(_Strict):
     flush_every_steps: int = Field(20, ge=1, description="Train losses are sent to MLflow in batches of this many steps.")
     grid_samples: int = Field(4, ge=1, le=16, description="Eval samples in the prediction grid logged at each stage end.")
 
+    _tracking_uri = field_validator("uri")(_no_credentials)
+
 
 class ExecutionSection(_Strict):
     backend: Literal["ray", "local"] = Field("ray", description="ray: Ray Train TorchTrainer; local: the same loop in-process (tests, debugging).")
-    num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel ranks); the most when min_workers is set.")
-    min_workers: int | None = Field(None, ge=1, description="Elastic: continue with as few as this many workers when no more are available.")
+    num_workers: int = Field(1, ge=1, le=MAX_WORKERS, description="Ray Train workers (data-parallel ranks); the most when min_workers is set.")
+    min_workers: int | None = Field(None, ge=1, le=MAX_WORKERS, description="Elastic: continue with as few as this many workers when no more are available.")
     use_gpu: bool = Field(False, description="Give each worker one GPU (DDP over NCCL).")
     use_tpu: bool = Field(False, description="Train on TPU VMs through torch_xla (untested here: no TPU, no torch_xla wheel for torch 2.13).")
     tpu_topology: str | None = Field(None, description="TPU pod slice topology, e.g. 2x2x1; Ray needs it with more than one TPU worker.")
     tpu_accelerator_type: str | None = Field(None, description="TPU generation as Ray names it, e.g. TPU-V4; needed with tpu_topology.")
-    tpus_per_worker: int = Field(4, ge=1, description="TPU chips per worker (one worker per TPU VM host).")
-    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
+    tpus_per_worker: int = Field(4, ge=1, le=64, description="TPU chips per worker (one worker per TPU VM host).")
+    cpus_per_worker: float = Field(1.0, gt=0, le=MAX_THREADS, description="CPUs reserved per worker.")
     max_failures: int = Field(3, ge=-1, description="Worker-group restarts Ray Train attempts before the run fails (-1: unlimited).")
     worker_start_timeout_s: float = Field(
         60.0, gt=0, description="How long Ray Train waits for a worker group to start before it tries again (counts as a "
         "failure); an elastic run then starts with the workers there are. Raise it where new nodes take minutes to boot.")
-    torch_threads: int = Field(0, ge=0, description="torch intra-op threads per worker; 0 = cpus_per_worker.")
+    torch_threads: int = Field(0, ge=0, le=MAX_THREADS, description="torch intra-op threads per worker; 0 = cpus_per_worker.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="Training precision: auto = bf16 on a CUDA GPU with native bf16, fp16 with a gradient scaler "
         "on older CUDA GPUs (T4, V100), fp32 on CPU; bf16/fp16 autocast the forward pass, losses and weights stay fp32.")

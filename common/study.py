@@ -26,8 +26,18 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 LAYER_GROUPS = ("all", "encoder", "decoder", "pointwise", "depthwise", "dense")
 
 
+def _no_credentials(v: str) -> str:
+    """A URI field: credentials in it would be printed and stored with the study (common.redact)."""
+    from common.redact import credentials_problem
+
+    problem = credentials_problem(v)
+    if problem:
+        raise ValueError(problem)
+    return v
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class FixedScaling(_Strict):
@@ -64,6 +74,8 @@ class TrackingSection(_Strict):
     uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI; a relative sqlite path is relative to the current directory.")
     experiment: str = Field("orchestrator", description="MLflow experiment name.")
 
+    _uri = field_validator("uri")(_no_credentials)
+
 
 class ExecutionSection(_Strict):
     backend: Literal["ray", "local"] = Field("ray", description="ray: one Ray task per layer (batch) over the cluster's workers; local: the same in this process.")
@@ -85,6 +97,8 @@ class StudySpec(_Strict):
     eval: EvalSection = Field(default_factory=EvalSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     execution: ExecutionSection = Field(default_factory=ExecutionSection)
+
+    _uris = field_validator("storage", "model_from")(_no_credentials)
 
     @model_validator(mode="before")
     @classmethod

@@ -97,7 +97,10 @@ def _print_summary(status: dict | None, tracking_uri: str, task: str = "mask_dep
 
 
 def _runs_root(storage: str) -> str:
+    from common.redact import check_no_credentials
     from storage import fs
+
+    check_no_credentials(storage, "--storage")
 
     return fs.normalize(storage)
 
@@ -110,7 +113,7 @@ def status(
     address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster the run was submitted to: find its run storage and job there.")] = None,  # noqa: UP045
 ) -> None:
     """Show a run's state, chunk log and final metrics."""
-    from orchestrator.status import build_status, list_runs
+    from orchestrator.status import DAMAGED, build_status, list_runs
     from storage import fs
 
     root = _runs_root(storage)
@@ -131,6 +134,8 @@ def status(
         if not runs:
             raise RunError(f"no runs under {root}; start one with `orchestrator run recipes/quickstart.yaml`")
         st = runs[0]
+        if st["state"] == DAMAGED:  # damaged runs sort last: every run there is
+            raise RunError(st["error"])
     else:
         st = build_status(fs.join(root, run_name))
         if st is None:
@@ -180,19 +185,29 @@ def runs(
     as_json: Annotated[bool, typer.Option("--json")] = False,
     storage: Annotated[str, typer.Option("--storage", help="Run storage root.")] = "runs",
 ) -> None:
-    """List the runs in run storage."""
-    from orchestrator.status import list_runs
+    """List the runs in run storage (a run whose files cannot be read is listed as damaged, with the file named)."""
+    from orchestrator.status import DAMAGED, list_runs
 
     items = list_runs(_runs_root(storage))
     if as_json:
-        out.print_json(json.dumps([{k: r[k] for k in ("run_name", "state", "global_step", "interruptions", "mlflow_run_id")} for r in items]))
+        # A damaged run (its run.json, plan.json or cursor.json unreadable) also carries `error`:
+        # the message naming the file and what to do.
+        keys = ("run_name", "state", "global_step", "interruptions", "mlflow_run_id")
+        out.print_json(json.dumps([{k: r[k] for k in keys} | ({"error": r["error"], "run_dir": r["run_dir"]} if r["state"] == DAMAGED else {})
+                                   for r in items]))
         return
     t = Table("run", "state", "step", "chunks done", "interruptions", "MLflow run")
     for r in items:
         done = sum(s["chunks_done"] for s in r["stages"])
         total = sum(s["chunks_total"] for s in r["stages"])
-        t.add_row(r["run_name"], r["state"], str(r["global_step"]), f"{done}/{total}", str(r["interruptions"]), r["mlflow_run_id"] or "")
+        if r["state"] == DAMAGED:
+            t.add_row(r["run_name"], DAMAGED, "", "", "", "")
+        else:
+            t.add_row(r["run_name"], r["state"], str(r["global_step"]), f"{done}/{total}", str(r["interruptions"]), r["mlflow_run_id"] or "")
     out.print(t)
+    for r in items:
+        if r["state"] == DAMAGED:
+            err.print(f"damaged: {r['error']}", highlight=False, markup=False)
 
 
 @app.command()
@@ -217,9 +232,11 @@ def sweep(
 
 
 def _compare(experiment: str | None, tracking_uri: str, as_json: bool) -> None:
+    from common.redact import check_no_credentials
     from orchestrator.compare import collect, render
     from orchestrator.tracking import resolve_tracking_uri
 
+    check_no_credentials(tracking_uri, "--tracking-uri")
     uri = resolve_tracking_uri(tracking_uri)
     try:
         table = collect(uri, experiment)

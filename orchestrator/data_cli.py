@@ -12,14 +12,23 @@ from rich.console import Console
 # Bad arguments raise RecipeError (exit 2): orchestrator.cli prints it as one `error:` line,
 # where a typer.BadParameter raised in a command body would surface as a traceback.
 from common.errors import RecipeError, RunError
-from common.redact import redact_text
+from common.redact import check_no_credentials, redact_text
 
 data_app = typer.Typer(no_args_is_help=True, help="Make, pack and check datasets.")
 err = Console(stderr=True, soft_wrap=True)
 
 # storage.layouts.TASKS, spelled out here so `--help` needs no storage import.
 TASKS = ("mask_depth", "classification", "segmentation", "depth")
+FORCE_HELP = ("Write into a DEST that holds files this tool did not write (refused otherwise, exit 2); "
+              "only files it writes are ever replaced or deleted there.")
 TASK_HELP = "What the dataset holds: mask_depth (the default: fg_bg/bg/mask/depth), classification, segmentation or depth."
+
+
+def check_dest(dest: str, command: str, force: bool) -> None:
+    """DEST empty, or holding only what this tool writes (storage.dest_check), unless --force: exit 2."""
+    from storage.dest_check import check_dest as _check_ours
+
+    _check_ours(dest, command, force)
 
 
 def _check_task(task: str) -> str:
@@ -103,10 +112,12 @@ def data_synth(
     as_zip: Annotated[bool, typer.Option("--zip", help="With --layout seed: fg_bg, fg_bg_mask, depth and bg as ZIP_STORED zips, as the source shipped them.")] = False,
     workers: Annotated[int | None, typer.Option("--workers", min=1, help="Processes that make samples (default: up to 2).")] = None,
     task: Annotated[str, typer.Option("--task", help=TASK_HELP)] = "mask_depth",
+    force: Annotated[bool, typer.Option("--force", help=FORCE_HELP)] = False,
 ) -> None:
     """Write a synthetic dataset: mask_depth made the way the source dataset was, or a learnable classification, segmentation or depth set."""
     from orchestrator.progress import count_progress
 
+    check_no_credentials(dest, "DEST")
     _check_task(task)
     if layout not in ("shards", "seed"):
         raise RecipeError(f"--layout {layout!r}: choose 'shards' (a packed dataset) or 'seed' (the raw layout `data pack --task {task}` takes)")
@@ -120,6 +131,7 @@ def data_synth(
         if image_size is not None and image_size < MIN_IMAGE_SIZE[task]:
             raise RecipeError(f"--image-size {image_size}: {task} needs at least {MIN_IMAGE_SIZE[task]} px")
     _check_dest(dest, "write the dataset")
+    check_dest(dest, "data synth", force)
     with count_progress(err, "synthesizing", samples) as advance:
         if task != "mask_depth":
             from storage.synth_tasks import synthesize_task, synthesize_task_seed_layout
@@ -127,7 +139,7 @@ def data_synth(
             if layout == "seed":
                 info = synthesize_task_seed_layout(task, dest, samples, seed=seed, image_size=image_size, progress=advance, workers=workers)
             else:
-                manifest = synthesize_task(task, dest, samples, seed=seed, image_size=image_size, progress=advance, workers=workers)
+                manifest = synthesize_task(task, dest, samples, seed=seed, image_size=image_size, progress=advance, workers=workers, force=True)
         elif layout == "seed":
             from storage.seed_layout import synthesize_seed_layout
 
@@ -135,7 +147,7 @@ def data_synth(
         else:
             from storage.synth import synthesize
 
-            manifest = synthesize(dest, samples, seed=seed, image_size=image_size or 200, progress=advance, workers=workers)
+            manifest = synthesize(dest, samples, seed=seed, image_size=image_size or 200, progress=advance, workers=workers, force=True)
     if task != "mask_depth":
         if layout == "seed":
             err.print(f"wrote {info['samples']} {task} samples in the {info['layout']} layout to {redact_text(dest)}; "
@@ -182,12 +194,17 @@ def data_pack(
     task: Annotated[str, typer.Option("--task", help=TASK_HELP)] = "mask_depth",
     classes: Annotated[str | None, typer.Option("--classes", help="Class names, one per line (line 1 = class 0), for segmentation sources without classes.txt and for manifests.")] = None,
     depth_units_per_m: Annotated[float | None, typer.Option("--depth-units-per-m", min=1e-9, help="--task depth: 16-bit depth PNG values per metre (default 1000: millimetres, NYU; KITTI: 256).")] = None,
+    force: Annotated[bool, typer.Option("--force", help=FORCE_HELP)] = False,
+    max_pixels: Annotated[int, typer.Option("--max-pixels", min=1, help="Images of more pixels than this are bad samples, named with their size "
+                                                                        "(default 40,000,000: 40 MP decodes in ~120 MB, every epoch).")] = 40_000_000,
 ) -> None:
     """Pack a raw dataset into Parquet shards + index + manifest. Killed? Run it again: it continues."""
     from orchestrator.progress import count_progress
     from storage.pack import PackError, pack
     from storage.seed_layout import SourceError
 
+    for value, what in ((source, "SOURCE"), (dest, "DEST"), (report, "--report")):
+        check_no_credentials(value, what)
     _check_task(task)
     columns = _parse_columns(column, task)
     if task == "mask_depth" and (classes or depth_units_per_m):
@@ -195,6 +212,7 @@ def data_pack(
     _check_source(source, task)
     _check_report(report)
     _check_dest(dest, "write the packed dataset")
+    check_dest(dest, "data pack", force)
     state: dict = {}
 
     def on_plan(samples: int, todo: int) -> None:
@@ -209,7 +227,8 @@ def data_pack(
     try:
         res = pack(source, dest, skip_bad=skip_bad, report=report, rows_per_shard=rows_per_shard, rows_per_group=rows_per_group,
                    workers=workers, address=address, columns=columns, progress=progress, on_plan=on_plan,
-                   task=task, classes=classes, depth_units_per_m=depth_units_per_m)
+                   task=task, classes=classes, depth_units_per_m=depth_units_per_m, force=True,
+                   max_pixels=max_pixels)
     except (SourceError, PackError) as exc:
         raise RunError(str(exc)) from None
     finally:
@@ -243,6 +262,7 @@ def data_verify(
     from storage.shards import DatasetError, open_dataset
     from storage.verify import verify
 
+    check_no_credentials(uri, "URI")
     try:
         total = open_dataset(uri).num_samples
     except DatasetError as exc:

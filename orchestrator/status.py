@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from common.errors import RunError
 from orchestrator import lease, run_store
 from storage import fs
 from storage.layout import CURSOR_JSON, FINAL_JSON, PLAN_JSON, PROGRESS_JSON
@@ -61,10 +62,29 @@ def build_status(run_dir: str) -> dict[str, Any] | None:
     }
 
 
+DAMAGED = "damaged"
+
+
+def damaged_entry(name: str, run_dir: str, error: RunError) -> dict[str, Any]:
+    """A run whose files cannot be read (a torn or hand-edited run.json, plan.json or cursor.json):
+    listed with state "damaged" and the message naming the file and what to do, so one damaged
+    run never hides the others."""
+    return {
+        "run_name": name, "state": DAMAGED, "mlflow_run_id": None, "global_step": 0, "interruptions": 0,
+        "interruption_log": [], "stages": [], "chunk_log": [], "final": None, "run_dir": run_dir, "data_uri": "",
+        "last_checkpoint": None, "progress": None, "error": str(error), "updated_at": 0.0,
+    }
+
+
 def list_runs(storage_root: str) -> list[dict[str, Any]]:
+    """Every run under the root, newest first; damaged ones (damaged_entry) last."""
     out = []
     for name in fs.listdir(storage_root):
-        s = build_status(fs.join(storage_root, name))
+        run_dir = fs.join(storage_root, name)
+        try:
+            s = build_status(run_dir)
+        except RunError as exc:
+            s = damaged_entry(name, run_dir, exc)
         if s is not None:
             out.append(s)
-    return sorted(out, key=lambda s: s["updated_at"], reverse=True)
+    return sorted(out, key=lambda s: (s["state"] != DAMAGED, s["updated_at"]), reverse=True)

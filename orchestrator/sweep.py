@@ -74,6 +74,14 @@ def _absolute(path_or_uri: str, base: Path) -> str:
     return str((base / path_or_uri).resolve())
 
 
+def _no_credentials(sweep_path: str, field: str, value: Any) -> None:
+    from common.redact import credentials_problem
+
+    problem = credentials_problem(value) if isinstance(value, str) else None
+    if problem:
+        raise RecipeError(f"{sweep_path}: field '{field}': {problem}")
+
+
 def expand(sweep_path: str, overrides: list[str] | None = None, cwd: Path | None = None) -> tuple[SweepSpec, list[Recipe]]:
     """The sweep file and the recipes of its runs, validated before anything starts."""
     from pydantic import ValidationError
@@ -89,6 +97,7 @@ def expand(sweep_path: str, overrides: list[str] | None = None, cwd: Path | None
     base = load_recipe_dict(str(base_path))
     cwd = cwd or Path.cwd()
     for key, value in spec.set.items():
+        _no_credentials(sweep_path, f"sweep.set.{key}", value)
         _set(base, key, value, f"{sweep_path}: field 'sweep.set'")
     for item in overrides or []:
         apply_override(base, item)
@@ -102,6 +111,10 @@ def expand(sweep_path: str, overrides: list[str] | None = None, cwd: Path | None
         data = copy.deepcopy(base)
         combo = dict(combo)
         label = combo.pop("label", None)
+        # Before the run's name is made of the values: a URI's password must not become part of it.
+        _no_credentials(sweep_path, f"{origin}.label", label)
+        for key, value in combo.items():
+            _no_credentials(sweep_path, f"{origin}.{key}", value)
         for key, value in combo.items():
             _set(data, key, value, f"{sweep_path}: field '{origin}'")
         name = "-".join([spec.name, *([_label(label)] if label is not None else (_label(v) for v in combo.values()))])

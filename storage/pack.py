@@ -35,12 +35,16 @@ from common.redact import redact_text
 from storage import codec
 from storage import fs as sfs
 from storage.columns import MASK_DEPTH_COLUMNS, Column
+from storage.dest_check import check_dest, is_packed_file, remove_packed_files
 from storage.layouts.base import (  # BadSample lives there now; importable from here as before
+    DEFAULT_MAX_PIXELS,
     DEFAULT_TASK,
     BadSample,
     TaskPlan,
     check_task,
     detect_layout,
+    open_image_checked,
+    set_max_pixels,
     wrong_layout,
 )
 from storage.seed_layout import (
@@ -62,8 +66,6 @@ from storage.shards import (
     INDEX_COLUMNS,
     MANIFEST,
     MASK_DEPTH_SHARED,
-    SHARD_DIR,
-    SHARED_DIR,
     SHARED_FORMAT,
     ShardFileWriter,
     columns_checksum,
@@ -145,6 +147,7 @@ class PartTask:
     options: dict[str, Any] = field(default_factory=dict)  # what the task's prepare needs (class count, depth units)
     role: str = SAMPLES  # or BACKGROUNDS: samples are then (bg id, name, {"bg": file}, {})
     bg_ids: list[int] = field(default_factory=list)  # mask_depth: each sample's background id
+    max_pixels: int = DEFAULT_MAX_PIXELS  # images over this are bad samples (--max-pixels)
 
 
 # -- sizing ----------------------------------------------------------------------------------------
@@ -187,8 +190,10 @@ def choose_sizes(sample_bytes: int, rows_per_shard: int | None, rows_per_group: 
 
 def _decode(data: bytes, kind: str, path: str) -> Image.Image:
     try:
-        img = Image.open(io.BytesIO(data))
+        img = open_image_checked(data, kind, path)  # over the pixel limit: BadSample, before any decode
         img.load()  # Pillow decodes lazily: a truncated file fails here, not in training
+    except BadSample:
+        raise
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types for bad bytes
         raise BadSample(path, f"{kind} cannot be decoded ({type(exc).__name__}: {exc}); corrupt or truncated image") from None
     if img.format not in ("JPEG", "PNG"):
@@ -274,6 +279,7 @@ def _path_of(task: PartTask, c: int | None, member: str) -> str:
 
 def run_part(task: PartTask) -> dict[str, Any]:
     """Pack one part into its shard; write the part's index rows, then its record (the marker)."""
+    set_max_pixels(task.max_pixels)
     if task.role == BACKGROUNDS:
         return _run_backgrounds_part(task)
     if task.task != DEFAULT_TASK:
@@ -422,7 +428,8 @@ def background_ids(plan: SourcePlan) -> tuple[list[int], list[FileRef]]:
     return [ids[key(s.files["bg"])] for s in plan.samples], [ref for _, ref in files]
 
 
-def _tasks(plan: SourcePlan, dest: str, rows_per_shard: int, rows_per_group: int, bg_ids: list[int]) -> list[PartTask]:
+def _tasks(plan: SourcePlan, dest: str, rows_per_shard: int, rows_per_group: int, bg_ids: list[int],
+           max_pixels: int = DEFAULT_MAX_PIXELS) -> list[PartTask]:
     """The sample parts; `bg_ids` is background_ids(plan)[0] for mask_depth (empty otherwise)."""
     containers = [(c.kind, c.uri, c.is_zip) for c in plan.containers]
     config = {"version": PACK_VERSION, "rows_per_group": rows_per_group, "mask_threshold": MASK_THRESHOLD, "extra": plan.extra_columns}
@@ -430,6 +437,8 @@ def _tasks(plan: SourcePlan, dest: str, rows_per_shard: int, rows_per_group: int
     kinds = _file_kinds(plan)
     if task == DEFAULT_TASK:
         config["format"] = SHARED_FORMAT
+    if max_pixels != DEFAULT_MAX_PIXELS:  # another limit re-checks every part; the default keeps earlier packs' parts
+        config["max_pixels"] = max_pixels
     tasks = []
     for part, start in enumerate(range(0, len(plan.samples), rows_per_shard)):
         refs: list[SampleRef] = plan.samples[start : start + rows_per_shard]
@@ -437,11 +446,11 @@ def _tasks(plan: SourcePlan, dest: str, rows_per_shard: int, rows_per_group: int
         ids = bg_ids[start : start + rows_per_shard]
         part_config = {**config, "bg_ids": ids} if task == DEFAULT_TASK else config
         tasks.append(PartTask(part, dest, rows_per_group, plan.fingerprint(refs, part_config), plan.extra_columns, containers, samples, task,
-                              options, bg_ids=ids))
+                              options, bg_ids=ids, max_pixels=max_pixels))
     return tasks
 
 
-def _background_tasks(plan: SourcePlan, dest: str, refs: list[FileRef]) -> list[PartTask]:
+def _background_tasks(plan: SourcePlan, dest: str, refs: list[FileRef], max_pixels: int = DEFAULT_MAX_PIXELS) -> list[PartTask]:
     """mask_depth's background parts: the distinct background files (`refs`, background_ids(plan)[1]),
     in files of ~SHARD_TARGET_BYTES."""
     if isinstance(plan, TaskPlan) or not plan.samples:
@@ -456,11 +465,14 @@ def _background_tasks(plan: SourcePlan, dest: str, refs: list[FileRef]) -> list[
     for part, start in enumerate(range(0, len(refs), per_file)):
         chunk = refs[start : start + per_file]
         h = hashlib.sha256(repr(("backgrounds", PACK_VERSION, SHARED_FORMAT, per_group)).encode())
+        if max_pixels != DEFAULT_MAX_PIXELS:
+            h.update(f"|max_pixels={max_pixels}".encode())
         for vid, ref in enumerate(chunk, start):
             where = "" if ref.container is None else plan.containers[ref.container].uri
             h.update(f"|{vid}|{where}|{ref.member}|{ref.stamp}".encode())
         samples = [(vid, ref.member, {"bg": (ref.container, ref.member)}, {}) for vid, ref in enumerate(chunk, start)]
-        tasks.append(PartTask(part, dest, per_group, h.hexdigest(), (), containers, samples, DEFAULT_TASK, {}, role=BACKGROUNDS))
+        tasks.append(PartTask(part, dest, per_group, h.hexdigest(), (), containers, samples, DEFAULT_TASK, {}, role=BACKGROUNDS,
+                              max_pixels=max_pixels))
     return tasks
 
 
@@ -527,17 +539,46 @@ def default_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def _clear_stale(dest: str, settings: dict[str, Any]) -> None:
-    """Start over when the part layout changed (other shard/group sizes): old parts cannot be reused."""
+def _recorded_files(dest: str) -> set[str]:
+    """The data files (relative to DEST) that an earlier pack recorded: in its part records under
+    DEST/.pack/ and in its manifest. A re-pack removes no other file: DEST may hold a user's files."""
+    out: set[str] = set()
+    state = sfs.join(dest, STATE_DIR)
+    for name in sfs.listdir(state):
+        if not name.endswith(".json") or name == "settings.json":
+            continue
+        try:
+            shard = sfs.read_json(sfs.join(state, name)).get("shard")
+        except (FileNotFoundError, ValueError, AttributeError):
+            continue
+        if isinstance(shard, dict) and isinstance(shard.get("file"), str):
+            out.add(shard["file"])
+    try:
+        manifest = sfs.read_json(sfs.join(dest, MANIFEST))
+    except (FileNotFoundError, ValueError):
+        manifest = None
+    if isinstance(manifest, dict):
+        out |= {s["file"] for s in manifest.get("shards") or [] if isinstance(s, dict) and isinstance(s.get("file"), str)}
+        for entry in (manifest.get("shared") or {}).values():
+            if isinstance(entry, dict):
+                out |= {entry["index"]} if isinstance(entry.get("index"), str) else set()
+                out |= {f["file"] for f in entry.get("files") or [] if isinstance(f, dict) and isinstance(f.get("file"), str)}
+    # Only names a pack writes: a damaged or hand-edited record cannot point the re-pack at a user's file.
+    return {f for f in out if is_packed_file(f) and not f.startswith(f"{STATE_DIR}/")}
+
+
+def _clear_stale(dest: str, settings: dict[str, Any], recorded: set[str]) -> None:
+    """Start over when the part layout changed (other shard/group sizes): old parts cannot be reused.
+    Removes what the earlier pack recorded and its state files, nothing else."""
     state = sfs.join(dest, STATE_DIR)
     try:
         old = sfs.read_json(sfs.join(state, "settings.json"))
     except (FileNotFoundError, ValueError):
         old = None
     if old != settings:
-        sfs.remove(state, recursive=True)
-        sfs.remove(sfs.join(dest, SHARD_DIR), recursive=True)
-        sfs.remove(sfs.join(dest, SHARED_DIR), recursive=True)
+        for rel in sorted(recorded):
+            sfs.remove(sfs.join(dest, rel))
+        remove_packed_files(dest, STATE_DIR)
         sfs.write_json(sfs.join(state, "settings.json"), settings)
 
 
@@ -557,6 +598,8 @@ def pack(
     task: str = DEFAULT_TASK,
     classes: str | None = None,
     depth_units_per_m: float | None = None,
+    force: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> PackResult:
     """Pack `source` into a dataset at `dest`.
 
@@ -576,10 +619,15 @@ def pack(
     SOURCE in another task's layout is a SourceError saying which `--task` fits. `classes` is a
     class-names file (one per line) for segmentation/classification sources without one;
     `depth_units_per_m` the unit of 16-bit depth PNGs (default 1000: millimetres; KITTI: 256).
+    An image (or depth array) of more than `max_pixels` pixels is a bad sample, named with its size.
+
+    DEST must be empty or hold only files this tool writes (storage.dest_check; ForeignDestError
+    otherwise, unless `force`); a re-pack removes only the files an earlier pack recorded.
     """
     t0 = time.monotonic()
     check_task(task)
     dest = sfs.normalize(dest)
+    check_dest(dest, "data pack", force)
     plan = plan_pack_source(task, source, columns, classes, depth_units_per_m)
     if not plan.samples and not plan.bad:
         what = "no label_info lines / manifest rows" if task == DEFAULT_TASK else "no images"
@@ -587,17 +635,18 @@ def pack(
     rps, rpg = choose_sizes(mean_sample_bytes(plan), rows_per_shard, rows_per_group)
     # A re-pack first removes the manifest: a crash mid-way then leaves no dataset describing
     # shards that are being rewritten.
+    recorded = _recorded_files(dest)
     sfs.remove(sfs.join(dest, MANIFEST))
     settings = {"version": PACK_VERSION, "rows_per_shard": rps, "rows_per_group": rpg, "samples": len(plan.samples)}
     if task != DEFAULT_TASK:
         settings["task"] = task
     else:
         settings["format"] = SHARED_FORMAT
-    _clear_stale(dest, settings)
+    _clear_stale(dest, settings, recorded)
     # Each sample's background id and the distinct background files: one sort over the samples.
     bg_ids, bg_refs = background_ids(plan) if task == DEFAULT_TASK else ([], [])
-    tasks = _tasks(plan, dest, rps, rpg, bg_ids)
-    bg_tasks = _background_tasks(plan, dest, bg_refs) if task == DEFAULT_TASK else []
+    tasks = _tasks(plan, dest, rps, rpg, bg_ids, max_pixels)
+    bg_tasks = _background_tasks(plan, dest, bg_refs, max_pixels) if task == DEFAULT_TASK else []
     records: dict[int, dict[str, Any]] = {}
     bg_records: dict[int, dict[str, Any]] = {}
     for t in tasks:
@@ -665,13 +714,14 @@ def pack(
         "pack": {"version": PACK_VERSION, "skipped": len(bad), "unlisted": len(plan.unlisted)},
     }
     if isinstance(plan, TaskPlan):
-        _remove_stray_shards(dest, {s["file"] for s in shards})
+        _remove_stray_shards(dest, {s["file"] for s in shards}, recorded | _record_files(records))
         del extra["mask_threshold"]
         extra["meta"] = task_meta(plan, [records[p].get("stats") or {} for p in sorted(records)])
         manifest = write_index_and_manifest(dest, index, shards, extra, columns=TASK_COLUMNS[task], task=task)
     else:
         bg_entry = _backgrounds_table(dest, bg_records, records)
-        _remove_stray_shards(dest, {s["file"] for s in shards} | {f["file"] for f in bg_entry["files"]} | {bg_entry["index"]})
+        _remove_stray_shards(dest, {s["file"] for s in shards} | {f["file"] for f in bg_entry["files"]} | {bg_entry["index"]},
+                             recorded | _record_files(records) | _record_files(bg_records))
         manifest = write_index_and_manifest(dest, index, shards, extra, shared={BG_COLUMN.name: bg_entry})
     result.packed, result.shards, result.manifest = packed, len(shards), manifest
     result.seconds = time.monotonic() - t0
@@ -752,12 +802,16 @@ def _backgrounds_table(dest: str, bg_records: dict[int, dict[str, Any]], records
     return write_shared_index(dest, BG_COLUMN, index, files)
 
 
-def _remove_stray_shards(dest: str, keep: set[str]) -> None:
-    """Shard files of parts that ended up empty (every sample bad) are not part of the dataset."""
-    for folder in (SHARD_DIR, f"{SHARED_DIR}/{BG_COLUMN.name}"):
-        for name in sfs.listdir(sfs.join(dest, folder)):
-            if f"{folder}/{name}" not in keep:
-                sfs.remove(sfs.join(dest, folder, name))
+def _record_files(records: dict[int, dict[str, Any]]) -> set[str]:
+    return {r["shard"]["file"] for r in records.values() if isinstance(r.get("shard"), dict)}
+
+
+def _remove_stray_shards(dest: str, keep: set[str], recorded: set[str]) -> None:
+    """Shard files of parts that ended up empty (every sample bad) are not part of the dataset.
+    Only files a pack recorded go: a user's file in shards/ stays."""
+    for rel in sorted(recorded - keep):
+        if is_packed_file(rel):
+            sfs.remove(sfs.join(dest, rel))
 
 
 def _write_report(uri: str | None, report: dict[str, Any]) -> None:

@@ -67,6 +67,7 @@ from storage.columns import (
     is_mask_depth,
     mask_depth_depth_mean,
 )
+from storage.dest_check import remove_packed_files
 
 log = logging.getLogger(__name__)
 
@@ -554,8 +555,9 @@ class ShardWriter:
         self.rows_per_group = min(int(rows_per_group), self.rows_per_shard)
         sfs.remove(sfs.join(self.uri, MANIFEST))
         sfs.remove(sfs.join(self.uri, INDEX))
-        sfs.remove(sfs.join(self.uri, SHARD_DIR), recursive=True)
-        sfs.remove(sfs.join(self.uri, SHARED_DIR), recursive=True)
+        # Only the files a packed dataset has: a user's file under shards/ or shared/ stays (storage.dest_check).
+        remove_packed_files(self.uri, SHARD_DIR)
+        remove_packed_files(self.uri, SHARED_DIR)
 
         self._shards: list[dict[str, Any]] = []
         self._file: ShardFileWriter | None = None

@@ -439,8 +439,12 @@ def synthesize(
     progress: ProgressFn | None = None,
     workers: int | None = None,
     format: str | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Write a synthetic dataset of `samples` samples (ids 0..samples-1) to `dest`; return its manifest.
+
+    `dest` must be empty or hold only files this tool writes (a killed synth's are fine), else
+    storage.dest_check.ForeignDestError, unless `force`.
 
     The bytes depend only on (seed, sample id, image_size), not on `workers`. `progress(n)` is
     called after each chunk with the number of samples just written (an increment, so a rich
@@ -448,12 +452,14 @@ def synthesize(
     each of the NUM_BACKGROUNDS backgrounds stored once); storage.shards.LEGACY_MASK_DEPTH_FORMAT
     writes /2 as before it (the same values, every row holding its background).
     """
+    from storage.dest_check import check_dest
     from storage.shards import ShardWriter  # the pool's workers never need pyarrow
 
     if samples < 0:
         raise ValueError(f"samples must be >= 0, got {samples}")
     if image_size < 2 * MIN_FG_PX:
         raise ValueError(f"image_size must be >= {2 * MIN_FG_PX} px, got {image_size}")
+    check_dest(dest, "data synth", force)
     workers = default_workers() if workers is None else max(1, int(workers))
     writer = ShardWriter(dest, rows_per_shard=rows_per_shard, rows_per_group=rows_per_group, format=format)
     with writer:

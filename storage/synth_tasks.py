@@ -350,17 +350,21 @@ def synthesize_task(
     rows_per_group: int = 256,
     progress: ProgressFn | None = None,
     workers: int | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Write a packed synthetic `task` dataset of `samples` samples (ids 0..samples-1); return its manifest.
 
     The bytes depend only on (task, seed, sample id, image_size), not on `workers`; `progress(n)`
-    gets the number of samples just written after each chunk.
+    gets the number of samples just written after each chunk. `dest` must be empty or hold only
+    files this tool writes (storage.dest_check), unless `force`.
     """
+    from storage.dest_check import check_dest
     from storage.shards import ShardWriter  # the pool's workers never need pyarrow
     from storage.synth import default_workers, map_chunks
 
     image_size = int(image_size or DEFAULT_IMAGE_SIZE[task])
     _check(task, samples, image_size)
+    check_dest(dest, "data synth", force)
     workers = default_workers() if workers is None else max(1, int(workers))
     lo_hi: list[int] = []
     channels = 1 if task == "classification" else 3

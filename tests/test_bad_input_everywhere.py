@@ -98,7 +98,15 @@ CASES = [
          {"r.yaml": edit(MD, {"data.shufle": True, "stages.0.batch_size": "eight", "model.name": "vgg"})}, lines=3),
     Case("run/trainable-part-the-model-lacks", ["run", "r.yaml"], 2, ["r.yaml", "stages.0.trainable", "wings", "spine"],
          {"r.yaml": edit(MD, {"stages.0.trainable": ["wings"]})}),
+    Case("run/non-finite-lr", ["run", "r.yaml"], 2, ["r.yaml", "stages.0.lr", "finite"], {"r.yaml": edit(MD, {"stages.0.lr": float("inf")})}),
+    Case("run/keep-one-checkpoint", ["run", "r.yaml"], 2, ["r.yaml", "checkpoint.keep", "greater than or equal to 2"],
+         {"r.yaml": edit(MD, {"checkpoint.keep": 1})}),
+    Case("run/resolution-out-of-range", ["run", "r.yaml"], 2, ["r.yaml", "stages.0.resolution", "less than or equal to 4096"],
+         {"r.yaml": edit(MD, {"stages.0.resolution": 100000})}),
+    Case("run/password-in-data-uri", ["run", "r.yaml"], 2, ["r.yaml", "data.uri", "https://***@host/ds", "holds credentials", "GOOGLE_APPLICATION_CREDENTIALS"],
+         {"r.yaml": edit(MD, {"data.uri": "https://bob:hunter2@host/ds"})}),
     # -- run: --set -------------------------------------------------------------------------------------
+    Case("run/set-non-finite", ["run", "r.yaml", "--set", "stages.0.lr=.nan"], 2, ["stages.0.lr", "finite"], {"r.yaml": MD}),
     Case("run/set-without-equals", ["run", "r.yaml", "--set", "model.name"], 2, ["--set", "model.name", "KEY=VALUE"], {"r.yaml": MD}),
     Case("run/set-unknown-stage", ["run", "r.yaml", "--set", "stages.nope.lr=1"], 2, ["--set", "'nope'", "spine"], {"r.yaml": MD}),
     # -- run: the data -------------------------------------------------------------------------------------
@@ -122,7 +130,9 @@ CASES = [
     Case("status/unknown-run", ["status", "ghost"], 1, ["'ghost'", "orchestrator runs"]),
     Case("status/no-runs", ["status", "--json"], 1, ["no runs", "{tmp}/runs"]),
     Case("status/damaged-run-record", ["status", "r1"], 1, ["{tmp}/runs/r1/run.json", "not a run record"], {"runs/r1/run.json": "[1, 2]"}),
-    Case("runs/damaged-run-record", ["runs", "--json"], 1, ["{tmp}/runs/r1/run.json", "not valid JSON"], {"runs/r1/run.json": "{oops"}),
+    Case("status/damaged-run-record-not-json", ["status", "r1"], 1, ["{tmp}/runs/r1/run.json", "not valid JSON", "restore the file"],
+         {"runs/r1/run.json": "{oops"}),
+    Case("status/only-damaged-runs", ["status"], 1, ["{tmp}/runs/r1/run.json", "not valid JSON"], {"runs/r1/run.json": "{oops"}),
     Case("runs/unknown-option", ["runs", "--jsn"], 2, ["orchestrator runs", "--jsn"]),
     Case("logs/no-address", ["logs", "r1"], 2, ["orchestrator logs", "--address"]),
     Case("logs/unreachable-address", ["logs", "r1", "--address", "http://127.0.0.1:1"], 1, ["--address http://127.0.0.1:1", "cannot reach"]),
@@ -132,6 +142,9 @@ CASES = [
     Case("synth/zero-samples", ["data", "synth", "ds", "--samples", "0"], 2, ["data synth", "--samples"], absent=["ds"]),
     Case("synth/unknown-layout", ["data", "synth", "ds", "--layout", "bogus"], 2, ["--layout", "'bogus'"], absent=["ds"]),
     Case("synth/no-dest", ["data", "synth"], 2, ["data synth", "'dest'"]),
+    Case("synth/dest-holds-user-files", ["data", "synth", "mydrive", "--samples", "4"], 2,
+         ["{tmp}/mydrive", "did not write", "shards/notes.txt", "shared/thesis.docx", "--force"],
+         {"mydrive/shared/thesis.docx": "thesis\n", "mydrive/shards/notes.txt": "notes\n"}),
     # -- data pack --------------------------------------------------------------------------------------------
     Case("pack/missing-source", ["data", "pack", "nosuch", "out"], 1, ["{tmp}/nosuch", "no such file or folder"], absent=["out"]),
     Case("pack/layout-does-not-fit-task", ["data", "pack", "{rawcls}", "out", "--task", "segmentation"], 1,
@@ -142,6 +155,9 @@ CASES = [
     Case("pack/unwritable-report", ["data", "pack", "{rawcls}", "out", "--task", "classification", "--report", "blocker/report.json"], 1,
          ["--report", "{tmp}/blocker/report.json"], BLOCKER, absent=["out"]),
     Case("pack/unknown-task", ["data", "pack", "{rawcls}", "out", "--task", "nope"], 2, ["--task", "'nope'"], absent=["out"]),
+    Case("pack/dest-holds-user-files", ["data", "pack", "{rawcls}", "out", "--task", "classification"], 2,
+         ["{tmp}/out", "did not write", "notes.txt", "--force"], {"out/notes.txt": "mine\n"}, absent=["out/.pack"]),
+    Case("pack/max-pixels-zero", ["data", "pack", "{rawcls}", "out", "--max-pixels", "0"], 2, ["--max-pixels"], absent=["out"]),
     Case("pack/bad-column", ["data", "pack", "{rawcls}", "out", "--column", "foo"], 2, ["--column", "'foo'", "KIND=COLUMN"], absent=["out"]),
     # -- data verify ------------------------------------------------------------------------------------------
     Case("verify/manifest-not-json", ["data", "verify", "ds"], 1, ["{tmp}/ds/manifest.json", "not valid JSON", "re-pack"], {"ds/manifest.json": "not json{"}),
@@ -263,3 +279,36 @@ def test_orchestrator_log_takes_any_case_and_an_unknown_level_warns_instead_of_a
     assert _log_level() == level
     warned = capsys.readouterr().err
     assert ("is not a log level" in warned) == (value == "loud")
+
+
+def test_runs_lists_the_others_and_marks_a_damaged_run(tmp_path: Path):
+    """One torn run.json (or plan.json) never hides the other runs: `runs` lists them all, the
+    damaged ones with state "damaged", the file and what to do (text and --json)."""
+    from dataclasses import asdict
+
+    from orchestrator.run_store import RunRecord
+
+    good = asdict(RunRecord(run_name="good", recipe={}, recipe_sha256="x", state="completed", mlflow_run_id="abc"))
+    (tmp_path / "runs" / "good").mkdir(parents=True)
+    (tmp_path / "runs" / "good" / "run.json").write_text(json.dumps(good))
+    (tmp_path / "runs" / "torn").mkdir()
+    (tmp_path / "runs" / "torn" / "run.json").write_text("{oops")
+    (tmp_path / "runs" / "badplan").mkdir()
+    (tmp_path / "runs" / "badplan" / "run.json").write_text(json.dumps(good | {"run_name": "badplan"}))
+    (tmp_path / "runs" / "badplan" / "plan.json").write_text("[")
+
+    res = run_cli("runs", "--json", cwd=tmp_path)
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    by_name = {r["run_name"]: r for r in json.loads(res.stdout)}
+    assert by_name["good"]["state"] == "completed" and by_name["good"]["mlflow_run_id"] == "abc"
+    for name, file in (("torn", "run.json"), ("badplan", "plan.json")):
+        assert by_name[name]["state"] == "damaged"
+        assert f"{tmp_path}/runs/{name}/{file}" in by_name[name]["error"] and "not valid JSON" in by_name[name]["error"]
+
+    res = run_cli("runs", cwd=tmp_path)
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    assert "good" in res.stdout and "completed" in res.stdout and res.stdout.count("damaged") == 2
+    assert f"{tmp_path}/runs/torn/run.json" in res.stderr and "restore the file" in res.stderr
+
+    res = run_cli("status", "--json", cwd=tmp_path)  # the newest intact run, not a damaged one
+    assert res.returncode == 0 and json.loads(res.stdout)["run_name"] == "good", res.stderr

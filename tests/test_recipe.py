@@ -98,7 +98,12 @@ def test_recipe_identity_ignores_execution_settings():
 
 
 def test_flat_params_are_dotted_and_redact_secrets():
-    r = validate_recipe(tiny_recipe("gs://user:hunter2@bucket/data?token=abc"))
+    with pytest.raises(RecipeError, match="field 'data.uri': gs://\\*\\*\\*@bucket.*holds credentials") as exc:
+        validate_recipe(tiny_recipe("gs://user:hunter2@bucket/data?token=abc"))
+    assert "hunter2" not in str(exc.value) and "abc" not in str(exc.value)
+    # Refused at validation; flat_params still redacts, should one get past it.
+    r = validate_recipe(tiny_recipe("gs://bucket/data"))
+    r.data.__dict__["uri"] = "gs://user:hunter2@bucket/data?token=abc"
     p = r.flat_params()
     assert p["stages.head_tail.batch_size"] == "8"
     assert "hunter2" not in p["data.uri"] and "abc" not in p["data.uri"]
@@ -139,3 +144,58 @@ def test_tpu_settings_that_ray_would_reject_are_named_at_load_time():
         load_recipe("recipes/unet224.yaml", ["execution.use_gpu=true", "execution.use_tpu=true"])
     with pytest.raises(RecipeError, match="tpu_topology"):
         load_recipe("recipes/unet224.yaml", ["execution.use_gpu=false", "execution.use_tpu=true", "execution.num_workers=2"])
+
+
+# The identity of every shipped recipe: a run in progress resumes only while its recipe's sha256 is
+# the same, so a validation change must not move these (recorded before the issue-20 bounds).
+SHIPPED_SHA256 = {
+    "basenet.yaml": "6ab192c9e613d984a739a2add3d0d39ddd9d71d60098c9229871514d4ef66236",
+    "mobilenetv2_depth.yaml": "db8a1c44e969346e9a804fc6cf3ee0577a14949699545351e5c1fe034fa94b9f",
+    "mobilenetv2_depth_cpu.yaml": "f9fc5b9472aeef528cf624d696c051b3c77a6beb224e703e2757f582ee0cad0f",
+    "quickstart.yaml": "75c5a65c941835863ff9790797840362e6af2a25841fa0a6714bc4ce8ad47368",
+    "resnet18_seg.yaml": "dec9569b475261faec63b1d5da57bb9d8cbc93c9a4e1a7aacc74ad735dc0402e",
+    "resnet18_seg_cpu.yaml": "013bcaef7340ca94cec627027bba7b3776eac0ed4c9563266520c7d466971eed",
+    "resunet.yaml": "64a228f633c436db0e89912eec3c0514cbd5b6d96001336febb6bb55adb8a104",
+    "resunet_cpu.yaml": "b7e47b3a6f2e54c9ca463a20a77295015fc039ebba70703a5b98c157386cf6ea",
+    "resunext.yaml": "b5ae898f3d55bae18153da925d5337cbd97dfc6056ea59437af999b88b7ecd0a",
+    "resunext_cpu.yaml": "14d21513085d6d6e74b78d2013ed0b5ccccabc0cced0d9d8b421459f02302274",
+    "unet224.yaml": "a68972eebf98b12b0122d665f74043fd29569925039a28746a59667738c2ddfd",
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_SHA256))
+def test_shipped_recipe_identity_is_pinned(name):
+    assert load_recipe(str(REPO / "recipes" / name)).sha256() == SHIPPED_SHA256[name]
+
+
+@pytest.mark.parametrize(("changes", "field", "says"), [
+    ({"stages.0.lr": float("inf")}, "stages.0.lr", "finite"),
+    ({"stages.0.lr": float("nan")}, "stages.0.lr", "finite"),
+    ({"loss.mask": {"l1": float("inf")}}, "loss.mask.l1", "finite"),
+    ({"checkpoint.every_seconds": float("inf")}, "checkpoint.every_seconds", "finite"),
+    ({"data.hflip": float("nan")}, "data.hflip", "finite"),
+    ({"model.options": {"dropout": float("nan")}}, "model.options", "dropout"),
+    ({"checkpoint.keep": 1}, "checkpoint.keep", "greater than or equal to 2"),
+    ({"stages.0.resolution": 100_000}, "stages.0.resolution", "less than or equal to 4096"),
+    ({"execution.num_workers": 100_000}, "execution.num_workers", "less than or equal to 1024"),
+    ({"data.decode_workers": 1000}, "data.decode_workers", "less than or equal to 64"),
+    ({"execution.cpus_per_worker": float("inf")}, "execution.cpus_per_worker", "finite"),
+])
+def test_non_finite_numbers_and_out_of_range_values_are_refused_naming_the_field(changes, field, says):
+    d = tiny_recipe("x")
+    for key, value in changes.items():
+        *path, last = key.split(".")
+        node = d
+        for p in path:
+            node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})
+        node[last] = value
+    with pytest.raises(RecipeError) as exc:
+        validate_recipe(d, "r.yaml")
+    assert f"r.yaml: field '{field}'" in str(exc.value) and says in str(exc.value)
+
+
+def test_set_of_a_non_finite_number_is_refused():
+    d = tiny_recipe("x")
+    apply_override(d, "stages.0.lr=.inf")
+    with pytest.raises(RecipeError, match="stages.0.lr.*finite"):
+        validate_recipe(d)

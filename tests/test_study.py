@@ -47,7 +47,7 @@ def depth_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "model": {"name": "mobilenetv2_depth", "variant": "cpu"},
         "loss": {"depth": {"l1": 0.1, "ssim": 1.0}},
         "stages": [{"name": "train", "resolution": 32, "batch_size": 16, "chunk_size": 100, "epochs_per_chunk": 2, "lr": 0.003}],
-        "checkpoint": {"every_steps": 50, "every_seconds": 3600, "keep": 1},
+        "checkpoint": {"every_steps": 50, "every_seconds": 3600, "keep": 2},
         "tracking": {"uri": "sqlite:///mlflow.db", "experiment": "tests"},
         "execution": {"backend": "local", "num_workers": 1, "cpus_per_worker": 1},
     }

@@ -38,6 +38,45 @@ class BadSample(Exception):
         self.reason = reason
 
 
+# `data pack` refuses images of more pixels than this (--max-pixels raises it). 40 MP is past any
+# camera photo people train on (a 12 MP phone photo, a 24-36 MP DSLR's; 4096x4096, the recipe's
+# largest resolution, is 16.8 MP) and still decodes in ~120 MB (RGB); every epoch decodes every
+# image again, so a 10000x10000 scan (100 MP: ~300 MB per decode) is a mistake, not a sample.
+# Pillow's own decompression-bomb check (a warning from 89 MP) is replaced by this one.
+DEFAULT_MAX_PIXELS = 40_000_000
+_max_pixels = DEFAULT_MAX_PIXELS
+
+
+def set_max_pixels(limit: int) -> None:
+    """The pixel limit of this process's image checks (a pack part sets its task's)."""
+    global _max_pixels
+    _max_pixels = int(limit)
+
+
+def open_image_checked(data: bytes, kind: str, path: str):
+    """Image.open(data), its header read only, refused (BadSample naming the file, its size and the
+    flag) when it has more pixels than the limit; other errors propagate, for the caller to name."""
+    import io
+
+    from PIL import Image
+
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # the check below replaces Pillow's (its warning, then its error)
+    try:
+        img = Image.open(io.BytesIO(data))
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+    check_pixels(img.width, img.height, kind, path)
+    return img
+
+
+def check_pixels(width: int, height: int, kind: str, path: str) -> None:
+    n = int(width) * int(height)
+    if n > _max_pixels:
+        raise BadSample(path, f"{kind} is {width}x{height} ({n / 1e6:.1f} MP), over the {_max_pixels / 1e6:g} MP limit "
+                              f"(each decode takes ~{n * 3 / 2**20:.0f} MB); downscale it, or raise the limit with --max-pixels {n}")
+
+
 def check_task(task: str) -> str:
     if task not in TASKS:
         raise ValueError(f"--task {task!r}: choose one of {', '.join(TASKS)}")

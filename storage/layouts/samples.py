@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from storage import codec
-from storage.layouts.base import BadSample
+from storage.layouts.base import BadSample, check_pixels, open_image_checked
 
 IGNORE_INDEX = 255
 DEPTH_SCALE = 1000  # stored depth units per metre: millimetres
@@ -45,8 +45,10 @@ class Prepared:
 
 def open_image(data: bytes, kind: str, path: str) -> Image.Image:
     try:
-        img = Image.open(io.BytesIO(data))
+        img = open_image_checked(data, kind, path)  # over the pixel limit: BadSample, before any decode
         img.load()  # Pillow decodes lazily: a truncated file fails here, not in training
+    except BadSample:
+        raise
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types for bad bytes
         text = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the file", str(exc))
         raise BadSample(path, f"{kind} cannot be decoded ({type(exc).__name__}: {text}); corrupt or truncated image") from None
@@ -172,6 +174,7 @@ def depth_mm(data: bytes, path: str, units_per_m: float = DEPTH_SCALE) -> np.nda
             arr = arr[..., 0]
         if arr.ndim != 2 or arr.size == 0:
             raise BadSample(path, f"depth .npy has shape {arr.shape}, expected HxW")
+        check_pixels(arr.shape[1], arr.shape[0], "depth", path)
         if arr.dtype.kind == "f":
             return metres_to_mm(arr)
         if arr.dtype.kind in "ui":
