@@ -31,6 +31,8 @@ from storage.retry import StorageError
 
 log = logging.getLogger(__name__)
 
+WAIT_SLICE_S = 0.5
+
 
 def snapshot(obj: Any, buffer: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Any:
     """A copy of a state_dict-like tree that training can no longer change: tensors copied to CPU
@@ -171,7 +173,10 @@ class CheckpointWriter:
         completion may start a follow-up job: that one is waited for too)."""
         while self._job is not None:
             job = self._job
-            job.finished.wait()
+            # In slices: the driver's own stop (a lost lease, interrupt_main) is a flag that Python
+            # only acts on between bytecodes, and a write riding out a long outage may wait minutes.
+            while not job.finished.wait(WAIT_SLICE_S):
+                pass
             self._land(job)
 
     def close(self) -> None:
