@@ -46,9 +46,16 @@ def open_data(recipe: Recipe, console: Console) -> tuple[str, Any]:
             )
         uri = fs.normalize(fs.join("data", recipe.run.name))
         if not fs.exists(fs.join(uri, "manifest.json")):
+            from storage.dest_check import foreign_files
             from storage.synth import synthesize
             from storage.synth_tasks import synthesize_task
 
+            foreign = foreign_files(uri)
+            if foreign:  # `run` has no --force: the folder is the user's, say how to keep both
+                raise RecipeError(
+                    f"{uri} holds files that orchestrator did not write ({', '.join(foreign[:3])}); the first run of "
+                    f"'{recipe.run.name}' synthesizes its dataset there. Move those files, or set data.uri to a packed "
+                    "dataset (or a new folder for the synthetic one)")
             sy = recipe.data.synth
             console.print(f"data.uri is empty: synthesizing {sy.samples} {recipe.task} samples into {uri} (first run only)")
             with count_progress(console, "synthesizing", sy.samples) as advance:
