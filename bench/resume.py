@@ -17,6 +17,21 @@ Timed, then, from a new virtualenv that holds only torch:
   first_step_s  the chunk's preload and the first training step after the restore
   total_s       the four together: fresh virtualenv with torch -> first resumed training step
 
+Colab-like mode, `--colab [RUNTIME]` (RUNTIME: 2026-08-19, the default, or 2026.07; bench/colab.py):
+the new virtualenv holds, before anything is timed, Colab's torch (`--torch`: the wheel of Colab's version,
+e.g. PyPI's torch 2.11.0 for the runtime's Python) and every package of the project's dependency closure that
+Colab's published freeze (tests/fixtures/colab) holds, at Colab's version (numpy 2.1.3, pyarrow 18.1.0,
+protobuf 5.29.6, pandas, scipy, aiohttp 3.14.3, ...), not the project's pins. The timed install is then
+the notebook's install cell as it is: `pip install uv==0.13.9` (the freeze has no uv) and
+`uv pip install -q --compile-bytecode -e .`, without constraints.txt. Run it with the interpreter of the
+runtime (Python 3.13 for 2026-08-19), from an environment that holds the project and Colab's torch, so the
+interrupted run is made with them too:
+
+  PYTHONPATH=$PWD /work/venvs/py313-t211/bin/python -m bench.resume --colab --torch torch-2.11.0-...whl --json
+
+It adds to the result what the install added and replaced (`added`, `replaced`, by name and version), the
+bytes it added to site-packages and the bytes in uv's cold cache afterwards (what it downloaded, unpacked).
+
 Usage: python -m bench.resume --json
 """
 
@@ -36,7 +51,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench import machine
+from bench import colab, machine
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = "recipes/quickstart.yaml"
@@ -57,6 +72,42 @@ def _copy_repo(dest: Path) -> None:
         if src.is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
+
+
+def _site_packages(python: Path) -> Path:
+    return Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               check=True, capture_output=True, text=True).stdout.strip())
+
+
+def _dists(site: Path) -> dict[str, str]:
+    """name (normalized) -> version of every *.dist-info in a site-packages."""
+    out = {}
+    for info in site.glob("*.dist-info"):
+        meta = info / "METADATA"
+        if meta.is_file():
+            head = meta.read_text(errors="replace").split("\n\n", 1)[0]
+            name = re.search(r"^Name: (.+)$", head, re.M)
+            version = re.search(r"^Version: (.+)$", head, re.M)
+            if name and version:
+                out[colab.normalize(name[1].strip())] = version[1].strip()
+    return out
+
+
+def _bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink()) if path.exists() else 0
+
+
+def _colab_packages(runtime: str, tmp: Path) -> tuple[list[str], Path]:
+    """Colab's packages that the project's closure has (constraints.txt names the closure), and the freeze as
+    a constraints file (without the torch family: --torch brings Colab's torch)."""
+    freeze = colab.RUNTIMES[runtime][0]
+    present = colab.read_freeze(freeze)
+    closure = {colab.normalize(line.split("==")[0]) for line in (REPO / "constraints.txt").read_text().splitlines()
+               if "==" in line and not line.startswith("#")}
+    names = sorted(n for n in closure & set(present) if n not in ("torch", "torchvision", "torchaudio", "triton"))
+    cfile = tmp / "colab-constraints.txt"
+    cfile.write_text(colab.constraints(freeze))
+    return names, cfile
 
 
 def _read_json(path: Path) -> dict | None:
@@ -125,6 +176,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-compile", action="store_true",
                     help="pip install --no-compile (as the notebook does): no byte-compiling of every installed "
                          "module; those imported compile on first use")
+    ap.add_argument("--colab", nargs="?", const=colab.DEFAULT_RUNTIME, choices=sorted(colab.RUNTIMES),
+                    help="Colab-like: the virtualenv holds Colab's packages at Colab's versions (the freeze in "
+                         "tests/fixtures/colab) and --torch, and the timed install is the notebook's cell as it is")
     ap.add_argument("--keep", action="store_true", help="keep the working folder (printed)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
@@ -145,7 +199,15 @@ def main(argv: list[str] | None = None) -> dict:
         # ---- untimed: a new virtualenv with a torch in it, as a Colab runtime has
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-        subprocess.run([*pip, args.torch], check=True, env=_env())
+        colab_names: list[str] = []
+        if args.colab:
+            # Colab's torch and Colab's versions of the packages the project needs that Colab already has.
+            colab_names, cfile = _colab_packages(args.colab, tmp)
+            subprocess.run([*pip, args.torch, *colab_names, "-c", str(cfile)], check=True, env=_env())
+        else:
+            subprocess.run([*pip, args.torch], check=True, env=_env())
+        site = _site_packages(venv / "bin" / "python")
+        before, site_bytes_before = _dists(site), _bytes(site)
         torch_version = subprocess.run([str(venv / "bin" / "python"), "-c", "import torch; print(torch.__version__)"],
                                        check=True, capture_output=True, text=True).stdout.strip()
 
@@ -156,13 +218,23 @@ def main(argv: list[str] | None = None) -> dict:
             # A cold cache of its own: nothing this machine downloaded before is reused.
             uv_env = {**_env(), "UV_CACHE_DIR": str(tmp / "uv-cache")}
             subprocess.run([*pip, "uv==0.13.9"], check=True, env=_env())  # as the notebook pins it
+            # Colab-like: the notebook's cell as it is (no constraints: Colab's own versions stay where they fit).
             subprocess.run([str(venv / "bin" / "uv"), "pip", "install", "-q", "--python", str(venv / "bin" / "python"),
                             *([] if args.no_compile else ["--compile-bytecode"]),
-                            "-c", "constraints.txt", "-e", "."], cwd=src, check=True, env=uv_env)
+                            *([] if args.colab else ["-c", "constraints.txt"]), "-e", "."],
+                           cwd=src, check=True, env=uv_env)
         else:
             subprocess.run([*pip, *(["--no-compile"] if args.no_compile else []), "-c", "constraints.txt", "-e", "."],
                            cwd=src, check=True, env=_env())
         install_s = time.time() - t0
+        after = _dists(site)
+        install_figures = {
+            "added": {n: v for n, v in sorted(after.items()) if n not in before and n != "orchestrator"},
+            "replaced": {n: [before[n], after[n]] for n in sorted(before) if n in after and after[n] != before[n]},
+            "removed": sorted(set(before) - set(after)),
+            "site_packages_bytes_added": _bytes(site) - site_bytes_before,
+            "uv_cache_bytes": _bytes(tmp / "uv-cache") if args.installer == "uv" else None,
+        }
         torch_after = subprocess.run([str(venv / "bin" / "python"), "-c", "import torch; print(torch.__version__)"],
                                      check=True, capture_output=True, text=True).stdout.strip()
 
@@ -204,6 +276,8 @@ def main(argv: list[str] | None = None) -> dict:
             "torch_after_install": torch_after,
             "recipe": RECIPE + " (execution.backend ray, as in the notebook)",
             "installer": args.installer,
+            "colab_runtime": args.colab,
+            "colab_packages_present": len(colab_names),
             "no_compile": args.no_compile,
             "load_average_1m_at_start": round(load_at_start, 2),
             "install_s": round(install_s, 1),
@@ -220,6 +294,9 @@ def main(argv: list[str] | None = None) -> dict:
             "mlflow_points_in_copy": copy.get("metrics"),
             "store_copy_bytes": copy.get("bytes"),
             "first_run_untimed_s": round(first_run_s, 1),
+            "packages_before_install": len(before),
+            "n_added": len(install_figures["added"]),
+            **install_figures,
         }
     finally:
         if args.keep:

@@ -169,3 +169,19 @@ def assert_completed_exactly_once(cwd: Path, reference: str | None, interruption
     steps = [s for s, _ in mlflow_history(cwd, st["mlflow_run_id"], "train/loss")]
     assert steps == list(range(1, st["global_step"] + 1)), "not exactly one train/loss point per step"
     return st
+
+
+# The core kept green on the oldest declared torch (2.11) and numpy, and on Colab's Python 3.13, besides CI's
+# full suite on 3.11 and torch 2.13: training, kill-and-resume, checkpoints, precision, the models and losses,
+# and what installing promises. `python -m pytest -m core` (README "Python and torch versions").
+CORE_MODULES = {
+    "test_training.py", "test_fault_tolerance.py", "test_background_checkpoint.py", "test_tracking_survives.py",
+    "test_precision.py", "test_models.py", "test_losses.py", "test_recipe.py", "test_packaging.py",
+    "test_colab_install.py",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in CORE_MODULES:
+            item.add_marker(pytest.mark.core)

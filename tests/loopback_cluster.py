@@ -42,7 +42,8 @@ class LoopbackCluster:
         try:
             ray_cli("start", "--head", f"--port={self.port}", "--node-ip-address=127.0.0.1", "--num-cpus=0",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={free_port()}",
-                    f"--ray-client-server-port={free_port()}", "--disable-usage-stats")
+                    f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+                    "--disable-usage-stats")
             self.session_dir = self._find_session_dir()
             self._wait_for_job_server()
         except BaseException:
@@ -60,8 +61,10 @@ class LoopbackCluster:
 
     def add_node(self, num_cpus: int = 1, num_gpus: int = 0) -> None:
         """A worker node; num_gpus advertises fake GPUs (Ray resources only, no CUDA behind them)."""
+        # Each node's dashboard agent on a port of its own: at Ray's default (52365) the head's agent loses the
+        # port to any other Ray on the machine, and the Jobs API answers "No available agent to submit job".
         ray_cli("start", f"--address={self.address}", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
-                *([f"--num-gpus={num_gpus}"] if num_gpus else []))
+                f"--dashboard-agent-listen-port={free_port()}", *([f"--num-gpus={num_gpus}"] if num_gpus else []))
 
     def _find_session_dir(self) -> str:
         for p in psutil.process_iter(["cmdline"]):

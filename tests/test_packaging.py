@@ -48,10 +48,21 @@ def test_python_311_to_313_and_a_newer_torch_is_left_alone():
     assert all(SpecifierSet(_pyproject()["project"]["requires-python"]).contains(v) for v in ("3.11.7", "3.12.1", "3.13.0"))
     assert not SpecifierSet(_pyproject()["project"]["requires-python"]).contains("3.14.0")
     (torch,) = [r for r in _deps() if r.name == "torch"]
-    # A range from a stated minimum: Colab's own torch (2.14.1 was checked here) satisfies it, so
-    # pip keeps it; CI's 2.13.0 is the minimum.
-    assert torch.specifier.contains("2.14.1") and torch.specifier.contains("2.13.0") and not torch.specifier.contains("2.12.0")
+    # A range from the oldest tested torch, Colab's 2.11 (the core of the suite runs on it, README "Python
+    # and torch versions"), so the installer keeps Colab's torch; CI's 2.13.0 and 2.14.1 lie in it.
+    for v in ("2.11.0", "2.11.0+cu128", "2.13.0", "2.14.1"):
+        assert torch.specifier.contains(v), v
+    assert not torch.specifier.contains("2.10.0")
     assert _constraints()["torch"] == Version("2.13.0")  # the CPU wheel these machines carry on disk
+
+
+def test_the_floors_are_colabs_versions():
+    """Each floor Colab pins is declared at Colab's version (the oldest tested), so Colab's stays."""
+    floors = {"torch": "2.11", "numpy": "2.0", "pyarrow": "18.1", "fsspec": "2025.3", "gcsfs": "2025.3", "pillow": "11.3"}
+    deps = {r.name.lower(): r for r in _deps()}
+    for name, floor in floors.items():
+        (spec,) = [s for s in deps[name].specifier if s.operator == ">="]
+        assert spec.version == floor, f"{name}: {deps[name]}"
 
 
 def test_readme_commands_use_the_constraints_and_ci_runs_the_test_command_verbatim():
