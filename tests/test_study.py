@@ -321,7 +321,7 @@ def test_a_misspelled_spec_field_exits_2_naming_it(depth_run: Path, capsys):
 def test_list_layers_prints_every_conv_layer_with_kind_shape_and_multiplies(depth_run: Path, capsys):
     """--list-layers also takes model_from as a checkpoint folder of the run."""
     root = depth_run
-    (ckpt,) = sorted((root / "runs" / RUN).glob("ckpt-*"))
+    ckpt = sorted((root / "runs" / RUN).glob("ckpt-*"))[-1]  # the newest (checkpoint.keep is at least 2)
     capsys.readouterr()
     code, stderr = cli_in_process(capsys, "study", write_spec(root, study_spec(root, "listing", model_from=str(ckpt))), "--list-layers")
     out = capsys.readouterr().out
