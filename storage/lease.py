@@ -131,7 +131,7 @@ def check_holder(run_dir: str, token: str) -> None:
         raise LeaseLostError(f"{lease_uri(run_dir)}: the run's lease is gone (released or being taken over); "
                              "this driver no longer holds it")
     if current.token != token:
-        raise LeaseLostError(f"{lease_uri(run_dir)}: the run's lease is held by {current.describe()}, not by this driver")
+        raise LeaseLostError(f"{lease_uri(run_dir)}: this driver {_lost_to(current)}")
     age = time.time() - current.heartbeat_at
     if age > LEASE_TTL_S:
         raise LeaseLostError(f"{lease_uri(run_dir)}: this driver's lease lapsed (last heartbeat {age:.0f} s ago, "
