@@ -259,7 +259,7 @@ def _run_leased(recipe: Recipe, rdir: str, address: str | None, console: Console
             raise
         if not isinstance(exc, Exception):
             raise
-        err = _read_error(rdir)
+        err = _read_optional(rdir, ERROR_JSON)
         if err:
             raise recorded(err) from exc
         raise failed(_root_cause(exc)) from exc
@@ -296,10 +296,6 @@ def _read_optional(rdir: str, name: str) -> dict[str, Any] | None:
         return run_store.read_optional(rdir, name)
     except StorageError:
         return None
-
-
-def _read_error(rdir: str) -> dict[str, Any] | None:
-    return _read_optional(rdir, ERROR_JSON)
 
 
 def _restore_tracking_store(recipe: Recipe, rdir: str, rec: run_store.RunRecord, console: Console) -> None:
