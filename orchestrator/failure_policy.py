@@ -10,9 +10,9 @@ watch, on the driver, sees it and stops the run within a second, naming the caus
 from __future__ import annotations
 
 import _thread
-import threading
+from typing import Any
 
-from storage import fs
+from orchestrator.engine.watcher import RunWatcher
 from storage.layout import ERROR_JSON
 
 # error.json kinds that a restart cannot fix: bad data, a 401/403/404-class storage error, a
@@ -30,30 +30,25 @@ def retry_can_fix(kind: str | None) -> bool:
 
 
 class FatalErrorWatch:
-    """While the block runs, poll error.json; on a failure a restart cannot fix, interrupt the
-    main thread (blocked in trainer.fit()) and keep the record in `.fatal`."""
+    """While the block runs, the attempt's RunWatcher reads error.json every POLL_S; on a failure a
+    restart cannot fix, this interrupts the main thread (blocked in trainer.fit()) and keeps the
+    record in `.fatal`."""
 
-    def __init__(self, run_dir: str) -> None:
-        self.uri = fs.join(run_dir, ERROR_JSON)
+    def __init__(self, watcher: RunWatcher) -> None:
+        self.watcher = watcher
         self.fatal: dict | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="fatal-error-watch", daemon=True)
+        self._entry: Any = None
 
     def __enter__(self) -> FatalErrorWatch:
-        self._thread.start()
+        self._entry = self.watcher.watch_json(ERROR_JSON, POLL_S, self.seen)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+        self.watcher.remove(self._entry)
 
-    def _watch(self) -> None:
-        while not self._stop.wait(POLL_S):
-            try:
-                rec = fs.read_json(self.uri)
-            except Exception:  # noqa: BLE001 - absent (the normal case) or mid-write
-                continue
-            if not retry_can_fix(rec.get("kind")):
-                self.fatal = rec
-                _thread.interrupt_main()
-                return
+    def seen(self, rec: dict | None) -> None:
+        """The watcher's callback: error.json's content, or None while there is none."""
+        if self.fatal is not None or not isinstance(rec, dict) or retry_can_fix(rec.get("kind")):
+            return
+        self.fatal = rec
+        _thread.interrupt_main()

@@ -1,18 +1,18 @@
 """Live progress on the driver: stage, chunk i/N, step, loss, samples/s, ETA.
 
-The chief worker writes progress.json into run storage; the driver polls it. This works the
+The chief worker writes progress.json into run storage; the driver's RunWatcher reads it. This works the
 same whether the worker is in-process, on a local Ray cluster or on a remote node.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from orchestrator.engine.watcher import RunWatcher
 from storage import fs
 from storage.layout import PROGRESS_JSON
 
@@ -39,29 +39,54 @@ def describe(p: dict[str, Any]) -> str:
 
 
 class ProgressDisplay:
-    """Context manager that follows a run's progress.json until the block exits."""
+    """Context manager that shows a run's progress.json, as the attempt's RunWatcher reads it, until
+    the block exits: a live bar on a terminal, a line every PLAIN_EVERY_S otherwise."""
 
-    def __init__(self, run_dir: str, console: Console | None = None) -> None:
+    def __init__(self, run_dir: str, console: Console | None = None, watcher: RunWatcher | None = None) -> None:
         self.uri = fs.join(run_dir, PROGRESS_JSON)
         self.console = console or Console(stderr=True)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._follow, name="progress", daemon=True)
+        self.watcher = watcher
+        self._entry: Any = None
         self._started_at = time.time()
         self._last_rate: dict[str, Any] | None = None
         self._precision_shown = False
+        self._bar: Progress | None = None
+        self._task: Any = None
+        self._last_plain = 0.0
 
     def __enter__(self) -> ProgressDisplay:
-        self._thread.start()
+        if self.console.is_terminal:
+            self._bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(bar_width=24), console=self.console,
+                                 transient=False)
+            self._bar.start()
+            self._task = self._bar.add_task("starting workers...", total=None)
+        if self.watcher is not None:
+            self._entry = self.watcher.watch_json(PROGRESS_JSON, POLL_S, self.seen)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+        if self.watcher is not None:
+            self.watcher.remove(self._entry)
+        if self._bar is not None:
+            try:  # the last reading, so the bar ends where the run did
+                self.seen(fs.read_json(self.uri))
+            except Exception:  # noqa: BLE001 - not written, or mid-write: the bar keeps what it showed
+                pass
+            self._bar.stop()
 
-    def _read(self) -> dict[str, Any] | None:
-        try:
-            p = fs.read_json(self.uri)
-        except Exception:  # noqa: BLE001 - not written yet, or mid-write on an object store
+    def seen(self, raw: dict[str, Any] | None) -> None:
+        """The watcher's callback: progress.json's content, or None while there is none."""
+        p = self._accept(raw)
+        if not p:
+            return
+        if self._bar is not None:
+            self._bar.update(self._task, description=describe(p), completed=p["global_step"], total=p["total_steps"])
+        elif time.monotonic() - self._last_plain >= PLAIN_EVERY_S:
+            self._last_plain = time.monotonic()
+            self.console.print(describe(p), highlight=False)
+
+    def _accept(self, p: dict[str, Any] | None) -> dict[str, Any] | None:
+        if not isinstance(p, dict):
             return None
         # A progress file left by an earlier attempt says nothing about this one.
         if p.get("updated_at", 0) < self._started_at - 1:
@@ -84,32 +109,6 @@ class ProgressDisplay:
         eta = last["eta_s"] * left / left_then if left_then > 0 else None
         return {**p, "samples_per_s": p.get("samples_per_s") or last["samples_per_s"],
                 "eta_s": p.get("eta_s") if p.get("eta_s") is not None else eta}
-
-    def _follow(self) -> None:
-        if self.console.is_terminal:
-            self._follow_live()
-        else:
-            self._follow_plain()
-
-    def _follow_live(self) -> None:
-        cols = (TextColumn("[bold]{task.description}"), BarColumn(bar_width=24))
-        with Progress(*cols, console=self.console, transient=False) as bar:
-            task = bar.add_task("starting workers...", total=None)
-            while not self._stop.wait(POLL_S):
-                p = self._read()
-                if p:
-                    bar.update(task, description=describe(p), completed=p["global_step"], total=p["total_steps"])
-            p = self._read()
-            if p:
-                bar.update(task, description=describe(p), completed=p["global_step"], total=p["total_steps"])
-
-    def _follow_plain(self) -> None:
-        last = 0.0
-        while not self._stop.wait(POLL_S):
-            p = self._read()
-            if p and time.monotonic() - last >= PLAIN_EVERY_S:
-                last = time.monotonic()
-                self.console.print(describe(p), highlight=False)
 
 
 class count_progress:  # noqa: N801 - used as a context manager

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sqlite3
 from typing import Any
@@ -13,18 +12,16 @@ from rich.console import Console
 from common.errors import RecipeError, RunError, RunInterrupted
 from common.plan import Plan, plan_for_dataset
 from common.recipe import Recipe
-from common.redact import redact_text
-from orchestrator import memory_check, run_store, tracking
-from orchestrator.failure_policy import STOPPED_CLEANLY
+from orchestrator import memory_check, tracking
+from orchestrator.engine import Attempt, RunState, RunWatcher, cause_of_type, record, root_cause
+from orchestrator.engine.lease import DriverLease, LeaseLostError
+from orchestrator.failure_policy import STOPPED_CLEANLY, FatalErrorWatch
 from orchestrator.interrupt import StopOnInterrupt
-from orchestrator.lease import DriverLease, LeaseLostError
 from orchestrator.progress import ProgressDisplay, count_progress
 from storage import fs
 from storage.layout import CURSOR_JSON, ERROR_JSON, FINAL_JSON
 from storage.retry import MountDropped, StorageError, StorageUnavailable
 from workers.preemption import PreemptedError, StopRequested
-
-log = logging.getLogger(__name__)
 
 
 def resolve_data(recipe: Recipe, console: Console) -> str:
@@ -111,7 +108,7 @@ def run(recipe: Recipe, address: str | None = None, console: Console | None = No
     """Run to completion; returns the final record. Raises OrchestratorError subclasses."""
     console = console or Console(stderr=True)
     storage_root = fs.normalize(recipe.run.storage)
-    rdir = run_store.run_dir(storage_root, recipe.run.name)
+    rdir = record.run_dir(storage_root, recipe.run.name)
     try:
         fs.probe_writable(storage_root)
     except StorageError as exc:
@@ -119,16 +116,18 @@ def run(recipe: Recipe, address: str | None = None, console: Console | None = No
         while cause.__cause__ is not None:  # the filesystem's own error, under storage's wrappers
             cause = cause.__cause__
         reason = " ".join(f"{type(cause).__name__}: {cause}".split())
-        raise RunError(f"run.storage {storage_root}: cannot write there ({reason}); set run.storage to a folder you can "
-                       "create and write, or a bucket path with write access (check the credentials)") from None
-    # Everything below happens under the run's lease, so two drivers never train one run.
-    # A driver that loses the lease stops without committing (orchestrator/lease.py).
-    with DriverLease(rdir, recipe.run.name) as lease:
-        return _run_leased(recipe, rdir, address, console, lease)
+        raise RunError(f"run.storage {storage_root}: cannot write there ({reason}); set run.storage to a folder you "
+                       "can create and write, or a bucket path with write access (check the credentials)") from None
+    # Everything below happens under the run's lease, so two drivers never train one run. A driver
+    # that loses the lease stops without committing (orchestrator/engine/lease.py). The watcher is
+    # the one thread that follows run storage: the lease's heartbeat, later progress and errors.
+    with RunWatcher(rdir) as watcher, DriverLease(rdir, recipe.run.name, watcher=watcher) as lease:
+        return _run_leased(recipe, rdir, address, console, lease, watcher)
 
 
-def _run_leased(recipe: Recipe, rdir: str, address: str | None, console: Console, lease: DriverLease) -> dict[str, Any]:
-    rec = run_store.load(rdir)
+def _run_leased(recipe: Recipe, rdir: str, address: str | None, console: Console, lease: DriverLease,
+                watcher: RunWatcher) -> dict[str, Any]:
+    rec = record.load(rdir)
     if rec is not None:
         if rec.recipe_sha256 != recipe.sha256():
             raise RecipeError(
@@ -136,10 +135,11 @@ def _run_leased(recipe: Recipe, rdir: str, address: str | None, console: Console
                 "re-run it with the recipe it started with, or pick a new run.name (--set run.name=...)"
             )
         _restore_tracking_store(recipe, rdir, rec, console)
-        if rec.state == "completed":
+        if rec.state == RunState.COMPLETED:
             tracking.deliver_leftovers(rec.tracking_uri, rec.mlflow_run_id, rdir)  # MLflow was down at its end
-            final = run_store.read_optional(rdir, FINAL_JSON)
-            console.print(f"run '{recipe.run.name}' already completed; not training again. `orchestrator status {recipe.run.name}` shows it.")
+            final = record.read_optional(rdir, FINAL_JSON)
+            console.print(f"run '{recipe.run.name}' already completed; not training again. "
+                          f"`orchestrator status {recipe.run.name}` shows it.")
             return final or {}
 
     data_uri, ds = open_data(recipe, console)
@@ -149,45 +149,12 @@ def _run_leased(recipe: Recipe, rdir: str, address: str | None, console: Console
         get_task(recipe.task).check_dataset(ds)  # before a run record exists: a wrong pairing leaves nothing behind
     except TaskDataError as exc:
         raise RecipeError(f"field 'task': {exc}") from None
-    tracking_uri = tracking.resolve_tracking_uri(recipe.tracking.uri)
-    if rec is None:
-        plan = plan_for_dataset(recipe, ds)
-        memory_check.check_chunks_fit(recipe, plan, ds)  # a chunk no worker can hold: exit 2 before anything exists
-        # A bad tracking.uri fails here, leaving no plan. In local mode a new experiment keeps its
-        # artifacts (prediction grids, the final model) in run storage, where they outlive the VM.
-        exp_id = tracking.ensure_experiment(tracking_uri, recipe.tracking.experiment,
-                                            tracking.local_artifact_location(tracking_uri, fs.normalize(recipe.run.storage),
-                                                                             recipe.tracking.experiment))
-        plan.save(rdir)
-        run_id = tracking.create_run(tracking_uri, exp_id, recipe)
-        rec = run_store.RunRecord(
-            run_name=recipe.run.name, recipe=recipe.model_dump(mode="json"), recipe_sha256=recipe.sha256(),
-            data_uri=data_uri, mlflow_run_id=run_id, mlflow_experiment_id=exp_id, tracking_uri=tracking_uri,
-        )
-        console.print(f"run '{recipe.run.name}': new, {_plan_line(plan)}; run storage {rdir}; MLflow run {run_id}")
-    else:
-        plan = Plan.load(rdir)
-        if plan.num_samples != ds.num_samples:
-            raise RunError(
-                f"{data_uri}: holds {ds.num_samples} samples but run '{recipe.run.name}' was planned over {plan.num_samples}; "
-                "resume it on the same dataset, or start a new run.name"
-            )
-        if not tracking.mark_running_if_present(rec.tracking_uri, rec.mlflow_run_id):
-            # Lost with its machine, and no copy to restore (a run started before copies were kept):
-            # training resumes all the same, its MLflow history from here on in a new MLflow run.
-            old_id = rec.mlflow_run_id
-            rec.mlflow_experiment_id = tracking.ensure_experiment(
-                rec.tracking_uri, recipe.tracking.experiment,
-                tracking.local_artifact_location(rec.tracking_uri, fs.normalize(recipe.run.storage), recipe.tracking.experiment))
-            rec.mlflow_run_id = tracking.create_run(rec.tracking_uri, rec.mlflow_experiment_id, recipe)
-            console.print(f"warning: MLflow run {old_id} is not in {rec.tracking_uri} and run storage holds no copy of it; "
-                          f"its history from here on goes to a new MLflow run {rec.mlflow_run_id}", highlight=False)
-        console.print(f"run '{recipe.run.name}': resuming from {rdir} in MLflow run {rec.mlflow_run_id}")
-    rec.state, rec.error = "running", None
+    rec, plan = _new_run(recipe, rdir, data_uri, ds, console) if rec is None else \
+        (rec, _resumed_plan(recipe, rdir, rec, data_uri, ds, console))
     rec.attempts += 1
-    run_store.save(rdir, rec)
+    attempt = Attempt(rec, lambda: record.save(rdir, rec), store_copy_dir=rdir)
+    attempt.begin()
     fs.remove(fs.join(rdir, ERROR_JSON))
-    _copy_tracking_store(rec, rdir)  # a new run's params are in run storage before its first step
 
     config = {
         "recipe": recipe.model_dump(mode="json"),
@@ -199,106 +166,141 @@ def _run_leased(recipe: Recipe, rdir: str, address: str | None, console: Console
         "attempt": rec.attempts,
         "lease_token": lease.token,  # the chief checks it before each commit (storage.lease.check_holder)
     }
-    from orchestrator.failure_policy import FatalErrorWatch
     from orchestrator.launcher import launch
 
-    watch = FatalErrorWatch(rdir)
+    watch = FatalErrorWatch(watcher)
     stop = StopOnInterrupt(rdir, rec.attempts, console, fatal_watch=watch)
-
-    def finish(state: str, error: str | None, mlflow_status: str) -> None:
-        _finish(rec, rdir, state, error, mlflow_status)
-
-    def failed(msg: str, kind: str | None = None) -> RunError:
-        finish("failed", msg, "FAILED")
-        # A diverged run, or one whose restarts make no progress, would only fail again on resume:
-        # its message says what to change instead.
-        advice = "" if kind in ("diverged", "no_progress", "checkpoint") else \
-            ". Fix the cause and re-run the same command to resume from the last checkpoint"
-        return RunError(f"run '{recipe.run.name}' failed: {msg}{advice}")
-
-    def stopped(msg: str) -> RunError:
-        # The run is fine; its storage stopped answering. Nothing is lost: the last checkpoint stands.
-        finish("interrupted", msg, "KILLED")
-        return RunError(f"run '{recipe.run.name}' stopped: {msg}")
-
-    def interrupted(step: int | None) -> RunInterrupted:
-        finish("interrupted", None, "KILLED")
-        at = f"at step {step}" if step is not None else "at its last checkpoint"
-        return RunInterrupted(f"run '{recipe.run.name}': stopped {at} on your interrupt, checkpoint saved; "
-                              "the same command resumes it there", step)
-
-    def recorded(err: dict[str, Any]) -> RunError:
-        return stopped(err["error"]) if err.get("kind") in STOPPED_CLEANLY else failed(err["error"], err.get("kind"))
-
+    ends = _Ends(recipe.run.name, attempt)
     try:
-        with ProgressDisplay(rdir, console), watch, stop:
+        with ProgressDisplay(rdir, console, watcher), watch, stop:
             launch(recipe, config, address)
     except BaseException as exc:
         lease.check()  # lost: the heartbeat stopped the run; another driver owns run.json now, write nothing
-        fenced = _cause_of_type(exc, LeaseLostError)
+        fenced = cause_of_type(exc, LeaseLostError)
         if fenced is not None:  # the chief found another holder before a commit: the same, seen first by the worker
             lease.lost = str(fenced)
             raise lease.lost_error() from None
-        if watch.fatal is not None:
-            # A failure no restart can fix (failure_policy.py): the watch interrupted fit(), and
-            # Ray Train's SIGINT handler aborted the run; whatever that raised, this is the cause.
-            raise recorded(watch.fatal) from None
-        if isinstance(exc, StopRequested):
-            # In-process backend: the user's interrupt, and its checkpoint is saved.
-            raise interrupted(exc.step) from None
-        if isinstance(exc, PreemptedError):
-            # In-process backend: the notice came, the checkpoint is saved; the next run resumes there.
-            finish("interrupted", str(exc), "KILLED")
-            raise RunError(f"run '{recipe.run.name}': {exc}. Re-run the same command to resume") from None
-        if isinstance(exc, StorageUnavailable):
-            # In-process backend: storage did not answer within its budget (a dropped mount, an outage).
-            raise stopped(fs.mount_advice(exc) if isinstance(exc, MountDropped) else
-                          f"{exc}; nothing is lost: re-run the same command once the storage answers") from None
-        if isinstance(exc, KeyboardInterrupt):
-            finish("interrupted", None, "KILLED")
+        end = ends.after(exc, watch.fatal, rdir)
+        if end is exc:
             raise
-        if not isinstance(exc, Exception):
-            raise
-        err = _read_optional(rdir, ERROR_JSON)
-        if err:
-            raise recorded(err) from exc
-        raise failed(_root_cause(exc)) from exc
+        raise end from ends.cause
     lease.verify()  # still ours in run storage, before this driver's last writes
     if watch.fatal is not None:
-        raise recorded(watch.fatal)
+        raise ends.recorded(watch.fatal)
     final = _read_optional(rdir, FINAL_JSON) or {}
     if stop.requested and not final:
         # On Ray the workers end cleanly after the stop's checkpoint (a failure would be restarted).
         cursor = _read_optional(rdir, CURSOR_JSON) or {}
-        raise interrupted((cursor.get("cursor") or {}).get("global_step"))
-    finish("completed", None, "FINISHED")
+        raise ends.interrupted((cursor.get("cursor") or {}).get("global_step"))
+    attempt.finish(RunState.COMPLETED)
     return final
 
 
-def _finish(rec: run_store.RunRecord, rdir: str, state: str, error: str | None, mlflow_status: str) -> None:
-    """The end of one attempt, in one place: the run record, the MLflow run's status, the MLflow
-    store's copy. Each step is best-effort: storage or MLflow that stopped answering must not turn
-    a clean stop into a traceback (the next run re-reads what it needs from the checkpoints)."""
-    rec.state, rec.error = state, error
-    try:
-        run_store.save(rdir, rec)
-    except StorageError as exc:
-        log.warning("could not record the run's state (%s) in run storage: %s", state, exc)
-    try:
-        tracking.end_run(rec.tracking_uri, rec.mlflow_run_id, mlflow_status)
-    except Exception as exc:  # noqa: BLE001 - the tracking server may be down; the run's state is recorded above
-        log.warning("could not mark the MLflow run %s as %s: %s", rec.mlflow_run_id, mlflow_status, redact_text(str(exc)))
-    _copy_tracking_store(rec, rdir)
+def _new_run(recipe: Recipe, rdir: str, data_uri: str, ds: Any, console: Console) -> tuple[record.RunRecord, Plan]:
+    plan = plan_for_dataset(recipe, ds)
+    memory_check.check_chunks_fit(recipe, plan, ds)  # a chunk no worker can hold: exit 2 before anything exists
+    # A bad tracking.uri fails here, leaving no plan. In local mode a new experiment keeps its
+    # artifacts (prediction grids, the final model) in run storage, where they outlive the VM.
+    tracking_uri = tracking.resolve_tracking_uri(recipe.tracking.uri)
+    exp_id = tracking.ensure_experiment(tracking_uri, recipe.tracking.experiment, tracking.local_artifact_location(
+        tracking_uri, fs.normalize(recipe.run.storage), recipe.tracking.experiment))
+    plan.save(rdir)
+    run_id = tracking.create_run(tracking_uri, exp_id, recipe)
+    rec = record.RunRecord(
+        run_name=recipe.run.name, recipe=recipe.model_dump(mode="json"), recipe_sha256=recipe.sha256(),
+        data_uri=data_uri, mlflow_run_id=run_id, mlflow_experiment_id=exp_id, tracking_uri=tracking_uri,
+    )
+    console.print(f"run '{recipe.run.name}': new, {_plan_line(plan)}; run storage {rdir}; MLflow run {run_id}")
+    return rec, plan
+
+
+def _resumed_plan(recipe: Recipe, rdir: str, rec: record.RunRecord, data_uri: str, ds: Any, console: Console) -> Plan:
+    plan = Plan.load(rdir)
+    if plan.num_samples != ds.num_samples:
+        raise RunError(
+            f"{data_uri}: holds {ds.num_samples} samples but run '{recipe.run.name}' was planned over "
+            f"{plan.num_samples}; resume it on the same dataset, or start a new run.name"
+        )
+    if not tracking.mark_running_if_present(rec.tracking_uri, rec.mlflow_run_id):
+        # Lost with its machine, and no copy to restore (a run started before copies were kept):
+        # training resumes all the same, its MLflow history from here on in a new MLflow run.
+        old_id = rec.mlflow_run_id
+        rec.mlflow_experiment_id = tracking.ensure_experiment(
+            rec.tracking_uri, recipe.tracking.experiment, tracking.local_artifact_location(
+                rec.tracking_uri, fs.normalize(recipe.run.storage), recipe.tracking.experiment))
+        rec.mlflow_run_id = tracking.create_run(rec.tracking_uri, rec.mlflow_experiment_id, recipe)
+        console.print(f"warning: MLflow run {old_id} is not in {rec.tracking_uri} and run storage holds no copy of "
+                      f"it; its history from here on goes to a new MLflow run {rec.mlflow_run_id}", highlight=False)
+    console.print(f"run '{recipe.run.name}': resuming from {rdir} in MLflow run {rec.mlflow_run_id}")
+    return plan
+
+
+class _Ends:
+    """How an attempt of `run` ends when training did not complete: each way ends the attempt
+    (Attempt.finish, once) and returns the error the command raises."""
+
+    def __init__(self, name: str, attempt: Attempt) -> None:
+        self.name, self.attempt = name, attempt
+        self.cause: BaseException | None = None  # what after()'s error is raised from (None: its own line only)
+
+    def failed(self, msg: str, kind: str | None = None) -> RunError:
+        self.attempt.finish(RunState.FAILED, msg)
+        # A diverged run, or one whose restarts make no progress, would only fail again on resume:
+        # its message says what to change instead.
+        advice = "" if kind in ("diverged", "no_progress", "checkpoint") else \
+            ". Fix the cause and re-run the same command to resume from the last checkpoint"
+        return RunError(f"run '{self.name}' failed: {msg}{advice}")
+
+    def stopped(self, msg: str) -> RunError:
+        # The run is fine; its storage stopped answering. Nothing is lost: the last checkpoint stands.
+        self.attempt.finish(RunState.INTERRUPTED, msg)
+        return RunError(f"run '{self.name}' stopped: {msg}")
+
+    def interrupted(self, step: int | None) -> RunInterrupted:
+        self.attempt.finish(RunState.INTERRUPTED)
+        at = f"at step {step}" if step is not None else "at its last checkpoint"
+        return RunInterrupted(f"run '{self.name}': stopped {at} on your interrupt, checkpoint saved; "
+                              "the same command resumes it there", step)
+
+    def recorded(self, err: dict[str, Any]) -> RunError:
+        return self.stopped(err["error"]) if err.get("kind") in STOPPED_CLEANLY else \
+            self.failed(err["error"], err.get("kind"))
+
+    def after(self, exc: BaseException, fatal: dict[str, Any] | None, rdir: str) -> BaseException:
+        """What ends the attempt when launch() raised `exc` (the lease still ours)."""
+        if fatal is not None:
+            # A failure no restart can fix (failure_policy.py): the watch interrupted fit(), and
+            # Ray Train's SIGINT handler aborted the run; whatever that raised, this is the cause.
+            return self.recorded(fatal)
+        if isinstance(exc, StopRequested):
+            # In-process backend: the user's interrupt, and its checkpoint is saved.
+            return self.interrupted(exc.step)
+        if isinstance(exc, PreemptedError):
+            # In-process backend: the notice came, the checkpoint is saved; the next run resumes there.
+            self.attempt.finish(RunState.INTERRUPTED, str(exc))
+            return RunError(f"run '{self.name}': {exc}. Re-run the same command to resume")
+        if isinstance(exc, StorageUnavailable):
+            # In-process backend: storage did not answer within its budget (a dropped mount, an outage).
+            return self.stopped(fs.mount_advice(exc) if isinstance(exc, MountDropped) else
+                                f"{exc}; nothing is lost: re-run the same command once the storage answers")
+        if isinstance(exc, KeyboardInterrupt):
+            self.attempt.finish(RunState.INTERRUPTED)
+            return exc
+        if not isinstance(exc, Exception):
+            return exc
+        self.cause = exc
+        err = _read_optional(rdir, ERROR_JSON)
+        return self.recorded(err) if err else self.failed(root_cause(exc))
 
 
 def _read_optional(rdir: str, name: str) -> dict[str, Any] | None:
     try:
-        return run_store.read_optional(rdir, name)
+        return record.read_optional(rdir, name)
     except StorageError:
         return None
 
 
-def _restore_tracking_store(recipe: Recipe, rdir: str, rec: run_store.RunRecord, console: Console) -> None:
+def _restore_tracking_store(recipe: Recipe, rdir: str, rec: record.RunRecord, console: Console) -> None:
     """Local mode on a fresh machine (an expired Colab VM): the MLflow store on local disk is
     gone, or older than the run. Bring the run's copy back from run storage first, so the run
     goes on in the same MLflow run with its whole history (workers/tracking_store.py)."""
@@ -313,7 +315,7 @@ def _restore_tracking_store(recipe: Recipe, rdir: str, rec: run_store.RunRecord,
         # the store goes where this machine's recipe says.
         console.print(f"MLflow store {db} is not on this machine: using {here}", highlight=False)
         rec.tracking_uri = here
-        run_store.save(rdir, rec)
+        record.save(rdir, rec)
     try:
         done = tracking_store.restore(rec.tracking_uri, rec.mlflow_run_id, rdir)
     except StorageError as exc:
@@ -325,53 +327,12 @@ def _restore_tracking_store(recipe: Recipe, rdir: str, rec: run_store.RunRecord,
         return
     if done.experiment_id != rec.mlflow_experiment_id:
         rec.mlflow_experiment_id = done.experiment_id
-        run_store.save(rdir, rec)
+        record.save(rdir, rec)
     where = "into a new local store" if done.how == "copied" else "into the local store"
     console.print(f"MLflow: restored run {rec.mlflow_run_id} ({done.metric_points} metric points) from run storage "
                   f"{where} {tracking_store.sqlite_path(rec.tracking_uri)} in {done.seconds:.2f} s", highlight=False)
 
 
-def _copy_tracking_store(rec: run_store.RunRecord, rdir: str) -> None:
-    """The driver's copies (a new run's params, a run's end state); the chief worker writes one
-    at each checkpoint. A failure here costs nothing but that copy: say so and go on."""
-    from workers import tracking_store
-
-    if rec.mlflow_run_id is None:
-        return
-    try:
-        tracking_store.save_copy(rec.tracking_uri, rec.mlflow_run_id, rdir)
-    except Exception as exc:  # noqa: BLE001 - storage or sqlite: the run itself is unaffected
-        log.warning("could not copy the MLflow store into run storage: %s", exc)
-
-
 def _plan_line(plan: Plan) -> str:
     chunks = " + ".join(f"{s.name} {s.num_chunks}" for s in plan.stages)
     return f"{len(plan.train_ids)} train / {len(plan.eval_ids)} eval samples, chunks: {chunks}"
-
-
-def _cause_of_type(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
-    """`exc` or the first exception of `kind` in its chain of causes (Ray wraps worker errors)."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, kind):
-            return seen
-        nxt = getattr(seen, "cause", None) or seen.__cause__
-        seen = None if nxt is seen else nxt
-    return None
-
-
-def _root_cause(exc: BaseException) -> str:
-    """The innermost exception's message: Ray wraps worker errors several layers deep. A storage
-    error's own message names the URI, so the search stops there rather than at its cause."""
-    seen = exc
-    while not isinstance(seen, StorageError):
-        nxt = getattr(seen, "cause", None) or seen.__cause__
-        if nxt is None or nxt is seen:
-            break
-        seen = nxt
-    if isinstance(seen, MountDropped):
-        return fs.mount_advice(seen)
-    if isinstance(seen, StorageError):
-        return str(seen)
-    text = str(seen).strip().splitlines()
-    return f"{type(seen).__name__}: {text[-1] if text else ''}"

@@ -6,29 +6,29 @@ import time
 from typing import Any
 
 from common.errors import RunError
-from orchestrator import lease, run_store
+from orchestrator.engine import RunState, lease, record
 from storage import fs
 from storage.layout import CURSOR_JSON, FINAL_JSON, PLAN_JSON, PROGRESS_JSON
 
 
-def effective_state(rec: run_store.RunRecord, progress: dict[str, Any] | None, run_dir: str) -> str:
-    """A 'running' record whose driver is gone (its lease lapsed, or its progress went quiet) is interrupted."""
-    if rec.state != "running":
+def effective_state(rec: record.RunRecord, progress: dict[str, Any] | None, run_dir: str) -> RunState:
+    """A running record whose driver is gone (its lease lapsed, or its progress went quiet) is interrupted."""
+    if rec.state != RunState.RUNNING:
         return rec.state
     held = lease.read(run_dir)
     if held is None or not lease.is_live(held):
-        return "interrupted"
+        return RunState.INTERRUPTED
     last = max(rec.updated_at, (progress or {}).get("updated_at", 0))
-    return "interrupted" if time.time() - last > run_store.STALE_AFTER_S else "running"
+    return RunState.INTERRUPTED if time.time() - last > record.STALE_AFTER_S else RunState.RUNNING
 
 
 def build_status(run_dir: str) -> dict[str, Any] | None:
-    rec = run_store.load(run_dir)
+    rec = record.load(run_dir)
     if rec is None:
         return None
-    plan = run_store.read_optional(run_dir, PLAN_JSON) or {"stages": []}
-    cursor = run_store.read_optional(run_dir, CURSOR_JSON) or {}
-    progress = run_store.read_optional(run_dir, PROGRESS_JSON)
+    plan = record.read_optional(run_dir, PLAN_JSON) or {"stages": []}
+    cursor = record.read_optional(run_dir, CURSOR_JSON) or {}
+    progress = record.read_optional(run_dir, PROGRESS_JSON)
     state = effective_state(rec, progress, run_dir)
     trained = {(e["stage"], e["chunk"]): e for e in cursor.get("chunk_log", [])}
     stages, chunk_log = [], []
@@ -41,7 +41,7 @@ def build_status(run_dir: str) -> dict[str, Any] | None:
             chunk_log.append({"stage": st["name"], "chunk": c, "samples": n, "times_trained": times,
                               "world_size": e.get("world_size")})
         stages.append({"name": st["name"], "chunks_total": st["chunks"], "chunks_done": done})
-    final = run_store.read_optional(run_dir, FINAL_JSON) if state == "completed" else None
+    final = record.read_optional(run_dir, FINAL_JSON) if state == RunState.COMPLETED else None
     cur = cursor.get("cursor", {})
     return {
         "run_name": rec.run_name,
@@ -62,7 +62,7 @@ def build_status(run_dir: str) -> dict[str, Any] | None:
     }
 
 
-DAMAGED = "damaged"
+DAMAGED = RunState.DAMAGED
 
 
 def damaged_entry(name: str, run_dir: str, error: RunError) -> dict[str, Any]:

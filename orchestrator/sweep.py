@@ -218,15 +218,15 @@ def run_sweep(spec: SweepSpec, recipes: list[Recipe], address: str | None, conso
 def _all_completed(recipes: list[Recipe]) -> bool:
     """Every run of the sweep exists, completed, with this very recipe (a base with an empty
     data.uri gets its dataset later, so its sha differs here: such a sweep takes the full path)."""
-    from orchestrator import run_store
+    from orchestrator.engine import RunState, record
     from storage import fs
 
     for r in recipes:
         try:
-            rec = run_store.load(run_store.run_dir(fs.normalize(r.run.storage), r.run.name))
+            rec = record.load(record.run_dir(fs.normalize(r.run.storage), r.run.name))
         except Exception:  # noqa: BLE001 - unreadable here: the full path reports it properly
             return False
-        if rec is None or rec.state != "completed" or rec.recipe_sha256 != r.sha256():
+        if rec is None or rec.state != RunState.COMPLETED or rec.recipe_sha256 != r.sha256():
             return False
     return True
 
@@ -236,6 +236,6 @@ def _trial_name(trial) -> str:
 
 
 def _first_line(exc: BaseException) -> str:
-    from orchestrator.runner import _root_cause
+    from orchestrator.engine import root_cause
 
-    return _root_cause(exc)
+    return root_cause(exc)

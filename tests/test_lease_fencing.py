@@ -1,4 +1,4 @@
-"""One driver per run, fenced (storage/lease.py, orchestrator/lease.py): racing claims have exactly
+"""One driver per run, fenced (storage/lease.py, orchestrator/engine/lease.py): racing claims have exactly
 one winner on a local disk and on GCS, a heartbeat that finds another holder or cannot renew past
 the TTL gives the lease up and stops its run, and the chief's pre-commit check refuses a foreign token.
 
@@ -24,7 +24,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 import pytest
 
 from common.errors import RunError
-from orchestrator import lease as driver_lease
+from orchestrator.engine import lease as driver_lease
 from storage import fs as sfs
 from storage import lease as slease
 from tests import gcs_emulator as _emulator

@@ -12,6 +12,9 @@ holder, or when renewals have failed for so long that the lease may have lapsed 
 driver's eyes (LEASE_TTL_S - LOSS_MARGIN_S since the last heartbeat written). The chief worker
 checks the lease before each checkpoint commit (storage.lease.check_holder), so a driver that has
 not noticed yet can at worst waste compute, never commit.
+
+The heartbeat is a tick of the attempt's RunWatcher (orchestrator/engine/watcher.py): the one
+thread that follows run storage. A lease used on its own starts a watcher of its own.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import time
 from typing import Any
 
 from common.errors import RunError
+from orchestrator.engine.watcher import RunWatcher
 from storage import lease as _proto
 from storage.fs import mount_advice
 from storage.lease import (
@@ -43,16 +47,18 @@ LEASE_TTL_S = _proto.LEASE_TTL_S  # the protocol's (storage/lease.py); patch it 
 HEARTBEAT_S = float(os.environ.get("ORCHESTRATOR_LEASE_HEARTBEAT_S", "10"))  # the variable: tests only
 # Renewals failing for LEASE_TTL_S - LOSS_MARGIN_S: give the lease up before others may take it.
 LOSS_MARGIN_S = 10.0
-CHECK_S = 1.0  # how often the heartbeat thread looks at its deadline
+CHECK_S = 1.0  # how often the heartbeat looks at its deadline
 
 
 class DriverLease:
     """Acquire on enter, heartbeat while inside, release on exit; `token` goes to the workers
-    (the train config's "lease_token") for their pre-commit check."""
+    (the train config's "lease_token") for their pre-commit check. `what`: "run" or "study", for
+    the refusal's words; `watcher`: the attempt's RunWatcher that beats the heart (else its own)."""
 
-    def __init__(self, run_dir: str, run_name: str) -> None:
+    def __init__(self, run_dir: str, run_name: str, what: str = "run", watcher: RunWatcher | None = None) -> None:
         self.run_dir = run_dir
         self.run_name = run_name
+        self.what = what
         self.lease = _proto.new_lease()
         self.token = self.lease.token
         self.lost: str | None = None  # why the lease was lost, once it was
@@ -62,10 +68,16 @@ class DriverLease:
         self._lock = threading.Lock()
         self._renewal: threading.Thread | None = None
         self._last_error: BaseException | None = None
-        self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
+        self._watcher = watcher
+        self._own_watcher = watcher is None
+        self._tick: Any = None
+        self._last_try = 0.0
 
     def _refuse(self, other: Lease | None) -> RunError:
         who = other.describe() if other is not None else "another driver (its claim is being written)"
+        if self.what == "study":
+            return RunError(f"study '{self.run_name}' is being run by {who}; if that driver is gone, its lease "
+                            "lapses a minute after its last heartbeat; then re-run this command")
         return RunError(
             f"run '{self.run_name}' is being driven by {who}; "
             f"`orchestrator status {self.run_name}` follows it. If that driver is gone, its lease lapses "
@@ -104,30 +116,29 @@ class DriverLease:
         except Exception as exc:  # noqa: BLE001 - a failed renewal is retried at the next beat, within the TTL
             self._last_error = exc
 
-    def _beat(self) -> None:
-        last_try = time.monotonic()
-        while not self._stop.wait(min(HEARTBEAT_S, CHECK_S)):
-            if self.lost is not None:
+    def beat(self) -> None:
+        """One look at the deadline, and a renewal when one is due: a tick of the watcher's thread."""
+        if self.lost is not None or self._stop.is_set():
+            return
+        since = time.time() - self.lease.heartbeat_at
+        if since > _proto.LEASE_TTL_S - LOSS_MARGIN_S:
+            if isinstance(self._last_error, MountDropped) or is_mount_drop(self._last_error):
+                # Colab's Drive mount dropped: say what to do (storage/lease.py calls the OS directly).
+                dropped = self._last_error if isinstance(self._last_error, MountDropped) else MountDropped(
+                    f"{self.run_dir}: the mount is not answering ({self._last_error.strerror})", self.run_dir)
+                self.mount_dropped = True
+                self._lose(f"its run storage stopped answering for {since:.0f} s: {mount_advice(dropped)}")
                 return
-            since = time.time() - self.lease.heartbeat_at
-            if since > _proto.LEASE_TTL_S - LOSS_MARGIN_S:
-                if isinstance(self._last_error, MountDropped) or is_mount_drop(self._last_error):
-                    # Colab's Drive mount dropped: say what to do (storage/lease.py calls the OS directly).
-                    dropped = self._last_error if isinstance(self._last_error, MountDropped) else \
-                        MountDropped(f"{self.run_dir}: the mount is not answering ({self._last_error.strerror})", self.run_dir)
-                    self.mount_dropped = True
-                    self._lose(f"its run storage stopped answering for {since:.0f} s: {mount_advice(dropped)}")
-                    return
-                why = f"last error {type(self._last_error).__name__}: {self._last_error}" if self._last_error else \
-                    "its storage did not answer"
-                self._lose(f"could not renew its lease for {since:.0f} s ({why}), so another driver may take the run over")
-                return
-            if time.monotonic() - last_try < HEARTBEAT_S or (self._renewal is not None and self._renewal.is_alive()):
-                continue  # not due, or a renewal stalled in storage: the deadline above still runs
-            last_try = time.monotonic()
-            # Each renewal in its own thread, so a call that hangs cannot hold up the deadline.
-            self._renewal = threading.Thread(target=self._renew_once, name="lease-renewal", daemon=True)
-            self._renewal.start()
+            why = f"last error {type(self._last_error).__name__}: {self._last_error}" if self._last_error else \
+                "its storage did not answer"
+            self._lose(f"could not renew its lease for {since:.0f} s ({why}), so another driver may take the run over")
+            return
+        if time.monotonic() - self._last_try < HEARTBEAT_S or (self._renewal is not None and self._renewal.is_alive()):
+            return  # not due, or a renewal stalled in storage: the deadline above still runs
+        self._last_try = time.monotonic()
+        # Each renewal in its own thread, so a call that hangs cannot hold up the deadline.
+        self._renewal = threading.Thread(target=self._renew_once, name="lease-renewal", daemon=True)
+        self._renewal.start()
 
     def _lose(self, why: str) -> None:
         with self._lock:
@@ -162,6 +173,10 @@ class DriverLease:
     def release(self) -> None:
         with self._lock:
             self._stop.set()
+        if self._watcher is not None and self._tick is not None:
+            self._watcher.remove(self._tick)
+            if self._own_watcher:
+                self._watcher.stop()
         if self._held is not None and self.lost is None:
             try:
                 self._held.release()
@@ -170,7 +185,10 @@ class DriverLease:
 
     def __enter__(self) -> DriverLease:
         self.acquire()
-        self._thread.start()
+        self._last_try = time.monotonic()
+        if self._watcher is None:
+            self._watcher = RunWatcher(self.run_dir, name="lease-heartbeat").start()
+        self._tick = self._watcher.every(lambda: min(HEARTBEAT_S, CHECK_S), self.beat)
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
