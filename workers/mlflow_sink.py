@@ -21,6 +21,12 @@ holds (a batch whose reply was lost is not sent twice): one point per (metric, s
 One warning line when the outage starts, one when it ends. close() at the run's end waits a
 bounded time (FINAL_WAIT_S) for MLflow; whatever is still not delivered then goes to run
 storage, named in one warning line.
+
+The study (orchestrator/study/) uses the same sink with `any_order`: its layers come back as
+their tasks finish, so there is no per-metric floor; every (key, step) MLflow holds is kept in
+`held` (load_held() on resume) and a point is sent only when it is not there. `flush_every_s`
+sends at most that often (one sqlite write costs ~40 ms; a small model's layer takes less);
+flush(force=True) sends at once.
 """
 
 from __future__ import annotations
@@ -120,7 +126,8 @@ class _Down(Exception):
 
 
 class MlflowSink:
-    def __init__(self, tracking_uri: str, run_id: str, run_dir: str | None = None) -> None:
+    def __init__(self, tracking_uri: str, run_id: str, run_dir: str | None = None, any_order: bool = False,
+                 flush_every_s: float = 0.0) -> None:
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=tracking_uri)
@@ -143,11 +150,20 @@ class MlflowSink:
         self._artifacts += self._list_stored_artifacts()
         self._down_since: float | None = None
         self._next_try = 0.0
+        self.any_order = any_order
+        self.held: set[tuple[str, int]] = set()  # any_order: every (key, step) MLflow holds
+        self.flush_every_s = flush_every_s
+        self._flushed_at = time.monotonic()
 
     # ----------------------------------------------------------------- public
     def resume(self, keys: set[str]) -> None:
         self._floor_keys = set(keys)
         self.flush()
+
+    def load_held(self, keys: list[str]) -> None:
+        """any_order: what MLflow already holds for `keys` (a resumed study: points sent before the cut)."""
+        for key in keys:
+            self.held.update((key, m.step) for m in self.client.get_metric_history(self.run_id, key))
 
     def log_metrics(self, points: list[Point], dedupe: bool = False) -> None:
         """Send (key, value, step) points, or keep them if MLflow is down. With dedupe, points
@@ -156,10 +172,10 @@ class MlflowSink:
         if dedupe and points:
             self._dedupe = True
         for k, v, s in points:
-            if (k, int(s)) not in self._buffered and int(s) > self.floor.get(k, -1):
+            if (k, int(s)) not in self._buffered and self._fresh(k, int(s)):
                 self._buffer.append((k, float(v), int(s)))
                 self._buffered.add((k, int(s)))
-        if not self.flush() and len(self._buffer) > MAX_BUFFER:
+        if not self._flush_if_due() and len(self._buffer) > MAX_BUFFER:
             self._spill()
 
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
@@ -176,7 +192,7 @@ class MlflowSink:
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         self._tags.update({k: str(v) for k, v in tags.items()})
-        self.flush()
+        self._flush_if_due()
 
     def undelivered(self) -> list[Point]:
         """The points kept in memory (not those spilled to run storage): the trainer keeps them
@@ -195,6 +211,7 @@ class MlflowSink:
         except _Down as exc:
             self._went_down(exc.__cause__ or exc)
             return False
+        self._flushed_at = time.monotonic()
         if self._down_since is not None:
             log.warning("MLflow at %s reachable again after %.0f s: flushed %d points%s", self.where,
                         time.monotonic() - self._down_since, sent[0],
@@ -233,6 +250,15 @@ class MlflowSink:
         return False
 
     # ---------------------------------------------------------------- sending
+    def _fresh(self, key: str, step: int) -> bool:
+        """Not in MLflow yet, as far as this sink knows."""
+        return (key, step) not in self.held if self.any_order else step > self.floor.get(key, -1)
+
+    def _flush_if_due(self) -> bool:
+        if self.flush_every_s and time.monotonic() - self._flushed_at < self.flush_every_s:
+            return True  # kept for the next flush; nothing to spill
+        return self.flush()
+
     def _has_work(self) -> bool:
         return bool(self._buffer or self._tags or self._artifacts or self._spilled or self._floor_keys is not None)
 
@@ -254,7 +280,9 @@ class MlflowSink:
         have landed with its reply lost); without, those above the floor."""
         from mlflow.entities import Metric
 
-        if held is not None:
+        if self.any_order:
+            points = todo = [p for p in points if (p[0], p[2]) not in self.held and p[2] not in (held or {}).get(p[0], ())]
+        elif held is not None:
             todo = [p for p in points if p[2] not in held.get(p[0], ())]
         else:
             points = todo = [p for p in points if p[2] > self.floor.get(p[0], -1)]
@@ -265,7 +293,10 @@ class MlflowSink:
         # All of `points` is in MLflow now. A metric's steps only grow within a process, so the
         # floor also skips these points when the trainer hands them over again (it keeps points
         # pending until the checkpoint after they landed; workers/loop.py).
-        self._raise_floor(points)
+        if self.any_order:
+            self.held.update((k, s) for k, _, s in points)
+        else:
+            self._raise_floor(points)
         return len(points)  # in MLflow now, sent or found there
 
     def _raise_floor(self, points: list[Point]) -> None:

@@ -1,11 +1,14 @@
 """What a study's Ray task runs: the model and the eval images, loaded once per worker process,
 then one layer (or a few) at a time swapped for an approximate convolution and scored.
 
-The driver (orchestrator/study.py) puts one payload into the object store: the model's recipe
-and weights, the eval images and their true depth, the product tables. A task receives it by
-reference and builds its `StudyContext` only the first time a process sees that payload, so a
-worker process that runs 60 layers loads the model once. In-process (execution.backend local)
-the same functions run on the payload itself.
+The driver (orchestrator/study/) puts one payload into the object store: the model's recipe
+and weights, where the eval images are (dataset, ids, resolution), the product tables. A task
+receives it by reference and builds its `StudyContext` (model and eval images) only the first
+time a process sees that payload, so a worker process that runs 60 layers loads the model once.
+In-process (execution.backend local) the same functions run on the payload itself.
+
+Every model forward of a study runs here, never on the driver: the layer listing
+(describe_layers, model_layers), the float model's reference, the calibration, the layers.
 """
 
 from __future__ import annotations
@@ -66,13 +69,28 @@ class StudyContext:
         model = build_from_recipe(section, **self.task.model_kwargs())
         model.load_state_dict(payload["state_dict"])
         self.model = model.eval()
-        self.images: torch.Tensor = payload["images"]
-        self.targets: torch.Tensor = payload["targets"]
+        self.data = payload.get("data")  # {"uri", "eval_ids", "resolution"}: where the images come from
+        if "images" in payload:
+            self.images, self.targets = payload["images"], payload["targets"]
+        else:
+            self.images, self.targets = self.load_images(payload["data"]["eval_ids"])
         self.batch_size = int(payload["batch_size"])
         self.tables = payload.get("tables", {})
         self.use_prefix = bool(payload.get("prefix_cache", True))
         self.prefix: PrefixCache | None = None  # recorded on the first swap (the driver may never swap)
         _LOADS["count"] += 1
+
+    def load_images(self, ids: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images (and true depth) of dataset samples `ids` at the study's resolution, as one batch."""
+        from storage.shards import open_dataset
+        from workers.data import make_loader
+
+        assert self.data is not None
+        ids = np.asarray(ids)
+        ds = open_dataset(self.data["uri"])
+        samples = self.task.samples(ds.read_samples(ids), int(self.data["resolution"]), ds.describe, train=False)
+        batch = self.task.to_device(next(iter(make_loader(samples, batch_size=len(ids)))), "cpu")
+        return batch.x.contiguous(), batch.targets[0].contiguous()
 
     def batches(self) -> list[torch.Tensor]:
         return [self.images[i : i + self.batch_size] for i in range(0, len(self.images), self.batch_size)]
@@ -254,6 +272,49 @@ def evaluate_items(payload_box: list[Any], items: list[dict[str, Any]], delay_s:
             time.sleep(delay_s)
         out.append(ctx.run_item(item))
     return out
+
+
+def describe_layers(payload_box: list[Any], resolution: int) -> list[dict[str, Any]]:
+    """The study model's conv layers in model order: name, kind, part, weight shape, multiplies
+    per image at `resolution` (a task: the context it loads serves the layers after)."""
+    return _layer_rows(context(payload_box[0]).model, resolution)
+
+
+def model_layers(recipe: dict[str, Any], resolution: int) -> list[dict[str, Any]]:
+    """The same for a recipe's model without its weights (`orchestrator study --list-layers`)."""
+    from common.recipe import Recipe
+    from workers.models.registry import build_from_recipe
+    from workers.tasks.depth import DepthTask
+
+    r = Recipe.model_validate(recipe)
+    task = DepthTask(r, {"depth_scale": 1000, "min_depth_m": 0.1, "max_depth_m": 10.0, "baseline_depth_m": 1.0})
+    model = build_from_recipe(r.model.model_copy(update={"init_from": None}), **task.model_kwargs())
+    return _layer_rows(model.eval(), resolution)
+
+
+def _layer_rows(model: torch.nn.Module, resolution: int) -> list[dict[str, Any]]:
+    from workers.approx.conv import conv_layers, trace_macs
+
+    macs = trace_macs(model, (1, 3, resolution, resolution))
+    return [{"name": i.name, "kind": i.kind, "part": i.part, "weight_shape": list(i.weight_shape),
+             "macs": int(macs.get(i.name, 0))} for i in conv_layers(model)]
+
+
+def reference(payload_box: list[Any]) -> dict[str, Any]:
+    """The float model's metrics on the eval images, and the seconds they took."""
+    ctx = context(payload_box[0])
+    started = time.perf_counter()
+    metrics = ctx.metrics(ctx.predict())
+    return {"metrics": metrics, "seconds": time.perf_counter() - started}
+
+
+def calibrate_on(payload_box: list[Any], ids: Any, layers: list[str], method: str,
+                 percentile: float) -> dict[str, dict[str, float]]:
+    """calibrate() on dataset samples `ids` (training images: never those the layers are scored
+    on), for the payload's approximate table."""
+    ctx = context(payload_box[0])
+    images, _ = ctx.load_images(ids)
+    return calibrate(ctx, images, layers, ctx.tables["approx"], method, percentile)
 
 
 @torch.no_grad()
