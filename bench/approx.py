@@ -60,15 +60,10 @@ def _capture_inputs(model: torch.nn.Module, images: torch.Tensor, names: set[str
 
 
 def _layer_bench(conv, x, table, args, rng: torch.Generator) -> dict[str, Any]:  # noqa: ANN001
-    from workers.approx.conv import (
-        approx_conv2d,
-        auto_method,
-        conv_kind,
-        direct_conv2d,
-        direct_conv2d_tensors,
-        output_shape,
-    )
+    from workers.approx.conv import approx_conv2d, auto_method, output_shape
     from workers.approx.quant import quantize, scale_for
+    from workers.approx.reference import direct_conv2d, direct_conv2d_tensors
+    from workers.approx.surgery import conv_kind
 
     sx = scale_for(x, table.lo, table.hi, "percentile", 99.99)
     sw = scale_for(conv.weight, table.lo, table.hi, "minmax")
@@ -134,8 +129,9 @@ def _layer_bench(conv, x, table, args, rng: torch.Generator) -> dict[str, Any]: 
 def _all_layers(model, images: torch.Tensor, table) -> dict[str, Any]:  # noqa: ANN001
     """One float forward of the images; at every conv, an ApproxConv2d forward on the input it
     got (timed), as the study does one layer at a time. Nothing is kept between layers."""
-    from workers.approx.conv import ApproxConv2d, auto_method, conv_kind
+    from workers.approx.conv import auto_method
     from workers.approx.quant import quantize, scale_for
+    from workers.approx.surgery import ApproxConv2d, conv_kind
 
     seconds: dict[str, float] = {}
     per_kind: dict[str, float] = {}
@@ -194,8 +190,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
 
     import workers.models  # noqa: F401  (registers the models)
-    from workers.approx.conv import conv_layers
     from workers.approx.multipliers import table_by_name
+    from workers.approx.surgery import conv_layers
     from workers.models.registry import build_model
 
     started = time.perf_counter()

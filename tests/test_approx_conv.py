@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import workers.approx.conv as conv_mod
+import workers.approx.kernels as kernels_mod
 from workers.approx import (
     MULTIPLIERS,
     ApproxConv2d,
@@ -144,7 +144,7 @@ def test_padding_goes_through_the_table_as_operand_zero() -> None:
 def test_large_table_values_and_small_chunks_stay_exact(monkeypatch, magnitude: int) -> None:
     """Float32 bags split where a sum could pass 2**24; float64 beyond; tiny chunks exercise
     every chunking loop."""
-    monkeypatch.setattr(conv_mod, "CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(kernels_mod, "CHUNK_ELEMENTS", 64)
     table = _user_table(seed=4, scale=magnitude)
     for shape in ("dense_3x3", "depthwise_strided", "pointwise"):
         x, w, kw = _operands(shape, seed=11)

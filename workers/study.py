@@ -119,7 +119,7 @@ class StudyContext:
                  weight_scales: dict[str, float]) -> dict[str, Any]:
         """Metrics with every layer in `layers` approximate at once (usually one), the saturated
         shares of its inputs and weights, and the seconds it took."""
-        from workers.approx.conv import ApproxConv2d, swap_layer
+        from workers.approx.surgery import ApproxConv2d, swap_layer
 
         started = time.perf_counter()
         if self.use_prefix and self.prefix is None:
@@ -293,7 +293,7 @@ def model_layers(recipe: dict[str, Any], resolution: int) -> list[dict[str, Any]
 
 
 def _layer_rows(model: torch.nn.Module, resolution: int) -> list[dict[str, Any]]:
-    from workers.approx.conv import conv_layers, trace_macs
+    from workers.approx.surgery import conv_layers, trace_macs
 
     macs = trace_macs(model, (1, 3, resolution, resolution))
     return [{"name": i.name, "kind": i.kind, "part": i.part, "weight_shape": list(i.weight_shape),

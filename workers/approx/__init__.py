@@ -2,20 +2,11 @@
 
 from __future__ import annotations
 
-from workers.approx.conv import (
-    ApproxConv2d,
-    LayerInfo,
-    approx_conv2d,
-    auto_method,
-    conv_layers,
-    direct_conv2d,
-    direct_conv2d_tensors,
-    output_shape,
-    swap_layer,
-    trace_macs,
-)
+from workers.approx.conv import approx_conv2d, auto_method, output_shape
 from workers.approx.multipliers import MULTIPLIERS, ProductTable, load_table, table_by_name
 from workers.approx.quant import FIXED_SCALES, dequantize, quantize, scale_for
+from workers.approx.reference import direct_conv2d, direct_conv2d_tensors
+from workers.approx.surgery import ApproxConv2d, LayerInfo, conv_layers, swap_layer, trace_macs
 
 __all__ = [
     "FIXED_SCALES",
