@@ -121,7 +121,8 @@ def _layer_bench(conv, x, table, args, rng: torch.Generator) -> dict[str, Any]: 
                 timed[m] = None  # one float64 conv per operand value: minutes on the big layers
                 continue
             approx_conv2d(xq, wq, table, method=m, **kw)
-            timed[m] = round(_best(lambda m=m: approx_conv2d(xq, wq, table, method=m, **kw), args.repeats) / macs * 1e9, 3)
+            best = _best(lambda m=m: approx_conv2d(xq, wq, table, method=m, **kw), args.repeats)
+            timed[m] = round(best / macs * 1e9, 3)
         row["methods_ns_per_mac"] = timed
     return row
 
@@ -203,7 +204,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     all_names = {info.name for info in conv_layers(model)}
     unknown = [n for n in layer_names if n not in all_names]
     if unknown:
-        raise SystemExit(f"unknown conv layer(s) {unknown}; the model has {len(all_names)}, e.g. {sorted(all_names)[:3]}")
+        raise SystemExit(f"unknown conv layer(s) {unknown}; the model has {len(all_names)}, "
+                         f"e.g. {sorted(all_names)[:3]}")
     images = torch.rand(args.images, 3, args.resolution, args.resolution)
     inputs = _capture_inputs(model, images[:1], set(layer_names))
     rng = torch.Generator().manual_seed(args.seed)
@@ -251,7 +253,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result["direct_seconds_all_layers_5_images_estimate"] / allr["seconds"], 1)
         if args.images != 5:
             result["kernel_seconds_all_layers_images"] = result.pop("kernel_seconds_all_layers_5_images")
-            result["direct_seconds_all_layers_images_estimate"] = result.pop("direct_seconds_all_layers_5_images_estimate")
+            estimate = result.pop("direct_seconds_all_layers_5_images_estimate")
+            result["direct_seconds_all_layers_images_estimate"] = estimate
     if args.study:
         from bench.approx_study import study_seconds
 

@@ -33,8 +33,9 @@ def describe(p: dict[str, Any]) -> str:
     loss = f"{p['loss']:.4f}" if p.get("loss") is not None else "-"
     rate = f"{p['samples_per_s']:.1f}" if p.get("samples_per_s") else "-"
     return (
-        f"stage {p['stage_index'] + 1}/{p['stages']} {p['stage']} | chunk {min(p['chunk'] + 1, p['chunks'])}/{p['chunks']} | "
-        f"step {p['global_step']}/{p['total_steps']} | loss {loss} | {rate} samples/s | ETA {format_eta(p.get('eta_s'))} | {p['phase']}"
+        f"stage {p['stage_index'] + 1}/{p['stages']} {p['stage']} | "
+        f"chunk {min(p['chunk'] + 1, p['chunks'])}/{p['chunks']} | step {p['global_step']}/{p['total_steps']} | "
+        f"loss {loss} | {rate} samples/s | ETA {format_eta(p.get('eta_s'))} | {p['phase']}"
     )
 
 

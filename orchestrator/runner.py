@@ -38,7 +38,8 @@ def open_data(recipe: Recipe, console: Console) -> tuple[str, Any]:
     if not uri:
         if not recipe.data.synthesize:
             raise RecipeError(
-                "field 'data.uri' is empty: point it at a packed dataset (--set data.uri=gs://bucket/dataset or a local path), "
+                "field 'data.uri' is empty: point it at a packed dataset (--set data.uri=gs://bucket/dataset or a "
+                "local path), "
                 "or make one with `orchestrator data synth DEST`"
             )
         uri = fs.normalize(fs.join("data", recipe.run.name))
@@ -54,12 +55,14 @@ def open_data(recipe: Recipe, console: Console) -> tuple[str, Any]:
                     f"'{recipe.run.name}' synthesizes its dataset there. Move those files, or set data.uri to a packed "
                     "dataset (or a new folder for the synthetic one)")
             sy = recipe.data.synth
-            console.print(f"data.uri is empty: synthesizing {sy.samples} {recipe.task} samples into {uri} (first run only)")
+            console.print(f"data.uri is empty: synthesizing {sy.samples} {recipe.task} samples into {uri} "
+                          "(first run only)")
             with count_progress(console, "synthesizing", sy.samples) as advance:
                 if recipe.task == "mask_depth":
                     synthesize(uri, sy.samples, seed=sy.seed, image_size=sy.image_size, progress=advance)
                 else:
-                    synthesize_task(recipe.task, uri, sy.samples, seed=sy.seed, image_size=sy.image_size, progress=advance)
+                    synthesize_task(recipe.task, uri, sy.samples, seed=sy.seed, image_size=sy.image_size,
+                                    progress=advance)
     try:
         ds = open_dataset(uri)
     except DatasetError as exc:
@@ -68,7 +71,8 @@ def open_data(recipe: Recipe, console: Console) -> tuple[str, Any]:
         raise RunError(f"{exc}. Check data.uri and your credentials") from None
     if recipe.data.expected_samples and ds.num_samples != recipe.data.expected_samples:
         raise RunError(
-            f"{uri}: holds {ds.num_samples} samples, the recipe's data.expected_samples is {recipe.data.expected_samples}; "
+            f"{uri}: holds {ds.num_samples} samples, the recipe's data.expected_samples is "
+            f"{recipe.data.expected_samples}; "
             "point data.uri at the full dataset or change data.expected_samples"
         )
     check_image_sizes(ds, recipe.data.image_size)
@@ -86,7 +90,8 @@ def check_image_sizes(ds: Any, expected: tuple[int, int] | None) -> None:
         first = int(ds.sample_ids[bad[0]])
         raise RunError(
             f"{ds.describe(first)}: image is {int(h[bad[0]])}x{int(w[bad[0]])}, the recipe's data.image_size is "
-            f"{expected[0]}x{expected[1]} ({len(bad)} of {ds.num_samples} samples differ); re-pack the data at that size "
+            f"{expected[0]}x{expected[1]} ({len(bad)} of {ds.num_samples} samples differ); re-pack the data at that "
+            "size "
             "or change data.image_size"
         )
 

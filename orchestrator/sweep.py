@@ -31,13 +31,18 @@ from common.recipe import (
 class SweepSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Sweep name: prefix of its runs' names and default MLflow experiment.")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                      description="Sweep name: prefix of its runs' names and default MLflow experiment.")
     base: str = Field(description="Base recipe, relative to the sweep file.")
     set: dict[str, Any] = Field(default_factory=dict, description="Dotted-key overrides applied to every run.")
-    grid: dict[str, list[Any]] = Field(default_factory=dict, description="Dotted key -> values; every combination is a run.")
-    runs: list[dict[str, Any]] = Field(default_factory=list, description="Explicit runs, each a mapping of dotted-key overrides (instead of, or after, the grid); a `label` key names the run (<sweep>-<label>) instead of its values.")
+    grid: dict[str, list[Any]] = Field(default_factory=dict,
+                                       description="Dotted key -> values; every combination is a run.")
+    runs: list[dict[str, Any]] = Field(default_factory=list, description=(
+        "Explicit runs, each a mapping of dotted-key overrides (instead of, or after, the grid); a `label` key names "
+        "the run (<sweep>-<label>) instead of its values."))
     max_concurrent: int = Field(2, ge=1, description="Runs in flight at once; the others wait for resources.")
-    max_failures: int = Field(2, ge=0, description="Times Tune restarts a trial whose process or node was lost; the run resumes from its checkpoint.")
+    max_failures: int = Field(2, ge=0, description=(
+        "Times Tune restarts a trial whose process or node was lost; the run resumes from its checkpoint."))
 
     @model_validator(mode="after")
     def _has_runs(self) -> SweepSpec:
@@ -82,18 +87,21 @@ def _no_credentials(sweep_path: str, field: str, value: Any) -> None:
         raise RecipeError(f"{sweep_path}: field '{field}': {problem}")
 
 
-def expand(sweep_path: str, overrides: list[str] | None = None, cwd: Path | None = None) -> tuple[SweepSpec, list[Recipe]]:
+def expand(sweep_path: str, overrides: list[str] | None = None,
+           cwd: Path | None = None) -> tuple[SweepSpec, list[Recipe]]:
     """The sweep file and the recipes of its runs, validated before anything starts."""
     from pydantic import ValidationError
 
-    raw = load_recipe_dict(sweep_path, kind="sweep", expect="a sweep file must be a YAML mapping with a 'sweep' section (name, base, grid or runs)")
+    raw = load_recipe_dict(sweep_path, kind="sweep", expect="a sweep file must be a YAML mapping with a 'sweep' "
+                                                            "section (name, base, grid or runs)")
     try:
         spec = SweepFile.model_validate(raw).sweep
     except ValidationError as err:
         raise RecipeError(_format_validation_error(sweep_path, err)) from None
     base_path = Path(sweep_path).parent / spec.base
     if not base_path.is_file():
-        raise RecipeError(f"{sweep_path}: field 'sweep.base': {base_path}: recipe file not found (the path is relative to the sweep file)")
+        raise RecipeError(f"{sweep_path}: field 'sweep.base': {base_path}: recipe file not found (the path is "
+                          "relative to the sweep file)")
     base = load_recipe_dict(str(base_path))
     cwd = cwd or Path.cwd()
     for key, value in spec.set.items():
@@ -104,7 +112,8 @@ def expand(sweep_path: str, overrides: list[str] | None = None, cwd: Path | None
     base.setdefault("tracking", {}).setdefault("experiment", spec.name)
 
     keys = list(spec.grid)
-    combos = [("sweep.grid", dict(zip(keys, values, strict=True))) for values in itertools.product(*spec.grid.values())] if keys else []
+    combos = [("sweep.grid", dict(zip(keys, values, strict=True)))
+              for values in itertools.product(*spec.grid.values())] if keys else []
     combos += [(f"sweep.runs.{i}", run) for i, run in enumerate(spec.runs)]
     recipes, names = [], set()
     for origin, combo in combos:
@@ -174,7 +183,8 @@ def run_sweep(spec: SweepSpec, recipes: list[Recipe], address: str | None, conso
         for exp in {r.tracking.experiment for r in recipes if r.tracking.uri == uri}:
             storage = next(r.run.storage for r in recipes if (r.tracking.uri, r.tracking.experiment) == (uri, exp))
             resolved = tracking.resolve_tracking_uri(uri)
-            tracking.ensure_experiment(resolved, exp, tracking.local_artifact_location(resolved, fs.normalize(storage), exp))
+            tracking.ensure_experiment(resolved, exp,
+                                       tracking.local_artifact_location(resolved, fs.normalize(storage), exp))
     init_ray(address)
     from ray import tune
 

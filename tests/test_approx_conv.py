@@ -382,7 +382,8 @@ def test_conv_layers_of_mobilenetv2_depth() -> None:
     layers = conv_layers(model, (224, 224))
     enc = [layer for layer in layers if layer.part == "encoder"]
     dec = [layer for layer in layers if layer.part == "decoder"]
-    kinds = lambda ls: {k: sum(1 for la in ls if la.kind == k) for k in ("pointwise", "depthwise", "dense")}  # noqa: E731
+    kinds = lambda ls: {k: sum(1 for la in ls if la.kind == k)  # noqa: E731
+                        for k in ("pointwise", "depthwise", "dense")}
     assert len(enc) == 52 and kinds(enc) == {"pointwise": 34, "depthwise": 17, "dense": 1}
     assert len(dec) == 14 and kinds(dec) == {"pointwise": 1, "depthwise": 0, "dense": 13}
     by_name = {layer.name: layer for layer in layers}

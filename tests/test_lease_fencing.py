@@ -295,7 +295,8 @@ def test_renewals_that_meet_a_dropped_mount_stop_the_run_naming_the_remount(tmp_
     def dropped(self, lease, version):
         raise OSError(107, "Transport endpoint is not connected")
 
-    with pytest.raises(RunError, match=r"stopped: its run storage stopped answering .*force_remount=True.*same command"):
+    with pytest.raises(RunError,
+                       match=r"stopped: its run storage stopped answering .*force_remount=True.*same command"):
         with driver_lease.DriverLease(run_dir, "r"):
             monkeypatch.setattr(slease._LocalStore, "renew", dropped)
             _wait_for_interrupt()

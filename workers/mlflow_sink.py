@@ -183,7 +183,8 @@ class MlflowSink:
         # and while MLflow is down one in run storage too, which a later process sends.
         if self._artifact_tmp is None:
             self._artifact_tmp = tempfile.mkdtemp(prefix="orch-mlflow-artifacts-")
-        keep = os.path.join(self._artifact_tmp, f"{len(os.listdir(self._artifact_tmp)):04d}", os.path.basename(local_path))
+        keep = os.path.join(self._artifact_tmp, f"{len(os.listdir(self._artifact_tmp)):04d}",
+                            os.path.basename(local_path))
         os.makedirs(os.path.dirname(keep))
         shutil.copy2(local_path, keep)
         self._artifacts.append(_Artifact(os.path.basename(local_path), artifact_path, keep))
@@ -241,10 +242,12 @@ class MlflowSink:
                 if self._tags:
                     fs.write_json(f"{self._spill_dir}/{TAGS_JSON}", self._tags)
                 self._store_artifacts()
-                saved = (f"; they are saved in {self._spill_dir} and the next `orchestrator run` of this run sends them")
+                saved = (f"; they are saved in {self._spill_dir} and the next `orchestrator run` of this run "
+                         "sends them")
             except Exception as exc:  # noqa: BLE001 - the run still completes; say what was not kept
                 saved = f"; could not save them to run storage either ({type(exc).__name__})"
-        log.warning("MLflow at %s still unreachable at the end of the run: %d metric points (%s), %d tags and %d artifacts "
+        log.warning("MLflow at %s still unreachable at the end of the run: %d metric points (%s), %d tags and %d "
+                    "artifacts "
                     "(%s) not delivered%s", self.where, n_points, described, len(self._tags),
                     len(self._artifacts), ", ".join(a.name for a in self._artifacts) or "none", saved)
         return False
@@ -273,7 +276,8 @@ class MlflowSink:
 
     def _held(self, keys: set[str]) -> dict[str, set[int]]:
         """The steps MLflow already holds, per metric key."""
-        return {key: {m.step for m in self._call(self.client.get_metric_history, self.run_id, key)} for key in sorted(keys)}
+        return {key: {m.step for m in self._call(self.client.get_metric_history, self.run_id, key)}
+                for key in sorted(keys)}
 
     def _send_points(self, points: list[Point], held: dict[str, set[int]] | None) -> int:
         """With `held`, the points MLflow does not hold yet (after a cut or an outage, a batch may
@@ -281,7 +285,8 @@ class MlflowSink:
         from mlflow.entities import Metric
 
         if self.any_order:
-            points = todo = [p for p in points if (p[0], p[2]) not in self.held and p[2] not in (held or {}).get(p[0], ())]
+            points = todo = [p for p in points
+                             if (p[0], p[2]) not in self.held and p[2] not in (held or {}).get(p[0], ())]
         elif held is not None:
             todo = [p for p in points if p[2] not in held.get(p[0], ())]
         else:
@@ -316,7 +321,8 @@ class MlflowSink:
                 points = [(str(k), float(v), int(s)) for k, v, s in fs.read_json(uri)["points"]]
             except FileNotFoundError:
                 points = []
-            n_points += self._send_points(points, self._held({k for k, _, _ in points}))  # a cut may have come after it was sent
+            # A cut may have come after it was sent: ask MLflow what it holds.
+            n_points += self._send_points(points, self._held({k for k, _, _ in points}))
             fs.remove(uri)
             self._spilled.pop(0)
         if self._buffer or self._floor_keys is not None:
@@ -379,7 +385,8 @@ class MlflowSink:
         from storage import fs
 
         try:
-            return [f"{self._spill_dir}/{n}" for n in fs.listdir(self._spill_dir) if n[:1].isdigit() and n.endswith(".json")]
+            return [f"{self._spill_dir}/{n}" for n in fs.listdir(self._spill_dir)
+                    if n[:1].isdigit() and n.endswith(".json")]
         except Exception:  # noqa: BLE001 - unreadable run storage shows up elsewhere; nothing to resend here
             log.warning("could not list %s", self._spill_dir, exc_info=True)
             return []
@@ -395,7 +402,8 @@ class MlflowSink:
         uri = f"{self._spill_dir}/{seq:06d}.json"
         fs.write_json(uri, {"run_id": self.run_id, "points": [list(p) for p in self._buffer]})
         if not quiet:
-            log.warning("MLflow at %s still unreachable: %d metric points (over the bound of %d in memory) saved to %s; "
+            log.warning("MLflow at %s still unreachable: %d metric points (over the bound of %d in memory) saved "
+                        "to %s; "
                         "sent from there when MLflow is back", self.where, len(self._buffer), MAX_BUFFER, uri)
         self._spilled.append(uri)
         self._buffer, self._buffered = [], set()
@@ -441,7 +449,8 @@ class MlflowSink:
             for n in fs.listdir(f"{self._spill_dir}/{ARTIFACTS_DIR}"):
                 if n.endswith(".json"):
                     rec = fs.read_json(f"{self._spill_dir}/{ARTIFACTS_DIR}/{n}")
-                    out.append(_Artifact(rec["name"], rec["artifact_path"], None, f"{self._spill_dir}/{ARTIFACTS_DIR}/{n[:-5]}"))
+                    out.append(_Artifact(rec["name"], rec["artifact_path"], None,
+                                         f"{self._spill_dir}/{ARTIFACTS_DIR}/{n[:-5]}"))
         except Exception:  # noqa: BLE001 - unreadable run storage shows up elsewhere
             log.warning("could not list %s/%s", self._spill_dir, ARTIFACTS_DIR, exc_info=True)
         return out

@@ -128,7 +128,8 @@ class StudyContext:
         swapped = []
         with contextlib.ExitStack() as stack:
             for name in layers:
-                approx = ApproxConv2d(self.model.get_submodule(name), table, float(input_scales[name]), float(weight_scales[name]))
+                approx = ApproxConv2d(self.model.get_submodule(name), table, float(input_scales[name]),
+                                      float(weight_scales[name]))
                 stack.enter_context(swap_layer(self.model, name, approx))
                 swapped.append(approx)
             pred = self.predict(skip_before=layers)

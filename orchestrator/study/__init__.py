@@ -18,7 +18,8 @@ workers/study.py when execution.backend is local; each result is committed as it
 A re-run of the same command lists what is committed (a file that does not parse or does not
 belong to this study is redone) and computes only the rest. A result reaches MLflow only after
 its file is committed, and on resume the points MLflow already holds are not sent again, so the
-study's one MLflow run holds exactly one point per (key, step) whatever the interruptions (workers/mlflow_sink.py, any_order).
+study's one MLflow run holds exactly one point per (key, step) whatever the interruptions
+(workers/mlflow_sink.py, any_order).
 
 The package: source.py (model_from, layers, table), files.py (the folder, record, results),
 compute.py (Ray tasks or in-process), plan.py (the items on the run engine), report.py (table,

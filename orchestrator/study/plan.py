@@ -99,7 +99,8 @@ class StudyPlan:
             "key": f"{self.sha}-{src.weights_sha256}", "recipe": src.recipe.model_dump(mode="json"), "task_info": info,
             "state_dict": src.state_dict, "batch_size": spec.eval.batch_size,
             "data": {"uri": src.data_uri, "eval_ids": eval_ids.tolist(), "resolution": resolution},
-            "torch_threads": spec.execution.torch_threads, "tables": {"approx": table, "exact": exact_table_like(table)},
+            "torch_threads": spec.execution.torch_threads,
+            "tables": {"approx": table, "exact": exact_table_like(table)},
         }
         self.payload = payload
         if data is not None:
@@ -160,13 +161,15 @@ class StudyPlan:
         client = tracking._client(uri)
         tags = {"orchestrator.kind": "study", "orchestrator.study_name": spec.name,
                 "orchestrator.study.model_from": src.run_name, "orchestrator.study.multiplier": spec.multiplier,
-                "orchestrator.study.scalings": ",".join(self.scalings), "orchestrator.study.layers": str(len(self.layers)),
+                "orchestrator.study.scalings": ",".join(self.scalings),
+                "orchestrator.study.layers": str(len(self.layers)),
                 "orchestrator.study.spec_sha256": self.sha}
         run = client.create_run(exp_id, run_name=spec.name, tags=tags)
         from mlflow.entities import Param
 
         params = spec.flat_params() | {
-            "model.run": src.run_name, "model.checkpoint": src.checkpoint, "model.weights_sha256": src.weights_sha256 or "",
+            "model.run": src.run_name, "model.checkpoint": src.checkpoint,
+            "model.weights_sha256": src.weights_sha256 or "",
             "model.name": src.recipe.model.name, "model.variant": str(src.recipe.model.variant),
             "eval.resolution_px": str(resolution), "eval.ids": ",".join(map(str, eval_ids.tolist()))[:6000],
             "table.lo": str(table.lo), "table.hi": str(table.hi), "layers.count": str(len(self.layers)),

@@ -25,12 +25,15 @@ CSV_COLUMNS = ("scaling", "index", "layer", "kind", "part", "weight_shape", "mac
 
 def table_rows(exact: dict[str, Any], results: dict[str, dict[str, Any]], scalings: list[str]) -> list[dict[str, Any]]:
     """The study's table: the float model, then per scaling its exact-table reference and its layers in study order."""
-    rows = [{"scaling": "float", "index": "", "layer": "<float model>", "kind": "reference", **{k: exact[k] for k in METRICS}}]
+    rows = [{"scaling": "float", "index": "", "layer": "<float model>", "kind": "reference",
+             **{k: exact[k] for k in METRICS}}]
     for label in scalings:
         ref = results.get(f"{label}/<all layers, exact table>")
         if ref:
-            rows.append({**ref, "scaling": label, "index": "", "layer": "<all layers, exact table>", "kind": "reference"})
-        layer_rows = sorted((r for r in results.values() if r["scaling"] == label and r.get("layer")), key=lambda r: r["index"])
+            rows.append({**ref, "scaling": label, "index": "", "layer": "<all layers, exact table>",
+                         "kind": "reference"})
+        layer_rows = sorted((r for r in results.values() if r["scaling"] == label and r.get("layer")),
+                            key=lambda r: r["index"])
         rows += layer_rows
     return [{k: r.get(k, "") for k in CSV_COLUMNS} for r in rows]
 
@@ -40,7 +43,8 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
     w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({k: ("x".join(map(str, v)) if isinstance(v, list) else (f"{v:.6g}" if isinstance(v, float) else v)) for k, v in r.items()})
+        w.writerow({k: ("x".join(map(str, v)) if isinstance(v, list) else (f"{v:.6g}" if isinstance(v, float) else v))
+                    for k, v in r.items()})
     return buf.getvalue()
 
 
@@ -58,7 +62,8 @@ def plot(rows: list[dict[str, Any]], scalings: list[str], exact: dict[str, Any],
 
     layer_rows = [r for r in rows if r["kind"] != "reference"]
     n = max((len([r for r in layer_rows if r["scaling"] == s]) for s in scalings), default=1)
-    fig, axes = plt.subplots(len(scalings), 1, figsize=(max(8.0, 0.18 * n + 2), 3.2 * len(scalings) + 0.8), squeeze=False)
+    fig, axes = plt.subplots(len(scalings), 1, figsize=(max(8.0, 0.18 * n + 2), 3.2 * len(scalings) + 0.8),
+                             squeeze=False)
     for ax, label in zip(axes[:, 0], scalings, strict=True):
         mine = [r for r in layer_rows if r["scaling"] == label]
         xs = list(range(len(mine)))
@@ -92,7 +97,8 @@ def summarize(rows: list[dict[str, Any]], scalings: list[str], exact: dict[str, 
         mine = [r for r in rows if r["scaling"] == label and r["kind"] != "reference"]
         ref = next((r for r in rows if r["scaling"] == label and r["kind"] == "reference"), None)
         ranked = sorted(mine, key=lambda r: (-sensitivity(r), r["index"]))
-        pick = lambda rs: [{"layer": r["layer"], "kind": r["kind"], "delta_rms": r["delta_rms"], "delta_a1": r["delta_a1"],  # noqa: E731
+        pick = lambda rs: [{"layer": r["layer"], "kind": r["kind"], "delta_rms": r["delta_rms"],  # noqa: E731
+                            "delta_a1": r["delta_a1"],
                             "rms": r["rms"], "saturation": r["saturation"]} for r in rs]
         out["scalings"][label] = {
             "layers": len(mine),
@@ -106,13 +112,15 @@ def summarize(rows: list[dict[str, Any]], scalings: list[str], exact: dict[str, 
 
 def print_summary(name: str, summary: dict[str, Any], sdir: str, record: dict[str, Any], console: Console) -> None:
     f = summary["float"]
-    console.print(f"study '{name}': float model rms {f['rms']:.4f} a1 {f['a1']:.4f} rel {f['rel']:.4f}", highlight=False)
+    console.print(f"study '{name}': float model rms {f['rms']:.4f} a1 {f['a1']:.4f} rel {f['rel']:.4f}",
+                  highlight=False)
     for label, s in summary["scalings"].items():
         q = s["all_layers_exact_table"]
         qtext = f"; all layers at once with the exact table: rms {q['rms']:.4f} (quantization error)" if q else ""
         console.print(f"  {label}: {s['layers']} layers{qtext}", highlight=False)
         for title, key in (("most sensitive", "most_sensitive"), ("least sensitive", "least_sensitive")):
-            items = ", ".join(f"{r['layer']} ({r['kind']}, rms {r['rms']:.4f}, delta {r['delta_rms']:+.4f})" for r in s[key])
+            items = ", ".join(f"{r['layer']} ({r['kind']}, rms {r['rms']:.4f}, delta {r['delta_rms']:+.4f})"
+                              for r in s[key])
             console.print(f"    {title}: {items}", highlight=False)
     ui = record["tracking_uri"]
     ui = f"mlflow ui --backend-store-uri {ui}" if ui.startswith("sqlite:") else ui
@@ -148,7 +156,8 @@ class LayerProgress:
     def advance(self, item: Item, rec: dict[str, Any]) -> None:
         self.done += 1
         self.computed += 1
-        what = f"{item.scaling} {rec.get('layer') or 'all layers, exact table'}: rms {rec['rms']:.4f} ({rec['delta_rms']:+.4f})"
+        what = (f"{item.scaling} {rec.get('layer') or 'all layers, exact table'}: rms {rec['rms']:.4f} "
+                f"({rec['delta_rms']:+.4f})")
         self.bar.update(self.task, advance=1, description=what)
         now = time.monotonic()
         if self.computed == 1:

@@ -50,7 +50,8 @@ def resolve_model_from(spec: StudySpec, load_weights: bool = True) -> ModelSourc
         elif fs.exists(fs.join(uri, checkpoints.META_FILE)):
             ckpt, run_dir = uri, fs.normalize(uri.rstrip("/").rsplit("/", 1)[0])
         else:
-            raise _bad_model_from(f"{given} is neither a run folder (with {RUN_JSON}) nor a checkpoint folder (with {checkpoints.META_FILE})")
+            raise _bad_model_from(f"{given} is neither a run folder (with {RUN_JSON}) nor a checkpoint folder "
+                                  f"(with {checkpoints.META_FILE})")
     rec = record.load(run_dir)
     if rec is None:
         raise _bad_model_from(f"{run_dir} holds no run record ({RUN_JSON}); name a run folder")
@@ -60,7 +61,8 @@ def resolve_model_from(spec: StudySpec, load_weights: bool = True) -> ModelSourc
     if ckpt is None:
         if rec.state != RunState.COMPLETED:
             raise _bad_model_from(f"run {given!r} is {rec.state}, not completed; finish it first (re-run its "
-                                  "`orchestrator run` command), or name one of its checkpoint folders (model_from: RUN_DIR/ckpt-...)")
+                                  "`orchestrator run` command), or name one of its checkpoint folders "
+                                  "(model_from: RUN_DIR/ckpt-...)")
         final = record.read_optional(run_dir, FINAL_JSON) or {}
         ckpt = final.get("checkpoint")
         if not ckpt:
@@ -99,7 +101,8 @@ def select_layers(spec: StudySpec, infos: list[dict[str, Any]]) -> list[dict[str
         if name is None:
             close = close_layer_names(given, names)
             hint = f"close matches: {', '.join(close)}" if close else "no close match"
-            raise RecipeError(f"field 'layers': unknown layer {given!r}; {hint} (`--list-layers` lists all {len(names)})")
+            raise RecipeError(f"field 'layers': unknown layer {given!r}; {hint} "
+                              f"(`--list-layers` lists all {len(names)})")
         if by_name[name] not in out:
             out.append(by_name[name])
     return out

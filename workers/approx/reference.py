@@ -41,7 +41,8 @@ def direct_conv2d_tensors(
         for c in range(cg):
             for a in range(kh):
                 for b in range(kw):
-                    s += int(values[int(xp[n, c0 + c, i * st[0] + a * di[0], j * st[1] + b * di[1]]) - lo, int(w[o, c, a, b]) - lo])
+                    xv = int(xp[n, c0 + c, i * st[0] + a * di[0], j * st[1] + b * di[1]])
+                    s += int(values[xv - lo, int(w[o, c, a, b]) - lo])
         vals.append(s)
     return torch.tensor(vals, dtype=torch.int64)
 
