@@ -5,7 +5,7 @@ A study evaluates a finished depth run's model with ONE conv layer at a time rep
 approximate one (inputs and weights scaled to integers, each product looked up in an
 approximate multiplier's table, exact integer sums, scaled back) and records the depth metrics
 per layer, for each scaling in `scalings`. `orchestrator study STUDY.yaml` runs it
-(orchestrator/study.py); what a Ray task runs is workers/study.py.
+(orchestrator/study/); what a Ray task runs is workers/study.py.
 """
 
 from __future__ import annotations
