@@ -251,6 +251,38 @@ def test_the_sink_keeps_points_tags_and_artifacts_through_an_outage_and_sends_ea
     assert "hunter2" not in caplog.text
 
 
+def test_the_studys_sink_sends_each_key_and_step_once_in_any_order_across_attempts(monkeypatch):
+    """any_order (the study: layers come back as their tasks finish): a lower step after a higher
+    one still goes out, a repeat does not, points wait for flush_every_s, and a second attempt
+    that loads what MLflow holds sends only what is new."""
+    from workers import mlflow_sink
+
+    monkeypatch.setattr(mlflow_sink, "RETRY_S", 0.0)
+    client = FakeClient()
+
+    def study_sink() -> mlflow_sink.MlflowSink:
+        sink = mlflow_sink.MlflowSink("sqlite:///unused.db", "run1", any_order=True, flush_every_s=3600)
+        sink.client = client
+        return sink
+
+    first = study_sink()
+    first.log_metrics([("study/a/rms", 0.5, 7), ("study/a/rms", 0.4, 2)])
+    first.set_tags({"orchestrator.study.a.layers_done": "2/9"})
+    assert client.points == [] and client.tags == {}  # held for the next flush
+    first.log_metrics([("study/a/rms", 0.4, 2), ("study/a/rms", 0.3, 0)])  # a repeat, and a lower step
+    assert first.flush(force=True)
+    assert sorted(s for _, _, s in client.points) == [0, 2, 7]
+    assert client.tags == {"orchestrator.study.a.layers_done": "2/9"}
+    first.log_metrics([("study/a/rms", 0.4, 2)])
+    assert first.flush(force=True) and len(client.points) == 3  # sent once, whatever is handed over again
+
+    second = study_sink()  # a resumed study: its committed results are logged again
+    second.load_held(["study/a/rms"])
+    second.log_metrics([("study/a/rms", 0.5, 7), ("study/a/rms", 0.4, 2), ("study/a/rms", 0.6, 5)])
+    assert second.flush(force=True)
+    assert sorted(s for _, _, s in client.points) == [0, 2, 5, 7]
+
+
 def test_over_the_bound_points_go_to_run_storage_and_a_later_process_sends_them(tmp_path, monkeypatch, caplog):
     from workers.mlflow_sink import has_leftovers
 
