@@ -205,3 +205,19 @@ def test_a_removed_entry_is_not_called_again(tmp_path: Path):
         n = len(calls)
         time.sleep(0.2)
     assert n > 0 and len(calls) in (n, n + 1)  # at most the tick already under way
+
+
+def test_a_failing_callback_does_not_stop_the_others(tmp_path: Path):
+    """A progress file of an unexpected shape breaks its callback; the lease's tick goes on."""
+    (tmp_path / "progress.json").write_text("[1, 2]")
+    ticks: list[int] = []
+
+    def broken(p: object) -> None:
+        raise KeyError("stage_index")
+
+    with RunWatcher(str(tmp_path)) as watcher:
+        watcher.watch_json("progress.json", 0.01, broken)
+        watcher.every(0.01, lambda: ticks.append(1))
+        time.sleep(0.3)
+        assert watcher.thread.is_alive()
+    assert len(ticks) > 5

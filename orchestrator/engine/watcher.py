@@ -9,6 +9,7 @@ own thread, so callbacks never race each other.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -17,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from storage import fs
+
+log = logging.getLogger(__name__)
 
 MAX_WAIT_S = 0.5  # the longest the thread sleeps between looks at its schedule
 
@@ -98,7 +101,7 @@ class RunWatcher:
                     continue
                 entry.due = now + entry.every_s()
                 if entry.uri is None:
-                    entry.callback()
+                    self._call(entry)
                 elif entry.reading is None or not entry.reading.is_alive():
                     entry.reading = threading.Thread(target=self._read, args=(entry,), name="run-watcher-read",
                                                      daemon=True)
@@ -114,11 +117,19 @@ class RunWatcher:
                     with self._lock:
                         live = entry in self._entries
                     if live:
-                        entry.callback(data)
+                        self._call(entry, data)
                 try:
                     got = self._results.get_nowait()
                 except queue.Empty:
                     break
+
+    def _call(self, entry: _Entry, *data: Any) -> None:
+        # One callback's bug (a progress file of an unexpected shape) must not stop the others:
+        # the lease's heartbeat shares this thread.
+        try:
+            entry.callback(*data)
+        except Exception:  # noqa: BLE001 - logged; the entry is called again at its next time
+            log.warning("run watcher: %s failed", getattr(entry.callback, "__qualname__", entry.callback), exc_info=True)
 
     def _read(self, entry: _Entry) -> None:
         assert entry.uri is not None
