@@ -31,6 +31,7 @@ class _Entry:
     uri: str | None = None  # a JSON file to read (callback(data or None)); None: a tick (callback())
     due: float = 0.0
     reading: threading.Thread | None = field(default=None, repr=False)
+    warned: bool = False  # its callback raised once: said once, not at every look
 
 
 def _interval(every_s: float | Callable[[], float]) -> Callable[[], float]:
@@ -128,8 +129,11 @@ class RunWatcher:
         # the lease's heartbeat shares this thread.
         try:
             entry.callback(*data)
-        except Exception:  # noqa: BLE001 - logged; the entry is called again at its next time
-            log.warning("run watcher: %s failed", getattr(entry.callback, "__qualname__", entry.callback), exc_info=True)
+        except Exception:  # noqa: BLE001 - logged once; the entry is called again at its next time
+            if not entry.warned:
+                entry.warned = True
+                name = getattr(entry.callback, "__qualname__", entry.callback)
+                log.warning("run watcher: %s failed", name, exc_info=True)
 
     def _read(self, entry: _Entry) -> None:
         assert entry.uri is not None
