@@ -7,7 +7,6 @@ import os
 import time
 from typing import Any
 
-import numpy as np
 import torch
 
 from common.plan import Plan, batches_for_rank, rank_slice, steps_per_chunk
@@ -55,7 +54,6 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
         torch.manual_seed(recipe.run.seed)
-
         self.plan = Plan.load(self.run_dir)
         self.dataset = open_dataset(config["data_uri"])
         self.prefetcher = ChunkPrefetcher(self.dataset)
@@ -142,28 +140,25 @@ class Trainer:
             self.train_chunk(c.stage, c.chunk)
         self.finish()
 
-    def _mine(self, ids: np.ndarray) -> np.ndarray:
-        # Chunks of whole row groups: each rank takes a run of neighbours, so it reads only its own groups.
-        return rank_slice(ids, self.world, self.rank, self.recipe.data.chunking == "row_groups")
-
     def train_chunk(self, s: int, chunk: int) -> None:
         st: StageSection = self.recipe.stages[s]
         c, ids, seed = self.state.cursor, self.plan.stages[s].chunk_ids(chunk), self.recipe.run.seed
         self._progress("preload", force=True)
         t_chunk = time.perf_counter()
-        mine = self._mine(ids)
+        contiguous = self.recipe.data.chunking == "row_groups"  # each rank reads only its own row groups
+        mine = rank_slice(ids, self.world, self.rank, contiguous)
         rows = self.prefetcher.get((s, chunk), mine)
         wait_s = time.perf_counter() - t_chunk
         nxt = next_chunk(self.plan, s, chunk)
         if nxt is not None and self.recipe.data.prefetch:
-            self.prefetcher.prefetch(nxt, self._mine(self.plan.chunk_ids(*nxt)))
+            self.prefetcher.prefetch(nxt, rank_slice(self.plan.chunk_ids(*nxt), self.world, self.rank, contiguous))
         check_sizes(rows, self.recipe.data.image_size, self.dataset.describe)
         check_complete(rows, mine, self.dataset.describe)
         position = {int(sid): i for i, sid in enumerate(rows["sample_id"])}
         held: Stop | None = None  # a stop on the chunk's last step: the chunk-end checkpoint stands in for its own
         while c.epoch < st.epochs_per_chunk:
             batches = batches_for_rank(ids, st.batch_size, self.world, self.rank, [seed, 3, s, chunk, c.epoch],
-                                       contiguous=self.recipe.data.chunking == "row_groups")
+                                       contiguous=contiguous)
             todo = [[position[int(x)] for x in b] for b in batches[c.batch :]]
             samples = self.task.samples(rows, st.resolution, self.dataset.describe, train=True,
                                         flip_key=(seed, s, chunk, c.epoch))
