@@ -149,3 +149,17 @@ def test_restarts_from_the_same_step_end_in_no_progress(tmp_path: Path) -> None:
     ck.count_start(8)
     with pytest.raises(NoProgressError, match="restarted 2 times in a row from step 8"):
         ck.count_start(8)
+
+
+def test_the_null_sink_has_every_public_method_of_the_mlflow_sink() -> None:
+    """The trainer and the checkpointer call the sink without asking which one it is."""
+    import inspect
+
+    from workers.mlflow_sink import MlflowSink
+
+    def public(cls: type) -> dict[str, list[str]]:
+        return {n: list(inspect.signature(f).parameters) for n, f in inspect.getmembers(cls, inspect.isfunction)
+                if not n.startswith("_")}
+
+    assert public(NullSink) == public(MlflowSink)
+    assert NullSink().undelivered() == []
