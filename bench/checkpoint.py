@@ -82,7 +82,7 @@ def _step(trainer: Any, x: Any) -> float:
 
 
 def bench_background(args: argparse.Namespace, trainer: Any, x: Any) -> dict[str, Any]:
-    writer = trainer._ckpt_writer
+    writer = trainer.checkpointer.writer
     pauses, calls, polls, uploads, steps_during, step_during = [], [], [], [], [], []
     for i in range(args.checkpoints + 1):
         t0 = time.perf_counter()

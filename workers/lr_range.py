@@ -19,6 +19,7 @@ from common.recipe import Recipe
 from workers.data import make_loader
 from workers.models.registry import build_from_recipe
 from workers.tasks import get_task
+from workers.train.optim import make_optimizer, trainable_params
 
 SMOOTHING = 0.98  # EMA of the loss, bias-corrected, as in the usual LR finder
 DIVERGE_FACTOR = 4.0  # stop once the smoothed loss is this many times its best
@@ -53,12 +54,8 @@ def lr_range_test(recipe: Recipe, plan: Plan, dataset: Any, stage: int, steps: i
     task = get_task(recipe.task)(recipe, info)
     torch.manual_seed(recipe.run.seed)
     model = build_from_recipe(recipe.model, **task.model_kwargs()).to(device)
-    if hasattr(model, "set_trainable"):
-        model.set_trainable(st.trainable)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = (torch.optim.SGD(params, lr=min_lr, momentum=recipe.optimizer.momentum, weight_decay=recipe.optimizer.weight_decay)
-           if recipe.optimizer.name == "sgd" else torch.optim.AdamW(params, lr=min_lr, weight_decay=recipe.optimizer.weight_decay))
+    # The stage's own freezing and optimizer, built as the training loop builds them (workers/train/optim.py).
+    opt = make_optimizer(recipe, trainable_params(model, st.trainable), min_lr)
     gamma = (max_lr / min_lr) ** (1.0 / max(steps - 1, 1))
 
     # Only as many samples as the steps need, from the stage's own chunks, in plan order.
