@@ -27,6 +27,9 @@ class NullSink:
     def resume(self, keys: set[str]) -> None:
         pass
 
+    def load_held(self, keys: list[str]) -> None:
+        pass
+
     def log_metrics(self, points: list[Point], dedupe: bool = False) -> None:
         pass
 
