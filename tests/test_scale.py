@@ -179,11 +179,10 @@ def test_a_chunk_read_in_pieces_holds_its_samples_not_every_row_group_it_touches
 
 def test_fetched_ranges_are_cut_into_row_groups_in_one_walk(small_dataset, monkeypatch):
     """Breaks if a row group gets another one's bytes when many merged ranges span many shards."""
-    from storage import preload
-    from storage.shards import open_dataset
+    from storage.shards import fetch, open_dataset
 
     monkeypatch.setenv("ORCHESTRATOR_CACHE", "off")
-    monkeypatch.setattr(preload, "MERGE_MAX_BYTES", 70_000)  # row groups of ~22 KB: many merged ranges of a few each
+    monkeypatch.setattr(fetch, "MERGE_MAX_BYTES", 70_000)  # row groups of ~22 KB: many merged ranges of a few each
     ds = open_dataset(small_dataset)
     reader = ds.reader
     shards = len(ds.manifest["shards"])
@@ -197,7 +196,7 @@ def test_fetched_ranges_are_cut_into_row_groups_in_one_walk(small_dataset, monke
         start, blob = got[(s, g)]
         data = Path(small_dataset, ds.manifest["shards"][s]["file"]).read_bytes()
         assert blob == data[start : start + len(blob)]
-        assert (start, start + len(blob)) == preload._group_range(reader.footers([s])[s], g)
+        assert (start, start + len(blob)) == fetch._group_range(reader.footers([s])[s], g)
 
 
 def test_tiny_recipe_plans_are_unchanged():
