@@ -28,7 +28,7 @@ from storage.shards import DatasetError, open_dataset
 from workers import tracking_store
 from workers.checkpoint_policy import CheckpointPolicy
 from workers.checkpoint_writer import CheckpointWriter
-from workers.data import ChunkPrefetcher, DataError, check_sizes, make_loader
+from workers.data import ChunkPrefetcher, DataError, check_sizes, make_loader, stream_order
 from workers.models.registry import build_from_recipe
 from workers.precision import Precision, as_float
 from workers.preemption import (
@@ -330,16 +330,22 @@ class Trainer:
         self._progress("preload", force=True)
         t_chunk = time.perf_counter()
         mine = self._mine(ids)
-        rows = self.prefetcher.get((s, chunk), mine)
+        seed = self.recipe.run.seed
+        # The rows stream in the order this epoch's remaining batches take them (workers/data.py).
+        ahead = batches_for_rank(ids, st.batch_size, self.world, self.rank, [seed, 3, s, chunk, c.epoch],
+                                 contiguous=self._contiguous)[c.batch :]
+        rows = self.prefetcher.get((s, chunk), mine, *stream_order(mine, ahead))
         wait_s = time.perf_counter() - t_chunk
         nxt = self._next_chunk(s, chunk)
         if nxt is not None and self.recipe.data.prefetch:
             nids = self.plan.chunk_ids(*nxt)
-            self.prefetcher.prefetch(nxt, self._mine(nids))
+            nmine = self._mine(nids)
+            first = batches_for_rank(nids, self.recipe.stages[nxt[0]].batch_size, self.world, self.rank,
+                                     [seed, 3, nxt[0], nxt[1], 0], contiguous=self._contiguous)
+            self.prefetcher.prefetch(nxt, nmine, *stream_order(nmine, first))
         check_sizes(rows, self.recipe.data.image_size, self.describe)
         _check_complete(rows, mine, self.describe)
         position = {int(sid): i for i, sid in enumerate(rows["sample_id"])}
-        seed = self.recipe.run.seed
         while c.epoch < st.epochs_per_chunk:
             batches = batches_for_rank(ids, st.batch_size, self.world, self.rank, [seed, 3, s, chunk, c.epoch],
                                        contiguous=self._contiguous)
