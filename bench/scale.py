@@ -26,6 +26,8 @@ Measured, per size:
   rank_fetch_s     that slice's row groups fetched and parsed (ChunkPrefetcher, cache off), from
                    local disk; bytes, row groups, samples read (the read amplification) and peak RSS
                    with it; stage1_first_chunk_samples_read: the same count for stage 1's first chunk
+  rank_stream_*    the same slice streamed (ChunkPrefetcher with the batches' order): its first
+                   batch's rows in hand, the whole slice, and the ranged reads it took
 Then first_step_s: `orchestrator run` from a fresh working directory to the first training step,
 on a recipe derived from unet224.yaml (small model width, stage 1 at 56 px with a 50K chunk), the
 data in the GCS emulator behind the fault proxy adding --latency-ms to every request.
@@ -194,6 +196,25 @@ def _child_worker(out_path: str, run_dir: str, data_uri: str, stage: int, chunk:
     pf.close()
     stats = ds.reader.stats.as_dict()
     assert np.array_equal(rows["sample_id"], mine)
+    del rows
+    # The same slice streamed (workers/loop.py since the streaming change): its first batch's rows
+    # in hand, then the whole slice; a fresh dataset object, so footers are fetched again.
+    from workers.data import stream_order
+
+    sds = open_dataset(data_uri)
+    t = time.perf_counter()
+    spf = ChunkPrefetcher(sds)
+    order, per_batch = stream_order(mine, batches)
+    streamed = spf.get((stage, chunk), mine, order, per_batch)
+    if hasattr(streamed, "wait"):
+        streamed.wait(order[: len(batches[0])])
+    rank_stream_first_batch_s = time.perf_counter() - t
+    if hasattr(streamed, "wait"):
+        streamed.wait()
+    rank_stream_all_s = time.perf_counter() - t
+    stream_requests = sds.reader.stats.requests
+    spf.close()
+    del streamed
     n = ds.num_samples
     groups_total = sum(int(s.get("row_groups") or 0) for s in ds.manifest["shards"])
     dataset_bytes = sum(int(s["bytes"]) for s in ds.manifest["shards"])
@@ -228,6 +249,8 @@ def _child_worker(out_path: str, run_dir: str, data_uri: str, stage: int, chunk:
         "read_amplification_by_chunking": by_chunking, "chunking": recipe.data.chunking,
         "stage1_first_chunk_samples": len(first), "stage1_first_chunk_samples_read": first_read,
         "dataset_samples": n, "worker_startup_imports_s": t_imports - t0,
+        "rank_stream_first_batch_s": rank_stream_first_batch_s, "rank_stream_all_s": rank_stream_all_s,
+        "rank_stream_requests": stream_requests,
     }))
 
 
@@ -417,6 +440,9 @@ def bench_size(n: int, source: str, work: Path, image_size: int, keep_data: bool
         "rank_slice_samples": worker["rank_slice_samples"],
         "loop_id_map_s": round(worker["loop_id_map_s"], 3),
         "rank_fetch_s": round(worker["rank_fetch_s"], 2),
+        "rank_stream_first_batch_s": round(worker["rank_stream_first_batch_s"], 2),
+        "rank_stream_all_s": round(worker["rank_stream_all_s"], 2),
+        "rank_stream_requests": worker["rank_stream_requests"],
         "rank_fetch_peak_rss_mb": round(worker["rank_fetch_peak_rss_mb"], 1),
         "bench_analysis_peak_rss_mb": round(worker["bench_analysis_peak_rss_mb"], 1),
         "rank_fetch_row_groups": worker["rank_fetch_row_groups"],
