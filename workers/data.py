@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import io
+import os
 import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -309,6 +310,8 @@ class StreamingRows(Mapping):
         self._cols: dict[str, np.ndarray] = {}
         self._lists: set[str] = set()
         self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._all_landed = False
         names = getattr(dataset, "sample_columns", None) or ()
         self._names = tuple(c for c in names if c not in ("sample_id", "height", "width"))
         self._index = {
@@ -350,11 +353,24 @@ class StreamingRows(Mapping):
 
     def wait(self, positions: Any = None) -> None:
         """Block until the pieces holding these positions (all of them when None) have landed."""
-        pieces = range(len(self._pieces)) if positions is None else np.unique(self._piece_of[positions]).tolist()
+        if self._all_landed:
+            return
+        if isinstance(positions, (int, np.integer)):
+            pieces = [int(self._piece_of[positions])]
+        elif positions is None:
+            pieces = list(range(len(self._pieces)))
+        else:
+            pieces = np.unique(self._piece_of[positions]).tolist()
         for k in pieces:
-            self._landed[k].wait()
+            if not self._landed[k].is_set():
+                if os.getpid() != self._pid:  # a forked copy: the threads that land pieces are not here
+                    raise RuntimeError("rows still streaming in were forked into another process; "
+                                       "call materialize() before handing them to DataLoader workers")
+                self._landed[k].wait()
             if self._errors[k] is not None:
                 raise self._errors[k]
+        if positions is None:
+            self._all_landed = True
 
     def failure(self) -> BaseException | None:
         for k, ev in enumerate(self._landed):
@@ -375,8 +391,8 @@ class StreamingRows(Mapping):
 
     def column(self, name: str, positions: Any) -> Any:
         self.wait(positions)
-        with self._lock:
-            return self._cols[name][positions]
+        # No lock: a piece's values are written before its event is set, and never after.
+        return self._cols[name][positions]
 
     def __iter__(self):
         return iter((*self._index, *[c for c in self._names if c not in self._index]))
