@@ -169,7 +169,7 @@ def check_sizes(rows: dict[str, Any], expected: tuple[int, int] | None, describe
 # not every row group the chunk touches. A random chunk of a big dataset touches nearly all of
 # them (a 100K chunk of 1.2M samples in 41-row groups: 97 %), so reading it whole held ~3x the
 # dataset's bytes at once (fetched ranges, their row groups, the parsed rows): bench.scale.
-PIECE_BYTES = 32 * 2**20
+PIECE_BYTES = 64 * 2**20  # litdata's chunk size: fewer, larger requests (bench.peer)
 PIECES_IN_FLIGHT = 2
 
 

@@ -22,9 +22,11 @@ from storage.retry import is_transient, storage_retry
 
 log = logging.getLogger(__name__)
 
-# Adjacent row groups are fetched as one range up to this size; more, smaller ranges keep more
-# requests in flight, which is what hides object-store latency.
-MERGE_MAX_BYTES = 16 * 2**20
+# Adjacent row groups are fetched as one range up to this size. 64 MB, litdata's chunk size: a
+# piece of a chunk (workers/data.py, PIECE_BYTES) is then one request per run of adjacent row
+# groups; 16 MB ranges cost 8-9x litdata's GETs for the same bytes (docs/PERFORMANCE.md, bench.peer),
+# and the pieces in flight together still hide the per-request latency.
+MERGE_MAX_BYTES = 64 * 2**20
 # Footer bytes read when the manifest does not record the footer's length (older datasets).
 FOOTER_GUESS_BYTES = 256 * 2**10
 
