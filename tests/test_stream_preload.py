@@ -168,3 +168,32 @@ def test_streaming_costs_few_more_requests_than_the_whole_chunk_read(gcs: Gcs, m
     streamed = shard_reads()
     first = len(_groups(ds, batches[0]))
     assert whole < streamed <= whole + 2 * first, (whole, streamed, first)
+
+
+def test_streamed_rows_make_the_same_batches_in_process_and_in_decode_workers(local_ds, monkeypatch):
+    """Breaks if a streamed chunk decodes to other batches, or hangs when DataLoader workers fork."""
+    import torch
+
+    from workers.data import make_loader
+    from workers.tasks.mask_depth import ChunkSamples
+
+    monkeypatch.setenv("ORCHESTRATOR_CACHE", "off")
+    ids, batches = _chunk()
+    whole = read_chunk(open_dataset(local_ds), ids)
+    order, batch = stream_order(ids, batches)
+    todo = [order[i : i + batch].tolist() for i in range(0, 48, batch)]
+
+    def describe(sid: int) -> str:
+        return f"sample {sid}"
+
+    expected = list(make_loader(ChunkSamples(whole, 32, describe, hflip=0.5, flip_key=(0, 1)), batch_sampler=todo))
+    for workers in (0, 2):
+        pre = ChunkPrefetcher(open_dataset(local_ds))
+        try:
+            rows = pre.get((0, 0), ids, order, batch)
+            got = list(make_loader(ChunkSamples(rows, 32, describe, hflip=0.5, flip_key=(0, 1)), batch_sampler=todo,
+                                   num_workers=workers))
+        finally:
+            pre.close()
+        for a, b in zip(expected, got, strict=True):
+            assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True)), workers
