@@ -26,6 +26,7 @@ from storage.columns import (
 from storage.shards.format import (
     BASE_INDEX_COLUMNS,
     CHECKSUM_DIGEST_BYTES,
+    FIXED_COLUMN_FORMATS,
     LEGACY_MASK_DEPTH_FORMAT,
     SHARED_FORMAT,
 )
@@ -69,6 +70,14 @@ def layout_for(columns: Sequence[Column]) -> WriterLayout:
 def unshared_format(columns: Sequence[Column]) -> str | None:
     """The format of these columns without shared ones when it is the fixed /2, else None (/3)."""
     return LEGACY_MASK_DEPTH_FORMAT if is_mask_depth(tuple(columns)) else None
+
+
+def fixed_columns_problem(fmt: str, columns: Sequence[Column]) -> str | None:
+    """What is wrong when a manifest of a fixed-layout format declares other columns, or None."""
+    if fmt in FIXED_COLUMN_FORMATS and not is_mask_depth(tuple(columns)):
+        return (f"format {fmt} declares columns {[c.as_dict() for c in columns]}, "
+                f"but it holds only {[c.as_dict() for c in MASK_DEPTH_COLUMNS]}")
+    return None
 
 
 def sample_checksum(fg_bg: bytes, bg: bytes, mask: bytes, depth: bytes) -> str:

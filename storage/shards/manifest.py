@@ -9,18 +9,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage import fs as sfs
-from storage.columns import MASK_DEPTH_COLUMNS, ColumnsError, columns_from_manifest, is_mask_depth
+from storage.columns import ColumnsError, columns_from_manifest
 from storage.errors import DatasetError
 from storage.shards.format import (
     BASE_INDEX_COLUMNS,
     COLUMNS_FORMAT,
-    FIXED_COLUMN_FORMATS,
     MANIFEST,
     READABLE_FORMATS,
     SHARED_FORMAT,
     check_shared,
     shared_key,
 )
+from storage.shards.legacy import fixed_columns_problem
 
 
 def read_manifest(uri: str) -> dict[str, Any]:
@@ -135,9 +135,9 @@ def _manifest_problem(manifest: Any) -> str | None:
         columns = columns_from_manifest(manifest)
     except ColumnsError as exc:
         return str(exc)
-    if manifest["format"] in FIXED_COLUMN_FORMATS and not is_mask_depth(columns):
-        return (f"format {manifest['format']} declares columns {[c.as_dict() for c in columns]}, "
-                f"but it holds only {[c.as_dict() for c in MASK_DEPTH_COLUMNS]}")
+    problem = fixed_columns_problem(manifest["format"], columns)
+    if problem:
+        return problem
     shared = manifest.get("shared")
     if manifest["format"] != SHARED_FORMAT:
         return (

@@ -33,7 +33,7 @@ from storage.shards.format import (
     shared_key,
     stored_columns,
 )
-from storage.shards.legacy import DEFAULT_TASK
+from storage.shards.legacy import DEFAULT_TASK, INDEX_STAT
 from storage.shards.manifest import one_line, read_index, read_manifest
 
 log = logging.getLogger(__name__)
@@ -139,8 +139,8 @@ class ShardDataset:
         return self.index.column(name).take(pa.array(pos, pa.int64())).to_numpy()
 
     def depth_means(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
-        """index_values("depth_mean", ids): per-sample mean depth (float32), as mask_depth datasets have."""
-        return self.index_values("depth_mean", ids)
+        """index_values of the fixed layout's per-sample stat (legacy.INDEX_STAT: mean depth, float32)."""
+        return self.index_values(INDEX_STAT, ids)
 
     def describe(self, sample_id: int) -> str:
         """Where a sample lives, for error messages: dataset URI, shard file, row group, sample id."""
