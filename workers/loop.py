@@ -331,7 +331,7 @@ class Trainer:
         t_chunk = time.perf_counter()
         mine = self._mine(ids)
         seed = self.recipe.run.seed
-        # The rows stream in the order this epoch's remaining batches take them (workers/data.py).
+        # The rows stream in the order this epoch's remaining batches take them (workers/chunks.py).
         ahead = batches_for_rank(ids, st.batch_size, self.world, self.rank, [seed, 3, s, chunk, c.epoch],
                                  contiguous=self._contiguous)[c.batch :]
         rows = self.prefetcher.get((s, chunk), mine, *stream_order(mine, ahead))
