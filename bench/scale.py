@@ -26,6 +26,8 @@ Measured, per size:
   rank_fetch_s     that slice's row groups fetched and parsed (ChunkPrefetcher, cache off), from
                    local disk; bytes, row groups, samples read (the read amplification) and peak RSS
                    with it; stage1_first_chunk_samples_read: the same count for stage 1's first chunk
+  rank_stream_*    the same slice streamed (ChunkPrefetcher with the batches' order): its first
+                   batch's rows in hand, the whole slice, and the ranged reads it took
 Then first_step_s: `orchestrator run` from a fresh working directory to the first training step,
 on a recipe derived from unet224.yaml (small model width, stage 1 at 56 px with a 50K chunk), the
 data in the GCS emulator behind the fault proxy adding --latency-ms to every request.
@@ -65,8 +67,13 @@ def _peak_rss_mb() -> float:
 # -- datasets -------------------------------------------------------------------------------------
 
 
-def replicate_dataset(src_uri: str, dest_uri: str, n: int, rows_per_shard: int = SOURCE_ROWS_PER_SHARD,
-                      rows_per_group: int = SOURCE_ROWS_PER_GROUP) -> dict[str, Any]:
+def replicate_dataset(
+    src_uri: str,
+    dest_uri: str,
+    n: int,
+    rows_per_shard: int = SOURCE_ROWS_PER_SHARD,
+    rows_per_group: int = SOURCE_ROWS_PER_GROUP,
+) -> dict[str, Any]:
     """Write `n` samples to dest_uri with storage's own writer (ShardWriter, in whatever format it
     writes): sample i holds the values (and depth_mean) of source sample i % len(src), with id i,
     in shards and row groups of the given geometry. Returns the manifest."""
@@ -80,9 +87,18 @@ def replicate_dataset(src_uri: str, dest_uri: str, n: int, rows_per_shard: int =
     if "depth_mean" in src.index.column_names:  # so the writer need not decode every depth map again
         extra["depth_mean"] = src.index_values("depth_mean", ids).tolist()
     m = len(ids)
-    samples = [{**{c: rows[c][j] for c in names}, "height": int(rows["height"][j]), "width": int(rows["width"][j]),
-                **{k: v[j] for k, v in extra.items()}} for j in range(m)]
-    writer = ShardWriter(dest_uri, rows_per_shard=rows_per_shard, rows_per_group=rows_per_group, columns=src.columns, task=src.task)
+    samples = [
+        {
+            **{c: rows[c][j] for c in names},
+            "height": int(rows["height"][j]),
+            "width": int(rows["width"][j]),
+            **{k: v[j] for k, v in extra.items()},
+        }
+        for j in range(m)
+    ]
+    writer = ShardWriter(
+        dest_uri, rows_per_shard=rows_per_shard, rows_per_group=rows_per_group, columns=src.columns, task=src.task
+    )
     with writer:
         for i in range(n):
             writer.add({**samples[i % m], "sample_id": i})
@@ -120,6 +136,7 @@ def _child_driver(out_path: str, cli_args: list[str]) -> None:
                 return fn(*a, **k)
             finally:
                 parts[name] = parts.get(name, 0.0) + time.perf_counter() - t
+
         return wrapper
 
     # The driver's steps that touch the dataset or the plan, timed where `orchestrator run` calls them.
@@ -130,10 +147,16 @@ def _child_driver(out_path: str, cli_args: list[str]) -> None:
     common.plan.Plan.load = classmethod(timed("plan_load_s", common.plan.Plan.load.__func__))
 
     def stub(recipe: Any, config: dict[str, Any], address: str | None) -> None:
-        Path(out_path).write_text(json.dumps({
-            "to_launch_s": time.perf_counter() - t0, "peak_rss_mb": _peak_rss_mb(),
-            "config_json_bytes": len(json.dumps(config)), **parts,
-        }))
+        Path(out_path).write_text(
+            json.dumps(
+                {
+                    "to_launch_s": time.perf_counter() - t0,
+                    "peak_rss_mb": _peak_rss_mb(),
+                    "config_json_bytes": len(json.dumps(config)),
+                    **parts,
+                }
+            )
+        )
         raise KeyboardInterrupt
 
     launcher.launch = stub
@@ -164,8 +187,11 @@ def _child_worker(out_path: str, run_dir: str, data_uri: str, stage: int, chunk:
     ds = open_dataset(data_uri)
     found = checkpoints.list_complete(run_dir)
     world, rank = recipe.execution.num_workers, 0
-    total = sum(steps_per_chunk(len(sp.chunk_ids(c)), st.batch_size, st.epochs_per_chunk, world)
-                for st, sp in zip(recipe.stages, plan.stages, strict=True) for c in range(sp.num_chunks))
+    total = sum(
+        steps_per_chunk(len(sp.chunk_ids(c)), st.batch_size, st.epochs_per_chunk, world)
+        for st, sp in zip(recipe.stages, plan.stages, strict=True)
+        for c in range(sp.num_chunks)
+    )
     resume_worker_s = time.perf_counter() - t_imports
     rss_after_open = _peak_rss_mb()
 
@@ -194,6 +220,25 @@ def _child_worker(out_path: str, run_dir: str, data_uri: str, stage: int, chunk:
     pf.close()
     stats = ds.reader.stats.as_dict()
     assert np.array_equal(rows["sample_id"], mine)
+    del rows
+    # The same slice streamed (workers/loop.py since the streaming change): its first batch's rows
+    # in hand, then the whole slice; a fresh dataset object, so footers are fetched again.
+    from workers.data import stream_order
+
+    sds = open_dataset(data_uri)
+    t = time.perf_counter()
+    spf = ChunkPrefetcher(sds)
+    order, per_batch = stream_order(mine, batches)
+    streamed = spf.get((stage, chunk), mine, order, per_batch)
+    if hasattr(streamed, "wait"):
+        streamed.wait(order[: len(batches[0])])
+    rank_stream_first_batch_s = time.perf_counter() - t
+    if hasattr(streamed, "wait"):
+        streamed.wait()
+    rank_stream_all_s = time.perf_counter() - t
+    stream_requests = sds.reader.stats.requests
+    spf.close()
+    del streamed
     n = ds.num_samples
     groups_total = sum(int(s.get("row_groups") or 0) for s in ds.manifest["shards"])
     dataset_bytes = sum(int(s["bytes"]) for s in ds.manifest["shards"])
@@ -205,30 +250,53 @@ def _child_worker(out_path: str, run_dir: str, data_uri: str, stage: int, chunk:
         return int(np.isin(key, keys).sum())
 
     samples_read = samples_read_for(mine)
-    first = rank_slice(plan.chunk_ids(0, 0), world, rank, contiguous)  # stage 1's first chunk (50K): what a first step waits for
+    first = rank_slice(
+        plan.chunk_ids(0, 0), world, rank, contiguous
+    )  # stage 1's first chunk (50K): what a first step waits for
     first_read = samples_read_for(first)
     # The same chunk's read amplification under each data.chunking (plans only: no reads).
     from common.plan import plan_for_dataset
 
     by_chunking = {}
     for chunking in ("samples", "row_groups"):
-        alt = plan_for_dataset(recipe.model_copy(update={"data": recipe.data.model_copy(update={"chunking": chunking})}), ds)
+        alt = plan_for_dataset(
+            recipe.model_copy(update={"data": recipe.data.model_copy(update={"chunking": chunking})}), ds
+        )
         alt_mine = rank_slice(alt.chunk_ids(stage, chunk), world, rank, chunking == "row_groups")
         by_chunking[chunking] = round(samples_read_for(alt_mine) / len(alt_mine), 2)
-    Path(out_path).write_text(json.dumps({
-        "resume_worker_s": resume_worker_s, "checkpoints_found": len(found), "total_steps": total,
-        "worker_rss_after_open_mb": rss_after_open,
-        "rank_slice_s": rank_slice_s, "rank_slice_samples": len(mine), "rank_slice_batches": len(batches),
-        "loop_id_map_s": loop_map_s,
-        "rank_fetch_s": rank_fetch_s, "rank_fetch_peak_rss_mb": rank_fetch_peak_rss_mb, "bench_analysis_peak_rss_mb": _peak_rss_mb(),
-        "rank_fetch_row_groups": stats["groups_fetched"], "dataset_row_groups": groups_total,
-        "rank_fetch_requests": stats["requests"], "rank_fetch_bytes": stats["bytes_fetched"],
-        "rank_fetch_samples_read": samples_read, "dataset_bytes": dataset_bytes,
-        "rank_fetch_read_amplification": round(samples_read / len(mine), 2),
-        "read_amplification_by_chunking": by_chunking, "chunking": recipe.data.chunking,
-        "stage1_first_chunk_samples": len(first), "stage1_first_chunk_samples_read": first_read,
-        "dataset_samples": n, "worker_startup_imports_s": t_imports - t0,
-    }))
+    Path(out_path).write_text(
+        json.dumps(
+            {
+                "resume_worker_s": resume_worker_s,
+                "checkpoints_found": len(found),
+                "total_steps": total,
+                "worker_rss_after_open_mb": rss_after_open,
+                "rank_slice_s": rank_slice_s,
+                "rank_slice_samples": len(mine),
+                "rank_slice_batches": len(batches),
+                "loop_id_map_s": loop_map_s,
+                "rank_fetch_s": rank_fetch_s,
+                "rank_fetch_peak_rss_mb": rank_fetch_peak_rss_mb,
+                "bench_analysis_peak_rss_mb": _peak_rss_mb(),
+                "rank_fetch_row_groups": stats["groups_fetched"],
+                "dataset_row_groups": groups_total,
+                "rank_fetch_requests": stats["requests"],
+                "rank_fetch_bytes": stats["bytes_fetched"],
+                "rank_fetch_samples_read": samples_read,
+                "dataset_bytes": dataset_bytes,
+                "rank_fetch_read_amplification": round(samples_read / len(mine), 2),
+                "read_amplification_by_chunking": by_chunking,
+                "chunking": recipe.data.chunking,
+                "stage1_first_chunk_samples": len(first),
+                "stage1_first_chunk_samples_read": first_read,
+                "dataset_samples": n,
+                "worker_startup_imports_s": t_imports - t0,
+                "rank_stream_first_batch_s": rank_stream_first_batch_s,
+                "rank_stream_all_s": rank_stream_all_s,
+                "rank_stream_requests": stream_requests,
+            }
+        )
+    )
 
 
 def _child_status(out_path: str, storage: str, name: str) -> None:
@@ -239,18 +307,34 @@ def _child_status(out_path: str, storage: str, name: str) -> None:
     t = time.perf_counter()
     st = build_status(sfs.join(sfs.normalize(storage), name))
     status_s = time.perf_counter() - t
-    Path(out_path).write_text(json.dumps({"status_s": status_s, "status_imports_s": t - t0, "status_peak_rss_mb": _peak_rss_mb(),
-                                          "status_chunks": len(st["chunk_log"]), "status_state": st["state"]}))
+    Path(out_path).write_text(
+        json.dumps(
+            {
+                "status_s": status_s,
+                "status_imports_s": t - t0,
+                "status_peak_rss_mb": _peak_rss_mb(),
+                "status_chunks": len(st["chunk_log"]),
+                "status_state": st["state"],
+            }
+        )
+    )
 
 
 def _run_child(mode: str, *argv: str, cwd: str | None = None, env: dict[str, str] | None = None) -> dict[str, Any]:
     out = tempfile.mktemp(prefix=f"scale-{mode}-", suffix=".json")
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "bench.scale", "--child", mode, out, *argv], cwd=cwd,
-                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.scale", "--child", mode, out, *argv],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+        capture_output=True,
+        text=True,
+    )
     wall = time.perf_counter() - t
     if not os.path.exists(out):
-        raise RuntimeError(f"bench.scale child {mode} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise RuntimeError(
+            f"bench.scale child {mode} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     res = json.loads(Path(out).read_text())
     os.unlink(out)
     res["process_wall_s"] = wall
@@ -267,7 +351,9 @@ def _first_step_recipe(data_uri: str, n: int, image_size: int, width: float) -> 
 
     d = yaml.safe_load(RECIPE.read_text())
     d["run"].update({"name": "scale-first-step", "storage": "runs"})
-    d["data"].update({"uri": data_uri, "expected_samples": n, "image_size": [image_size, image_size], "decode_workers": 0})
+    d["data"].update(
+        {"uri": data_uri, "expected_samples": n, "image_size": [image_size, image_size], "decode_workers": 0}
+    )
     d["model"]["width"] = width
     d["tracking"]["uri"] = "sqlite:///mlflow.db"
     d["execution"].update({"backend": "ray", "num_workers": 1, "use_gpu": False, "cpus_per_worker": 2})
@@ -306,13 +392,21 @@ def bench_first_step(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     chunk, eval_n = int(d["stages"][0]["chunk_size"]), int(d["data"]["eval_samples"])
     n = chunk + eval_n  # stage 1's first chunk is then the whole training split: 50K samples
     size = args.first_step_image_size
-    source = make_source(str(work / f"source-{args.first_step_real_samples}-{size}px"), args.first_step_real_samples, size)
+    source = make_source(
+        str(work / f"source-{args.first_step_real_samples}-{size}px"), args.first_step_real_samples, size
+    )
     src = open_dataset(source)
     sample_bytes = sum(int(s["bytes"]) for s in src.manifest["shards"]) // src.num_samples
     rows_per_shard, rows_per_group = choose_sizes(sample_bytes, None, None)  # as `data pack` sizes them
-    out: dict[str, Any] = {"first_step_dataset_samples": n, "first_step_chunk_samples": chunk, "first_step_image_size": size,
-                           "first_step_sample_bytes": sample_bytes, "first_step_rows_per_group": rows_per_group,
-                           "first_step_latency_ms_per_request": args.latency_ms, "first_step_model_width": args.first_step_width}
+    out: dict[str, Any] = {
+        "first_step_dataset_samples": n,
+        "first_step_chunk_samples": chunk,
+        "first_step_image_size": size,
+        "first_step_sample_bytes": sample_bytes,
+        "first_step_rows_per_group": rows_per_group,
+        "first_step_latency_ms_per_request": args.latency_ms,
+        "first_step_model_width": args.first_step_width,
+    }
     proc, url = start_emulator()
     try:
         with FaultProxy(url) as proxy:
@@ -324,15 +418,28 @@ def bench_first_step(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             fresh = work / "fresh"
             shutil.rmtree(fresh, ignore_errors=True)
             fresh.mkdir(parents=True)
-            (fresh / "recipe.yaml").write_text(yaml.safe_dump(_first_step_recipe("gs://scale/data", n, size, args.first_step_width)))
-            env = {**os.environ, "PYTHONPATH": str(REPO), "ORCHESTRATOR_CACHE_DIR": str(fresh / "shard-cache"), "RAY_USAGE_STATS_ENABLED": "0"}
+            (fresh / "recipe.yaml").write_text(
+                yaml.safe_dump(_first_step_recipe("gs://scale/data", n, size, args.first_step_width))
+            )
+            env = {
+                **os.environ,
+                "PYTHONPATH": str(REPO),
+                "ORCHESTRATOR_CACHE_DIR": str(fresh / "shard-cache"),
+                "RAY_USAGE_STATS_ENABLED": "0",
+            }
             proxy.configure(latency_s=args.latency_ms / 1000)
             proxy.reset_counters()
             progress = fresh / "runs" / "scale-first-step" / "progress.json"
             out["load_average_1m_at_first_step_start"] = round(os.getloadavg()[0], 2)
             t_start = time.time()
-            run = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", "recipe.yaml"], cwd=fresh, env=env,
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+            run = subprocess.Popen(
+                [sys.executable, "-m", "orchestrator.cli", "run", "recipe.yaml"],
+                cwd=fresh,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
             lines = Lines(run)
             seen: dict[str, float] = {}
             step = None
@@ -357,17 +464,21 @@ def bench_first_step(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     finally:
         stop_emulator(proc)
     first_line = next((t for t, line in lines.lines if line.startswith("run '")), None)
-    out.update({
-        "first_step_s": round(step["updated_at"] - t_start, 1),
-        "first_step_to_plan_made_s": round(first_line - t_start, 1) if first_line else None,
-        "first_step_to_worker_preload_s": round(seen["preload"] - t_start, 1) if "preload" in seen else None,
-        "first_step_preload_to_step_s": round(step["updated_at"] - seen["preload"], 1) if "preload" in seen else None,
-        # The chunk in memory (the loop's "train" phase begins), then the first batch decoded and trained.
-        "first_step_chunk_fetch_s": round(seen["train"] - seen["preload"], 1) if "preload" in seen else None,
-        "first_step_first_batch_s": round(step["updated_at"] - seen["train"], 1),
-        "first_step_gcs_requests": requests,
-        "first_step_chunk_bytes": sample_bytes * chunk,
-    })
+    out.update(
+        {
+            "first_step_s": round(step["updated_at"] - t_start, 1),
+            "first_step_to_plan_made_s": round(first_line - t_start, 1) if first_line else None,
+            "first_step_to_worker_preload_s": round(seen["preload"] - t_start, 1) if "preload" in seen else None,
+            "first_step_preload_to_step_s": round(step["updated_at"] - seen["preload"], 1)
+            if "preload" in seen
+            else None,
+            # The chunk in memory (the loop's "train" phase begins), then the first batch decoded and trained.
+            "first_step_chunk_fetch_s": round(seen["train"] - seen["preload"], 1) if "preload" in seen else None,
+            "first_step_first_batch_s": round(step["updated_at"] - seen["train"], 1),
+            "first_step_gcs_requests": requests,
+            "first_step_chunk_bytes": sample_bytes * chunk,
+        }
+    )
     return out
 
 
@@ -381,15 +492,31 @@ def bench_size(n: int, source: str, work: Path, image_size: int, keep_data: bool
     cwd = work / f"run-{n}"  # a fresh working directory: run storage and the MLflow store go here
     shutil.rmtree(cwd, ignore_errors=True)
     cwd.mkdir(parents=True)
-    cli = ["run", str(RECIPE), "--set", f"data.uri={data}", "--set", f"data.expected_samples={n}",
-           "--set", f"data.image_size=[{image_size},{image_size}]", "--set", "run.storage=runs",
-           "--set", "tracking.uri=sqlite:///mlflow.db"]
+    cli = [
+        "run",
+        str(RECIPE),
+        "--set",
+        f"data.uri={data}",
+        "--set",
+        f"data.expected_samples={n}",
+        "--set",
+        f"data.image_size=[{image_size},{image_size}]",
+        "--set",
+        "run.storage=runs",
+        "--set",
+        "tracking.uri=sqlite:///mlflow.db",
+    ]
     new = _run_child("driver", *cli, cwd=str(cwd))
     resume = _run_child("driver", *cli, cwd=str(cwd))
     status = _run_child("status", "runs", "unet224", cwd=str(cwd))
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "orchestrator.cli", "status", "unet224", "--json", "--storage", "runs"], cwd=cwd,
-                   env={**os.environ, "PYTHONPATH": str(REPO)}, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "status", "unet224", "--json", "--storage", "runs"],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        check=True,
+        capture_output=True,
+    )
     status_cli_wall = time.perf_counter() - t
     # Stage 3 ("full", chunks of 100K), its first chunk.
     worker = _run_child("worker", str(cwd / "runs" / "unet224"), str(data), "2", "0", env={"ORCHESTRATOR_CACHE": "off"})
@@ -417,6 +544,9 @@ def bench_size(n: int, source: str, work: Path, image_size: int, keep_data: bool
         "rank_slice_samples": worker["rank_slice_samples"],
         "loop_id_map_s": round(worker["loop_id_map_s"], 3),
         "rank_fetch_s": round(worker["rank_fetch_s"], 2),
+        "rank_stream_first_batch_s": round(worker["rank_stream_first_batch_s"], 2),
+        "rank_stream_all_s": round(worker["rank_stream_all_s"], 2),
+        "rank_stream_requests": worker["rank_stream_requests"],
         "rank_fetch_peak_rss_mb": round(worker["rank_fetch_peak_rss_mb"], 1),
         "bench_analysis_peak_rss_mb": round(worker["bench_analysis_peak_rss_mb"], 1),
         "rank_fetch_row_groups": worker["rank_fetch_row_groups"],
@@ -427,7 +557,8 @@ def bench_size(n: int, source: str, work: Path, image_size: int, keep_data: bool
         "stage1_first_chunk_samples": worker["stage1_first_chunk_samples"],
         "stage1_first_chunk_samples_read": worker["stage1_first_chunk_samples_read"],
         "rank_fetch_read_amplification": worker["rank_fetch_read_amplification"],
-        "read_amplification_by_chunking": worker["read_amplification_by_chunking"], "chunking": worker["chunking"],
+        "read_amplification_by_chunking": worker["read_amplification_by_chunking"],
+        "chunking": worker["chunking"],
         "dataset_bytes": worker["dataset_bytes"],
         "dataset_made_s": round(made_s, 1),
     }
@@ -450,7 +581,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--latency-ms", type=float, default=20.0, help="added by the proxy to every GCS request")
     ap.add_argument("--timeout", type=float, default=600.0, help="first-step run: give up after this long")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: sizes,first_step")
-    ap.add_argument("--workdir", default=None, help="where datasets and runs go (default: a new temp folder, removed after)")
+    ap.add_argument(
+        "--workdir", default=None, help="where datasets and runs go (default: a new temp folder, removed after)"
+    )
     ap.add_argument("--keep", action="store_true", help="keep the datasets and the working folder")
     ap.add_argument("--json", action="store_true", help="one JSON line on stdout")
     args = ap.parse_args(argv)
@@ -459,15 +592,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-scale-"))
     work.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {"bench": "scale", "machine": machine(), "python": platform.python_version(),
-                              "load_average_1m_at_start": round(os.getloadavg()[0], 2)}
+    result: dict[str, Any] = {
+        "bench": "scale",
+        "machine": machine(),
+        "python": platform.python_version(),
+        "load_average_1m_at_start": round(os.getloadavg()[0], 2),
+    }
     t0 = time.perf_counter()
     try:
         if "sizes" not in skip:
-            source = make_source(str(work / f"source-{args.real_samples}-{args.real_image_size}px"), args.real_samples, args.real_image_size)
-            result["dataset"] = (f"{args.real_samples} synthetic samples at {args.real_image_size} px repeated to each size with distinct ids, "
-                                 f"{SOURCE_ROWS_PER_GROUP} rows per row group, {SOURCE_ROWS_PER_SHARD} per shard (data pack's geometry "
-                                 f"for the source's ~{SOURCE_SAMPLE_BYTES // 1000} KB samples)")
+            source = make_source(
+                str(work / f"source-{args.real_samples}-{args.real_image_size}px"),
+                args.real_samples,
+                args.real_image_size,
+            )
+            result["dataset"] = (
+                f"{args.real_samples} synthetic samples at {args.real_image_size} px "
+                "repeated to each size with distinct ids, "
+                f"{SOURCE_ROWS_PER_GROUP} rows per row group, {SOURCE_ROWS_PER_SHARD} per shard "
+                "(data pack's geometry "
+                f"for the source's ~{SOURCE_SAMPLE_BYTES // 1000} KB samples)"
+            )
             result["sizes"] = {}
             for n in (int(x) for x in args.sizes.split(",")):
                 result["sizes"][str(n)] = bench_size(n, source, work, args.real_image_size, args.keep)

@@ -28,7 +28,7 @@ class ByteCache:
 
     Keys carry the shard's sha256 (from the manifest) and the byte range, so a re-packed dataset
     never hits a stale entry and two URIs of one shard share it. Callers check what they get
-    against the samples' checksums (storage/shards.py), so a damaged entry costs a re-fetch,
+    against the samples' checksums (storage/shards/reader.py), so a damaged entry costs a re-fetch,
     never bad data.
     """
 

@@ -23,6 +23,8 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from storage.errors import MountDropped, StorageError, StorageUnavailable  # noqa: F401 - re-exported
+
 log = logging.getLogger(__name__)
 
 RETRY_MAX_WAIT_S = 8.0
@@ -48,24 +50,9 @@ RETRY_COUNTER = {"retries": 0}
 _COUNTER_LOCK = threading.Lock()
 
 
-class StorageError(RuntimeError):
-    """A storage failure that retrying will not fix; the message names the URI."""
-
-
-class StorageUnavailable(StorageError):
-    """Transient faults that outlasted their retry budget: the store is there but not answering.
-    Worth a restart of the run (not of this call); the message names the URI."""
-
-
-class MountDropped(StorageUnavailable):
-    """A local path answering ENOTCONN and its kin: the mount under it (a Drive mount) dropped."""
-
-    def __init__(self, message: str, path: str) -> None:
-        super().__init__(message)
-        self.path = path
-
-
-_TRANSIENT_ERRNOS = {errno.ECONNRESET, errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EPIPE, errno.EAGAIN, errno.ECONNABORTED}
+_TRANSIENT_ERRNOS = {
+    errno.ECONNRESET, errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EPIPE, errno.EAGAIN, errno.ECONNABORTED,
+}
 # What a FUSE mount answers while its daemon is gone or reconnecting (Colab's Drive mount:
 # "Transport endpoint is not connected"); a stale NFS-style handle is the same story.
 MOUNT_ERRNOS = {errno.ENOTCONN, errno.ESTALE, errno.EHOSTDOWN}

@@ -28,7 +28,8 @@ def _digest(plan: Plan) -> str:
     return h.hexdigest()
 
 
-def _reference_plan(seed: int, n_eval: int, sample_ids: np.ndarray, stages: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+def _reference_plan(seed: int, n_eval: int, sample_ids: np.ndarray,
+                    stages: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     """The plan as common/plan.py has always made it, spelled out: eval split, then each stage's order."""
     ids = np.sort(np.asarray(sample_ids, dtype=np.int64))
     shuffled = np.random.default_rng([seed, 0]).permutation(ids)
@@ -72,9 +73,11 @@ def test_a_big_plan_is_the_plan_the_old_code_makes_and_reference_plans_do_not_ch
     assert np.array_equal(plan.eval_ids, eval_ids) and np.array_equal(plan.train_ids, train_ids)
     assert all(np.array_equal(s.permutation, p) for s, p in zip(plan.stages, perms, strict=True))
     # Pinned: unet224 over ids 0..1.2M-1, and quickstart over its 3,000 synthesized samples.
-    assert _digest(make_plan(unet224, np.arange(N))) == "12f57d4e486bc5fdddde7f4a87749a4e1be3813550e9c21103297e7c60f9fb7c"
+    assert _digest(make_plan(unet224, np.arange(N))) == (
+        "12f57d4e486bc5fdddde7f4a87749a4e1be3813550e9c21103297e7c60f9fb7c")
     quickstart = load_recipe(str(REPO / "recipes" / "quickstart.yaml"))
-    assert _digest(make_plan(quickstart, np.arange(3000))) == "6f9c94d1e915aa2bcc0e7633535dc323e6692729716840428006594ddcd2e072"
+    assert _digest(make_plan(quickstart, np.arange(3000))) == (
+        "6f9c94d1e915aa2bcc0e7633535dc323e6692729716840428006594ddcd2e072")
 
 
 def test_what_the_driver_and_status_read_does_not_grow_with_the_dataset(unet224, tmp_path):
@@ -141,7 +144,8 @@ def test_a_chunk_read_in_pieces_is_the_chunk_read_at_once(small_dataset, monkeyp
     assert len(pieces) > 10
     assert sorted(np.concatenate(pieces).tolist()) == list(range(len(ids)))  # each id in one piece
     # A piece holds whole row groups: no row group is read by two pieces.
-    groups = [set(zip(ds.index_values("shard", ids[p]).tolist(), ds.index_values("row_group", ids[p]).tolist(), strict=True)) for p in pieces]
+    groups = [set(zip(ds.index_values("shard", ids[p]).tolist(), ds.index_values("row_group", ids[p]).tolist(),
+                      strict=True)) for p in pieces]
     assert sum(len(g) for g in groups) == len(set().union(*groups))
     whole = open_dataset(small_dataset).read_samples(ids)
     _same_rows(whole, read_chunk(open_dataset(small_dataset), ids, piece_bytes=4096, in_flight=3))
@@ -156,7 +160,8 @@ def test_a_chunk_read_in_pieces_holds_its_samples_not_every_row_group_it_touches
     from workers.data import read_chunk
 
     monkeypatch.setenv("ORCHESTRATOR_CACHE", "off")
-    ids = np.random.default_rng(2).permutation(open_dataset(small_dataset).sample_ids)[:128]  # a quarter: every row group
+    # a quarter: every row group
+    ids = np.random.default_rng(2).permutation(open_dataset(small_dataset).sample_ids)[:128]
 
     def peak(read) -> tuple[int, int]:
         ds = open_dataset(small_dataset)
@@ -179,11 +184,10 @@ def test_a_chunk_read_in_pieces_holds_its_samples_not_every_row_group_it_touches
 
 def test_fetched_ranges_are_cut_into_row_groups_in_one_walk(small_dataset, monkeypatch):
     """Breaks if a row group gets another one's bytes when many merged ranges span many shards."""
-    from storage import preload
-    from storage.shards import open_dataset
+    from storage.shards import fetch, open_dataset
 
     monkeypatch.setenv("ORCHESTRATOR_CACHE", "off")
-    monkeypatch.setattr(preload, "MERGE_MAX_BYTES", 70_000)  # row groups of ~22 KB: many merged ranges of a few each
+    monkeypatch.setattr(fetch, "MERGE_MAX_BYTES", 70_000)  # row groups of ~22 KB: many merged ranges of a few each
     ds = open_dataset(small_dataset)
     reader = ds.reader
     shards = len(ds.manifest["shards"])
@@ -197,7 +201,7 @@ def test_fetched_ranges_are_cut_into_row_groups_in_one_walk(small_dataset, monke
         start, blob = got[(s, g)]
         data = Path(small_dataset, ds.manifest["shards"][s]["file"]).read_bytes()
         assert blob == data[start : start + len(blob)]
-        assert (start, start + len(blob)) == preload._group_range(reader.footers([s])[s], g)
+        assert (start, start + len(blob)) == fetch._group_range(reader.footers([s])[s], g)
 
 
 def test_tiny_recipe_plans_are_unchanged():
@@ -205,7 +209,8 @@ def test_tiny_recipe_plans_are_unchanged():
     plan = make_plan(validate_recipe(tiny_recipe("x")), np.arange(240))
     assert [s.num_chunks for s in plan.stages] == [3, 3, 2]
     eval_ids, train_ids, perms = _reference_plan(0, 32, np.arange(240), 3)
-    assert np.array_equal(plan.eval_ids, eval_ids) and all(np.array_equal(s.permutation, p) for s, p in zip(plan.stages, perms, strict=True))
+    assert np.array_equal(plan.eval_ids, eval_ids)
+    assert all(np.array_equal(s.permutation, p) for s, p in zip(plan.stages, perms, strict=True))
 
 
 def test_planning_1_2m_samples_by_row_groups_stays_numpy_and_flat():

@@ -1,16 +1,13 @@
 """What every task's data path shares inside a worker: image decode, resize, per-sample
-randomness without RNG state, the DataLoader, size checks, and the chunk prefetcher.
-
-The next chunk is fetched in a background thread while the current one trains, so at most
-two chunks' encoded bytes are held in memory at any time. What a sample's columns mean is the
-task's business (workers/tasks/).
+randomness without RNG state, the DataLoader and size checks. Reading chunks (in pieces,
+streamed, prefetched) is workers/chunks.py's, re-exported here. What a sample's columns mean is
+the task's business (workers/tasks/).
 """
 
 from __future__ import annotations
 
 import functools
 import io
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -19,6 +16,16 @@ import torch.nn.functional as F
 from PIL import Image
 
 from storage.codec import DEPTH_SCALE, CorruptImageError
+from workers.chunks import (  # noqa: F401 - re-exported: where the loop and the tests import them
+    PIECE_BYTES,
+    PIECES_IN_FLIGHT,
+    ChunkPrefetcher,
+    StreamingRows,
+    chunk_pieces,
+    read_chunk,
+    stream_order,
+    stream_pieces,
+)
 
 try:  # libjpeg-turbo straight into a numpy buffer, with DCT scaling: ~1.7x Pillow's decode+convert
     import simplejpeg
@@ -100,7 +107,8 @@ def decode_rgb_into(data: bytes, out: np.ndarray, what: str = "input") -> None:
         if simplejpeg is not None and jpeg:
             r_h, r_w = out.shape[:2]
             try:  # the usual case: the (DCT-scaled) image is out's size, decoded in place
-                if simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=r_h, min_width=r_w, buffer=out).shape == out.shape:
+                got = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=r_h, min_width=r_w, buffer=out)
+                if got.shape == out.shape:
                     return
             except ValueError:
                 pass  # larger than out (or corrupt: then the decode below raises again)
@@ -109,7 +117,8 @@ def decode_rgb_into(data: bytes, out: np.ndarray, what: str = "input") -> None:
         else:
             _decode_rgb_pillow(data, out)
     except Exception as exc:  # noqa: BLE001 - decoders raise many types for bad bytes
-        raise CorruptImageError(f"{what} {'JPEG' if jpeg else 'image'} cannot be decoded ({type(exc).__name__}: {exc})") from exc
+        kind = "JPEG" if jpeg else "image"
+        raise CorruptImageError(f"{what} {kind} cannot be decoded ({type(exc).__name__}: {exc})") from exc
 
 
 def is_jpeg(data: Any) -> bool:
@@ -135,7 +144,13 @@ def _collate(batch: Any) -> Any:
 
 def make_loader(samples: torch.utils.data.Dataset, *, batch_size: int | None = None, batch_sampler: Any = None,
                 num_workers: int = 0, pin_memory: bool = False) -> torch.utils.data.DataLoader:
-    """A DataLoader of a task's raw batches over `samples` (in order with batch_size, or as batch_sampler says)."""
+    """A DataLoader of a task's raw batches over `samples` (in order with batch_size, or as batch_sampler says).
+
+    Worker processes get the samples as they are when forked: rows still streaming in (StreamingRows)
+    are waited for first, since the threads that land them stay in this process."""
+    rows = getattr(samples, "rows", None)
+    if num_workers > 0 and isinstance(rows, StreamingRows):
+        samples.rows = rows.materialize()
     if batch_sampler is not None:
         return torch.utils.data.DataLoader(samples, batch_sampler=batch_sampler, collate_fn=_collate,
                                            num_workers=num_workers, pin_memory=pin_memory)
@@ -153,110 +168,3 @@ def check_sizes(rows: dict[str, Any], expected: tuple[int, int] | None, describe
                 f"{describe(int(sid))}: image is {int(h)}x{int(w)}, the recipe's data.image_size is "
                 f"{expected[0]}x{expected[1]}; resize the data or set data.image_size"
             )
-
-
-# A chunk is read in pieces of about this many bytes of row groups, PIECES_IN_FLIGHT at a time
-# (one fetches while another is parsed): a worker holds the chunk's own samples plus a few pieces,
-# not every row group the chunk touches. A random chunk of a big dataset touches nearly all of
-# them (a 100K chunk of 1.2M samples in 41-row groups: 97 %), so reading it whole held ~3x the
-# dataset's bytes at once (fetched ranges, their row groups, the parsed rows): bench.scale.
-PIECE_BYTES = 32 * 2**20
-PIECES_IN_FLIGHT = 2
-
-
-def _group_bytes(manifest: dict[str, Any]) -> np.ndarray:
-    """Each shard's bytes per row group (its mean): what a piece's size is reckoned in."""
-    per_group = int(manifest.get("rows_per_group") or 256)
-    out = np.empty(len(manifest["shards"]), dtype=np.float64)
-    for i, sh in enumerate(manifest["shards"]):
-        groups = int(sh.get("row_groups") or 0) or max(1, -(-int(sh["rows"]) // per_group))
-        out[i] = int(sh["bytes"]) / groups
-    return out
-
-
-def chunk_pieces(dataset: Any, ids: np.ndarray, piece_bytes: int = PIECE_BYTES) -> list[np.ndarray]:
-    """Positions in `ids` of each piece: runs of whole row groups (in shard and file order, so
-    adjacent ones still merge into one request) of about piece_bytes each. Index only, no reads."""
-    n = len(ids)
-    if n == 0:
-        return []
-    shard = np.asarray(dataset.index_values("shard", ids), dtype=np.int64)
-    group = np.asarray(dataset.index_values("row_group", ids), dtype=np.int64)
-    order = np.lexsort((group, shard))
-    s, g = shard[order], group[order]
-    new_group = np.ones(n, dtype=bool)
-    new_group[1:] = (s[1:] != s[:-1]) | (g[1:] != g[:-1])
-    starts = np.flatnonzero(new_group)
-    size = _group_bytes(dataset.manifest)[s[starts]]
-    before = np.cumsum(size) - size  # bytes of the row groups ahead of each one
-    piece_of_group = (before // max(1, int(piece_bytes))).astype(np.int64)
-    piece_of = np.repeat(piece_of_group, np.diff(np.append(starts, n)))
-    cuts = np.flatnonzero(np.diff(piece_of)) + 1
-    return [np.sort(p) for p in np.split(order, cuts)]
-
-
-def read_chunk(dataset: Any, ids: np.ndarray, piece_bytes: int = PIECE_BYTES, in_flight: int = PIECES_IN_FLIGHT) -> dict[str, Any]:
-    """dataset.read_samples(ids), read in pieces (chunk_pieces) so that memory holds the chunk's
-    samples and a few pieces' row groups: the same result, in the order of `ids`, every sample
-    checked as read_samples checks it. A chunk of one piece is one read_samples call."""
-    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-    if not hasattr(dataset, "index_values"):  # a dataset without an index to plan pieces from
-        return dataset.read_samples(ids)
-    pieces = chunk_pieces(dataset, ids, piece_bytes)
-    if len(pieces) <= 1:
-        return dataset.read_samples(ids)
-    n = len(ids)
-    out: dict[str, Any] = {}
-    lists: set[str] = set()  # the columns read_samples gives as lists (encoded bytes)
-    getattr(dataset, "reader", None)  # made here, once: the pieces' threads share it (footers, counts)
-    pool = ThreadPoolExecutor(max_workers=max(1, in_flight), thread_name_prefix="chunk-piece")
-    try:
-        futures = [pool.submit(dataset.read_samples, ids[sel]) for sel in pieces]
-        for sel, fut in zip(pieces, futures, strict=True):
-            part = fut.result()
-            for c, values in part.items():
-                if isinstance(values, np.ndarray):
-                    if c not in out:
-                        out[c] = np.empty(n, dtype=values.dtype)
-                    out[c][sel] = values
-                else:
-                    if c not in out:
-                        out[c] = np.empty(n, dtype=object)
-                        lists.add(c)
-                    col = np.empty(len(values), dtype=object)
-                    col[:] = values
-                    out[c][sel] = col
-            del part
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-    return {c: v.tolist() if c in lists else v for c, v in out.items()}
-
-
-class ChunkPrefetcher:
-    """Fetches the encoded rows of the next chunk in the background while this one trains."""
-
-    def __init__(self, dataset: Any) -> None:
-        self.dataset = dataset
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
-        self._pending: dict[tuple, Future] = {}
-
-    def prefetch(self, key: tuple, ids: np.ndarray) -> None:
-        # One slot: a newer prefetch replaces an older one, so memory holds at most two chunks.
-        if key not in self._pending:
-            self._pending = {key: self._pool.submit(read_chunk, self.dataset, ids)}
-
-    def failure(self) -> BaseException | None:
-        """The error of a background fetch that has already failed (its retries spent), if any."""
-        for fut in self._pending.values():
-            if fut.done() and not fut.cancelled() and fut.exception() is not None:
-                return fut.exception()
-        return None
-
-    def get(self, key: tuple, ids: np.ndarray) -> dict[str, Any]:
-        fut = self._pending.pop(key, None)
-        if fut is None:
-            return read_chunk(self.dataset, ids)
-        return fut.result()
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)

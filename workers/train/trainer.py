@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -15,7 +16,7 @@ from storage import checkpoints, fs
 from storage.layout import FINAL_JSON, PROGRESS_JSON
 from storage.retry import RETRY_COUNTER
 from storage.shards import open_dataset
-from workers.data import ChunkPrefetcher, check_sizes, make_loader
+from workers.data import ChunkPrefetcher, check_sizes, make_loader, stream_order
 from workers.models.registry import build_from_recipe
 from workers.precision import Precision, as_float
 from workers.preemption import PreemptionMonitor, StopRequestWatch
@@ -146,19 +147,23 @@ class Trainer:
         self._progress("preload", force=True)
         t_chunk = time.perf_counter()
         contiguous = self.recipe.data.chunking == "row_groups"  # each rank reads only its own row groups
+        order_of = functools.partial(batch_order, self.recipe.run.seed, self.world, self.rank, contiguous)
         mine = rank_slice(ids, self.world, self.rank, contiguous)
-        rows = self.prefetcher.get((s, chunk), mine)
+        order = order_of(ids, st.batch_size, (s, chunk, c.epoch))[c.batch :]
+        rows = self.prefetcher.get((s, chunk), mine, *stream_order(mine, order))
         wait_s = time.perf_counter() - t_chunk
         nxt = next_chunk(self.plan, s, chunk)
         if nxt is not None and self.recipe.data.prefetch:
-            self.prefetcher.prefetch(nxt, rank_slice(self.plan.chunk_ids(*nxt), self.world, self.rank, contiguous))
+            nids = self.plan.chunk_ids(*nxt)
+            nmine = rank_slice(nids, self.world, self.rank, contiguous)
+            first = order_of(nids, self.recipe.stages[nxt[0]].batch_size, (*nxt, 0))
+            self.prefetcher.prefetch(nxt, nmine, *stream_order(nmine, first))
         check_sizes(rows, self.recipe.data.image_size, self.dataset.describe)
         check_complete(rows, mine, self.dataset.describe)
         position = {int(sid): i for i, sid in enumerate(rows["sample_id"])}
         held: Stop | None = None  # a stop on the chunk's last step: the chunk-end checkpoint stands in for its own
         while c.epoch < st.epochs_per_chunk:
-            batches = batches_for_rank(ids, st.batch_size, self.world, self.rank, [seed, 3, s, chunk, c.epoch],
-                                       contiguous=contiguous)
+            batches = order_of(ids, st.batch_size, (s, chunk, c.epoch))
             todo = [[position[int(x)] for x in b] for b in batches[c.batch :]]
             samples = self.task.samples(rows, st.resolution, self.dataset.describe, train=True,
                                         flip_key=(seed, s, chunk, c.epoch))
@@ -292,6 +297,13 @@ def stage_steps(recipe: Recipe, plan: Plan, s: int, world: int) -> int:
     st, sp = recipe.stages[s], plan.stages[s]
     return sum(steps_per_chunk(len(sp.chunk_ids(c)), st.batch_size, st.epochs_per_chunk, world)
                for c in range(sp.num_chunks))
+
+
+def batch_order(seed: int, world: int, rank: int, contiguous: bool, ids: Any, batch_size: int,
+                at: tuple[int, int, int]) -> list:
+    """A rank's batches of one epoch of a chunk (at = stage, chunk, epoch): the order training takes them,
+    and so the order the chunk streams in (workers/chunks.py)."""
+    return batches_for_rank(ids, batch_size, world, rank, [seed, 3, *at], contiguous=contiguous)
 
 
 def next_chunk(plan: Plan, s: int, chunk: int) -> tuple[int, int] | None:

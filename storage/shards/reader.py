@@ -1,0 +1,403 @@
+"""ShardDataset: a packed dataset opened for random access by sample id, every sample checked.
+
+Reads go through storage/shards/fetch.py's ShardReader (footers once per process, ranged reads of
+the wanted row groups, the local cache); shared values (/4) are resolved after, each distinct one
+fetched once and kept in memory (up to SHARED_CACHE_BYTES) for the next reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage import fs as sfs
+from storage.cache import cache_for
+from storage.columns import Column, columns_from_manifest
+from storage.errors import DatasetError
+from storage.shards.fetch import ShardReader
+from storage.shards.format import (
+    BASE_INDEX_COLUMNS,
+    CHECKSUM_DIGEST_BYTES,
+    COLUMNS_FORMAT,
+    LEGACY_MASK_DEPTH_FORMAT,
+    sample_columns,
+    shared_index_file,
+    shared_key,
+    stored_columns,
+)
+from storage.shards.legacy import DEFAULT_TASK, INDEX_STAT
+from storage.shards.manifest import one_line, read_index, read_manifest
+
+log = logging.getLogger(__name__)
+
+# Shared values a ShardDataset keeps in memory between reads (a background is ~13-30 KB).
+SHARED_CACHE_BYTES = 64 * 2**20
+# How many unknown ids an error message lists before it says "and N more".
+_IDS_IN_MESSAGES = 5
+
+
+def _describe_ids(ids: np.ndarray) -> str:
+    shown = ", ".join(str(int(i)) for i in ids[:_IDS_IN_MESSAGES])
+    more = f" and {len(ids) - _IDS_IN_MESSAGES} more" if len(ids) > _IDS_IN_MESSAGES else ""
+    return f"{shown}{more}"
+
+
+class ShardDataset:
+    """A packed dataset opened for random access by sample id.
+
+    `columns` are the manifest's declared columns (the fixed layout's for /1 and /2 datasets that
+    declare none), `task` its task (default legacy.DEFAULT_TASK), `meta` its opaque "meta" dict (default
+    {}). `index` is the whole index.parquet as a pyarrow Table (BASE_INDEX_COLUMNS plus whatever
+    extra columns the writer added, e.g. depth_mean, synth's bg_index/flipped/fg_x/..., a label);
+    readers must treat extra columns as optional (index_values names what there is). The object
+    is picklable, so it can be sent to workers.
+
+    A /4 dataset's `shared` maps each shared column to the ShardDataset of its table (the value's
+    id as sample_id); `stored_columns` are what shard rows hold (a shared column's int64 id in its
+    place); `sample_columns` are the declared ones, which read_samples resolves.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        manifest: dict[str, Any],
+        index: pa.Table,
+        shared: Mapping[str, ShardDataset] | None = None,
+        item: str = "sample",
+        disk_cache: bool = True,
+    ):
+        self.uri = uri
+        self.manifest = manifest
+        self.index = index
+        self.columns: tuple[Column, ...] = columns_from_manifest(manifest)
+        self.task: str = manifest.get("task") or DEFAULT_TASK
+        self.meta: dict[str, Any] = manifest.get("meta") or {}
+        self.format: str = manifest.get("format") or LEGACY_MASK_DEPTH_FORMAT
+        self.shared: dict[str, ShardDataset] = dict(shared or {})
+        self.stored_columns = stored_columns(self.columns, tuple(self.shared))
+        self.sample_columns = sample_columns(self.columns)
+        self._stored_names = sample_columns(self.stored_columns)
+        self.item = item  # what a row is called in error messages
+        self.disk_cache = disk_cache
+        self.sample_ids = index.column("sample_id").to_numpy().astype(np.int64, copy=False)
+        self._shard = index.column("shard").to_numpy().astype(np.int32, copy=False)
+        self._group = index.column("row_group").to_numpy().astype(np.int32, copy=False)
+        self._row = index.column("row").to_numpy().astype(np.int64, copy=False)
+        self._order = np.argsort(self.sample_ids, kind="stable")
+        self._sorted_ids = self.sample_ids[self._order]
+        self._reader = None
+        self._init_shared_cache()
+
+    def _init_shared_cache(self) -> None:
+        self._shared_cache: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._shared_cache_bytes = 0
+        self._shared_lock = threading.Lock()
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.manifest["num_samples"])
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __repr__(self) -> str:
+        return f"ShardDataset({self.uri!r}, num_samples={self.num_samples}, task={self.task!r})"
+
+    def positions(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Row numbers in `index` of the given sample ids; DatasetError names unknown ones."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        pos = np.searchsorted(self._sorted_ids, ids)
+        pos_clipped = np.minimum(pos, len(self._sorted_ids) - 1)
+        found = self._sorted_ids[pos_clipped] == ids
+        if not np.all(found):
+            missing = ids[~found]
+            raise DatasetError(
+                f"{self.uri}: unknown sample ids {_describe_ids(missing)} ({len(missing)} of {len(ids)} requested are "
+                f"not in this dataset of {self.num_samples})"
+            )
+        return self._order[pos_clipped]
+
+    def index_values(self, name: str, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """One index column's values (no shard reads), in the order of `ids`: a numpy array of its
+        type; a list column gives an object array of numpy arrays. DatasetError when the index has
+        no such column."""
+        if name not in self.index.column_names:
+            raise DatasetError(
+                f"{self.uri}: index.parquet has no column {name!r} (task {self.task!r}); its columns are "
+                f"{self.index.column_names}. "
+                "Re-pack the dataset with it, or use a column it has"
+            )
+        pos = self.positions(ids)
+        return self.index.column(name).take(pa.array(pos, pa.int64())).to_numpy()
+
+    def depth_means(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """index_values of the fixed layout's per-sample stat (legacy.INDEX_STAT: mean depth, float32)."""
+        return self.index_values(INDEX_STAT, ids)
+
+    def describe(self, sample_id: int) -> str:
+        """Where a sample lives, for error messages: dataset URI, shard file, row group, sample id."""
+        try:
+            p = int(self.positions([sample_id])[0])
+        except DatasetError:
+            return f"{self.uri} sample {int(sample_id)} (not in the index)"
+        shard = self.manifest["shards"][int(self._shard[p])]["file"]
+        return f"{self.uri} {shard} row group {int(self._group[p])} sample {int(sample_id)}"
+
+    def read_samples(self, ids: Sequence[int] | np.ndarray, columns: Sequence[str] | None = None) -> dict[str, Any]:
+        """The given samples, in exactly the order of `ids` (repeats allowed).
+
+        Returns `sample_id`, every declared column (or just the `columns` asked for, from
+        `sample_columns`, or a shared column's id column `<name>_id`), `height`, `width`:
+        sample_id/height/width and int64 columns as numpy arrays, the other columns as lists of
+        encoded bytes (decode with storage.columns or storage.codec). Only the row groups that
+        hold the ids are fetched (all at once, through the local cache; storage/preload.py), and
+        each sample is checked against its checksum: a row group that fails is fetched once more,
+        and a second failure raises DatasetError naming the shard URI. Shared values (/4) are
+        resolved after: each distinct one needed is fetched once (only the row groups of its
+        table that hold it), checked against its own checksum the same way, and kept in memory
+        for the next reads; samples that share one get the same bytes object.
+        """
+        columns = (
+            self.sample_columns if columns is None else ((columns,) if isinstance(columns, str) else tuple(columns))
+        )
+        keys = {shared_key(n): n for n in self.shared}
+        unknown = [c for c in columns if c not in self.sample_columns and c not in keys]
+        if unknown:
+            raise ValueError(f"unknown columns {unknown}; choose from {[*self.sample_columns, *keys]}")
+        stored = list(dict.fromkeys(shared_key(c) if c in self.shared else c for c in columns))
+        pos = self.positions(ids)
+        n = len(pos)
+        shard_of, group_of, row_of = self._shard[pos], self._group[pos], self._row[pos]
+        wanted = sorted(set(zip(shard_of.tolist(), group_of.tolist(), strict=True)))
+        groups = self._read_groups(wanted, pos, shard_of, group_of)
+
+        out_cols: dict[str, list] = {c: [None] * n for c in stored}
+        by_group: dict[tuple[int, int], list[int]] = {}
+        for i, key in enumerate(zip(shard_of.tolist(), group_of.tolist(), strict=True)):
+            by_group.setdefault(key, []).append(i)
+        for key, where in by_group.items():
+            rows = row_of[where].tolist()
+            for c in stored:
+                values, col = groups[key][c], out_cols[c]
+                for dst, r in zip(where, rows, strict=True):
+                    col[dst] = values[r]
+        scalars = {
+            "sample_id": np.int64,
+            "height": np.int32,
+            "width": np.int32,
+            **{c.name: np.int64 for c in self.stored_columns if not c.is_bytes},
+        }
+        result: dict[str, Any] = {}
+        for c in columns:
+            if c in self.shared:
+                result[c] = self._resolve_shared(c, np.asarray(out_cols[shared_key(c)], dtype=np.int64))
+            else:
+                result[c] = np.asarray(out_cols[c], dtype=scalars[c]) if c in scalars else out_cols[c]
+        if "sample_id" in result and not np.array_equal(
+            result["sample_id"], np.asarray(ids, dtype=np.int64).reshape(-1)
+        ):
+            raise DatasetError(
+                f"{self.uri}: index and shards disagree (read other sample ids than asked for); the dataset is "
+                "damaged, re-create it"
+            )
+        return result
+
+    def _resolve_shared(self, name: str, vids: np.ndarray) -> list[bytes]:
+        """The values of shared column `name` for these ids (one per sample), each distinct one
+        fetched once (or taken from memory)."""
+        got: dict[int, bytes] = {}
+        missing: list[int] = []
+        with self._shared_lock:
+            for v in np.unique(vids).tolist():
+                hit = self._shared_cache.get((name, v))
+                if hit is None:
+                    missing.append(v)
+                else:
+                    self._shared_cache.move_to_end((name, v))
+                    got[v] = hit
+        if missing:
+            table = self.shared[name]
+            pos = np.searchsorted(table._sorted_ids, missing)
+            absent = [
+                v
+                for v, p in zip(missing, pos.tolist(), strict=True)
+                if p >= len(table._sorted_ids) or table._sorted_ids[p] != v
+            ]
+            if absent:
+                raise DatasetError(
+                    f"{self.uri}: samples refer to shared {name} ids {_describe_ids(np.asarray(absent))}, which "
+                    f"{shared_index_file(name)} does not list; the dataset is damaged, re-pack it"
+                )
+            rows = table.read_samples(missing, columns=("sample_id", name))
+            with self._shared_lock:
+                for v, value in zip(rows["sample_id"].tolist(), rows[name], strict=True):
+                    got[v] = value
+                    if (name, v) not in self._shared_cache:
+                        self._shared_cache[(name, v)] = value
+                        self._shared_cache_bytes += len(value)
+                while self._shared_cache_bytes > SHARED_CACHE_BYTES and self._shared_cache:
+                    _, old = self._shared_cache.popitem(last=False)
+                    self._shared_cache_bytes -= len(old)
+        return [got[v] for v in vids.tolist()]
+
+    def _read_groups(
+        self, wanted: list[tuple[int, int]], pos: np.ndarray, shard_of: np.ndarray, group_of: np.ndarray
+    ) -> dict[tuple[int, int], dict[str, list]]:
+        """Fetch and parse the wanted row groups ({column: values} each), verifying every sample asked for."""
+        reader = self.reader
+        names = self._stored_names
+        checks: dict[tuple[int, int], list[tuple[int, int, str]]] = {}
+        # Taken per read, not held as a Python list: 1.2M checksum strings would cost ~80 MB per worker.
+        sums = self.index.column("checksum").take(pa.array(pos, pa.int64())).to_pylist()
+        for p, s, g, expected in zip(pos.tolist(), shard_of.tolist(), group_of.tolist(), sums, strict=True):
+            checks.setdefault((s, g), []).append((int(self._row[p]), int(self.sample_ids[p]), expected))
+
+        def parse(groups: list[tuple[int, int]], use_cache: bool) -> tuple[dict, dict]:
+            fetched = reader.fetch_groups(groups, use_cache=use_cache)
+            good, bad = {}, {}
+            for key in groups:
+                try:
+                    table = reader.read_group(key[0], key[1], fetched[key], names)
+                except (OSError, KeyError, pa.ArrowException) as exc:
+                    bad[key] = f"row group {key[1]} cannot be parsed ({type(exc).__name__}: {exc})"
+                    continue
+                values = {c: table.column(c).to_pylist() for c in names}
+                reason = _verify_rows(values, checks[key], self.stored_columns, self.item)
+                if reason:
+                    bad[key] = f"row group {key[1]}: {reason}"
+                else:
+                    good[key] = values
+            return good, bad
+
+        tables, bad = parse(wanted, use_cache=True)
+        if bad:
+            # Once more from the store, past the cache: a flipped bit in flight or on the cache
+            # disk heals here; a shard that is damaged at the source fails the same way again.
+            log.warning(
+                "%d row groups failed their checksums (%s); fetching them again", len(bad), "; ".join(bad.values())
+            )
+            reader.stats.add(refetches=len(bad))
+            reader.discard(list(bad))
+            again, still_bad = parse(list(bad), use_cache=False)
+            tables.update(again)
+            if still_bad:
+                key, reason = next(iter(still_bad.items()))
+                raise DatasetError(
+                    f"{reader.shard_uri(key[0])}: {reason}, again after a re-fetch; the shard is damaged. "
+                    f"Run `orchestrator data verify {self.uri}` and re-pack the dataset"
+                )
+        return tables
+
+    @property
+    def reader(self):
+        """The shard reader (footers, cache) of this process; made on first use, never pickled."""
+        if self._reader is None:
+            self._reader = ShardReader(self.uri, self.manifest, cache_for(self.uri) if self.disk_cache else None)
+        return self._reader
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_reader"] = None  # holds a filesystem, a lock and parsed footers: per process
+        for k in ("_shared_cache", "_shared_cache_bytes", "_shared_lock"):  # per process too
+            state.pop(k, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_shared_cache()
+
+
+def _verify_rows(
+    values: dict[str, list], rows: list[tuple[int, int, str]], columns: Sequence[Column], item: str = "sample"
+) -> str | None:
+    """None when each (row, sample id, checksum) matches the row group's values; else what is wrong."""
+    n = len(values["sample_id"])
+    # columns_checksum, inlined: this runs for every sample of every chunk.
+    parts = [(values[c.name], not c.is_bytes) for c in columns]
+    for r, sid, expected in rows:
+        if r >= n or values["sample_id"][r] != sid:
+            return f"{item} {sid} is not at row {r} where the index puts it"
+        h = hashlib.blake2b(digest_size=CHECKSUM_DIGEST_BYTES)
+        try:
+            for col, is_int in parts:
+                h.update(col[r].to_bytes(8, "little", signed=True) if is_int else col[r])
+        except (TypeError, ValueError, AttributeError, OverflowError) as exc:  # a null where a value must be
+            return f"{item} {sid} has a missing or malformed value ({type(exc).__name__}: {exc})"
+        got = h.hexdigest()
+        if got != expected:
+            return f"{item} {sid} fails its checksum (index {expected}, read {got})"
+    return None
+
+
+def shared_table(uri: str, manifest: dict[str, Any], name: str, index: pa.Table) -> ShardDataset:
+    """The ShardDataset of a /4 dataset's shared column `name` (the value's id as sample_id)."""
+    entry = manifest["shared"][name]
+    column = next(c for c in columns_from_manifest(manifest) if c.name == name)
+    sub = {
+        "format": COLUMNS_FORMAT,
+        "task": f"shared {name}",
+        "columns": [column.as_dict()],
+        "num_samples": entry["num"],
+        "index": entry["index"],
+        "shards": entry["files"],
+    }
+    # Its values are kept in memory by the dataset that reads them (ShardDataset._resolve_shared):
+    # the disk cache holds the samples' row groups only.
+    return ShardDataset(uri, sub, index, item=f"shared {name}", disk_cache=False)
+
+
+def _open_shared(uri: str, manifest: dict[str, Any]) -> dict[str, ShardDataset]:
+    """The shared tables of a /4 dataset, their indexes read and checked against the manifest."""
+    out = {}
+    for name, entry in (manifest.get("shared") or {}).items():
+        index_uri = sfs.join(uri, entry["index"])
+        try:
+            data = sfs.read_bytes(index_uri)
+        except FileNotFoundError as exc:
+            raise DatasetError(
+                f"{uri}: {entry['index']} (the table of shared column {name!r}) is missing although manifest.json is "
+                "there; "
+                "the dataset is damaged, re-pack it"
+            ) from exc
+        if hashlib.sha256(data).hexdigest() != entry["index_sha256"]:
+            raise DatasetError(
+                f"{index_uri}: sha256 differs from the manifest's (the file changed after packing); the dataset is "
+                "damaged, re-pack it"
+            )
+        try:
+            index = pq.read_table(pa.BufferReader(data))
+        except (OSError, pa.ArrowException) as exc:
+            raise DatasetError(
+                one_line(
+                    f"{index_uri}: cannot be read as Parquet ({type(exc).__name__}: {exc}); the dataset is damaged, "
+                    "re-pack it"
+                )
+            ) from exc
+        missing = [c for c in BASE_INDEX_COLUMNS if c not in index.column_names]
+        if missing or index.num_rows != entry["num"]:
+            what = (
+                f"columns {missing} missing" if missing else f"{index.num_rows} rows, the manifest says {entry['num']}"
+            )
+            raise DatasetError(f"{index_uri}: {what}; the dataset is damaged, re-pack it")
+        out[name] = shared_table(uri, manifest, name, index)
+    return out
+
+
+def open_dataset(uri: str) -> ShardDataset:
+    """Open a packed dataset; DatasetError says what is wrong with the URI and how to fix it.
+
+    A manifest.json that is not JSON, not an object, lacks keys, has values of the wrong type or
+    declares unknown codecs is a one-line DatasetError naming the manifest's URI.
+    """
+    uri = sfs.normalize(uri)
+    manifest = read_manifest(uri)
+    index = read_index(uri, manifest)
+    return ShardDataset(uri, manifest, index, _open_shared(uri, manifest))
