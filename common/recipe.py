@@ -7,12 +7,45 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from common.errors import RecipeError
+from common.tasks import DEPTH_LOSS, LABELS_LOSS, MASK_LOSS, get_task_spec
+
+
+class RecipeChecks(Protocol):
+    """What only the layers above know (the model and loss registries, a model's parts and paths),
+    handed to `validate_recipe` by the driver (orchestrator/recipes.py) so that common/ imports
+    nothing above it. Without it a recipe is checked as far as common/ knows (the worker side,
+    which gets a recipe the driver already checked)."""
+
+    def model(self, name: str) -> str:
+        """`name` if it names a model (registered, an entry point or an import path), else ValueError."""
+        ...
+
+    def loss(self, name: str) -> str:
+        """`name` if it names a loss, else ValueError listing the valid ones."""
+        ...
+
+    def problems(self, recipe: Recipe) -> list[str]:
+        """One line per problem of a recipe valid field by field, each starting with its dotted field."""
+        ...
+
+
+def _checks(info: ValidationInfo) -> RecipeChecks | None:
+    return (info.context or {}).get("checks")
 
 # Upper bounds where a bigger value is a typo, not a plan. 4096 px: a 4096x4096 input is 16.8 MP, far
 # past any model here (the source trains at 224); `data pack` refuses bigger images by default.
@@ -94,10 +127,9 @@ class ModelSection(_Strict):
 
     @field_validator("name")
     @classmethod
-    def _known_model(cls, v: str) -> str:
-        from workers.models import MODELS
-
-        return MODELS.check(v)
+    def _known_model(cls, v: str, info: ValidationInfo) -> str:
+        checks = _checks(info)
+        return checks.model(v) if checks else v
 
 
 LossSpec = dict[str, Annotated[float, Field(ge=0.0)]]
@@ -115,23 +147,37 @@ def _non_finite(obj: Any, where: str = "") -> str | None:
     return None
 
 
+def _check_loss_terms(v: dict[str, float], checks: RecipeChecks | None) -> dict[str, float]:
+    if not v:
+        if checks:
+            checks.loss("")  # raises, listing the valid losses
+        raise ValueError("needs at least one loss")
+    for name in v:
+        if checks:
+            checks.loss(name)
+    return v
+
+
 class LossSection(_Strict):
-    mask: LossSpec = Field(default_factory=lambda: {"l1": 1.0, "dice": 1.0}, description="Mask loss terms (name: weight); the source's final pick is L1 + Dice.")
-    depth: LossSpec = Field(default_factory=lambda: {"rmse": 1.0, "ssim": 1.0}, description="Depth loss terms (name: weight); the source's final pick is RMSE + SSIM.")
+    # A task from outside the package may train with loss sections of its own (its TaskSpec names
+    # them): kept as extra keys, checked against the recipe's task by Recipe._task_fits.
+    model_config = ConfigDict(extra="allow")
+
+    mask: LossSpec = Field(default_factory=lambda: dict(MASK_LOSS.default), description=MASK_LOSS.description)
+    depth: LossSpec = Field(default_factory=lambda: dict(DEPTH_LOSS.default), description=DEPTH_LOSS.description)
     depth_weight: float = Field(1.0, ge=0.0, description="Weight of the depth loss against the mask loss.")
-    labels: LossSpec = Field(default_factory=lambda: {"cross_entropy": 1.0}, description="Class-label loss terms (classification, segmentation).")
+    labels: LossSpec = Field(default_factory=lambda: dict(LABELS_LOSS.default), description=LABELS_LOSS.description)
 
     @field_validator("mask", "depth", "labels")
     @classmethod
-    def _known_losses(cls, v: dict[str, float]) -> dict[str, float]:
-        from workers.losses import LOSSES
+    def _known_losses(cls, v: dict[str, float], info: ValidationInfo) -> dict[str, float]:
+        return _check_loss_terms(v, _checks(info))
 
-        if not v:
-            raise ValueError(f"needs at least one loss; valid: {', '.join(LOSSES.names())}")
-        for name in v:
-            if name not in LOSSES:
-                raise ValueError(f"unknown loss {name!r}; valid: {', '.join(LOSSES.names())}")
-        return v
+    def sections(self) -> dict[str, dict[str, float]]:
+        """Every loss section by name (the built-in ones and a task's own), depth_weight left out."""
+        out = {"mask": self.mask, "depth": self.depth, "labels": self.labels}
+        out.update(self.__pydantic_extra__ or {})
+        return out
 
 
 class OptimizerSection(_Strict):
@@ -221,7 +267,7 @@ class ExecutionSection(_Strict):
 
 class Recipe(_Strict):
     run: RunSection
-    task: str = Field("mask_depth", description="What the model learns, from the task registry: mask_depth (the source's), depth, segmentation or classification.")
+    task: str = Field("mask_depth", description="What the model learns, from the task registry: mask_depth (the source's), depth, segmentation or classification; or a TaskSpec by import path (module:attribute).")
     data: DataSection = Field(default_factory=DataSection)
     model: ModelSection = Field(default_factory=ModelSection)
     loss: LossSection = Field(default_factory=LossSection)
@@ -234,21 +280,54 @@ class Recipe(_Strict):
     @field_validator("task")
     @classmethod
     def _known_task(cls, v: str) -> str:
-        from workers.tasks import TASKS  # a new task registers there; nothing here lists them
+        get_task_spec(v)  # a new task registers in common.tasks (or by entry point); nothing here lists them
+        return v
 
-        return TASKS.check(v)
+    @model_validator(mode="before")
+    @classmethod
+    def _task_loss_defaults(cls, data: Any) -> Any:
+        """A task's own loss sections (beyond mask, depth, labels) take their defaults from its spec."""
+        if not isinstance(data, dict):
+            return data
+        try:
+            spec = get_task_spec(str(data.get("task", "mask_depth")))
+        except ValueError:
+            return data  # the task field's own validator says why
+        own = {k: v for k, v in spec.loss_sections.items() if k not in LossSection.model_fields}
+        if not own or not isinstance(data.get("loss", {}), dict):
+            return data
+        data = {**data, "loss": dict(data.get("loss", {}))}
+        for section, slot in own.items():
+            data["loss"].setdefault(section, dict(slot.default))
+        return data
 
     @model_validator(mode="after")
-    def _unique_stage_names(self) -> Recipe:
+    def _unique_stage_names(self, info: ValidationInfo) -> Recipe:
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ValueError(f"stage names must be unique, got {names}")
-        from workers.recipe_check import recipe_problems
-
-        problems = recipe_problems(self)
+        checks = _checks(info)
+        problems = self._task_problems(checks) + (checks.problems(self) if checks else [])
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def _task_problems(self, checks: RecipeChecks | None) -> list[str]:
+        """What the task's spec alone tells: its own loss sections and the augmentations it applies."""
+        spec = get_task_spec(self.task)
+        problems = []
+        for section, terms in (self.loss.__pydantic_extra__ or {}).items():
+            if section not in spec.loss_sections:
+                problems.append(f"loss.{section}: unknown field (check its spelling against the recipe reference in README)")
+                continue
+            try:
+                _check_loss_terms(TypeAdapter(LossSpec).validate_python(terms), checks)
+            except (ValidationError, ValueError) as exc:
+                why = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
+                problems.append(f"loss.{section}: {why}")
+        if self.data.shift and "shift" not in spec.augmentations:
+            problems.append("data.shift: random shifts are a classification augmentation; set it to 0")
+        return problems
 
     def sha256(self) -> str:
         """Identity of what the run trains, to tell a resumed run from a changed one.
@@ -394,15 +473,17 @@ def load_recipe_dict(path: str, kind: str = "recipe", expect: str = "a recipe mu
     return data
 
 
-def validate_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
+def validate_recipe(data: dict[str, Any], source: str = "recipe", checks: RecipeChecks | None = None) -> Recipe:
+    """The recipe, or RecipeError with one line per problem. `checks`: what the layers above know
+    (the driver passes workers.recipe_check's; orchestrator/recipes.py)."""
     try:
-        return Recipe.model_validate(data)
+        return Recipe.model_validate(data, context={"checks": checks} if checks else None)
     except ValidationError as err:
         raise RecipeError(_format_validation_error(source, err)) from None
 
 
-def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
+def load_recipe(path: str, overrides: list[str] | None = None, checks: RecipeChecks | None = None) -> Recipe:
     data = copy.deepcopy(load_recipe_dict(path))
     for item in overrides or []:
         apply_override(data, item)
-    return validate_recipe(data, source=path)
+    return validate_recipe(data, source=path, checks=checks)

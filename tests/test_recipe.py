@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from common.errors import RecipeError
-from common.recipe import apply_override, load_recipe, validate_recipe
+from common.recipe import apply_override
+from orchestrator.recipes import load_recipe, validate_recipe  # common's validation + the worker-side checks
 from tests.conftest import REPO, run_cli, tiny_recipe, write_recipe
 
 

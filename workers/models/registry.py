@@ -17,7 +17,16 @@ from torch import nn
 
 from common.registry import Registry
 
-MODELS: Registry[type[nn.Module]] = Registry("model")
+
+def _is_module_class(obj: object) -> str | None:
+    if isinstance(obj, type) and issubclass(obj, nn.Module):
+        return None
+    return f"is a {type(obj).__name__}, not a torch.nn.Module subclass"
+
+
+# A recipe may also name a model by import path (`model: {name: mypkg.nets:TinyUNet}`), or a package
+# may add names through the `orchestrator.models` entry point group; the contract above is the same.
+MODELS: Registry[type[nn.Module]] = Registry("model", entry_points="orchestrator.models", accepts=_is_module_class)
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
@@ -26,6 +35,11 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
 
 def model_task(name: str) -> str:
     return getattr(MODELS.get(name), "task", "mask_depth")
+
+
+def model_fits_task(name: str, task: str) -> bool:
+    """Whether the model takes the batches of `task` (a task spec's name); a model names one task."""
+    return model_task(name) == task
 
 
 def model_variants(name: str) -> dict[str, dict[str, Any]]:
