@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from common.errors import RunError
+from common.tasks import get_task_spec
 
 # Columns every task's table has after its own metrics: (column, field, which way is better).
 RUN_COLUMNS = (
@@ -27,11 +28,9 @@ def _task_of(params: dict[str, str]) -> str:
 
 def columns_for(tasks: list[str]) -> list[tuple[str, str, str | None]]:
     """The tasks' own metric columns (each once, in task order), then the run columns."""
-    from workers.tasks import get_task
-
     cols: list[tuple[str, str, str | None]] = []
     for task in dict.fromkeys(tasks):
-        cols += [c for c in get_task(task).compare_columns if c not in cols]
+        cols += [c for c in get_task_spec(task).compare_columns if c not in cols]
     return cols + list(RUN_COLUMNS)
 
 

@@ -307,5 +307,5 @@ def mask_depth_depth_mean(sample: Mapping[str, Any], encoded: Mapping[str, bytes
     """The index's `depth_mean` of a mask_depth sample that does not bring one: the mean depth in [0, 1]."""
     depth = sample["depth"]
     if isinstance(depth, np.ndarray):
-        return float(codec.depth_to_uint16(depth).mean()) / codec.DEPTH_SCALE
+        return float(codec.depth_to_uint16(depth).mean()) / codec.DEPTH_U16_MAX
     return float(codec.decode_depth(encoded["depth"]).mean())
