@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from common.tasks import MASK_DEPTH
 from storage import codec
 
 CODECS = ("image", "raw_u8", "raw_u16", "int64")
@@ -65,8 +66,8 @@ class Column:
         return {"name": self.name, "codec": self.codec}
 
 
-MASK_DEPTH_TASK = "mask_depth"
-MASK_DEPTH_COLUMNS = (Column("fg_bg", "image"), Column("bg", "image"), Column("mask", "raw_u8"), Column("depth", "raw_u16"))
+MASK_DEPTH_TASK = MASK_DEPTH.name
+MASK_DEPTH_COLUMNS = tuple(Column(name, codec_name) for name, codec_name in MASK_DEPTH.columns)
 
 
 def check_columns(columns: Any) -> tuple[Column, ...]:

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from common.redact import redact_text
+from common.tasks import DEFAULT_DEPTH_RANGE_M, MASK_DEPTH, get_task_spec, task_names
 from storage import codec
 from storage import fs as sfs
 from storage.columns import MASK_DEPTH_COLUMNS, Column
@@ -110,12 +111,11 @@ class PackError(RuntimeError):
 
 # The columns of each task's dataset (mask_depth: storage.columns.MASK_DEPTH_COLUMNS, the default).
 TASK_COLUMNS: dict[str, tuple[Column, ...]] = {
-    "classification": (Column("image", "image"), Column("label", "int64")),
-    "segmentation": (Column("image", "image"), Column("mask", "raw_u8")),
-    "depth": (Column("image", "image"), Column("depth", "raw_u16")),
+    name: tuple(Column(c, codec_name) for c, codec_name in get_task_spec(name).columns)
+    for name in task_names() if name != MASK_DEPTH.name
 }
-# Depth datasets: NYU Depth v2's range, widened to the data's when they go beyond it.
-DEFAULT_DEPTH_RANGE_M = (0.1, 10.0)
+# Depth datasets: NYU Depth v2's range (common.tasks.DEFAULT_DEPTH_RANGE_M), widened to the data's
+# when they go beyond it.
 
 
 @dataclass

@@ -9,6 +9,7 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.tasks import MASK_DEPTH, task_names
 from storage import fs as sfs
 from storage.seed_layout import (
     CONTAINERS,
@@ -20,8 +21,8 @@ from storage.seed_layout import (
     SourcePlan,
 )
 
-TASKS = ("mask_depth", "classification", "segmentation", "depth")
-DEFAULT_TASK = "mask_depth"
+TASKS = tuple(task_names())  # the built-in tasks (common.tasks)
+DEFAULT_TASK = MASK_DEPTH.name
 # Image files a layout packs (torchvision's ImageFolder set, minus the rare ones).
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
 MANIFEST_EXTS = (".csv", ".parquet", ".pq")
