@@ -329,6 +329,7 @@ def bench_data_wait(args: argparse.Namespace, proxy: Any, bucket: str) -> dict[s
 
     from common.plan import make_plan
     from common.recipe import validate_recipe
+    from storage.plans import save_plan
     from storage.shards import open_dataset
     from storage.synth import synthesize
     from workers.loop import Trainer
@@ -355,7 +356,7 @@ def bench_data_wait(args: argparse.Namespace, proxy: Any, bucket: str) -> dict[s
             })
             run_dir = os.path.join(tmp, "runs", "bench")
             plan = make_plan(recipe, ds.sample_ids)
-            plan.save(run_dir)
+            save_plan(plan, run_dir)
             trainer = Trainer(recipe, {"run_dir": run_dir, "data_uri": uri, "task_info": {"baseline_depth": 0.5}}, LocalSession(run_dir, keep=1))
             get, waited = trainer.prefetcher.get, []
 

@@ -107,7 +107,6 @@ def _child_driver(out_path: str, cli_args: list[str]) -> None:
     there the launch is replaced by a note of the time and the peak RSS, and a KeyboardInterrupt
     (the run is left `interrupted`, as a Ctrl-C before the workers started would leave it)."""
     t0 = time.perf_counter()
-    import common.plan
     import orchestrator.launcher as launcher
     import orchestrator.runner as runner
 
@@ -126,8 +125,8 @@ def _child_driver(out_path: str, cli_args: list[str]) -> None:
     runner.plan_for_dataset = timed("plan_s", runner.plan_for_dataset)
     runner.open_data = timed("open_and_validate_data_s", runner.open_data)
     runner.task_info = timed("task_info_s", runner.task_info)
-    common.plan.Plan.save = timed("plan_save_s", common.plan.Plan.save)
-    common.plan.Plan.load = classmethod(timed("plan_load_s", common.plan.Plan.load.__func__))
+    runner.save_plan = timed("plan_save_s", runner.save_plan)
+    runner.load_plan = timed("plan_load_s", runner.load_plan)
 
     def stub(recipe: Any, config: dict[str, Any], address: str | None) -> None:
         Path(out_path).write_text(json.dumps({
@@ -151,16 +150,17 @@ def _child_worker(out_path: str, run_dir: str, data_uri: str, stage: int, chunk:
     """What a worker does on a (re)start that depends on the dataset's size, then one rank's slice of
     a chunk and its fetch (ChunkPrefetcher, the cache off: a fresh machine)."""
     t0 = time.perf_counter()
-    from common.plan import Plan, batches_for_rank, rank_slice, steps_per_chunk
+    from common.plan import batches_for_rank, rank_slice, steps_per_chunk
     from common.recipe import validate_recipe
     from storage import checkpoints
+    from storage.plans import load_plan
     from storage.shards import open_dataset
     from workers.data import ChunkPrefetcher
 
     rec = json.loads(Path(run_dir, "run.json").read_text())
     recipe = validate_recipe(rec["recipe"])
     t_imports = time.perf_counter()
-    plan = Plan.load(run_dir)
+    plan = load_plan(run_dir)
     ds = open_dataset(data_uri)
     found = checkpoints.list_complete(run_dir)
     world, rank = recipe.execution.num_workers, 0

@@ -21,6 +21,7 @@ from orchestrator.lease import DriverLease, LeaseLostError
 from orchestrator.progress import ProgressDisplay, count_progress
 from storage import fs
 from storage.layout import CURSOR_JSON, ERROR_JSON, FINAL_JSON
+from storage.plans import load_plan, save_plan
 from storage.retry import MountDropped, StorageError, StorageUnavailable
 from workers.preemption import PreemptedError, StopRequested
 
@@ -158,7 +159,7 @@ def _run_leased(recipe: Recipe, rdir: str, address: str | None, console: Console
         exp_id = tracking.ensure_experiment(tracking_uri, recipe.tracking.experiment,
                                             tracking.local_artifact_location(tracking_uri, fs.normalize(recipe.run.storage),
                                                                              recipe.tracking.experiment))
-        plan.save(rdir)
+        save_plan(plan, rdir)
         run_id = tracking.create_run(tracking_uri, exp_id, recipe)
         rec = run_store.RunRecord(
             run_name=recipe.run.name, recipe=recipe.model_dump(mode="json"), recipe_sha256=recipe.sha256(),
@@ -166,7 +167,7 @@ def _run_leased(recipe: Recipe, rdir: str, address: str | None, console: Console
         )
         console.print(f"run '{recipe.run.name}': new, {_plan_line(plan)}; run storage {rdir}; MLflow run {run_id}")
     else:
-        plan = Plan.load(rdir)
+        plan = load_plan(rdir)
         if plan.num_samples != ds.num_samples:
             raise RunError(
                 f"{data_uri}: holds {ds.num_samples} samples but run '{recipe.run.name}' was planned over {plan.num_samples}; "

@@ -360,7 +360,7 @@ class _Study:
     def run(self) -> dict[str, Any]:
         import torch
 
-        from common.plan import Plan
+        from storage.plans import load_plan
         from storage.shards import open_dataset
         from workers.approx.conv import conv_layers, trace_macs
         from workers.study import StudyContext, exact_table_like
@@ -377,7 +377,7 @@ class _Study:
             raise RecipeError(f"study '{spec.name}' was started on other weights (sha256 {record['model']['weights_sha256'][:12]}), "
                               f"{src.checkpoint} holds {src.weights_sha256[:12]}; pick a new name (--set name=...)")
 
-        plan = Plan.load(src.run_dir)
+        plan = load_plan(src.run_dir)
         ds = open_dataset(src.data_uri)
         info = DepthTask.data_info(ds, plan.train_ids)
         task = DepthTask(src.recipe, info)
@@ -530,11 +530,11 @@ class _Study:
         """n training-split images (a seeded choice): never the eval images the layers are scored on."""
         import numpy as np
 
-        from common.plan import Plan
+        from storage.plans import load_plan
         from storage.shards import open_dataset
 
         run_dir, data_uri, resolution = self.calibration_source
-        plan = Plan.load(run_dir)
+        plan = load_plan(run_dir)
         rng = np.random.default_rng(CALIBRATION_SEED)
         ids = np.sort(rng.choice(plan.train_ids, size=min(n, len(plan.train_ids)), replace=False))
         images, _ = self._images(ctx.task, open_dataset(data_uri), ids, resolution)

@@ -23,6 +23,7 @@ from common.plan import Plan, batches_for_rank, rank_slice, steps_per_chunk
 from common.recipe import Recipe, StageSection
 from storage import checkpoints, fs, lease
 from storage.layout import CURSOR_JSON, ERROR_JSON, FINAL_JSON, PROGRESS_JSON, RESTARTS_JSON
+from storage.plans import load_plan
 from storage.retry import RETRY_COUNTER, MountDropped, StorageError, StorageUnavailable
 from storage.shards import DatasetError, open_dataset
 from workers import tracking_store
@@ -131,7 +132,7 @@ class Trainer:
             torch.backends.cudnn.benchmark = False
         torch.manual_seed(recipe.run.seed)
 
-        self.plan = Plan.load(self.run_dir)
+        self.plan = load_plan(self.run_dir)
         self.dataset = open_dataset(config["data_uri"])
         self.prefetcher = ChunkPrefetcher(self.dataset)
         self.task = get_task(recipe.task)(recipe, config["task_info"])
