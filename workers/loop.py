@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 import numpy as np
 import torch
 
-from common.plan import Plan, batches_for_rank, rank_slice, steps_per_chunk
+from common.plan import batches_for_rank, rank_slice, steps_per_chunk
 from common.recipe import Recipe, StageSection
 from storage import checkpoints, fs, lease
 from storage.layout import CURSOR_JSON, ERROR_JSON, FINAL_JSON, PROGRESS_JSON, RESTARTS_JSON
