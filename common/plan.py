@@ -119,7 +119,8 @@ def make_plan(recipe: Recipe, sample_ids: np.ndarray, row_groups: np.ndarray | N
         if last < min_batch:
             raise RecipeError(
                 f"stages.{st.name}.chunk_size={st.chunk_size}: the last chunk holds {last} samples, fewer than "
-                f"the {min_batch} workers; pick a chunk_size that divides the {len(train_ids)} training samples more evenly"
+                f"the {min_batch} workers; pick a chunk_size that divides the {len(train_ids)} training samples "
+                "more evenly"
             )
         stages.append(plan)
     return Plan(recipe.run.seed, n, eval_ids, train_ids, tuple(stages))

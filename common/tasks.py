@@ -48,7 +48,8 @@ IGNORE_INDEX = 255
 DEFAULT_DEPTH_RANGE_M = (0.1, 10.0)
 
 # Loss sections shared by the tasks; their defaults are the recipe's (the source's final picks).
-MASK_LOSS = LossSlot("dense", {"l1": 1.0, "dice": 1.0}, "Mask loss terms (name: weight); the source's final pick is L1 + Dice.")
+MASK_LOSS = LossSlot("dense", {"l1": 1.0, "dice": 1.0},
+                     "Mask loss terms (name: weight); the source's final pick is L1 + Dice.")
 DEPTH_LOSS = LossSlot("dense", {"rmse": 1.0, "ssim": 1.0},
                       "Depth loss terms (name: weight); the source's final pick is RMSE + SSIM.")
 LABELS_LOSS = LossSlot("labels", {"cross_entropy": 1.0}, "Class-label loss terms (classification, segmentation).")

@@ -52,7 +52,8 @@ def test_common_imports_nothing_above_it():
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
-            bad += [f"{path.name}:{node.lineno} {n}" for n in names if n.split(".")[0] in ("storage", "workers", "orchestrator")]
+            above = ("storage", "workers", "orchestrator")
+            bad += [f"{path.name}:{node.lineno} {n}" for n in names if n.split(".")[0] in above]
     assert not bad, bad
 
 

@@ -49,10 +49,12 @@ def model_variants(name: str) -> dict[str, dict[str, Any]]:
 def model_options(name: str) -> list[str]:
     """The constructor's keyword arguments: what `model.options` may set."""
     sig = inspect.signature(MODELS.get(name).__init__)
-    return [p for p in list(sig.parameters)[1:] if sig.parameters[p].kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p for p in list(sig.parameters)[1:] if sig.parameters[p].kind in kinds]
 
 
-def model_kwargs(name: str, variant: str | None = None, options: dict[str, Any] | None = None, **task_kwargs: Any) -> dict[str, Any]:
+def model_kwargs(name: str, variant: str | None = None, options: dict[str, Any] | None = None,
+                 **task_kwargs: Any) -> dict[str, Any]:
     """Constructor kwargs: variant, then options (both checked by name), then task kwargs the model takes."""
     variants = model_variants(name)
     if variant is not None and variant not in variants:
@@ -68,7 +70,8 @@ def model_kwargs(name: str, variant: str | None = None, options: dict[str, Any] 
     return kwargs
 
 
-def build_model(name: str, variant: str | None = None, options: dict[str, Any] | None = None, **task_kwargs: Any) -> nn.Module:
+def build_model(name: str, variant: str | None = None, options: dict[str, Any] | None = None,
+                **task_kwargs: Any) -> nn.Module:
     """Instantiate a registered model; unknown names raise UnknownNameError listing valid ones."""
     return MODELS.get(name)(**model_kwargs(name, variant, options, **task_kwargs))
 

@@ -90,7 +90,8 @@ class Task:
         if task != cls.name or missing:
             raise TaskDataError(
                 f"{dataset.uri}: holds a {task!r} dataset (columns {', '.join(stored)}), but the recipe's task is "
-                f"{cls.name!r}, which reads {', '.join(cls.columns)}; set `task: {task}` in the recipe or point data.uri "
+                f"{cls.name!r}, which reads {', '.join(cls.columns)}; set `task: {task}` in the recipe or point "
+                "data.uri "
                 f"at a dataset packed with `orchestrator data pack SOURCE DEST --task {cls.name}`"
             )
 
