@@ -7,7 +7,7 @@ the data commands and `orchestrator compare`. Each of those now reads it from th
   index_extras     index columns (beyond storage's own) the task's samples bring, read at train time
   meta             dataset meta keys the task reads, with the value each takes when a manifest has none
   loss_sections    the recipe's `loss.<section>` terms the task trains with, and the kind of loss each takes
-  layouts          the source layouts `orchestrator data pack --task NAME` reads
+  layouts          the source layouts `orchestrator data pack --task NAME` reads (`sources`: in words)
   synth            import path of the synthetic generator (`orchestrator data synth --task NAME`)
   worker           import path of the worker half (a workers.tasks.base.Task subclass), imported by
                    workers/ only: common/ never imports what it names
@@ -52,6 +52,7 @@ class TaskSpec:
     index_extras: tuple[str, ...] = ()
     meta: Mapping[str, Any] = field(default_factory=dict)
     layouts: tuple[str, ...] = ()
+    sources: str = ""  # what `data pack --task NAME` takes, in words (its error messages say so)
     synth: str | None = None  # "module:attribute" of a chunk generator (storage.synth_tasks' contract)
     default_image_size: int = 64
     min_image_size: int = 16

@@ -64,6 +64,8 @@ MASK_DEPTH = register_task_spec(TaskSpec(
     compare_columns=(("mIoU", "eval/mask_iou", "max"), ("mRMSE", "eval/depth_rmse", "min")),
     index_extras=("depth_mean",),
     layouts=("seed",),
+    sources="the mask_depth seed layout (fg_bg/, fg_bg_mask/, depth/, bg/ and labels/, as folders or zips) or a "
+            "CSV/Parquet manifest",
     synth="storage.synth:synthesize",  # its own generator (a background pool shared by the samples)
     default_image_size=200,
     min_image_size=32,
@@ -79,6 +81,8 @@ CLASSIFICATION = register_task_spec(TaskSpec(
     index_extras=("label",),  # also a declared column: ShardWriter copies it into the index
     meta={"classes": None, "channels": 1},
     layouts=("imagefolder",),
+    sources="an ImageFolder tree (SOURCE/<class>/<image>.jpg|png|bmp, one folder per class) or a CSV/Parquet "
+            "manifest with image,label columns",
     synth="storage.synth_tasks:classification_chunk",
     default_image_size=28,
     min_image_size=8,
@@ -97,6 +101,9 @@ SEGMENTATION = register_task_spec(TaskSpec(
     index_extras=("class_pixels", "bg_index"),
     meta={"classes": None, "ignore_index": IGNORE_INDEX, "channels": 3},
     layouts=("images_masks", "voc"),
+    sources="images/ + masks/ (same stems, PNG class-index maps, 255 = ignore) + classes.txt, a Pascal VOC tree "
+            "(JPEGImages/, SegmentationClass/, ImageSets/Segmentation/), or a CSV/Parquet manifest with image,mask "
+            "columns",
     synth="storage.synth_tasks:segmentation_chunk",
 ))
 
@@ -112,5 +119,7 @@ DEPTH = register_task_spec(TaskSpec(
     meta={"depth_scale": MM_PER_M, "min_depth_m": DEFAULT_DEPTH_RANGE_M[0], "max_depth_m": DEFAULT_DEPTH_RANGE_M[1],
           "channels": 3},
     layouts=("rgbd",),
+    sources="rgb/ + depth/ (same stems; depth as 16-bit PNG in millimetres, 0 = invalid, or .npy in metres) "
+            "or a CSV/Parquet manifest with image,depth columns",
     synth="storage.synth_tasks:depth_chunk",
 ))

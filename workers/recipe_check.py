@@ -65,13 +65,20 @@ def recipe_problems(recipe: Any) -> list[str]:
     """One line per problem, each starting with the dotted field it is about."""
     import torch
 
-    from workers.models.registry import MODELS, build_model, model_kwargs, model_options, model_task
+    from workers.models.registry import (
+        MODELS,
+        build_model,
+        model_kwargs,
+        model_options,
+        model_task,
+        model_tasks,
+    )
 
     task = get_task_spec(recipe.task).name
     problems: list[str] = []
     m = recipe.model
-    if model_task(m.name) != task:
-        fitting = [n for n in MODELS.names() if model_task(n) == task]
+    if task not in model_tasks(m.name):
+        fitting = [n for n in MODELS.names() if task in model_tasks(n)]
         problems.append(f"model.name: {m.name!r} is a {model_task(m.name)} model and the recipe's task is "
                         f"{task}; models for {task}: {', '.join(fitting) or 'none'}")
         return problems

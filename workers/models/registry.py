@@ -1,7 +1,8 @@
 """The model registry and how a recipe's model section becomes a module.
 
 A registered model is an nn.Module class with two class attributes:
-  task:     the task kind whose batches it takes ("mask_depth", "classification", ...);
+  task:     the task kind whose batches it takes ("mask_depth", "classification", ...); or `tasks`,
+            a tuple of them, for a model that serves several (same input, same output shape);
   variants: named constructor settings (e.g. the source's "baseline" and "best"); may be empty.
 `build_model(name, variant, options, **task_kwargs)` merges variant, then the recipe's options,
 then what the task knows from the dataset (in_channels, num_classes), and passes only the keyword
@@ -33,13 +34,15 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
+def model_tasks(name: str) -> tuple[str, ...]:
+    """The tasks whose batches the model takes: its `tasks` (several), else its one `task`."""
+    cls = MODELS.get(name)
+    return tuple(getattr(cls, "tasks", None) or (getattr(cls, "task", "mask_depth"),))
+
+
 def model_task(name: str) -> str:
-    return getattr(MODELS.get(name), "task", "mask_depth")
-
-
-def model_fits_task(name: str, task: str) -> bool:
-    """Whether the model takes the batches of `task` (a task spec's name); a model names one task."""
-    return model_task(name) == task
+    """The model's first (for most, only) task: what `orchestrator models` lists."""
+    return model_tasks(name)[0]
 
 
 def model_variants(name: str) -> dict[str, dict[str, Any]]:
