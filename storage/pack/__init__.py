@@ -27,7 +27,21 @@ from storage.pack.sizes import choose_sizes, mean_sample_bytes
 from storage.pack.tasks import TASK_COLUMNS, task_meta
 
 __all__ = [
-    "MASK_THRESHOLD", "PACK_VERSION", "STATE_DIR", "TASK_COLUMNS", "BadSample", "PackError", "PackResult", "PartTask",
-    "background_ids", "choose_sizes", "default_workers", "mean_sample_bytes", "pack", "plan_pack_source",
-    "prepare_sample", "run_part", "task_meta",
+    "MASK_THRESHOLD",
+    "PACK_VERSION",
+    "STATE_DIR",
+    "TASK_COLUMNS",
+    "BadSample",
+    "PackError",
+    "PackResult",
+    "PartTask",
+    "background_ids",
+    "choose_sizes",
+    "default_workers",
+    "mean_sample_bytes",
+    "pack",
+    "plan_pack_source",
+    "prepare_sample",
+    "run_part",
+    "task_meta",
 ]

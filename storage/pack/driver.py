@@ -138,8 +138,13 @@ def pack(
     # Background parts first: few, and every sample part's row refers to them.
     bg_reused = len(bg_records)
     todo = [t for t in bg_tasks if t.part not in bg_records] + todo
-    where = run_parts(todo, 1 if in_memory else workers or default_workers(), None if in_memory else address, done,
-                      allow_ray=not in_memory)
+    where = run_parts(
+        todo,
+        1 if in_memory else workers or default_workers(),
+        None if in_memory else address,
+        done,
+        allow_ray=not in_memory,
+    )
     log.info("pack: %d parts run (%s), %d reused", len(todo), where, reused + bg_reused)
 
     bad = list(plan.bad) + [b for p in sorted(records) for b in records[p]["bad"]]
@@ -147,19 +152,36 @@ def pack(
     packed = sum(records[p]["rows"] for p in records)
     result = PackResult(dest=dest, skipped=bad, unlisted=plan.unlisted, parts=len(tasks), parts_reused=reused)
     if bad and not skip_bad:
-        result.report = {"packed": 0, "skipped": bad, "unlisted": len(plan.unlisted), "complete": False, "dataset": None}
+        result.report = {
+            "packed": 0,
+            "skipped": bad,
+            "unlisted": len(plan.unlisted),
+            "complete": False,
+            "dataset": None,
+        }
         _write_report(report, result.report)
         raise PackError(_bad_message(plan.source, bad, dest))
     if packed == 0:
-        result.report = {"packed": 0, "skipped": bad, "unlisted": len(plan.unlisted), "complete": False, "dataset": None}
+        result.report = {
+            "packed": 0,
+            "skipped": bad,
+            "unlisted": len(plan.unlisted),
+            "complete": False,
+            "dataset": None,
+        }
         _write_report(report, result.report)
         raise PackError(f"{redact_text(plan.source)}: every sample is bad ({len(bad)}); nothing to pack")
 
     manifest, n_shards = _write_dataset(dest, plan, task, rps, rpg, bad, records, bg_records, recorded)
     result.packed, result.shards, result.manifest = packed, n_shards, manifest
     result.seconds = time.monotonic() - t0
-    result.report = {"packed": packed, "skipped": bad, "unlisted": len(plan.unlisted), "complete": True,
-                     "dataset": redact_text(dest)}
+    result.report = {
+        "packed": packed,
+        "skipped": bad,
+        "unlisted": len(plan.unlisted),
+        "complete": True,
+        "dataset": redact_text(dest),
+    }
     _write_report(report, result.report)
     return result
 
@@ -174,9 +196,17 @@ def _committed(dest: str, tasks: list[PartTask]) -> dict[int, dict[str, Any]]:
     return records
 
 
-def _write_dataset(dest: str, plan: SourcePlan, task: str, rps: int, rpg: int, bad: list[dict[str, str]],
-                   records: dict[int, dict[str, Any]], bg_records: dict[int, dict[str, Any]],
-                   recorded: set[str]) -> tuple[dict[str, Any], int]:
+def _write_dataset(
+    dest: str,
+    plan: SourcePlan,
+    task: str,
+    rps: int,
+    rpg: int,
+    bad: list[dict[str, str]],
+    records: dict[int, dict[str, Any]],
+    bg_records: dict[int, dict[str, Any]],
+    recorded: set[str],
+) -> tuple[dict[str, Any], int]:
     """The parts' index rows joined into the dataset's index, then manifest.json (last: it makes the
     dataset); stray shards of empty parts removed. Returns the manifest and the number of shards."""
     shards: list[dict[str, Any]] = []
@@ -206,21 +236,31 @@ def _write_dataset(dest: str, plan: SourcePlan, task: str, rps: int, rpg: int, b
         manifest = write_index_and_manifest(dest, index, shards, extra, columns=TASK_COLUMNS[task], task=task)
     else:
         bg_entry = backgrounds_table(dest, bg_records, records)
-        remove_stray_shards(dest, {s["file"] for s in shards} | {f["file"] for f in bg_entry["files"]} | {bg_entry["index"]},
-                             recorded | record_files(records) | record_files(bg_records))
+        remove_stray_shards(
+            dest,
+            {s["file"] for s in shards} | {f["file"] for f in bg_entry["files"]} | {bg_entry["index"]},
+            recorded | record_files(records) | record_files(bg_records),
+        )
         manifest = write_index_and_manifest(dest, index, shards, extra, shared={BG_COLUMN.name: bg_entry})
     return manifest, len(shards)
 
 
-def plan_pack_source(task: str, source: str, columns: dict[str, str] | None = None, classes: str | None = None,
-                     depth_units_per_m: float | None = None) -> SourcePlan:
+def plan_pack_source(
+    task: str,
+    source: str,
+    columns: dict[str, str] | None = None,
+    classes: str | None = None,
+    depth_units_per_m: float | None = None,
+) -> SourcePlan:
     """The plan of SOURCE for `task`; SourceError when SOURCE is not what the task packs."""
     if task != DEFAULT_TASK:
         from storage.layouts import plan_task_source
 
         return plan_task_source(task, source, columns, classes, depth_units_per_m)
     if classes or depth_units_per_m:
-        raise SourceError(f"--classes and --depth-units-per-m apply to --task classification/segmentation/depth, not {DEFAULT_TASK}")
+        raise SourceError(
+            f"--classes and --depth-units-per-m apply to --task classification/segmentation/depth, not {DEFAULT_TASK}"
+        )
     layout, found = detect_layout(source)
     if layout in ("voc", "images_masks", "rgbd") or (layout == "imagefolder" and not _has_seed_names(source)):
         raise wrong_layout(source, task, layout, found)
@@ -243,10 +283,14 @@ def _write_report(uri: str | None, report: dict[str, Any]) -> None:
 
 def _bad_message(source: str, bad: list[dict[str, str]], dest: str) -> str:
     lines = [f"- sample {b['sample']}: {b['path']}: {b['reason']}" for b in bad[:BAD_IN_MESSAGE]]
-    more = f"\n  ... and {len(bad) - BAD_IN_MESSAGE} more (all in the --report file)" if len(bad) > BAD_IN_MESSAGE else ""
+    more = (
+        f"\n  ... and {len(bad) - BAD_IN_MESSAGE} more (all in the --report file)" if len(bad) > BAD_IN_MESSAGE else ""
+    )
     return (
-        f"{redact_text(source)}: {len(bad)} bad sample(s); no dataset written at {redact_text(dest)} (no {MANIFEST} or {INDEX}):\n"
-        + "\n".join(lines) + more
+        f"{redact_text(source)}: {len(bad)} bad sample(s); no dataset written at {redact_text(dest)} "
+        f"(no {MANIFEST} or {INDEX}):\n"
+        + "\n".join(lines)
+        + more
         + "\nFix or remove them and run the same command again (packed parts are kept and reused), "
         "or add --skip-bad to pack the rest and list the skipped ones with --report FILE"
     )

@@ -71,13 +71,17 @@ def decode_checked(data: bytes, kind: str, path: str) -> Image.Image:
     except BadSample:
         raise
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types for bad bytes
-        raise BadSample(path, f"{kind} cannot be decoded ({type(exc).__name__}: {exc}); corrupt or truncated image") from None
+        raise BadSample(
+            path, f"{kind} cannot be decoded ({type(exc).__name__}: {exc}); corrupt or truncated image"
+        ) from None
     if img.format not in ("JPEG", "PNG"):
         raise BadSample(path, f"{kind} is {img.format}, expected JPEG or PNG")
     return img
 
 
-def prepare_sample(blobs: dict[str, bytes | MemberError], paths: dict[str, str], bg_seen: dict[str, tuple[int, int]]) -> tuple[dict[str, bytes], int, int, float]:
+def prepare_sample(
+    blobs: dict[str, bytes | MemberError], paths: dict[str, str], bg_seen: dict[str, tuple[int, int]]
+) -> tuple[dict[str, bytes], int, int, float]:
     """Check one sample's four files and turn them into the packed format's bytes.
 
     fg_bg and bg are kept as they are (JPEG or PNG); the mask becomes a 0/255 mask in the raw
@@ -119,7 +123,9 @@ def prepare_sample(blobs: dict[str, bytes | MemberError], paths: dict[str, str],
 
     if len(set(sizes.values())) != 1:
         desc = ", ".join(f"{k} {w}x{h}" for k, (w, h) in sizes.items())
-        raise BadSample(paths["fg_bg"], f"size mismatch: {desc} (width x height); all four images of a sample must have one size")
+        raise BadSample(
+            paths["fg_bg"], f"size mismatch: {desc} (width x height); all four images of a sample must have one size"
+        )
     w, h = sizes["fg_bg"]
     images = {"fg_bg": bytes(blobs["fg_bg"]), "bg": bytes(blobs["bg"]), "mask": mask_bytes, "depth": depth_bytes}
     return images, h, w, depth_mean
@@ -138,7 +144,9 @@ def run_mask_depth_part(task: PartTask) -> dict[str, Any]:
         for (sid, _name, files, sample_extra), bg_id in zip(task.samples, task.bg_ids, strict=True):
             paths = {k: path_of(task, c, m) for k, (c, m) in files.items()}
             try:
-                images, h, w, depth_mean = prepare_sample({k: blobs[(c, m)] for k, (c, m) in files.items()}, paths, bg_seen)
+                images, h, w, depth_mean = prepare_sample(
+                    {k: blobs[(c, m)] for k, (c, m) in files.items()}, paths, bg_seen
+                )
             except BadSample as exc:
                 bad.append({"sample": str(sid), "path": redact_text(exc.path), "reason": exc.reason})
                 continue
@@ -147,8 +155,16 @@ def run_mask_depth_part(task: PartTask) -> dict[str, Any]:
             values = {"fg_bg": images["fg_bg"], key: int(bg_id), "mask": images["mask"], "depth": images["depth"]}
             group, row = writer.add(sid, values, h, w)
             bg_used.add(int(bg_id))
-            rows.add(sid, group, row, h, w, columns_checksum(MASK_DEPTH_STORED, values),
-                     {k: sample_extra.get(k) for k in task.extra_columns}, depth_mean=depth_mean)
+            rows.add(
+                sid,
+                group,
+                row,
+                h,
+                w,
+                columns_checksum(MASK_DEPTH_STORED, values),
+                {k: sample_extra.get(k) for k in task.extra_columns},
+                depth_mean=depth_mean,
+            )
         entry = writer.close() if writer is not None else None
     except BaseException:
         if writer is not None:
@@ -177,7 +193,9 @@ def run_backgrounds_part(task: PartTask) -> dict[str, Any]:
                 bad.append({"sample": f"bg {vid}", "path": redact_text(exc.path), "reason": exc.reason})
                 continue
             if writer is None:
-                writer = ShardFileWriter(task.dest, shared_file(BG_COLUMN.name, task.part), task.rows_per_group, (BG_COLUMN,))
+                writer = ShardFileWriter(
+                    task.dest, shared_file(BG_COLUMN.name, task.part), task.rows_per_group, (BG_COLUMN,)
+                )
             value = {BG_COLUMN.name: bytes(blob)}
             group, row = writer.add(vid, value, h, w)
             rows.add(vid, group, row, h, w, columns_checksum((BG_COLUMN,), value))
@@ -198,14 +216,18 @@ def background_ids(plan: SourcePlan) -> tuple[list[int], list[FileRef]]:
     return [ids[key(s.files["bg"])] for s in plan.samples], [ref for _, ref in files]
 
 
-def background_tasks(plan: SourcePlan, dest: str, refs: list[FileRef], max_pixels: int = DEFAULT_MAX_PIXELS) -> list[PartTask]:
+def background_tasks(
+    plan: SourcePlan, dest: str, refs: list[FileRef], max_pixels: int = DEFAULT_MAX_PIXELS
+) -> list[PartTask]:
     """mask_depth's background parts: the distinct background files (`refs`, background_ids(plan)[1]),
     in files of ~SHARD_TARGET_BYTES."""
     if isinstance(plan, TaskPlan) or not plan.samples:
         return []
     sizes = []
     for ref in refs[:2000]:
-        entry = None if ref.container is None else plan.containers[ref.container].entries.get(member_key("bg", ref.member))
+        entry = (
+            None if ref.container is None else plan.containers[ref.container].entries.get(member_key("bg", ref.member))
+        )
         sizes.append(entry.size if entry else DEFAULT_SAMPLE_BYTES)
     per_file, per_group = choose_sizes(int(np.mean(sizes)), None, None)
     containers = [(c.kind, c.uri, c.is_zip) for c in plan.containers]
@@ -219,12 +241,27 @@ def background_tasks(plan: SourcePlan, dest: str, refs: list[FileRef], max_pixel
             where = "" if ref.container is None else plan.containers[ref.container].uri
             h.update(f"|{vid}|{where}|{ref.member}|{ref.stamp}".encode())
         samples = [(vid, ref.member, {"bg": (ref.container, ref.member)}, {}) for vid, ref in enumerate(chunk, start)]
-        tasks.append(PartTask(part, dest, per_group, h.hexdigest(), (), containers, samples, DEFAULT_TASK, {}, role=BACKGROUNDS,
-                              max_pixels=max_pixels))
+        tasks.append(
+            PartTask(
+                part,
+                dest,
+                per_group,
+                h.hexdigest(),
+                (),
+                containers,
+                samples,
+                DEFAULT_TASK,
+                {},
+                role=BACKGROUNDS,
+                max_pixels=max_pixels,
+            )
+        )
     return tasks
 
 
-def backgrounds_table(dest: str, bg_records: dict[int, dict[str, Any]], records: dict[int, dict[str, Any]]) -> dict[str, Any]:
+def backgrounds_table(
+    dest: str, bg_records: dict[int, dict[str, Any]], records: dict[int, dict[str, Any]]
+) -> dict[str, Any]:
     """Write the shared backgrounds' index from the background parts; returns its manifest entry.
     PackError when a packed sample's background is not in it (its file changed during the pack)."""
     state = sfs.join(dest, STATE_DIR)
@@ -234,13 +271,18 @@ def backgrounds_table(dest: str, bg_records: dict[int, dict[str, Any]], records:
         rec = bg_records[p]
         if not rec["rows"]:
             continue
-        table = pq.read_table(io.BytesIO(sfs.read_bytes(sfs.join(state, f"{RECORD_PREFIX[BACKGROUNDS]}-{p:05d}.index.parquet"))))
+        table = pq.read_table(
+            io.BytesIO(sfs.read_bytes(sfs.join(state, f"{RECORD_PREFIX[BACKGROUNDS]}-{p:05d}.index.parquet")))
+        )
         tables.append(table.add_column(1, "shard", pa.array([len(files)] * table.num_rows, pa.int32())))
         files.append(rec["shard"])
     index = pa.concat_tables(tables) if tables else index_table({c: [] for c in BASE_INDEX_COLUMNS})
     have = set(index.column("sample_id").to_pylist())
     missing = sorted({b for r in records.values() for b in r.get("bg_used", [])} - have)
     if missing:
-        raise PackError(f"{redact_text(dest)}: backgrounds {missing[:BAD_IN_MESSAGE]} of packed samples could not be stored "
-                        f"({[b for r in bg_records.values() for b in r['bad']][:3]}); did the source change during the pack? Run the same command again")
+        raise PackError(
+            f"{redact_text(dest)}: backgrounds {missing[:BAD_IN_MESSAGE]} of packed samples could not be stored "
+            f"({[b for r in bg_records.values() for b in r['bad']][:3]}); did the source change during the pack? "
+            "Run the same command again"
+        )
     return write_shared_index(dest, BG_COLUMN, index, files)

@@ -31,11 +31,22 @@ def run_part(task: PartTask) -> dict[str, Any]:
     return run_mask_depth_part(task)
 
 
-def sample_tasks(plan: SourcePlan, dest: str, rows_per_shard: int, rows_per_group: int, bg_ids: list[int],
-           max_pixels: int = DEFAULT_MAX_PIXELS) -> list[PartTask]:
+def sample_tasks(
+    plan: SourcePlan,
+    dest: str,
+    rows_per_shard: int,
+    rows_per_group: int,
+    bg_ids: list[int],
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> list[PartTask]:
     """The sample parts; `bg_ids` is background_ids(plan)[0] for mask_depth (empty otherwise)."""
     containers = [(c.kind, c.uri, c.is_zip) for c in plan.containers]
-    config = {"version": PACK_VERSION, "rows_per_group": rows_per_group, "mask_threshold": MASK_THRESHOLD, "extra": plan.extra_columns}
+    config = {
+        "version": PACK_VERSION,
+        "rows_per_group": rows_per_group,
+        "mask_threshold": MASK_THRESHOLD,
+        "extra": plan.extra_columns,
+    }
     task, options = (plan.task, dict(plan.options)) if isinstance(plan, TaskPlan) else (DEFAULT_TASK, {})
     kinds = file_kinds(plan)
     if task == DEFAULT_TASK:
@@ -45,11 +56,26 @@ def sample_tasks(plan: SourcePlan, dest: str, rows_per_shard: int, rows_per_grou
     tasks = []
     for part, start in enumerate(range(0, len(plan.samples), rows_per_shard)):
         refs: list[SampleRef] = plan.samples[start : start + rows_per_shard]
-        samples = [(s.sample_id, s.name, {k: (s.files[k].container, s.files[k].member) for k in kinds}, s.extra) for s in refs]
+        samples = [
+            (s.sample_id, s.name, {k: (s.files[k].container, s.files[k].member) for k in kinds}, s.extra) for s in refs
+        ]
         ids = bg_ids[start : start + rows_per_shard]
         part_config = {**config, "bg_ids": ids} if task == DEFAULT_TASK else config
-        tasks.append(PartTask(part, dest, rows_per_group, plan.fingerprint(refs, part_config), plan.extra_columns,
-                              containers, samples, task, options, bg_ids=ids, max_pixels=max_pixels))
+        tasks.append(
+            PartTask(
+                part,
+                dest,
+                rows_per_group,
+                plan.fingerprint(refs, part_config),
+                plan.extra_columns,
+                containers,
+                samples,
+                task,
+                options,
+                bg_ids=ids,
+                max_pixels=max_pixels,
+            )
+        )
     return tasks
 
 
@@ -58,7 +84,13 @@ def _ray_ready(address: str | None) -> bool:
     return address is not None or (ray is not None and ray.is_initialized())
 
 
-def run_parts(tasks: list[PartTask], workers: int, address: str | None, on_done: Callable[[dict[str, Any]], None], allow_ray: bool = True) -> str:
+def run_parts(
+    tasks: list[PartTask],
+    workers: int,
+    address: str | None,
+    on_done: Callable[[dict[str, Any]], None],
+    allow_ray: bool = True,
+) -> str:
     """Run the parts; returns where they ran (ray | processes | in-process)."""
     if not tasks:
         return "none"

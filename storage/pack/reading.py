@@ -35,4 +35,6 @@ def path_of(task: PartTask, c: int | None, member: str) -> str:
 
 
 def member_problem(kind: str, blob: MemberError) -> str:
-    return f"{kind}: missing partner file" if str(blob) in ("file missing", "missing from the zip") else f"{kind}: {blob}"
+    return (
+        f"{kind}: missing partner file" if str(blob) in ("file missing", "missing from the zip") else f"{kind}: {blob}"
+    )

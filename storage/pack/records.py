@@ -51,11 +51,27 @@ class IndexRows:
     def of(cls, columns: tuple[str, ...] | list[str], extra: tuple[str, ...] = ()) -> IndexRows:
         return cls({c: [] for c in columns if c != "shard"}, {c: [] for c in extra})
 
-    def add(self, sample_id: int, group: int, row: int, height: int, width: int, checksum: Any,
-            extra: dict[str, Any] | None = None, **more: Any) -> None:
+    def add(
+        self,
+        sample_id: int,
+        group: int,
+        row: int,
+        height: int,
+        width: int,
+        checksum: Any,
+        extra: dict[str, Any] | None = None,
+        **more: Any,
+    ) -> None:
         """One sample's row; `more`: other storage columns (mask_depth's depth_mean)."""
-        values = {"sample_id": sample_id, "row_group": group, "row": row, "height": height, "width": width, **more,
-                  "checksum": checksum}
+        values = {
+            "sample_id": sample_id,
+            "row_group": group,
+            "row": row,
+            "height": height,
+            "width": width,
+            **more,
+            "checksum": checksum,
+        }
         for k, v in values.items():
             self.cols[k].append(v)
         for k, v in (extra or {}).items():
@@ -65,8 +81,14 @@ class IndexRows:
         return len(self.cols["sample_id"])
 
 
-def commit_part(task: PartTask, rows: IndexRows, entry: dict[str, Any] | None, bad: list[dict[str, str]],
-                stats: dict[str, Any] | None = None, extra_record: dict[str, Any] | None = None) -> dict[str, Any]:
+def commit_part(
+    task: PartTask,
+    rows: IndexRows,
+    entry: dict[str, Any] | None,
+    bad: list[dict[str, str]],
+    stats: dict[str, Any] | None = None,
+    extra_record: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Write the part's index rows, then its record: the marker a re-run finds and reuses."""
     state = sfs.join(task.dest, STATE_DIR)
     prefix = RECORD_PREFIX[task.role]
@@ -74,8 +96,16 @@ def commit_part(task: PartTask, rows: IndexRows, entry: dict[str, Any] | None, b
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     sfs.write_bytes(sfs.join(state, f"{prefix}-{task.part:05d}.index.parquet"), buf.getvalue())
-    record = {"part": task.part, "role": task.role, "fingerprint": task.fingerprint, "shard": entry, "rows": len(rows),
-              "bad": bad, "samples": len(task.samples), **(extra_record or {})}
+    record = {
+        "part": task.part,
+        "role": task.role,
+        "fingerprint": task.fingerprint,
+        "shard": entry,
+        "rows": len(rows),
+        "bad": bad,
+        "samples": len(task.samples),
+        **(extra_record or {}),
+    }
     if stats is not None:
         record["stats"] = stats
     sfs.write_json(sfs.join(state, f"{prefix}-{task.part:05d}.json"), record)
@@ -123,11 +153,17 @@ def recorded_files(dest: str) -> set[str]:
     except (FileNotFoundError, ValueError):
         manifest = None
     if isinstance(manifest, dict):
-        out |= {s["file"] for s in manifest.get("shards") or [] if isinstance(s, dict) and isinstance(s.get("file"), str)}
+        out |= {
+            s["file"] for s in manifest.get("shards") or [] if isinstance(s, dict) and isinstance(s.get("file"), str)
+        }
         for entry in (manifest.get("shared") or {}).values():
             if isinstance(entry, dict):
                 out |= {entry["index"]} if isinstance(entry.get("index"), str) else set()
-                out |= {f["file"] for f in entry.get("files") or [] if isinstance(f, dict) and isinstance(f.get("file"), str)}
+                out |= {
+                    f["file"]
+                    for f in entry.get("files") or []
+                    if isinstance(f, dict) and isinstance(f.get("file"), str)
+                }
     # Only names a pack writes: a damaged or hand-edited record cannot point the re-pack at a user's file.
     return {f for f in out if is_packed_file(f) and not f.startswith(f"{STATE_DIR}/")}
 

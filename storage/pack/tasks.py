@@ -26,7 +26,8 @@ from storage.shards import BASE_INDEX_COLUMNS, ShardFileWriter, columns_checksum
 # The columns of each task's dataset, as its spec declares them (mask_depth: storage.columns.MASK_DEPTH_COLUMNS).
 TASK_COLUMNS: dict[str, tuple[Column, ...]] = {
     name: tuple(Column(c, codec_name) for c, codec_name in get_task_spec(name).columns)
-    for name in task_names() if name != MASK_DEPTH.name
+    for name in task_names()
+    if name != MASK_DEPTH.name
 }
 
 
@@ -56,8 +57,15 @@ def run_task_part(task: PartTask) -> dict[str, Any]:
             if writer is None:
                 writer = ShardFileWriter(task.dest, shard_file(task.part), task.rows_per_group, columns)
             group, row = writer.add(sid, prep.values, prep.height, prep.width)
-            rows.add(sid, group, row, prep.height, prep.width, columns_checksum(columns, prep.values),
-                     {**{k: sample_extra.get(k) for k in task.extra_columns}, **prep.index})
+            rows.add(
+                sid,
+                group,
+                row,
+                prep.height,
+                prep.width,
+                columns_checksum(columns, prep.values),
+                {**{k: sample_extra.get(k) for k in task.extra_columns}, **prep.index},
+            )
             merge_stats(stats, prep.stats)
         entry = writer.close() if writer is not None else None
     except BaseException:
