@@ -301,7 +301,7 @@ def bench_decode(args: argparse.Namespace) -> dict[str, Any]:
     depths = [codec.decode_depth_uint16(d) for d in rows["depth"]]
     L, Z, PLANES, NONE = codec.CODEC_LZ4, codec.CODEC_ZSTD, codec.LAYOUT_BYTE_PLANES, codec.CODEC_NONE
     encodings = {
-        "png": (codec.encode_mask_png, lambda d: codec.encode_depth_png(d.astype(np.float32) / codec.DEPTH_SCALE)),
+        "png": (codec.encode_mask_png, lambda d: codec.encode_depth_png(d.astype(np.float32) / codec.DEPTH_U16_MAX)),
         "raw_lz4_planes": (lambda m: codec.encode_raw(m, codec=L), lambda d: codec.encode_raw(d, PLANES, L)),
         "raw_lz4_plain": (lambda m: codec.encode_raw(m, codec=L), lambda d: codec.encode_raw(d, codec=L)),
         "raw_zstd_planes": (lambda m: codec.encode_raw(m, codec=Z), lambda d: codec.encode_raw(d, PLANES, Z)),

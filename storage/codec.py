@@ -23,7 +23,6 @@ JPEG_QUALITY = 90
 # mask_depth's depth (a fraction of the range, in [0, 1]) is stored as round(depth * DEPTH_U16_MAX) in
 # 16 bits: a step of 1/65535 of the range. (The other tasks store millimetres: common.tasks.MM_PER_M.)
 DEPTH_U16_MAX = 65535
-DEPTH_SCALE = DEPTH_U16_MAX  # the older name, still imported by workers/data.py and bench/
 # zlib level 3 is ~1.5x faster than the default 6 for ~1.5x bigger depth PNGs; both are lossless.
 PNG_COMPRESS_LEVEL = 3
 # Float error tolerated outside [0, 1] before a depth map counts as out of range.

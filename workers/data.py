@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from storage.codec import DEPTH_SCALE, CorruptImageError
+from storage.codec import DEPTH_U16_MAX, CorruptImageError
 
 try:  # libjpeg-turbo straight into a numpy buffer, with DCT scaling: ~1.7x Pillow's decode+convert
     import simplejpeg
@@ -61,7 +61,7 @@ def _resize_into(out: np.ndarray, img: np.ndarray, nearest: bool) -> None:
     if img.dtype == np.uint16:  # no 16-bit kernels: through float, rounded back
         t = torch.from_numpy(img.astype(np.float32))[None, None]
         t = F.interpolate(t, size=size, mode="bilinear", antialias=True, align_corners=False)
-        out[...] = t[0, 0].round_().clamp_(0, DEPTH_SCALE).numpy()
+        out[...] = t[0, 0].round_().clamp_(0, DEPTH_U16_MAX).numpy()
         return
     if nearest:
         out[...] = img[np.ix_(_nearest_index(img.shape[0], size[0]), _nearest_index(img.shape[1], size[1]))]
