@@ -23,7 +23,7 @@ from storage.layouts.base import (
     detect_layout,
     wrong_layout,
 )
-from storage.seed_layout import SourceError
+from storage.source_plan import SourceError
 
 __all__ = ["DEFAULT_TASK", "TASKS", "BadSample", "TaskPlan", "check_task", "detect_layout", "plan_task_source", "wrong_layout"]
 

@@ -11,15 +11,8 @@ from typing import Any
 
 from common.tasks import MASK_DEPTH, get_task_spec, task_names
 from storage import fs as sfs
-from storage.seed_layout import (
-    CONTAINERS,
-    Container,
-    Entry,
-    FileRef,
-    SampleRef,
-    SourceError,
-    SourcePlan,
-)
+from storage.seed_layout import CONTAINERS
+from storage.source_plan import Container, Entry, FileRef, SampleRef, SourceError, SourcePlan
 
 TASKS = tuple(task_names())  # the built-in tasks (common.tasks)
 DEFAULT_TASK = MASK_DEPTH.name

@@ -20,15 +20,8 @@ from common.tasks import MASK_DEPTH, get_task_spec, task_names
 from storage import fs as sfs
 from storage.layouts.base import TaskPlan, read_class_names
 from storage.layouts.images_masks import check_classes
-from storage.seed_layout import (
-    MANIFEST_COLUMNS,
-    FileRef,
-    SampleRef,
-    SourceError,
-    _resolve,
-    drop_duplicate_ids,
-    manifest_row_id,
-)
+from storage.seed_layout import MANIFEST_COLUMNS, _resolve, drop_duplicate_ids, manifest_row_id
+from storage.source_plan import FileRef, SampleRef, SourceError
 
 # Each task's columns (its spec's), mask_depth's in its manifests' own order; the file-backed ones
 # are those stored as bytes (an int64 column, a class label, is a value in the manifest itself).

@@ -46,8 +46,9 @@ from storage.pack.records import (
 from storage.pack.result import PackError, PackResult
 from storage.pack.sizes import choose_sizes, mean_sample_bytes
 from storage.pack.tasks import TASK_COLUMNS, task_meta
-from storage.seed_layout import SourceError, SourcePlan, plan_source
+from storage.seed_layout import plan_source
 from storage.shards import INDEX, MANIFEST, SHARED_FORMAT, write_index_and_manifest
+from storage.source_plan import SourceError, SourcePlan
 
 log = logging.getLogger("storage.pack")
 

@@ -39,7 +39,7 @@ from storage.pack.records import (
 )
 from storage.pack.result import PackError
 from storage.pack.sizes import DEFAULT_SAMPLE_BYTES, choose_sizes
-from storage.seed_layout import IMAGE_KINDS, FileRef, MemberError, SourcePlan, member_key
+from storage.seed_layout import IMAGE_KINDS, member_key
 from storage.shards import (
     BASE_INDEX_COLUMNS,
     INDEX_COLUMNS,
@@ -54,6 +54,7 @@ from storage.shards import (
     stored_columns,
     write_shared_index,
 )
+from storage.source_plan import FileRef, MemberError, SourcePlan
 
 # Source masks are JPEGs (lossy): pixels at or above this gray value are foreground.
 MASK_THRESHOLD = 128

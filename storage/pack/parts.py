@@ -16,8 +16,8 @@ from storage.pack.mask_depth import MASK_THRESHOLD, run_backgrounds_part, run_ma
 from storage.pack.records import BACKGROUNDS, PACK_VERSION, PartTask
 from storage.pack.sizes import file_kinds
 from storage.pack.tasks import run_task_part
-from storage.seed_layout import SampleRef, SourcePlan
 from storage.shards import SHARED_FORMAT
+from storage.source_plan import SampleRef, SourcePlan
 
 
 def run_part(task: PartTask) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from storage.pack.records import PartTask
-from storage.seed_layout import Container, MemberError, read_files, read_members
+from storage.source_plan import Container, MemberError, read_files, read_members
 
 
 def read_part_files(task: PartTask) -> dict[tuple[int | None, str], bytes | MemberError]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from storage.layouts.base import TaskPlan
-from storage.seed_layout import IMAGE_KINDS, SourcePlan, member_key
+from storage.seed_layout import IMAGE_KINDS, member_key
+from storage.source_plan import SourcePlan
 
 # Shards sized for object stores: big enough that per-object costs vanish, small enough that a
 # failed upload or a re-pack of one part is cheap.

@@ -20,8 +20,8 @@ from storage.columns import Column
 from storage.layouts.base import BadSample, TaskPlan
 from storage.pack.reading import member_problem, path_of, read_part_files
 from storage.pack.records import IndexRows, PartTask, commit_part
-from storage.seed_layout import MemberError
 from storage.shards import BASE_INDEX_COLUMNS, ShardFileWriter, columns_checksum, shard_file
+from storage.source_plan import MemberError
 
 # The columns of each task's dataset, as its spec declares them (mask_depth: storage.columns.MASK_DEPTH_COLUMNS).
 TASK_COLUMNS: dict[str, tuple[Column, ...]] = {
