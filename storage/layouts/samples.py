@@ -178,7 +178,8 @@ def depth_mm(data: bytes, path: str, units_per_m: float = MM_PER_M) -> np.ndarra
             return metres_to_mm(arr)
         if arr.dtype.kind in "ui":
             if arr.min() < 0:
-                raise BadSample(path, "depth .npy has negative integer values; integers are read as the depth PNGs' units (0 = invalid)")
+                raise BadSample(path, "depth .npy has negative integer values; integers are read as the depth PNGs' "
+                                      "units (0 = invalid)")
             return units_to_mm(arr, units_per_m)
         raise BadSample(path, f"depth .npy has dtype {arr.dtype}, expected float metres (or integers in the PNGs' units)")
     img = open_image(data, "depth", path)
