@@ -43,6 +43,7 @@ def _trainer(args: argparse.Namespace, data_uri: str, run_dir: str, tracking_uri
 
     from common.plan import make_plan
     from common.recipe import validate_recipe
+    from storage.plans import save_plan
     from storage.shards import open_dataset
     from workers.loop import Trainer
     from workers.session import LocalSession
@@ -55,7 +56,7 @@ def _trainer(args: argparse.Namespace, data_uri: str, run_dir: str, tracking_uri
         "checkpoint": {"every_steps": 1_000_000, "every_seconds": 1e9, "keep": 3, "background": background},
         "execution": {"backend": "local", "torch_threads": args.threads},
     })
-    make_plan(recipe, open_dataset(data_uri).sample_ids).save(run_dir)
+    save_plan(make_plan(recipe, open_dataset(data_uri).sample_ids), run_dir)
     client = MlflowClient(tracking_uri=tracking_uri)
     exp = client.get_experiment_by_name("bench") or client.get_experiment(client.create_experiment("bench"))
     run_id = client.create_run(exp.experiment_id).info.run_id

@@ -301,7 +301,7 @@ def bench_decode(args: argparse.Namespace) -> dict[str, Any]:
     depths = [codec.decode_depth_uint16(d) for d in rows["depth"]]
     L, Z, PLANES, NONE = codec.CODEC_LZ4, codec.CODEC_ZSTD, codec.LAYOUT_BYTE_PLANES, codec.CODEC_NONE
     encodings = {
-        "png": (codec.encode_mask_png, lambda d: codec.encode_depth_png(d.astype(np.float32) / codec.DEPTH_SCALE)),
+        "png": (codec.encode_mask_png, lambda d: codec.encode_depth_png(d.astype(np.float32) / codec.DEPTH_U16_MAX)),
         "raw_lz4_planes": (lambda m: codec.encode_raw(m, codec=L), lambda d: codec.encode_raw(d, PLANES, L)),
         "raw_lz4_plain": (lambda m: codec.encode_raw(m, codec=L), lambda d: codec.encode_raw(d, codec=L)),
         "raw_zstd_planes": (lambda m: codec.encode_raw(m, codec=Z), lambda d: codec.encode_raw(d, PLANES, Z)),
@@ -329,6 +329,7 @@ def bench_data_wait(args: argparse.Namespace, proxy: Any, bucket: str) -> dict[s
 
     from common.plan import make_plan
     from common.recipe import validate_recipe
+    from storage.plans import save_plan
     from storage.shards import open_dataset
     from storage.synth import synthesize
     from workers.loop import Trainer
@@ -355,7 +356,7 @@ def bench_data_wait(args: argparse.Namespace, proxy: Any, bucket: str) -> dict[s
             })
             run_dir = os.path.join(tmp, "runs", "bench")
             plan = make_plan(recipe, ds.sample_ids)
-            plan.save(run_dir)
+            save_plan(plan, run_dir)
             trainer = Trainer(recipe, {"run_dir": run_dir, "data_uri": uri, "task_info": {"baseline_depth": 0.5}}, LocalSession(run_dir, keep=1))
             get, waited = trainer.prefetcher.get, []
 

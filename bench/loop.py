@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from common.plan import make_plan
     from common.recipe import validate_recipe
+    from storage.plans import save_plan
     from storage.shards import open_dataset
     from storage.synth import synthesize
     from workers.loop import Trainer
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
         ds = open_dataset(data)
         run_dir = os.path.join(tmp, "runs", "bench")
         plan = make_plan(recipe, ds.sample_ids)
-        plan.save(run_dir)
+        save_plan(plan, run_dir)
         config = {"run_dir": run_dir, "data_uri": data, "task_info": {"baseline_depth": 0.5}}
 
         # Baseline: the same model, losses and optimizer on pre-decoded tensors.

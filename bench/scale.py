@@ -123,7 +123,6 @@ def _child_driver(out_path: str, cli_args: list[str]) -> None:
     there the launch is replaced by a note of the time and the peak RSS, and a KeyboardInterrupt
     (the run is left `interrupted`, as a Ctrl-C before the workers started would leave it)."""
     t0 = time.perf_counter()
-    import common.plan
     import orchestrator.launcher as launcher
     import orchestrator.runner as runner
 
@@ -143,8 +142,8 @@ def _child_driver(out_path: str, cli_args: list[str]) -> None:
     runner.plan_for_dataset = timed("plan_s", runner.plan_for_dataset)
     runner.open_data = timed("open_and_validate_data_s", runner.open_data)
     runner.task_info = timed("task_info_s", runner.task_info)
-    common.plan.Plan.save = timed("plan_save_s", common.plan.Plan.save)
-    common.plan.Plan.load = classmethod(timed("plan_load_s", common.plan.Plan.load.__func__))
+    runner.save_plan = timed("plan_save_s", runner.save_plan)
+    runner.load_plan = timed("plan_load_s", runner.load_plan)
 
     def stub(recipe: Any, config: dict[str, Any], address: str | None) -> None:
         Path(out_path).write_text(
@@ -174,16 +173,17 @@ def _child_worker(out_path: str, run_dir: str, data_uri: str, stage: int, chunk:
     """What a worker does on a (re)start that depends on the dataset's size, then one rank's slice of
     a chunk and its fetch (ChunkPrefetcher, the cache off: a fresh machine)."""
     t0 = time.perf_counter()
-    from common.plan import Plan, batches_for_rank, rank_slice, steps_per_chunk
+    from common.plan import batches_for_rank, rank_slice, steps_per_chunk
     from common.recipe import validate_recipe
     from storage import checkpoints
+    from storage.plans import load_plan
     from storage.shards import open_dataset
     from workers.data import ChunkPrefetcher
 
     rec = json.loads(Path(run_dir, "run.json").read_text())
     recipe = validate_recipe(rec["recipe"])
     t_imports = time.perf_counter()
-    plan = Plan.load(run_dir)
+    plan = load_plan(run_dir)
     ds = open_dataset(data_uri)
     found = checkpoints.list_complete(run_dir)
     world, rank = recipe.execution.num_workers, 0
@@ -195,7 +195,7 @@ def _child_worker(out_path: str, run_dir: str, data_uri: str, stage: int, chunk:
     resume_worker_s = time.perf_counter() - t_imports
     rss_after_open = _peak_rss_mb()
 
-    # One rank's slice of the chunk, as workers/loop.py train_chunk cuts it.
+    # One rank's slice of the chunk, as workers/train/trainer.py train_chunk cuts it.
     st = recipe.stages[stage]
     t = time.perf_counter()
     ids = plan.chunk_ids(stage, chunk)
@@ -203,7 +203,7 @@ def _child_worker(out_path: str, run_dir: str, data_uri: str, stage: int, chunk:
     mine = rank_slice(ids, world, rank, contiguous)
     batches = batches_for_rank(ids, st.batch_size, world, rank, [recipe.run.seed, 3, stage, chunk, 0], contiguous)
     rank_slice_s = time.perf_counter() - t
-    # The loop's map from ids to rows of the fetched slice (workers/loop.py; not one of this bench's files).
+    # The loop's map from ids to rows of the fetched slice (workers/train/trainer.py; not one of this bench's files).
     t = time.perf_counter()
     position = {int(sid): i for i, sid in enumerate(mine)}
     todo = [[position[int(x)] for x in b] for b in batches]
@@ -221,7 +221,7 @@ def _child_worker(out_path: str, run_dir: str, data_uri: str, stage: int, chunk:
     stats = ds.reader.stats.as_dict()
     assert np.array_equal(rows["sample_id"], mine)
     del rows
-    # The same slice streamed (workers/loop.py since the streaming change): its first batch's rows
+    # The same slice streamed (workers/train/trainer.py since the streaming change): its first batch's rows
     # in hand, then the whole slice; a fresh dataset object, so footers are fetched again.
     from workers.data import stream_order
 

@@ -5,7 +5,7 @@ training split once. With `data.chunking: row_groups` the permutation moves whol
 groups (the ids of one group stay together, the groups in a seeded order), so a chunk reads
 about its own size from storage instead of touching every row group of the dataset. The plan
 is written to run storage at the first start and read back on every resume, so a resumed run
-trains exactly the chunks it planned.
+trains exactly the chunks it planned; storage/plans.py does that I/O (common/ imports nothing above it).
 """
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common.errors import RecipeError
 from common.recipe import Recipe
-from storage import fs
-from storage.layout import PLAN_JSON, PLAN_NPZ
 
 
 @dataclass(frozen=True)
@@ -61,19 +60,18 @@ class Plan:
             ],
         }
 
-    def save(self, run_dir: str) -> None:
+    def to_npz(self) -> bytes:
+        """The id arrays as .npz bytes (storage/plans.py writes them beside summary()'s JSON)."""
         buf = io.BytesIO()
         arrays = {"eval_ids": self.eval_ids, "train_ids": self.train_ids}
         arrays.update({f"stage_{i}": s.permutation for i, s in enumerate(self.stages)})
         np.savez(buf, **arrays)
-        fs.write_bytes(fs.join(run_dir, PLAN_NPZ), buf.getvalue())
-        # The JSON is written second: it marks the plan complete.
-        fs.write_json(fs.join(run_dir, PLAN_JSON), self.summary())
+        return buf.getvalue()
 
     @classmethod
-    def load(cls, run_dir: str) -> Plan:
-        meta = fs.read_json(fs.join(run_dir, PLAN_JSON))
-        arrays = np.load(io.BytesIO(fs.read_bytes(fs.join(run_dir, PLAN_NPZ))))
+    def from_saved(cls, meta: dict, npz: bytes) -> Plan:
+        """The plan back from summary()'s JSON and to_npz()'s bytes."""
+        arrays = np.load(io.BytesIO(npz))
         stages = tuple(
             StagePlan(s["name"], s["chunk_size"], arrays[f"stage_{i}"]) for i, s in enumerate(meta["stages"])
         )
@@ -93,8 +91,6 @@ def make_plan(recipe: Recipe, sample_ids: np.ndarray, row_groups: np.ndarray | N
 
     `row_groups`, one key per id of `sample_ids` (the stored row group that holds it), is needed
     with `data.chunking: row_groups`; the default chunking ignores it."""
-    from common.errors import RecipeError
-
     sample_ids = np.asarray(sample_ids, dtype=np.int64)
     by_group = recipe.data.chunking == "row_groups"
     if by_group and (row_groups is None or len(row_groups) != len(sample_ids)):
@@ -123,7 +119,8 @@ def make_plan(recipe: Recipe, sample_ids: np.ndarray, row_groups: np.ndarray | N
         if last < min_batch:
             raise RecipeError(
                 f"stages.{st.name}.chunk_size={st.chunk_size}: the last chunk holds {last} samples, fewer than "
-                f"the {min_batch} workers; pick a chunk_size that divides the {len(train_ids)} training samples more evenly"
+                f"the {min_batch} workers; pick a chunk_size that divides the {len(train_ids)} training samples "
+                "more evenly"
             )
         stages.append(plan)
     return Plan(recipe.run.seed, n, eval_ids, train_ids, tuple(stages))

@@ -40,8 +40,8 @@ def run(
     from_env: Annotated[bool, typer.Option("--from-env", hidden=True, help="Read the resolved recipe from $ORCHESTRATOR_RECIPE_JSON (the Ray Job entrypoint).")] = False,
 ) -> None:
     """Start the run the recipe names, or resume it; a finished run is reported, not retrained."""
-    from common.recipe import load_recipe, validate_recipe
     from orchestrator import runner
+    from orchestrator.recipes import load_recipe, validate_recipe
     from orchestrator.status import build_status
     from storage import fs
 
@@ -273,8 +273,8 @@ def lr_find(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """LR range test: raise the LR over a few hundred steps, log the curve to MLflow, suggest max_lr."""
-    from common.recipe import load_recipe
     from orchestrator.lr_find import run_lr_find
+    from orchestrator.recipes import load_recipe
 
     rec = load_recipe(recipe, set_ or [])
     res = run_lr_find(rec, stage, steps, min_lr, max_lr, err)

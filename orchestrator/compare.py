@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from common.errors import RunError
+from common.tasks import get_task_spec
 
 # Columns every task's table has after its own metrics: (column, field, which way is better).
 RUN_COLUMNS = (
@@ -27,11 +28,13 @@ def _task_of(params: dict[str, str]) -> str:
 
 def columns_for(tasks: list[str]) -> list[tuple[str, str, str | None]]:
     """The tasks' own metric columns (each once, in task order), then the run columns."""
-    from workers.tasks import get_task
-
     cols: list[tuple[str, str, str | None]] = []
     for task in dict.fromkeys(tasks):
-        cols += [c for c in get_task(task).compare_columns if c not in cols]
+        try:
+            spec = get_task_spec(task)
+        except ValueError:  # a task by import path that does not import here: its runs show the run columns
+            continue
+        cols += [c for c in spec.compare_columns if c not in cols]
     return cols + list(RUN_COLUMNS)
 
 
@@ -101,7 +104,7 @@ def collect(tracking_uri: str, experiment: str | None) -> dict[str, Any]:
 
 def study_rows(client: Any, experiment_id: str) -> list[dict[str, Any]]:
     """One row per (study, scaling) of the experiment's runs tagged orchestrator.kind=study, from the
-    tags the study keeps current as layers commit (orchestrator/study.py)."""
+    tags the study keeps current as layers commit (orchestrator/study/)."""
     runs = client.search_runs([experiment_id], filter_string="tags.`orchestrator.kind` = 'study'", max_results=10_000)
     newest: dict[str, Any] = {}  # a study made again under its name (its folder removed) shows once, as made last
     for run in runs:

@@ -12,16 +12,19 @@ from rich.console import Console
 # Bad arguments raise RecipeError (exit 2): orchestrator.cli prints it as one `error:` line,
 # where a typer.BadParameter raised in a command body would surface as a traceback.
 from common.errors import RecipeError, RunError
+from common.plugins import is_import_path
 from common.redact import check_no_credentials, redact_text
+from common.tasks import MASK_DEPTH, get_task_spec, task_names
 
 data_app = typer.Typer(no_args_is_help=True, help="Make, pack and check datasets.")
 err = Console(stderr=True, soft_wrap=True)
 
-# storage.layouts.TASKS, spelled out here so `--help` needs no storage import.
-TASKS = ("mask_depth", "classification", "segmentation", "depth")
+# The built-in tasks (common.tasks: no storage import for `--help`); --task also takes a TaskSpec by import path.
+TASKS = tuple(task_names())
 FORCE_HELP = ("Write into a DEST that holds files this tool did not write (refused otherwise, exit 2); "
               "only files it writes are ever replaced or deleted there.")
-TASK_HELP = "What the dataset holds: mask_depth (the default: fg_bg/bg/mask/depth), classification, segmentation or depth."
+TASK_HELP = (f"What the dataset holds: {TASKS[0]} (the default: {'/'.join(MASK_DEPTH.column_names)}), "
+             f"{', '.join(TASKS[1:-1])} or {TASKS[-1]}.")
 
 
 def check_dest(dest: str, command: str, force: bool) -> None:
@@ -32,9 +35,15 @@ def check_dest(dest: str, command: str, force: bool) -> None:
 
 
 def _check_task(task: str) -> str:
-    if task not in TASKS:
-        raise RecipeError(f"--task {task!r}: choose one of {', '.join(TASKS)}")
-    return task
+    if task in TASKS:
+        return task
+    if is_import_path(task):
+        try:
+            get_task_spec(task)
+        except ValueError as exc:
+            raise RecipeError(f"--task: {exc}") from None
+        return task
+    raise RecipeError(f"--task {task!r}: choose one of {', '.join(TASKS)}")
 
 
 def _check_dest(dest: str, verb: str) -> None:
@@ -123,13 +132,9 @@ def data_synth(
         raise RecipeError(f"--layout {layout!r}: choose 'shards' (a packed dataset) or 'seed' (the raw layout `data pack --task {task}` takes)")
     if as_zip and (layout != "seed" or task != "mask_depth"):
         raise RecipeError("--zip applies to --layout seed of --task mask_depth only")
-    if task == "mask_depth" and image_size is not None and image_size < 32:
-        raise RecipeError(f"--image-size {image_size}: mask_depth needs at least 32 px")
-    if task != "mask_depth":
-        from storage.synth_tasks import MIN_IMAGE_SIZE
-
-        if image_size is not None and image_size < MIN_IMAGE_SIZE[task]:
-            raise RecipeError(f"--image-size {image_size}: {task} needs at least {MIN_IMAGE_SIZE[task]} px")
+    least = get_task_spec(task).min_image_size
+    if image_size is not None and image_size < least:
+        raise RecipeError(f"--image-size {image_size}: {task} needs at least {least} px")
     _check_dest(dest, "write the dataset")
     check_dest(dest, "data synth", force)
     with count_progress(err, "synthesizing", samples) as advance:

@@ -20,6 +20,7 @@ from orchestrator.interrupt import StopOnInterrupt
 from orchestrator.progress import ProgressDisplay, count_progress
 from storage import fs
 from storage.layout import CURSOR_JSON, ERROR_JSON, FINAL_JSON
+from storage.plans import load_plan, save_plan
 from storage.retry import MountDropped, StorageError, StorageUnavailable
 from workers.preemption import PreemptedError, StopRequested
 
@@ -209,7 +210,7 @@ def _new_run(recipe: Recipe, rdir: str, data_uri: str, ds: Any, console: Console
     tracking_uri = tracking.resolve_tracking_uri(recipe.tracking.uri)
     exp_id = tracking.ensure_experiment(tracking_uri, recipe.tracking.experiment, tracking.local_artifact_location(
         tracking_uri, fs.normalize(recipe.run.storage), recipe.tracking.experiment))
-    plan.save(rdir)
+    save_plan(plan, rdir)
     run_id = tracking.create_run(tracking_uri, exp_id, recipe)
     rec = record.RunRecord(
         run_name=recipe.run.name, recipe=recipe.model_dump(mode="json"), recipe_sha256=recipe.sha256(),
@@ -220,7 +221,7 @@ def _new_run(recipe: Recipe, rdir: str, data_uri: str, ds: Any, console: Console
 
 
 def _resumed_plan(recipe: Recipe, rdir: str, rec: record.RunRecord, data_uri: str, ds: Any, console: Console) -> Plan:
-    plan = Plan.load(rdir)
+    plan = load_plan(rdir)
     if plan.num_samples != ds.num_samples:
         raise RunError(
             f"{data_uri}: holds {ds.num_samples} samples but run '{recipe.run.name}' was planned over "

@@ -24,8 +24,8 @@ from common.recipe import (
     _format_validation_error,
     apply_override,
     load_recipe_dict,
-    validate_recipe,
 )
+from orchestrator.recipes import validate_recipe
 
 
 class SweepSpec(BaseModel):

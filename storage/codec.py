@@ -20,8 +20,9 @@ import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 
 JPEG_QUALITY = 90
-# Depth is stored as round(depth * DEPTH_SCALE) in 16 bits: a step of 1/65535 of the range.
-DEPTH_SCALE = 65535
+# mask_depth's depth (a fraction of the range, in [0, 1]) is stored as round(depth * DEPTH_U16_MAX) in
+# 16 bits: a step of 1/65535 of the range. (The other tasks store millimetres: common.tasks.MM_PER_M.)
+DEPTH_U16_MAX = 65535
 # zlib level 3 is ~1.5x faster than the default 6 for ~1.5x bigger depth PNGs; both are lossless.
 PNG_COMPRESS_LEVEL = 3
 # Float error tolerated outside [0, 1] before a depth map counts as out of range.
@@ -286,7 +287,7 @@ def depth_to_uint16(depth: np.ndarray) -> np.ndarray:
     lo, hi = float(depth.min()), float(depth.max())
     if lo < -_DEPTH_RANGE_SLACK or hi > 1 + _DEPTH_RANGE_SLACK:
         raise ValueError(f"depth must lie in [0, 1], got [{lo:.6g}, {hi:.6g}]")
-    return np.rint(np.clip(depth, 0.0, 1.0) * DEPTH_SCALE).astype(np.uint16)
+    return np.rint(np.clip(depth, 0.0, 1.0) * DEPTH_U16_MAX).astype(np.uint16)
 
 
 def encode_depth(depth: np.ndarray) -> bytes:
@@ -328,8 +329,8 @@ def depth_image_values(img: Image.Image) -> np.ndarray:
     if img.mode not in ("I;16", "I;16B", "I;16L", "I"):
         raise CorruptImageError(f"could not decode depth PNG: expected 8- or 16-bit grayscale, got mode {img.mode}")
     values = np.asarray(img)
-    if values.min() < 0 or values.max() > DEPTH_SCALE:
-        raise CorruptImageError(f"could not decode depth PNG: values outside 0..{DEPTH_SCALE}")
+    if values.min() < 0 or values.max() > DEPTH_U16_MAX:
+        raise CorruptImageError(f"could not decode depth PNG: values outside 0..{DEPTH_U16_MAX}")
     return values.astype(np.uint16)
 
 
@@ -360,7 +361,7 @@ def decode_depth(data: bytes) -> np.ndarray:
     16-bit values are read as value/65535; 8-bit ones (the source dataset's depth maps) as value/255.
     """
     values = depth_values(data)
-    scale = 255 if values.dtype == np.uint8 else DEPTH_SCALE
+    scale = 255 if values.dtype == np.uint8 else DEPTH_U16_MAX
     return values.astype(np.float32) / np.float32(scale)
 
 

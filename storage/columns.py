@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from common.tasks import MASK_DEPTH
 from storage import codec
 
 CODECS = ("image", "raw_u8", "raw_u16", "int64")
@@ -65,8 +66,8 @@ class Column:
         return {"name": self.name, "codec": self.codec}
 
 
-MASK_DEPTH_TASK = "mask_depth"
-MASK_DEPTH_COLUMNS = (Column("fg_bg", "image"), Column("bg", "image"), Column("mask", "raw_u8"), Column("depth", "raw_u16"))
+MASK_DEPTH_TASK = MASK_DEPTH.name
+MASK_DEPTH_COLUMNS = tuple(Column(name, codec_name) for name, codec_name in MASK_DEPTH.columns)
 
 
 def check_columns(columns: Any) -> tuple[Column, ...]:
@@ -307,5 +308,5 @@ def mask_depth_depth_mean(sample: Mapping[str, Any], encoded: Mapping[str, bytes
     """The index's `depth_mean` of a mask_depth sample that does not bring one: the mean depth in [0, 1]."""
     depth = sample["depth"]
     if isinstance(depth, np.ndarray):
-        return float(codec.depth_to_uint16(depth).mean()) / codec.DEPTH_SCALE
+        return float(codec.depth_to_uint16(depth).mean()) / codec.DEPTH_U16_MAX
     return float(codec.decode_depth(encoded["depth"]).mean())

@@ -3,7 +3,7 @@ compare-and-swap, so that two drivers never both hold it, and `check_holder` for
 to call before it commits a checkpoint.
 
 Torch-free and free of policy (the heartbeat thread and what to do on a loss live in
-orchestrator/lease.py), so that workers can import it.
+orchestrator/engine/lease.py), so that workers can import it.
 
 How each store gives the compare-and-swap:
 
@@ -20,7 +20,7 @@ How each store gives the compare-and-swap:
   file, checks the current holder's token, and replaces: a POSIX filesystem has no compare-and-swap
   for a replace, so a window remains between the check and the replace. Another driver can only
   enter it by judging our lease lapsed, i.e. after LEASE_TTL_S without a renewal, and the heartbeat
-  gives the lease up (orchestrator/lease.py) before that; whatever slips through anyway (a clock
+  gives the lease up (orchestrator/engine/lease.py) before that; whatever slips through anyway (a clock
   jump, a renewal stalled inside the window) is caught by `check_holder` before the next commit.
   Likewise with three or more racers on one lapsed lease: a racer whose rename caught the winner's
   fresh record puts it back, and a fourth that created one in that instant holds the lease too

@@ -44,7 +44,7 @@ RETRY_TOTAL_S = _budget("ORCHESTRATOR_STORAGE_RETRY_S", 60.0)
 # minutes (then stop with a clear line, losing nothing) rather than fail at its first minute.
 DURABLE_RETRY_S = _budget("ORCHESTRATOR_DURABLE_RETRY_S", 300.0)
 
-# Counted so that runs can report how many retries they made (workers/loop.py logs it to MLflow
+# Counted so that runs can report how many retries they made (workers/train/ logs it to MLflow
 # as perf/storage_retries). Read it; only _log_retry writes it.
 RETRY_COUNTER = {"retries": 0}
 _COUNTER_LOCK = threading.Lock()

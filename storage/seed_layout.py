@@ -20,7 +20,7 @@ import posixpath
 import re
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,6 +28,18 @@ from PIL import Image
 
 from storage import codec
 from storage import fs as sfs
+
+# The generic plan types moved to storage.source_plan; importable from here as before (explicit re-exports).
+from storage.source_plan import Container as Container
+from storage.source_plan import Entry as Entry
+from storage.source_plan import FileRef as FileRef
+from storage.source_plan import MemberError as MemberError
+from storage.source_plan import SampleRef as SampleRef
+from storage.source_plan import SourceError as SourceError
+from storage.source_plan import SourcePlan as SourcePlan
+from storage.source_plan import read_files as read_files
+from storage.source_plan import read_members as read_members
+from storage.source_plan import zip_member_uri as zip_member_uri
 
 # Container names as written by `data synth --layout seed`, then accepted aliases.
 CONTAINERS: dict[str, tuple[str, ...]] = {
@@ -45,32 +57,7 @@ _LABEL_FILE = re.compile(r"^(?P<bg>.+?)_label_info\.txt$")
 _JUNK = ("__MACOSX/", ".DS_Store")
 
 
-def zip_member_uri(zip_uri: str, member: str) -> str:
-    """fsspec's chained URL of a zip member: openable with fsspec.open, and readable in a report."""
-    return f"zip://{member}::{zip_uri}"
-
-
 # -- listing -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Entry:
-    member: str  # path inside the container (zip member name, or path relative to the folder)
-    size: int
-    stamp: str  # changes when the file changes: CRC for zips, size/mtime or etag for folders
-
-
-@dataclass
-class Container:
-    """One folder or zip of the layout, listed once: key -> Entry."""
-
-    kind: str  # fg_bg | mask | depth | bg | labels
-    uri: str
-    is_zip: bool
-    entries: dict[str, Entry] = field(default_factory=dict)
-
-    def path_of(self, member: str) -> str:
-        return zip_member_uri(self.uri, member) if self.is_zip else sfs.join(self.uri, member)
 
 
 def member_key(kind: str, member: str) -> str:
@@ -109,51 +96,6 @@ def open_container(kind: str, source: str) -> Container | None:
 
 
 # -- reading -------------------------------------------------------------------------------------
-
-
-class MemberError(Exception):
-    """A file or zip member that cannot be read; the message says why."""
-
-
-def read_members(container: Container, members: list[str]) -> dict[str, bytes | MemberError]:
-    """Bytes of each member (or the MemberError saying why not), one open of a zip per call.
-
-    Each call opens its own handle: zip readers shared between threads or processes are what
-    broke the source's zip-backed loaders.
-    """
-    out: dict[str, bytes | MemberError] = {}
-    if container.is_zip:
-        fs, path = sfs.filesystem(container.uri)
-        with fs.open(path, "rb") as f, zipfile.ZipFile(f) as zf:
-            # In archive order, so a remote zip is read front to back through its readahead cache.
-            infos = {i.filename: i for i in zf.infolist()}
-            for m in sorted(members, key=lambda m: infos[m].header_offset if m in infos else -1):
-                try:
-                    out[m] = zf.read(infos[m]) if m in infos else MemberError("missing from the zip")
-                except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
-                    out[m] = MemberError(f"zip member unreadable ({type(exc).__name__}: {exc})")
-                except Exception as exc:  # noqa: BLE001 - zlib.error and friends: a bad member, not a crash
-                    out[m] = MemberError(f"zip member unreadable ({type(exc).__name__}: {exc})")
-        return out
-    return read_files([sfs.join(container.uri, m) for m in members], keys=members)
-
-
-def read_files(uris: list[str], keys: list[str] | None = None) -> dict[str, bytes | MemberError]:
-    """Bytes of each file URI (or a MemberError), concurrently where the filesystem allows."""
-    keys = keys or uris
-    if not uris:
-        return {}
-    fs, _ = sfs.filesystem(uris[0])
-    paths = [sfs.filesystem(u)[1] for u in uris]
-    out: dict[str, bytes | MemberError] = {}
-    for key, r in zip(keys, sfs.cat_ranges(fs, paths, [None] * len(paths), [None] * len(paths)), strict=True):
-        if isinstance(r, (FileNotFoundError, IsADirectoryError)):
-            out[key] = MemberError("file missing")
-        elif isinstance(r, BaseException):
-            out[key] = MemberError(f"unreadable ({sfs.describe_error(r)})")
-        else:
-            out[key] = bytes(r)
-    return out
 
 
 # -- writing (`data synth --layout seed`) ----------------------------------------------------------
@@ -293,37 +235,9 @@ def synthesize_seed_layout(
 # -- planning a pack -----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class FileRef:
-    """One file of a sample: a member of a listed container, or a plain URI (manifests)."""
-
-    container: int | None  # index into SourcePlan.containers, or None for a URI
-    member: str
-    stamp: str = ""
-
-
 @dataclass
-class SampleRef:
-    sample_id: int
-    name: str  # the fg_bg path as the source names it
-    files: dict[str, FileRef]  # fg_bg, mask, depth, bg
-    extra: dict[str, Any]  # per-sample index columns (source, fg_x, fg_y)
-
-
-@dataclass
-class SourcePlan:
-    """Every sample a source holds, sorted by id, plus what is wrong before any image is read."""
-
-    source: str
-    kind: str  # seed-folders | seed-zips | seed-mixed | manifest
-    containers: list[Container]
-    samples: list[SampleRef]
-    bad: list[dict[str, str]]  # {"sample", "path", "reason"}
-    unlisted: list[str]  # image files no label line names (not packed; counted in the report)
-    extra_columns: tuple[str, ...]
-
-    def path_of(self, ref: FileRef) -> str:
-        return ref.member if ref.container is None else self.containers[ref.container].path_of(ref.member)
+class SeedPlan(SourcePlan):
+    """The plan of a mask_depth source (the seed layout or its manifest): a sample is its four images."""
 
     def fingerprint(self, refs: list[SampleRef], config: dict[str, Any]) -> str:
         """Changes when these samples' files or the pack settings change: a part's resume key."""
@@ -335,10 +249,6 @@ class SourcePlan:
                 where = "" if ref.container is None else self.containers[ref.container].uri
                 h.update(f"|{where}|{ref.member}|{ref.stamp}".encode())
         return h.hexdigest()
-
-
-class SourceError(ValueError):
-    """A source that cannot be packed at all (nothing there, a container missing)."""
 
 
 def sample_id_of(name: str) -> int | None:
@@ -411,7 +321,7 @@ def plan_seed_layout(source: str) -> SourcePlan:
     unlisted = sorted(fg.path_of(e.member) for k, e in fg.entries.items() if k not in listed)
     kinds = {c.is_zip for c in containers[:4]}
     kind = "seed-zips" if kinds == {True} else "seed-folders" if kinds == {False} else "seed-mixed"
-    plan = SourcePlan(source, kind, containers, samples, bad, unlisted, ("source", "fg_x", "fg_y"))
+    plan = SeedPlan(source, kind, containers, samples, bad, unlisted, ("source", "fg_x", "fg_y"))
     drop_duplicate_ids(plan)
     return plan
 
@@ -509,7 +419,7 @@ def plan_manifest(manifest_uri: str, columns: dict[str, str] | None = None) -> S
             continue
         refs = {k: FileRef(None, _resolve(base, str(cols[k][row]))) for k in MANIFEST_COLUMNS}
         samples.append(SampleRef(sid, str(cols["fg_bg"][row]), refs, {"source": str(cols["fg_bg"][row])}))
-    plan = SourcePlan(manifest_uri, "manifest", [], samples, bad, [], ("source",))
+    plan = SeedPlan(manifest_uri, "manifest", [], samples, bad, [], ("source",))
     drop_duplicate_ids(plan)
     return plan
 

@@ -368,7 +368,7 @@ def _encoded_sample(seed: int, sample_id: int, image_size: int) -> dict[str, Any
         "depth": codec.encode_depth_uint16(depth_u16),
         "height": image_size,
         "width": image_size,
-        "depth_mean": float(depth_u16.mean()) / codec.DEPTH_SCALE,
+        "depth_mean": float(depth_u16.mean()) / codec.DEPTH_U16_MAX,
         "bg_index": np.int32(s["bg_index"]),
         "flipped": np.bool_(s["flipped"]),
         "fg_x": np.int32(s["fg_x"]),

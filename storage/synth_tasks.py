@@ -16,6 +16,11 @@
 
 Every sample depends only on (seed, sample id, image size); chunks are made in-process or by a
 process pool like synth.py's. `layout="seed"` writes the raw layout `data pack --task KIND` takes.
+
+What each task's dataset holds (columns, index extras, default and least image size) is its spec's
+(common.tasks); the spec's `synth` names the chunk generator, so a task from outside the package
+brings its own generator: `fn(seed, start, stop, image_size) -> [row, ...]`, each row a dict with
+sample_id, height, width, the spec's columns and index extras.
 """
 
 from __future__ import annotations
@@ -28,17 +33,16 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from common.plugins import resolve_import_path
+from common.task_spec import TaskSpec
+from common.tasks import IGNORE_INDEX, MM_PER_M, get_task_spec
 from storage import codec
 from storage import fs as sfs
 
 # Sorted by name: an ImageFolder tree of them (`--layout seed`) packs to the same class indices.
 CLASSIFICATION_CLASSES = ("crescent", "cross", "diamond", "disc", "frame", "plus", "ring", "square", "star", "triangle")
 SEGMENTATION_CLASSES = ("background", "disc", "square", "triangle", "cross", "ring")
-DEFAULT_IMAGE_SIZE = {"classification": 28, "segmentation": 64, "depth": 64}
-MIN_IMAGE_SIZE = {"classification": 8, "segmentation": 16, "depth": 16}
 SUPERSAMPLE = 4
-IGNORE_INDEX = 255
-DEPTH_SCALE = 1000  # millimetres
 # Per-task streams of the sample RNG (a task's sample i never shares draws with another task's).
 _STREAM = {"classification": 11, "segmentation": 12, "depth": 13}
 
@@ -268,13 +272,13 @@ def make_depth(seed: int, sample_id: int, size: int = 64) -> tuple[np.ndarray, n
 
 
 def depth_to_mm(depth_m: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(np.asarray(depth_m, np.float64) * DEPTH_SCALE), 0, 65535).astype(np.uint16)
+    return np.clip(np.rint(np.asarray(depth_m, np.float64) * MM_PER_M), 0, codec.DEPTH_U16_MAX).astype(np.uint16)
 
 
 # -- encoded samples (what both layouts write) -----------------------------------------------------------
 
 
-def _classification_chunk(seed: int, start: int, stop: int, image_size: int) -> list[dict[str, Any]]:
+def classification_chunk(seed: int, start: int, stop: int, image_size: int) -> list[dict[str, Any]]:
     out = []
     for i in range(start, stop):
         img, label = make_classification(seed, i, image_size)
@@ -282,7 +286,7 @@ def _classification_chunk(seed: int, start: int, stop: int, image_size: int) -> 
     return out
 
 
-def _segmentation_chunk(seed: int, start: int, stop: int, image_size: int) -> list[dict[str, Any]]:
+def segmentation_chunk(seed: int, start: int, stop: int, image_size: int) -> list[dict[str, Any]]:
     from storage.layouts.samples import class_pixels
 
     out = []
@@ -293,7 +297,7 @@ def _segmentation_chunk(seed: int, start: int, stop: int, image_size: int) -> li
     return out
 
 
-def _depth_chunk(seed: int, start: int, stop: int, image_size: int) -> list[dict[str, Any]]:
+def depth_chunk(seed: int, start: int, stop: int, image_size: int) -> list[dict[str, Any]]:
     from storage.layouts.samples import depth_stats
 
     out = []
@@ -306,38 +310,56 @@ def _depth_chunk(seed: int, start: int, stop: int, image_size: int) -> list[dict
     return out
 
 
-CHUNK_FN = {"classification": _classification_chunk, "segmentation": _segmentation_chunk, "depth": _depth_chunk}
-
-
 def task_columns(task: str):
-    """The packed dataset's columns of a task (storage.columns.Column)."""
+    """The packed dataset's columns of a task (storage.columns.Column), as its spec declares them."""
     from storage.columns import Column
 
-    second = {"classification": Column("label", "int64"), "segmentation": Column("mask", "raw_u8"), "depth": Column("depth", "raw_u16")}[task]
-    return (Column("image", "image"), second)
+    return tuple(Column(name, codec_name) for name, codec_name in get_task_spec(task).columns)
 
 
-def _meta(task: str, channels: int, depth_range_mm: tuple[int, int] | None) -> dict[str, Any]:
-    if task == "classification":
+def _meta(spec: TaskSpec, depth_range_mm: tuple[int, int] | None) -> dict[str, Any]:
+    channels = spec.channels
+    if spec.name == "classification":
         return {"classes": list(CLASSIFICATION_CLASSES), "channels": channels}
-    if task == "segmentation":
+    if spec.name == "segmentation":
         return {"classes": list(SEGMENTATION_CLASSES), "ignore_index": IGNORE_INDEX, "channels": channels}
-    lo, hi = depth_range_mm or (500, 10000)
-    return {"depth_scale": DEPTH_SCALE, "min_depth_m": lo / DEPTH_SCALE, "max_depth_m": hi / DEPTH_SCALE, "channels": channels}
+    if spec.name == "depth":
+        lo, hi = depth_range_mm or (500, 10000)
+        return {"depth_scale": MM_PER_M, "min_depth_m": lo / MM_PER_M, "max_depth_m": hi / MM_PER_M, "channels": channels}
+    return {**{k: v for k, v in spec.meta.items() if v is not None}, "channels": channels}
 
 
-def _check(task: str, samples: int, image_size: int) -> None:
-    if task not in CHUNK_FN:
-        raise ValueError(f"task {task!r}: synth_tasks makes {', '.join(CHUNK_FN)} (mask_depth is storage.synth's)")
+def _generator(spec: TaskSpec) -> Callable[..., list[dict[str, Any]]]:
+    """The spec's chunk generator; mask_depth's is storage.synth's own (a background pool), not this contract."""
+    if spec.synth is None or spec.name == "mask_depth":
+        raise ValueError(f"task {spec.name!r}: synth_tasks makes tasks whose spec names a chunk generator "
+                         "(mask_depth is storage.synth's)")
+    return resolve_import_path(spec.synth, f"task {spec.name!r} synth")
+
+
+def _check(spec: TaskSpec, samples: int, image_size: int) -> Callable[..., list[dict[str, Any]]]:
+    fn = _generator(spec)
     if samples < 0:
         raise ValueError(f"samples must be >= 0, got {samples}")
-    if image_size < MIN_IMAGE_SIZE[task]:
-        raise ValueError(f"--image-size must be >= {MIN_IMAGE_SIZE[task]} px for {task}, got {image_size}")
+    if image_size < spec.min_image_size:
+        raise ValueError(f"--image-size must be >= {spec.min_image_size} px for {spec.name}, got {image_size}")
+    return fn
 
 
-# Index columns (beyond storage's own) each task's samples bring, in this order: the training side
-# reads these. Classification's `label` is also a declared column: ShardWriter copies it into the index.
-INDEX_EXTRA = {"classification": ("label",), "segmentation": ("class_pixels", "bg_index"), "depth": ("depth_sum_m", "depth_valid")}
+def index_extra(task: str) -> tuple[str, ...]:
+    """Index columns (beyond storage's own) the task's samples bring, in this order: the training side
+    reads these. Classification's `label` is also a declared column: ShardWriter copies it into the index."""
+    return get_task_spec(task).index_extras
+
+
+def _generator_name(spec: TaskSpec) -> str:
+    # The built-in generators are recorded as this module, as before (manifests compare equal).
+    module = (spec.synth or "").partition(":")[0]
+    return module if module != __name__ else "storage.synth_tasks"
+
+
+# The raw layout each built-in task's samples are written in by `--layout seed` (data pack reads it back).
+_SEED_LAYOUTS = {"classification": "imagefolder", "segmentation": "images-masks", "depth": "rgb-depth"}
 
 
 def synthesize_task(
@@ -362,17 +384,18 @@ def synthesize_task(
     from storage.shards import ShardWriter  # the pool's workers never need pyarrow
     from storage.synth import default_workers, map_chunks
 
-    image_size = int(image_size or DEFAULT_IMAGE_SIZE[task])
-    _check(task, samples, image_size)
+    spec = get_task_spec(task)
+    image_size = int(image_size or spec.default_image_size)
+    fn = _check(spec, samples, image_size)
     check_dest(dest, "data synth", force)
     workers = default_workers() if workers is None else max(1, int(workers))
     lo_hi: list[int] = []
-    channels = 1 if task == "classification" else 3
-    writer = ShardWriter(dest, rows_per_shard, rows_per_group, columns=task_columns(task), task=task, index_columns=INDEX_EXTRA[task])
+    writer = ShardWriter(dest, rows_per_shard, rows_per_group, columns=task_columns(task), task=spec.name,
+                         index_columns=spec.index_extras)
     with writer:
-        for chunk in map_chunks(CHUNK_FN[task], samples, workers, seed, image_size):
+        for chunk in map_chunks(fn, samples, workers, seed, image_size):
             for s in chunk:
-                if task == "depth":  # the dataset's depth range, for meta; not index columns
+                if spec.name == "depth":  # the dataset's depth range, for meta; not index columns
                     lo, hi = s.pop("_min_mm"), s.pop("_max_mm")
                     if s["depth_valid"]:
                         lo_hi = [min(lo_hi[0], lo), max(lo_hi[1], hi)] if lo_hi else [lo, hi]
@@ -380,11 +403,11 @@ def synthesize_task(
             if progress is not None:
                 progress(len(chunk))
         return writer.close({
-            "meta": _meta(task, channels, tuple(lo_hi) if lo_hi else None),
+            "meta": _meta(spec, tuple(lo_hi) if lo_hi else None),
             "source": "synth",
             "seed": seed,
             "image_size": [image_size, image_size],
-            "synth": {"task": task, "generator": "storage.synth_tasks", "version": 1},
+            "synth": {"task": spec.name, "generator": _generator_name(spec), "version": 1},
         })
 
 
@@ -406,17 +429,20 @@ def synthesize_task_seed_layout(
     from storage.seed_layout import _FolderSink
     from storage.synth import default_workers, map_chunks
 
-    image_size = int(image_size or DEFAULT_IMAGE_SIZE[task])
-    _check(task, samples, image_size)
+    spec = get_task_spec(task)
+    if spec.name not in _SEED_LAYOUTS:
+        raise ValueError(f"task {spec.name!r}: --layout seed writes {', '.join(_SEED_LAYOUTS)} only; use --layout shards")
+    image_size = int(image_size or spec.default_image_size)
+    fn = _check(spec, samples, image_size)
     dest = sfs.normalize(dest)
     workers = default_workers() if workers is None else max(1, int(workers))
     sink = _FolderSink(dest)
-    for chunk in map_chunks(CHUNK_FN[task], samples, workers, seed, image_size):
+    for chunk in map_chunks(fn, samples, workers, seed, image_size):
         for s in chunk:
             i = s["sample_id"]
-            if task == "classification":
+            if spec.name == "classification":
                 sink.add(f"{CLASSIFICATION_CLASSES[s['label']]}/{i:06d}.png", s["image"])
-            elif task == "segmentation":
+            elif spec.name == "segmentation":
                 sink.add(f"images/{i:06d}.jpg", s["image"])
                 sink.add(f"masks/{i:06d}.png", _png(s["mask"]))
             else:
@@ -426,6 +452,6 @@ def synthesize_task_seed_layout(
         if progress is not None:
             progress(len(chunk))
     sink.close()
-    if task == "segmentation":
+    if spec.name == "segmentation":
         sfs.write_bytes(sfs.join(dest, "classes.txt"), ("\n".join(SEGMENTATION_CLASSES) + "\n").encode())
-    return {"samples": samples, "uri": dest, "task": task, "layout": {"classification": "imagefolder", "segmentation": "images-masks", "depth": "rgb-depth"}[task]}
+    return {"samples": samples, "uri": dest, "task": task, "layout": _SEED_LAYOUTS[spec.name]}

@@ -316,20 +316,20 @@ def test_pack_runs_its_parts_as_ray_tasks_when_a_cluster_is_there(seed_src, pack
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
     try:
-        from storage import pack as pack_mod
+        from storage.pack import driver as pack_mod  # pack() calls run_parts from there
 
         where: list[str] = []
-        real = pack_mod._run_parts
+        real = pack_mod.run_parts
 
         def spy(*a, **k):
             where.append(real(*a, **k))
             return where[-1]
 
-        pack_mod._run_parts = spy
+        pack_mod.run_parts = spy
         try:
             pack(str(seed_src), str(tmp_path / "ray"), rows_per_shard=16, rows_per_group=4)
         finally:
-            pack_mod._run_parts = real
+            pack_mod.run_parts = real
     finally:
         ray.shutdown()
     assert where == ["ray"]

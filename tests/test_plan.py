@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from common.errors import RecipeError
-from common.plan import Plan, batches_for_rank, make_plan, num_steps
+from common.plan import batches_for_rank, make_plan, num_steps
 from common.recipe import validate_recipe
+from storage.plans import load_plan, save_plan
 from tests.conftest import tiny_recipe
 
 
@@ -54,8 +55,8 @@ def test_stages_shuffle_independently():
 
 def test_plan_round_trips_through_run_storage(tmp_path):
     p = _plan()
-    p.save(str(tmp_path))
-    q = Plan.load(str(tmp_path))
+    save_plan(p, str(tmp_path))
+    q = load_plan(str(tmp_path))
     assert np.array_equal(p.eval_ids, q.eval_ids)
     assert all(np.array_equal(x.permutation, y.permutation) for x, y in zip(p.stages, q.stages, strict=True))
 

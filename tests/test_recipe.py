@@ -1,11 +1,14 @@
-"""Recipe loading: typed validation, --set overrides, and errors that name the field."""
+"""Recipe loading: typed validation, --set overrides, and errors that name the field.
+
+Recipes load through orchestrator.recipes: common's validation plus the worker-side checks."""
 
 from __future__ import annotations
 
 import pytest
 
 from common.errors import RecipeError
-from common.recipe import apply_override, load_recipe, validate_recipe
+from common.recipe import apply_override
+from orchestrator.recipes import load_recipe, validate_recipe
 from tests.conftest import REPO, run_cli, tiny_recipe, write_recipe
 
 

@@ -20,8 +20,8 @@ from storage.seed_layout import SourceError, synthesize_seed_layout
 from storage.shards import BASE_INDEX_COLUMNS, open_dataset
 from storage.synth_tasks import (
     CLASSIFICATION_CLASSES,
-    INDEX_EXTRA,
     SEGMENTATION_CLASSES,
+    index_extra,
     synthesize_task,
     synthesize_task_seed_layout,
 )
@@ -141,7 +141,7 @@ def test_synth_depth_is_millimetres_in_range_with_valid_counts_and_sums(synth_se
 def test_synth_index_holds_the_task_index_columns_in_order(task, synth_sets):
     """Breaks if a synthetic set's index gains helper values (depth's min/max) or reorders its columns."""
     ds = open_dataset(synth_sets[task])
-    assert ds.index.column_names == [*BASE_INDEX_COLUMNS, *INDEX_EXTRA[task]]
+    assert ds.index.column_names == [*BASE_INDEX_COLUMNS, *index_extra(task)]
 
 
 @pytest.mark.parametrize("task", TASKS)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from storage.codec import DEPTH_SCALE, CorruptImageError
+from storage.codec import DEPTH_U16_MAX, CorruptImageError
 from workers.chunks import (  # noqa: F401 - re-exported: where the loop and the tests import them
     PIECE_BYTES,
     PIECES_IN_FLIGHT,
@@ -68,7 +68,7 @@ def _resize_into(out: np.ndarray, img: np.ndarray, nearest: bool) -> None:
     if img.dtype == np.uint16:  # no 16-bit kernels: through float, rounded back
         t = torch.from_numpy(img.astype(np.float32))[None, None]
         t = F.interpolate(t, size=size, mode="bilinear", antialias=True, align_corners=False)
-        out[...] = t[0, 0].round_().clamp_(0, DEPTH_SCALE).numpy()
+        out[...] = t[0, 0].round_().clamp_(0, DEPTH_U16_MAX).numpy()
         return
     if nearest:
         out[...] = img[np.ix_(_nearest_index(img.shape[0], size[0]), _nearest_index(img.shape[1], size[1]))]

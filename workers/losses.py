@@ -19,9 +19,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from common.registry import Registry
+from common.tasks import IGNORE_INDEX
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
-LOSSES: Registry[LossFn] = Registry("loss")
+
+
+def _is_callable(obj: object) -> str | None:
+    return None if callable(obj) else f"is a {type(obj).__name__}, not a callable (logits, target) -> loss"
+
+
+# A recipe may also name a loss by import path (`loss: {mask: {mypkg.losses:focal: 1.0}}`), or a package
+# may add names through the `orchestrator.losses` entry point group. Such a loss scores one dense
+# channel unless it says otherwise with an attribute `kind = "labels"`.
+LOSSES: Registry[LossFn] = Registry("loss", entry_points="orchestrator.losses", accepts=_is_callable)
 
 
 def _prep(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
@@ -226,8 +236,7 @@ def ssim5_loss(logits: Tensor, target: Tensor) -> Tensor:
     return 1 - ssim(p, t, window=5)
 
 
-# Pixels (segmentation) or samples marked with this label count in no loss and no metric.
-IGNORE_INDEX = 255
+# Pixels (segmentation) or samples marked with common.tasks.IGNORE_INDEX count in no loss and no metric.
 
 
 @LOSSES.register("cross_entropy")
@@ -237,6 +246,14 @@ def cross_entropy_loss(logits: Tensor, target: Tensor) -> Tensor:
     The one loss here that takes labels rather than a [0, 1] target (workers/recipe_check.py
     keeps it in `loss.labels` and the others out of it)."""
     return F.cross_entropy(logits.float(), target.long(), ignore_index=IGNORE_INDEX)
+
+
+# The kind of target a loss scores (common.task_spec.LossKind); a loss without the attribute is "dense".
+cross_entropy_loss.kind = "labels"  # type: ignore[attr-defined]
+
+
+def loss_kind(name: str) -> str:
+    return getattr(LOSSES.get(name), "kind", "dense")
 
 
 class WeightedLoss:

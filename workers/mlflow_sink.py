@@ -9,7 +9,7 @@ of 2 s doubling to a 120 s cap and 120 s a request, would hold the training thre
 minutes per call), then it keeps what it could not send and training goes on:
 
 - metric points in memory, in order, up to MAX_BUFFER of them. They are also kept pending in
-  the trainer's state (workers/loop.py), so every checkpoint carries the points MLflow has not
+  the trainer's state (workers/train/checkpointer.py), so every checkpoint carries the points MLflow has not
   taken yet, and a process lost during an outage re-sends them from its checkpoint on resume.
   At the bound the buffer goes to run storage (<run>/mlflow-spill/NNNNNN.json, one warning
   line) and memory starts again: nothing is dropped, memory and checkpoints stay bounded.
@@ -297,7 +297,7 @@ class MlflowSink:
             self._call(self.client.log_batch, self.run_id, metrics=metrics[i : i + MAX_BATCH])
         # All of `points` is in MLflow now. A metric's steps only grow within a process, so the
         # floor also skips these points when the trainer hands them over again (it keeps points
-        # pending until the checkpoint after they landed; workers/loop.py).
+        # pending until the checkpoint after they landed; workers/train/checkpointer.py).
         if self.any_order:
             self.held.update((k, s) for k, _, s in points)
         else:

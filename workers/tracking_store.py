@@ -8,7 +8,7 @@ consistent snapshot even while other processes write, and written into run stora
 checkpoints (`mlflow-store.db.gz`, with `mlflow-store.json` saying what it holds).
 
 The chief worker writes the copy right after each checkpoint's metrics reach MLflow
-(`workers/loop.py`, `Trainer.checkpoint`), so the copy holds every point up to the checkpoint
+(`workers/train/checkpointer.py`, `Checkpointer.save`), so the copy holds every point up to the checkpoint
 just committed. A copy that lags one checkpoint (the VM died between the commit and the copy)
 loses nothing either: each checkpoint carries its own pending points and the resume re-sends
 them (deduplicated), as it always did after a cut.

@@ -71,7 +71,7 @@ class StudyPlan:
 
     # ------------------------------------------------------------------ set-up
     def run(self) -> dict[str, Any]:
-        from common.plan import Plan
+        from storage.plans import load_plan
         from storage.shards import open_dataset
         from workers.study import describe_layers, exact_table_like
         from workers.tasks.depth import DepthTask
@@ -88,7 +88,7 @@ class StudyPlan:
                               f"{data['model']['weights_sha256'][:12]}), {src.checkpoint} holds "
                               f"{src.weights_sha256[:12]}; pick a new name (--set name=...)")
 
-        plan = Plan.load(src.run_dir)
+        plan = load_plan(src.run_dir)
         info = DepthTask.data_info(open_dataset(src.data_uri), plan.train_ids)
         resolution = spec.eval.resolution or src.recipe.stages[-1].resolution
         if len(plan.eval_ids) < spec.eval.samples:

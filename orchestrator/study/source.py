@@ -33,7 +33,7 @@ def _bad_model_from(msg: str) -> RecipeError:
 
 def resolve_model_from(spec: StudySpec, load_weights: bool = True) -> ModelSource:
     """A run name under spec.storage, a run folder, or one of its checkpoint folders."""
-    from common.recipe import validate_recipe
+    from orchestrator.recipes import validate_recipe
 
     root = fs.normalize(spec.storage)
     given = spec.model_from

@@ -11,6 +11,7 @@ not what the task takes. storage.layouts.samples turns one sample's files into c
 
 from __future__ import annotations
 
+from common.tasks import get_task_spec
 from storage import fs as sfs
 from storage.layouts.base import (
     DEFAULT_TASK,
@@ -22,12 +23,12 @@ from storage.layouts.base import (
     detect_layout,
     wrong_layout,
 )
-from storage.seed_layout import SourceError
+from storage.source_plan import SourceError
 
 __all__ = ["DEFAULT_TASK", "TASKS", "BadSample", "TaskPlan", "check_task", "detect_layout", "plan_task_source", "wrong_layout"]
 
-# task -> layouts it packs (besides manifests)
-TASK_LAYOUTS = {"classification": ("imagefolder",), "segmentation": ("images_masks", "voc"), "depth": ("rgbd",), "mask_depth": ("seed",)}
+# task -> layouts it packs (besides manifests): each task's spec says
+TASK_LAYOUTS = {name: get_task_spec(name).layouts for name in TASKS}
 
 
 def plan_task_source(task: str, source: str, columns: dict[str, str] | None = None, classes_file: str | None = None,

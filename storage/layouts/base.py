@@ -9,19 +9,13 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.tasks import MASK_DEPTH, get_task_spec, task_names
 from storage import fs as sfs
-from storage.seed_layout import (
-    CONTAINERS,
-    Container,
-    Entry,
-    FileRef,
-    SampleRef,
-    SourceError,
-    SourcePlan,
-)
+from storage.seed_layout import CONTAINERS
+from storage.source_plan import Container, Entry, FileRef, SampleRef, SourceError, SourcePlan
 
-TASKS = ("mask_depth", "classification", "segmentation", "depth")
-DEFAULT_TASK = "mask_depth"
+TASKS = tuple(task_names())  # the built-in tasks (common.tasks)
+DEFAULT_TASK = MASK_DEPTH.name
 # Image files a layout packs (torchvision's ImageFolder set, minus the rare ones).
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
 MANIFEST_EXTS = (".csv", ".parquet", ".pq")
@@ -172,24 +166,21 @@ def read_class_names(uri: str) -> list[str]:
 
 # -- which layout is this? ------------------------------------------------------------------------------
 
-# layout name -> (what it looks like, in words; the task that packs it)
+# layout name -> what it looks like, in words
+_LOOKS = {
+    "seed": "the mask_depth seed layout (fg_bg/, fg_bg_mask/, depth/, bg/, labels/)",
+    "voc": "a Pascal VOC tree (JPEGImages/, SegmentationClass/, ImageSets/Segmentation/)",
+    "images_masks": "images/ + masks/ (a segmentation layout)",
+    "rgbd": "rgb/ + depth/ (a depth layout)",
+    "imagefolder": "an ImageFolder tree (one folder per class)",
+}
+# layout name -> (what it looks like, in words; the task that packs it: the one whose spec lists it)
 LAYOUTS: dict[str, tuple[str, str]] = {
-    "seed": ("the mask_depth seed layout (fg_bg/, fg_bg_mask/, depth/, bg/, labels/)", "mask_depth"),
-    "voc": ("a Pascal VOC tree (JPEGImages/, SegmentationClass/, ImageSets/Segmentation/)", "segmentation"),
-    "images_masks": ("images/ + masks/ (a segmentation layout)", "segmentation"),
-    "rgbd": ("rgb/ + depth/ (a depth layout)", "depth"),
-    "imagefolder": ("an ImageFolder tree (one folder per class)", "classification"),
+    **{layout: (_LOOKS[layout], name) for name in TASKS for layout in get_task_spec(name).layouts},
     "manifest": ("a CSV/Parquet manifest", ""),
 }
-# What each task's `data pack` takes, in words.
-EXPECTED = {
-    "mask_depth": "the mask_depth seed layout (fg_bg/, fg_bg_mask/, depth/, bg/ and labels/, as folders or zips) or a CSV/Parquet manifest",
-    "classification": "an ImageFolder tree (SOURCE/<class>/<image>.jpg|png|bmp, one folder per class) or a CSV/Parquet manifest with image,label columns",
-    "segmentation": "images/ + masks/ (same stems, PNG class-index maps, 255 = ignore) + classes.txt, a Pascal VOC tree "
-                    "(JPEGImages/, SegmentationClass/, ImageSets/Segmentation/), or a CSV/Parquet manifest with image,mask columns",
-    "depth": "rgb/ + depth/ (same stems; depth as 16-bit PNG in millimetres, 0 = invalid, or .npy in metres) "
-             "or a CSV/Parquet manifest with image,depth columns",
-}
+# What each task's `data pack` takes, in words (its spec's `sources`).
+EXPECTED = {name: get_task_spec(name).sources for name in TASKS}
 IMAGES_DIRS = ("images", "image", "imgs", "JPEGImages")
 MASKS_DIRS = ("masks", "mask", "annotations", "labels", "SegmentationClass")
 RGB_DIRS = ("rgb", "images", "image", "color")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from storage import fs as sfs
 from storage.layouts.base import IMAGE_EXTS, TaskPlan, is_image, list_folder, top_level
-from storage.seed_layout import FileRef, SampleRef, SourceError
+from storage.source_plan import FileRef, SampleRef, SourceError
 
 # Top-level folder names that are splits, not classes (SOURCE/train/<class>/...).
 SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "test", "testing"}

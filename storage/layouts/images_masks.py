@@ -22,7 +22,7 @@ from storage.layouts.base import (
     read_class_names,
     top_level,
 )
-from storage.seed_layout import SourceError
+from storage.source_plan import SourceError
 
 MAX_CLASSES = 255  # uint8 masks, 255 = ignore
 

@@ -16,22 +16,19 @@ import os
 import posixpath
 from typing import Any
 
+from common.tasks import MASK_DEPTH, get_task_spec, task_names
 from storage import fs as sfs
 from storage.layouts.base import TaskPlan, read_class_names
 from storage.layouts.images_masks import check_classes
-from storage.seed_layout import (
-    MANIFEST_COLUMNS,
-    FileRef,
-    SampleRef,
-    SourceError,
-    _resolve,
-    drop_duplicate_ids,
-    manifest_row_id,
-)
+from storage.seed_layout import MANIFEST_COLUMNS, _resolve, drop_duplicate_ids, manifest_row_id
+from storage.source_plan import FileRef, SampleRef, SourceError
 
-FILE_COLUMNS = {"classification": ("image",), "segmentation": ("image", "mask"), "depth": ("image", "depth")}
-TASK_COLUMNS = {"classification": ("image", "label"), "segmentation": ("image", "mask"), "depth": ("image", "depth"),
-                "mask_depth": MANIFEST_COLUMNS}
+# Each task's columns (its spec's), mask_depth's in its manifests' own order; the file-backed ones
+# are those stored as bytes (an int64 column, a class label, is a value in the manifest itself).
+TASK_COLUMNS = {name: MANIFEST_COLUMNS if name == MASK_DEPTH.name else get_task_spec(name).column_names
+                for name in task_names()}
+FILE_COLUMNS = {name: tuple(c for c, codec in get_task_spec(name).columns if codec != "int64")
+                for name in task_names() if name != MASK_DEPTH.name}
 
 
 def column_kinds(task: str) -> tuple[str, ...]:

@@ -20,7 +20,7 @@ from storage.layouts.base import (
     pair_folders,
     top_level,
 )
-from storage.seed_layout import SourceError
+from storage.source_plan import SourceError
 
 DEPTH_EXTS = (".png", ".npy", ".jpg", ".jpeg", ".bmp")  # the lossy/8-bit ones are listed to be named as bad
 DEFAULT_RANGE_M = (0.1, 10.0)  # NYU Depth v2's

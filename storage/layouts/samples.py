@@ -22,11 +22,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from common.tasks import IGNORE_INDEX, MM_PER_M
 from storage import codec
 from storage.layouts.base import BadSample, check_pixels, open_image_checked
 
-IGNORE_INDEX = 255
-DEPTH_SCALE = 1000  # stored depth units per metre: millimetres
 MAX_DEPTH_MM = 65535
 _GRAY16 = ("I;16", "I;16B", "I;16L", "I")
 
@@ -150,20 +149,20 @@ def prepare_segmentation(blobs: dict[str, bytes], paths: dict[str, str], extra: 
 def metres_to_mm(depth_m: np.ndarray) -> np.ndarray:
     """uint16 millimetres of float metres; NaN, inf, <= 0 and beyond 65.535 m become 0 (invalid)."""
     d = np.asarray(depth_m, dtype=np.float64)
-    mm = np.rint(np.where(np.isfinite(d), d, 0.0) * DEPTH_SCALE)
+    mm = np.rint(np.where(np.isfinite(d), d, 0.0) * MM_PER_M)
     mm[(mm <= 0) | (mm > MAX_DEPTH_MM) | ~np.isfinite(d)] = 0
     return mm.astype(np.uint16)
 
 
 def units_to_mm(values: np.ndarray, units_per_m: float) -> np.ndarray:
-    if units_per_m == DEPTH_SCALE:
+    if units_per_m == MM_PER_M:
         return values.astype(np.uint16)
-    mm = np.rint(values.astype(np.float64) * (DEPTH_SCALE / units_per_m))
+    mm = np.rint(values.astype(np.float64) * (MM_PER_M / units_per_m))
     mm[mm > MAX_DEPTH_MM] = 0
     return mm.astype(np.uint16)
 
 
-def depth_mm(data: bytes, path: str, units_per_m: float = DEPTH_SCALE) -> np.ndarray:
+def depth_mm(data: bytes, path: str, units_per_m: float = MM_PER_M) -> np.ndarray:
     """HxW uint16 depth in millimetres (0 = invalid) from a 16-bit PNG or a .npy file."""
     if path.lower().endswith(".npy") or bytes(data[:6]) == b"\x93NUMPY":
         try:
@@ -179,7 +178,8 @@ def depth_mm(data: bytes, path: str, units_per_m: float = DEPTH_SCALE) -> np.nda
             return metres_to_mm(arr)
         if arr.dtype.kind in "ui":
             if arr.min() < 0:
-                raise BadSample(path, "depth .npy has negative integer values; integers are read as the depth PNGs' units (0 = invalid)")
+                raise BadSample(path, "depth .npy has negative integer values; integers are read as the depth PNGs' "
+                                      "units (0 = invalid)")
             return units_to_mm(arr, units_per_m)
         raise BadSample(path, f"depth .npy has dtype {arr.dtype}, expected float metres (or integers in the PNGs' units)")
     img = open_image(data, "depth", path)
@@ -198,12 +198,12 @@ def depth_stats(mm: np.ndarray) -> tuple[float, int, int, int]:
     valid = mm[mm > 0]
     if not valid.size:
         return 0.0, 0, 0, 0
-    return float(valid.sum(dtype=np.int64)) / DEPTH_SCALE, int(valid.size), int(valid.min()), int(valid.max())
+    return float(valid.sum(dtype=np.int64)) / MM_PER_M, int(valid.size), int(valid.min()), int(valid.max())
 
 
 def prepare_depth(blobs: dict[str, bytes], paths: dict[str, str], extra: dict[str, Any], options: dict[str, Any]) -> Prepared:
     data, h, w, channels = image_value(blobs["image"], paths["image"])
-    mm = depth_mm(blobs["depth"], paths["depth"], float(options.get("units_per_m", DEPTH_SCALE)))
+    mm = depth_mm(blobs["depth"], paths["depth"], float(options.get("units_per_m", MM_PER_M)))
     _same_size((h, w), mm.shape, "depth", paths["image"])
     total_m, valid, lo, hi = depth_stats(mm)
     stats: dict[str, Any] = {"channels": [channels]}

@@ -23,7 +23,7 @@ from storage.layouts.base import (
     top_level,
 )
 from storage.layouts.images_masks import segmentation_classes
-from storage.seed_layout import FileRef, SampleRef, SourceError
+from storage.source_plan import FileRef, SampleRef, SourceError
 
 VOC_CLASSES = [
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",

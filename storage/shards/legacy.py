@@ -39,7 +39,7 @@ FORMAT = MASK_DEPTH_FORMAT
 # The columns the fixed layout shares (/4): the background, drawn on by many samples.
 MASK_DEPTH_SHARED = ("bg",)
 # The index columns of the fixed layout (BASE plus the per-sample depth_mean it always has), in
-# their order on disk; storage/pack.py builds its rows of that layout from it.
+# their order on disk; storage/pack/ builds its rows of that layout from it.
 INDEX_STAT = "depth_mean"  # its per-sample stat; the manifest records its mean too
 INDEX_COLUMNS = ("sample_id", "shard", "row_group", "row", "height", "width", "depth_mean", "checksum")
 

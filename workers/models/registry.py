@@ -1,7 +1,8 @@
 """The model registry and how a recipe's model section becomes a module.
 
 A registered model is an nn.Module class with two class attributes:
-  task:     the task kind whose batches it takes ("mask_depth", "classification", ...);
+  task:     the task kind whose batches it takes ("mask_depth", "classification", ...); or `tasks`,
+            a tuple of them, for a model that serves several (same input, same output shape);
   variants: named constructor settings (e.g. the source's "baseline" and "best"); may be empty.
 `build_model(name, variant, options, **task_kwargs)` merges variant, then the recipe's options,
 then what the task knows from the dataset (in_channels, num_classes), and passes only the keyword
@@ -17,15 +18,31 @@ from torch import nn
 
 from common.registry import Registry
 
-MODELS: Registry[type[nn.Module]] = Registry("model")
+
+def _is_module_class(obj: object) -> str | None:
+    if isinstance(obj, type) and issubclass(obj, nn.Module):
+        return None
+    return f"is a {type(obj).__name__}, not a torch.nn.Module subclass"
+
+
+# A recipe may also name a model by import path (`model: {name: mypkg.nets:TinyUNet}`), or a package
+# may add names through the `orchestrator.models` entry point group; the contract above is the same.
+MODELS: Registry[type[nn.Module]] = Registry("model", entry_points="orchestrator.models", accepts=_is_module_class)
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
+def model_tasks(name: str) -> tuple[str, ...]:
+    """The tasks whose batches the model takes: its `tasks` (several), else its one `task`."""
+    cls = MODELS.get(name)
+    return tuple(getattr(cls, "tasks", None) or (getattr(cls, "task", "mask_depth"),))
+
+
 def model_task(name: str) -> str:
-    return getattr(MODELS.get(name), "task", "mask_depth")
+    """The model's first (for most, only) task: what `orchestrator models` lists."""
+    return model_tasks(name)[0]
 
 
 def model_variants(name: str) -> dict[str, dict[str, Any]]:
@@ -35,10 +52,12 @@ def model_variants(name: str) -> dict[str, dict[str, Any]]:
 def model_options(name: str) -> list[str]:
     """The constructor's keyword arguments: what `model.options` may set."""
     sig = inspect.signature(MODELS.get(name).__init__)
-    return [p for p in list(sig.parameters)[1:] if sig.parameters[p].kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p for p in list(sig.parameters)[1:] if sig.parameters[p].kind in kinds]
 
 
-def model_kwargs(name: str, variant: str | None = None, options: dict[str, Any] | None = None, **task_kwargs: Any) -> dict[str, Any]:
+def model_kwargs(name: str, variant: str | None = None, options: dict[str, Any] | None = None,
+                 **task_kwargs: Any) -> dict[str, Any]:
     """Constructor kwargs: variant, then options (both checked by name), then task kwargs the model takes."""
     variants = model_variants(name)
     if variant is not None and variant not in variants:
@@ -54,7 +73,8 @@ def model_kwargs(name: str, variant: str | None = None, options: dict[str, Any] 
     return kwargs
 
 
-def build_model(name: str, variant: str | None = None, options: dict[str, Any] | None = None, **task_kwargs: Any) -> nn.Module:
+def build_model(name: str, variant: str | None = None, options: dict[str, Any] | None = None,
+                **task_kwargs: Any) -> nn.Module:
     """Instantiate a registered model; unknown names raise UnknownNameError listing valid ones."""
     return MODELS.get(name)(**model_kwargs(name, variant, options, **task_kwargs))
 

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from common.recipe import Recipe
+from common.task_spec import TaskSpec
 
 
 class Batch(NamedTuple):
@@ -43,17 +44,37 @@ class TaskDataError(ValueError):
 
 
 class Task:
-    """Base class of the registered tasks (workers/tasks/__init__.py's TASKS)."""
+    """Base class of the worker halves of tasks; `get_task` binds one to its spec (common.tasks)."""
 
+    spec: ClassVar[TaskSpec]
+    # Taken from the spec by from_spec, the one place they are declared:
     name: ClassVar[str]
     # Dataset columns the task reads at train time (checked against the manifest before a run starts).
     columns: ClassVar[tuple[str, ...]]
-    # Recipe loss sections the task trains with (`loss.mask`, `loss.depth`, `loss.labels`).
+    # Recipe loss sections the task trains with (`loss.mask`, `loss.depth`, `loss.labels`, or its own).
     loss_sections: ClassVar[tuple[str, ...]]
     # Train metric keys, "train/loss" (the total) first, in the order `losses` returns them.
     train_keys: ClassVar[tuple[str, ...]]
     # `orchestrator compare`: (column title, metric key, "max" | "min" | None).
     compare_columns: ClassVar[tuple[tuple[str, str, str | None], ...]]
+
+    def __init_subclass__(cls, spec: TaskSpec | None = None, **kwargs: Any) -> None:
+        """`class DepthTask(Task, spec=DEPTH)`: the declarations above come from the task's spec."""
+        super().__init_subclass__(**kwargs)
+        if spec is not None:
+            cls.bind(spec)
+
+    @classmethod
+    def bind(cls, spec: TaskSpec) -> type[Task]:
+        """Set the spec's declarations on this class (itself, so that it pickles by name); one worker
+        class serves one task."""
+        bound = cls.__dict__.get("spec")
+        if bound is not None and bound.name != spec.name:
+            raise ValueError(f"{cls.__qualname__} is the worker of task {bound.name!r}, not of {spec.name!r}")
+        cls.spec, cls.name, cls.columns = spec, spec.name, spec.column_names
+        cls.loss_sections, cls.train_keys = tuple(spec.loss_sections), spec.train_keys
+        cls.compare_columns = spec.compare_columns
+        return cls
 
     def __init__(self, recipe: Recipe, info: dict[str, Any]) -> None:
         self.recipe = recipe
@@ -69,7 +90,8 @@ class Task:
         if task != cls.name or missing:
             raise TaskDataError(
                 f"{dataset.uri}: holds a {task!r} dataset (columns {', '.join(stored)}), but the recipe's task is "
-                f"{cls.name!r}, which reads {', '.join(cls.columns)}; set `task: {task}` in the recipe or point data.uri "
+                f"{cls.name!r}, which reads {', '.join(cls.columns)}; set `task: {task}` in the recipe or point "
+                "data.uri "
                 f"at a dataset packed with `orchestrator data pack SOURCE DEST --task {cls.name}`"
             )
 

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.tasks import CLASSIFICATION
 from workers.tasks.base import Batch
 from workers.tasks.labels import LabelEval, LabelTask, most_frequent
 from workers.tasks.samples import ImageSamples, unnormalize
@@ -16,10 +17,7 @@ def _label(value: Any, side: int) -> np.ndarray:
     return np.asarray(int(value), dtype=np.int64)
 
 
-class ClassificationTask(LabelTask):
-    name = "classification"
-    columns = ("image", "label")
-    compare_columns = (("accuracy", "eval/accuracy", "max"), ("baseline", "eval/accuracy_baseline", None))
+class ClassificationTask(LabelTask, spec=CLASSIFICATION):
 
     def __init__(self, recipe: Any, info: dict[str, Any]) -> None:
         super().__init__(recipe, info)

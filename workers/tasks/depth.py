@@ -17,27 +17,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.tasks import DEFAULT_DEPTH_RANGE_M, DEPTH, MM_PER_M
 from storage.codec import decode_depth_uint16
 from workers.losses import build_loss
 from workers.tasks.base import Batch, Task
 from workers.tasks.samples import ImageSamples, image_batch, resize_nearest, unnormalize
 
-# NYU Depth v2's usual evaluation range, for datasets whose manifest names none.
-DEFAULT_RANGE_M = (0.1, 10.0)
+DEFAULT_RANGE_M = DEFAULT_DEPTH_RANGE_M  # for datasets whose manifest names none
 
 
 def _depth_map(value: bytes, side: int) -> np.ndarray:
     return resize_nearest(decode_depth_uint16(value), side)
 
 
-class DepthTask(Task):
-    name = "depth"
-    columns = ("image", "depth")
-    loss_sections = ("depth",)
-    train_keys = ("train/loss",)
+class DepthTask(Task, spec=DEPTH):
     eval_keys = ("eval/a1", "eval/a2", "eval/a3", "eval/rel", "eval/rms", "eval/log10", "eval/rms_baseline")
-    compare_columns = (("a1", "eval/a1", "max"), ("rel", "eval/rel", "min"), ("rms", "eval/rms", "min"),
-                       ("log10", "eval/log10", "min"), ("rms baseline", "eval/rms_baseline", None))
 
     def __init__(self, recipe: Any, info: dict[str, Any]) -> None:
         super().__init__(recipe, info)
@@ -50,7 +44,7 @@ class DepthTask(Task):
         meta = dataset.meta
         total = float(np.sum(dataset.index_values("depth_sum_m", train_ids), dtype=np.float64))
         valid = int(np.sum(dataset.index_values("depth_valid", train_ids), dtype=np.int64))
-        return {"depth_scale": float(meta.get("depth_scale", 1000)),
+        return {"depth_scale": float(meta.get("depth_scale", MM_PER_M)),
                 "min_depth_m": float(meta.get("min_depth_m", DEFAULT_RANGE_M[0])),
                 "max_depth_m": float(meta.get("max_depth_m", DEFAULT_RANGE_M[1])),
                 # The constant the baseline rms predicts: the training split's mean (valid) depth.

@@ -20,8 +20,6 @@ def most_frequent(counts: np.ndarray) -> int:
 
 
 class LabelTask(Task):
-    loss_sections = ("labels",)
-    train_keys = ("train/loss",)
 
     def __init__(self, recipe: Any, info: dict[str, Any]) -> None:
         super().__init__(recipe, info)

@@ -24,8 +24,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.tasks import MASK_DEPTH
 from storage.codec import (
-    DEPTH_SCALE,
+    DEPTH_U16_MAX,
     CorruptImageError,
     ImageSizeError,
     decode_depth_planes,
@@ -204,7 +205,7 @@ def prepare_batch(batch: RawBatch, device: torch.device | str) -> tuple[torch.Te
     depth_resized = tuple(depth.shape[-2:]) != size
     if depth_resized:
         # 16-bit values as floats (exact), resized, rounded and clamped as the CPU path did per sample.
-        depth = _resize(_depth16(depth), size).round_().clamp_(0, DEPTH_SCALE)
+        depth = _resize(_depth16(depth), size).round_().clamp_(0, DEPTH_U16_MAX)
     if on_host:
         x, mask, depth = (t.to(device, non_blocking=True) for t in (x, mask, depth))
     if bool(flip.any()):  # flip is still on the CPU: no device sync
@@ -214,9 +215,9 @@ def prepare_batch(batch: RawBatch, device: torch.device | str) -> tuple[torch.Te
     x = x.float().mul_(1.0 / (255.0 * INPUT_STD)).sub_(INPUT_MEAN / INPUT_STD)  # (x / 255 - MEAN) / STD
     m = mask.unsqueeze(1).float().div_(255.0)
     if depth_resized:
-        d = depth.div_(float(DEPTH_SCALE))
+        d = depth.div_(float(DEPTH_U16_MAX))
     else:
-        d = _depth16(depth).div_(float(DEPTH_SCALE))
+        d = _depth16(depth).div_(float(DEPTH_U16_MAX))
     return x, m, d
 
 
@@ -246,13 +247,8 @@ def _mirror(x: torch.Tensor, mask: torch.Tensor, depth: torch.Tensor, flip: torc
     return x, mask, depth
 
 
-class MaskDepthTask(Task):
-    name = "mask_depth"
-    columns = ("fg_bg", "bg", "mask", "depth")
-    loss_sections = ("mask", "depth")
-    train_keys = ("train/loss", "train/mask_loss", "train/depth_loss")
+class MaskDepthTask(Task, spec=MASK_DEPTH):
     eval_keys = ("eval/mask_iou", "eval/depth_rmse", "eval/depth_rmse_baseline")
-    compare_columns = (("mIoU", "eval/mask_iou", "max"), ("mRMSE", "eval/depth_rmse", "min"))
 
     def __init__(self, recipe: Any, info: dict[str, Any]) -> None:
         super().__init__(recipe, info)

@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.tasks import IGNORE_INDEX, SEGMENTATION
 from storage.codec import decode_mask
-from workers.losses import IGNORE_INDEX
 from workers.tasks.base import Batch
 from workers.tasks.labels import LabelEval, LabelTask, most_frequent
 from workers.tasks.samples import ImageSamples, resize_nearest, unnormalize
@@ -19,10 +19,7 @@ def _class_map(value: bytes, side: int) -> np.ndarray:
     return resize_nearest(decode_mask(value), side).astype(np.int64)
 
 
-class SegmentationTask(LabelTask):
-    name = "segmentation"
-    columns = ("image", "mask")
-    compare_columns = (("mIoU", "eval/miou", "max"), ("mAP", "eval/map", "max"), ("mIoU baseline", "eval/miou_baseline", None))
+class SegmentationTask(LabelTask, spec=SEGMENTATION):
 
     def __init__(self, recipe: Any, info: dict[str, Any]) -> None:
         super().__init__(recipe, info)

@@ -61,7 +61,7 @@ class Checkpointer:
         self.policy = CheckpointPolicy(recipe.checkpoint.every_steps, recipe.checkpoint.every_seconds)
         self.writer = CheckpointWriter(recipe.checkpoint.background)  # at most one upload in flight
         self._store_copy_uri = store_copy_uri(config, sink)
-        self._lease_token: str | None = config.get("lease_token")  # the driver's (orchestrator/lease.py)
+        self._lease_token: str | None = config.get("lease_token")  # the driver's (orchestrator/engine/lease.py)
         self._taken: set[str] = set()  # checkpoint folder names in run storage at the restore
 
     # ---------------------------------------------------------------- restore

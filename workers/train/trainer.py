@@ -14,6 +14,7 @@ from common.plan import Plan, batches_for_rank, rank_slice, steps_per_chunk
 from common.recipe import Recipe, StageSection
 from storage import checkpoints, fs
 from storage.layout import FINAL_JSON, PROGRESS_JSON
+from storage.plans import load_plan
 from storage.retry import RETRY_COUNTER
 from storage.shards import open_dataset
 from workers.data import ChunkPrefetcher, check_sizes, make_loader, stream_order
@@ -55,7 +56,7 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
         torch.manual_seed(recipe.run.seed)
-        self.plan = Plan.load(self.run_dir)
+        self.plan = load_plan(self.run_dir)
         self.dataset = open_dataset(config["data_uri"])
         self.prefetcher = ChunkPrefetcher(self.dataset)
         self.task = get_task(recipe.task)(recipe, config["task_info"])
