@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor
 
-from workers.eval import SumAccumulator
+from workers.eval.base import SumAccumulator
 
 _KEYS = ("pixels", "a1", "a2", "a3", "rel", "sq_err", "log10", "sq_err_base")
 _LN10 = math.log(10.0)

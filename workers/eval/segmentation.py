@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from workers.eval import SumAccumulator, class_keys, count_into
+from workers.eval.base import SumAccumulator, class_keys, count_into
 
 
 def average_precision(pos: Tensor, neg: Tensor) -> Tensor:
