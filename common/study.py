@@ -1,5 +1,5 @@
 """The typed layer-sensitivity study: YAML on disk, validated by pydantic as strictly as a recipe,
-overridable with `--set a.b=value` (common.recipe.apply_override).
+overridable with `--set a.b=value` (common.recipe_yaml.apply_override).
 
 A study evaluates a finished depth run's model with ONE conv layer at a time replaced by an
 approximate one (inputs and weights scaled to integers, each product looked up in an
@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from common.errors import RecipeError
-from common.recipe import _format_validation_error, apply_override, load_recipe_dict
+from common.recipe_yaml import apply_override, format_validation_error, load_recipe_dict
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 # `layers:` may name a group instead of a list of module names.
@@ -165,7 +165,7 @@ def validate_study(data: dict[str, Any], source: str = "study") -> StudySpec:
     try:
         return StudySpec.model_validate(data)
     except ValidationError as err:
-        text = _format_validation_error(source, err)
+        text = format_validation_error(source, err)
         # A scaling's errors are located under its kind's tag (scalings.0.fixed.input): drop the tag.
         text = re.sub(r"(field 'scalings\.\d+)\.(fixed|calibrated)\b", r"\1", text)
         raise RecipeError(text.replace("the recipe reference in README", "the study reference in docs/STUDY.md")) from None

@@ -19,12 +19,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from common.errors import RecipeError, RunError
-from common.recipe import (
-    Recipe,
-    _format_validation_error,
-    apply_override,
-    load_recipe_dict,
-)
+from common.recipe import Recipe
+from common.recipe_yaml import apply_override, format_validation_error, load_recipe_dict
 from orchestrator.recipes import validate_recipe
 
 
@@ -97,7 +93,7 @@ def expand(sweep_path: str, overrides: list[str] | None = None,
     try:
         spec = SweepFile.model_validate(raw).sweep
     except ValidationError as err:
-        raise RecipeError(_format_validation_error(sweep_path, err)) from None
+        raise RecipeError(format_validation_error(sweep_path, err)) from None
     base_path = Path(sweep_path).parent / spec.base
     if not base_path.is_file():
         raise RecipeError(f"{sweep_path}: field 'sweep.base': {base_path}: recipe file not found (the path is "
