@@ -1,5 +1,8 @@
 """Data-layer benchmarks, each against its baseline in the same run. Usage: python -m bench.data --json
 
+This module is one piece on purpose: each figure and its baseline are measured in the same process, on
+the same datasets made once at its start, and printed as one JSON document.
+
 1. Chunk preload from GCS (gcp-storage-emulator behind a loopback proxy adding --latency-ms per
    request): packed shards (only the row groups holding the chunk, all requests in flight)
    against one object per image read one after another, the source's bucket approach; plus

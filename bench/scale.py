@@ -1,5 +1,8 @@
 """A rehearsal at the source's scale: 1.2M samples (and 120K beside it, to show what grows).
 
+This module is one piece on purpose: each figure and its baseline are measured in the same process, on
+the same datasets made once at its start, and printed as one JSON document.
+
 Usage: python -m bench.scale --json
 
 Datasets. A small real set is synthesized once (storage.synth) and then written out again as a
