@@ -11,6 +11,7 @@ import copy
 import json
 import os
 import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any, NamedTuple
 import pytest
 import yaml
 
-from tests.conftest import run_cli, tiny_recipe
+from tests.conftest import cli_env, run_cli, tiny_recipe
 
 # A mask_depth recipe for the tiny mask_depth set below (40 samples: 8 held out).
 MD = tiny_recipe("{md}", data={"eval_samples": 8})
@@ -271,14 +272,45 @@ def test_the_run_line_shows_the_headline_metrics_only(task: str):
     assert headline_metrics({}, task) == {}
 
 
-@pytest.mark.parametrize(("value", "level"), [("debug", "DEBUG"), (" Info ", "INFO"), ("loud", "WARNING"), ("", "WARNING")])
-def test_orchestrator_log_takes_any_case_and_an_unknown_level_warns_instead_of_a_traceback(value, level, monkeypatch, capsys):
-    from orchestrator.cli import _log_level
+LOG_LEVELS = [("debug", "DEBUG"), (" Info ", "INFO"), ("loud", "WARNING"), ("", "WARNING")]
 
-    monkeypatch.setenv("ORCHESTRATOR_LOG", value)
-    assert _log_level() == level
-    warned = capsys.readouterr().err
-    assert ("is not a log level" in warned) == (value == "loud")
+# The CLI's entry point, once per ORCHESTRATOR_LOG value, in one fresh interpreter (pytest's own logging
+# handlers would make logging.basicConfig a no-op here): the root logger's level and what main() printed.
+_LOG_PROBE = """
+import contextlib, io, json, logging, os, sys
+from orchestrator import cli
+out = {}
+for value in json.loads(sys.argv[1]):
+    os.environ["ORCHESTRATOR_LOG"] = value
+    for handler in logging.root.handlers[:]:
+        logging.root.removeHandler(handler)  # so that main()'s basicConfig configures afresh
+    sys.argv = ["orchestrator", "--help"]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            cli.main()
+        except SystemExit:
+            pass
+    out[value] = {"level": logging.getLevelName(logging.root.level), "stderr": err.getvalue()}
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def log_levels_seen() -> dict[str, dict[str, str]]:
+    res = subprocess.run([sys.executable, "-c", _LOG_PROBE, json.dumps([v for v, _ in LOG_LEVELS])],
+                         env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return json.loads(res.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize(("value", "level"), LOG_LEVELS)
+def test_orchestrator_log_takes_any_case_and_an_unknown_level_warns_instead_of_a_traceback(
+        value: str, level: str, log_levels_seen: dict[str, dict[str, str]]) -> None:
+    seen = log_levels_seen[value]
+    assert seen["level"] == level, seen
+    assert ("is not a log level" in seen["stderr"]) == (value == "loud"), seen
+    assert "Traceback" not in seen["stderr"], seen
 
 
 def test_runs_lists_the_others_and_marks_a_damaged_run(tmp_path: Path):
