@@ -84,6 +84,41 @@ def run_cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.Completed
     )
 
 
+# What the zygote imports before forking: the CLI, and the libraries its commands import lazily that cost
+# the most to import (torch alone about 2 s on 2 cores). A module missing here costs time, never a result.
+CLI_PRELOAD = ("orchestrator.cli", "torch", "yaml", "pydantic.main", "pydantic.type_adapter", "fsspec", "pyarrow.parquet",
+               "PIL.Image", "sqlite3", "rich.progress", "zoneinfo", "cloudpickle")
+
+
+def run_cli_many(calls: list[tuple[list[str], Path]], timeout: float = 120,
+                 parallel: int = 2) -> list[subprocess.CompletedProcess]:
+    """run_cli for each (args, cwd), each its own process, forked from one interpreter that has imported
+    the CLI and torch once (tests/cli_batch.py): a table of quick CLI cases in seconds instead of minutes.
+    For calls that end by themselves quickly (bad input, refusals); a call that outlives `timeout` fails the test."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="cli-batch-") as tmp:
+        work = Path(tmp)
+        spec = {
+            "calls": [{"args": list(args), "cwd": str(cwd), "stdout": str(work / f"{i}.out"), "stderr": str(work / f"{i}.err")}
+                      for i, (args, cwd) in enumerate(calls)],
+            "parallel": parallel, "timeout": timeout, "preload": list(CLI_PRELOAD),
+            "results": str(work / "results.json"),
+        }
+        (work / "spec.json").write_text(json.dumps(spec))
+        zygote = subprocess.run([sys.executable, "-m", "tests.cli_batch", str(work / "spec.json")], cwd=REPO, env=cli_env(),
+                                capture_output=True, text=True, timeout=timeout * len(calls) + 120)
+        assert zygote.returncode == 0, f"tests/cli_batch.py failed:\n{zygote.stdout}\n{zygote.stderr}"
+        results = json.loads((work / "results.json").read_text())
+        out = []
+        for (args, _), call, result in zip(calls, spec["calls"], results, strict=True):
+            assert not result["timed_out"], f"orchestrator {' '.join(args)} still running after {timeout} s"
+            out.append(subprocess.CompletedProcess(
+                [sys.executable, "-m", "orchestrator.cli", *args], result["returncode"],
+                Path(call["stdout"]).read_text(), Path(call["stderr"]).read_text()))
+        return out
+
+
 def start_cli(*args: str, cwd: Path, log: Path) -> subprocess.Popen:
     """A real `orchestrator` process in its own session, so a test can SIGKILL it (and sweep up after)."""
     return subprocess.Popen(

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import pytest
 import yaml
 
-from tests.conftest import cli_env, run_cli, tiny_recipe
+from tests.conftest import cli_env, run_cli, run_cli_many, tiny_recipe
 
 # A mask_depth recipe for the tiny mask_depth set below (40 samples: 8 held out).
 MD = tiny_recipe("{md}", data={"eval_samples": 8})
@@ -191,7 +191,7 @@ CASES = [
 ]
 
 
-# The CLI starts in about a second but a recipe check imports torch: the cases run a few at a time.
+# The datasets are made by real `data synth` processes, a few at a time.
 WORKERS = max(1, min(4, os.cpu_count() or 1))
 
 
@@ -217,7 +217,8 @@ def datasets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory: pytest.TempPathFactory, datasets: dict[str, str]) -> dict[str, Outcome]:
-    """Every case run through the real CLI, each in its own empty folder as its cwd."""
+    """Every case run through the real CLI, each in its own empty folder as its cwd (a process per case,
+    forked from one that imported the CLI once: tests/cli_batch.py)."""
     prepared = []
     for case in CASES:
         cwd = tmp_path_factory.mktemp(case.id.replace("/", "-"))
@@ -229,12 +230,8 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory, datasets: dict[str, str])
             path.write_text(_fill(text, values))
         prepared.append((case, cwd, values))
 
-    def one(item: tuple[Case, Path, dict[str, str]]) -> Outcome:
-        case, cwd, values = item
-        return Outcome(cwd, values, run_cli(*[_fill(a, values) for a in case.args], cwd=cwd, timeout=120))
-
-    with ThreadPoolExecutor(WORKERS) as pool:
-        return {case.id: out for (case, _, _), out in zip(prepared, pool.map(one, prepared), strict=True)}
+    results = run_cli_many([([_fill(a, values) for a in case.args], cwd) for case, cwd, values in prepared])
+    return {case.id: Outcome(cwd, values, res) for (case, cwd, values), res in zip(prepared, results, strict=True)}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

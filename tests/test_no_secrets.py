@@ -6,13 +6,10 @@ stdout, stderr and every file the command left under its folder for the planted 
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
-
 import pytest
 import yaml
 
-from tests.conftest import run_cli, tiny_recipe
+from tests.conftest import run_cli_many, tiny_recipe
 
 SECRET = "hunter2pw"
 USERINFO = f"https://bob:{SECRET}@host/ds"
@@ -65,8 +62,7 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory):
             (cwd / name).parent.mkdir(parents=True, exist_ok=True)
             (cwd / name).write_text(text)
         prepared.append((cwd, args))
-    with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
-        results = list(pool.map(lambda item: run_cli(*item[1], cwd=item[0], timeout=120), prepared))
+    results = run_cli_many([(args, cwd) for cwd, args in prepared])
     return {c[0]: (cwd, res) for c, (cwd, _), res in zip(CASES, prepared, results, strict=True)}
 
 
