@@ -174,12 +174,29 @@ def slow_recipe(data_uri: str, backend: str = "local") -> dict[str, Any]:
 
 
 @pytest.fixture(scope="session")
-def reference_final(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: str) -> dict[str, Any]:
-    """status's `final` (weights_sha256, metrics) of slow_recipe trained in-process without interruption."""
+def reference_run(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: str) -> Path:
+    """The folder (r.yaml, runs/, mlflow.db) of slow_recipe trained in-process without interruption, once
+    per session. Read it, or copy it (copy_run) to work on: never change it in place."""
     d = tmp_path_factory.mktemp("reference")
     res = run_cli("run", write_recipe(d / "r.yaml", slow_recipe(tiny_dataset)), cwd=d)
     assert res.returncode == 0, res.stderr
-    return status_json(d)["final"]
+    return d
+
+
+def copy_run(reference: Path, dest: Path) -> Path:
+    """A private copy of a finished run's folder (its recipe, run storage and MLflow store) at dest."""
+    import shutil
+
+    for name in ("r.yaml", "mlflow.db"):
+        shutil.copy2(reference / name, dest / name)
+    shutil.copytree(reference / "runs", dest / "runs")
+    return dest
+
+
+@pytest.fixture(scope="session")
+def reference_final(reference_run: Path) -> dict[str, Any]:
+    """status's `final` (weights_sha256, metrics) of slow_recipe trained in-process without interruption."""
+    return status_json(reference_run)["final"]
 
 
 @pytest.fixture(scope="session")

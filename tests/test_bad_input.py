@@ -6,7 +6,7 @@ import pytest
 
 from storage.shards import ShardWriter
 from storage.synth import make_sample
-from tests.conftest import run_cli, tiny_recipe, write_recipe
+from tests.conftest import copy_run, run_cli, status_json, tiny_recipe, write_recipe
 
 
 def _error_lines(res) -> list[str]:
@@ -73,13 +73,16 @@ def test_corrupt_image_at_train_time_fails_naming_shard_and_sample(tmp_path, dat
     assert '"state": "failed"' in st.stdout
 
 
-def test_changed_recipe_for_an_existing_run_is_refused(tmp_path, tiny_dataset):
-    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_dataset))
-    assert run_cli("run", path, cwd=tmp_path).returncode == 0
-    res = run_cli("run", path, "--set", "stages.full.lr=0.1", cwd=tmp_path)
+def test_changed_recipe_for_an_existing_run_is_refused(tmp_path, reference_run):
+    """A completed run (a copy of the session's reference run, not trained again here) keeps its recipe."""
+    copy_run(reference_run, tmp_path)
+    before = status_json(tmp_path)
+    assert before["state"] == "completed"
+    res = run_cli("run", "r.yaml", "--set", "stages.full.lr=0.1", cwd=tmp_path)
     assert res.returncode == 2
     (line,) = _error_lines(res)
     assert "already exists" in line and "run.name" in line
+    assert status_json(tmp_path) == before, "the refused command changed the run"
 
 
 def test_unwritable_run_storage_fails_fast_naming_it(tmp_path, tiny_dataset):
