@@ -47,9 +47,12 @@ def tiny_recipe(data_uri: str, **sections: Any) -> dict[str, Any]:
         "data": {"uri": data_uri, "eval_samples": TINY_EVAL},
         "model": {"name": "unet224", "width": 0.125},
         "stages": [
-            {"name": "spine", "forward": "spine", "trainable": ["spine"], "resolution": 16, "batch_size": 16, "chunk_size": 70, "lr": 0.01},
-            {"name": "head_tail", "forward": "full", "trainable": ["head", "tail"], "resolution": 64, "batch_size": 8, "chunk_size": 70, "lr": 0.005},
-            {"name": "full", "forward": "full", "trainable": ["all"], "resolution": 64, "batch_size": 8, "chunk_size": 104, "lr": 0.002},
+            {"name": "spine", "forward": "spine", "trainable": ["spine"], "resolution": 16, "batch_size": 16,
+             "chunk_size": 70, "lr": 0.01},
+            {"name": "head_tail", "forward": "full", "trainable": ["head", "tail"], "resolution": 64, "batch_size": 8,
+             "chunk_size": 70, "lr": 0.005},
+            {"name": "full", "forward": "full", "trainable": ["all"], "resolution": 64, "batch_size": 8,
+             "chunk_size": 104, "lr": 0.002},
         ],
         "checkpoint": {"every_steps": 5, "every_seconds": 3600, "keep": 3},
         "tracking": {"uri": "sqlite:///mlflow.db", "experiment": "tests"},
@@ -86,8 +89,8 @@ def run_cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.Completed
 
 # What the zygote imports before forking: the CLI, and the libraries its commands import lazily that cost
 # the most to import (torch alone about 2 s on 2 cores). A module missing here costs time, never a result.
-CLI_PRELOAD = ("orchestrator.cli", "torch", "yaml", "pydantic.main", "pydantic.type_adapter", "fsspec", "pyarrow.parquet",
-               "PIL.Image", "sqlite3", "rich.progress", "zoneinfo", "cloudpickle")
+CLI_PRELOAD = ("orchestrator.cli", "torch", "yaml", "pydantic.main", "pydantic.type_adapter", "fsspec",
+               "pyarrow.parquet", "PIL.Image", "sqlite3", "rich.progress", "zoneinfo", "cloudpickle")
 
 
 def run_cli_many(calls: list[tuple[list[str], Path]], timeout: float = 120,
@@ -100,14 +103,16 @@ def run_cli_many(calls: list[tuple[list[str], Path]], timeout: float = 120,
     with tempfile.TemporaryDirectory(prefix="cli-batch-") as tmp:
         work = Path(tmp)
         spec = {
-            "calls": [{"args": list(args), "cwd": str(cwd), "stdout": str(work / f"{i}.out"), "stderr": str(work / f"{i}.err")}
+            "calls": [{"args": list(args), "cwd": str(cwd), "stdout": str(work / f"{i}.out"),
+                       "stderr": str(work / f"{i}.err")}
                       for i, (args, cwd) in enumerate(calls)],
             "parallel": parallel, "timeout": timeout, "preload": list(CLI_PRELOAD),
             "results": str(work / "results.json"),
         }
         (work / "spec.json").write_text(json.dumps(spec))
-        zygote = subprocess.run([sys.executable, "-m", "tests.cli_batch", str(work / "spec.json")], cwd=REPO, env=cli_env(),
-                                capture_output=True, text=True, timeout=timeout * len(calls) + 120)
+        zygote = subprocess.run([sys.executable, "-m", "tests.cli_batch", str(work / "spec.json")],
+                                cwd=REPO, env=cli_env(), capture_output=True, text=True,
+                                timeout=timeout * len(calls) + 120)
         assert zygote.returncode == 0, f"tests/cli_batch.py failed:\n{zygote.stdout}\n{zygote.stderr}"
         results = json.loads((work / "results.json").read_text())
         out = []

@@ -29,7 +29,8 @@ def test_missing_dataset_names_the_uri_and_what_to_do(tmp_path):
 
 
 def test_unknown_model_exits_2_listing_valid_names(tmp_path, tiny_dataset):
-    res = run_cli("run", write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_dataset)), "--set", "model.name=vgg", cwd=tmp_path)
+    res = run_cli("run", write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_dataset)), "--set", "model.name=vgg",
+                  cwd=tmp_path)
     assert res.returncode == 2
     (line,) = _error_lines(res)
     assert "model.name" in line and "'vgg'" in line and "unet224" in line
@@ -103,7 +104,8 @@ def test_status_of_an_unknown_run_names_it(tmp_path):
 def test_secrets_never_reach_error_messages(tmp_path):
     # memory:// keeps the test off the network; the URI still carries user:password@ and a token.
     uri = "memory://user:s3cret@bucket/data?token=abc123"
-    res = run_cli("run", write_recipe(tmp_path / "r.yaml", tiny_recipe(str(tmp_path / "x"))), "--set", f"data.uri={uri}", cwd=tmp_path)
+    res = run_cli("run", write_recipe(tmp_path / "r.yaml", tiny_recipe(str(tmp_path / "x"))), "--set",
+                  f"data.uri={uri}", cwd=tmp_path)
     assert res.returncode == 2, res.stderr  # refused at validation: the URI holds credentials
     (line,) = _error_lines(res)
     assert "data.uri" in line and "holds credentials" in line
