@@ -114,6 +114,9 @@ def run_cli_many(calls: list[tuple[list[str], Path]], timeout: float = 120,
                                 cwd=REPO, env=cli_env(), capture_output=True, text=True,
                                 timeout=timeout * len(calls) + 120)
         assert zygote.returncode == 0, f"tests/cli_batch.py failed:\n{zygote.stdout}\n{zygote.stderr}"
+        # Whatever the preloaded imports print (a warning) would reach each call's stderr in a process of its
+        # own, but stays with the zygote here: it must print nothing, or the calls' output would look cleaner.
+        assert not zygote.stdout + zygote.stderr, f"the preloaded imports printed:\n{zygote.stdout}\n{zygote.stderr}"
         results = json.loads((work / "results.json").read_text())
         out = []
         for (args, _), call, result in zip(calls, spec["calls"], results, strict=True):
