@@ -231,6 +231,17 @@ def assert_completed_exactly_once(cwd: Path, reference: str | None, interruption
     return st
 
 
+@pytest.fixture(autouse=True)
+def _signal_handlers_restored() -> Any:
+    """A test that runs the CLI or the runner in-process may leave its SIGINT/SIGTERM handler installed; the
+    next test would then see a Ctrl-C (or the lease heartbeat's interrupt_main) handled by a run long gone."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        if handler is not None and signal.getsignal(sig) is not handler:
+            signal.signal(sig, handler)
+
+
 # The core kept green on the oldest declared torch (2.11) and numpy, and on Colab's Python 3.13, besides CI's
 # full suite on 3.11 and torch 2.13: training, kill-and-resume, checkpoints, precision, the models and losses,
 # and what installing promises. `python -m pytest -m core` (README "Python and torch versions").
