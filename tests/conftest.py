@@ -47,9 +47,12 @@ def tiny_recipe(data_uri: str, **sections: Any) -> dict[str, Any]:
         "data": {"uri": data_uri, "eval_samples": TINY_EVAL},
         "model": {"name": "unet224", "width": 0.125},
         "stages": [
-            {"name": "spine", "forward": "spine", "trainable": ["spine"], "resolution": 16, "batch_size": 16, "chunk_size": 70, "lr": 0.01},
-            {"name": "head_tail", "forward": "full", "trainable": ["head", "tail"], "resolution": 64, "batch_size": 8, "chunk_size": 70, "lr": 0.005},
-            {"name": "full", "forward": "full", "trainable": ["all"], "resolution": 64, "batch_size": 8, "chunk_size": 104, "lr": 0.002},
+            {"name": "spine", "forward": "spine", "trainable": ["spine"], "resolution": 16, "batch_size": 16,
+             "chunk_size": 70, "lr": 0.01},
+            {"name": "head_tail", "forward": "full", "trainable": ["head", "tail"], "resolution": 64, "batch_size": 8,
+             "chunk_size": 70, "lr": 0.005},
+            {"name": "full", "forward": "full", "trainable": ["all"], "resolution": 64, "batch_size": 8,
+             "chunk_size": 104, "lr": 0.002},
         ],
         "checkpoint": {"every_steps": 5, "every_seconds": 3600, "keep": 3},
         "tracking": {"uri": "sqlite:///mlflow.db", "experiment": "tests"},
@@ -82,6 +85,46 @@ def run_cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.Completed
         [sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, env=cli_env(),
         capture_output=True, text=True, timeout=timeout,
     )
+
+
+# What the zygote imports before forking: the CLI, and the libraries its commands import lazily that cost
+# the most to import (torch alone about 2 s on 2 cores). A module missing here costs time, never a result.
+CLI_PRELOAD = ("orchestrator.cli", "torch", "yaml", "pydantic.main", "pydantic.type_adapter", "fsspec",
+               "pyarrow.parquet", "PIL.Image", "sqlite3", "rich.progress", "zoneinfo", "cloudpickle")
+
+
+def run_cli_many(calls: list[tuple[list[str], Path]], timeout: float = 120,
+                 parallel: int = 2) -> list[subprocess.CompletedProcess]:
+    """run_cli for each (args, cwd), each its own process, forked from one interpreter that has imported
+    the CLI and torch once (tests/cli_batch.py): a table of quick CLI cases in seconds instead of minutes.
+    For calls that end by themselves quickly (bad input, refusals); a call that outlives `timeout` fails the test."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="cli-batch-") as tmp:
+        work = Path(tmp)
+        spec = {
+            "calls": [{"args": list(args), "cwd": str(cwd), "stdout": str(work / f"{i}.out"),
+                       "stderr": str(work / f"{i}.err")}
+                      for i, (args, cwd) in enumerate(calls)],
+            "parallel": parallel, "timeout": timeout, "preload": list(CLI_PRELOAD),
+            "results": str(work / "results.json"),
+        }
+        (work / "spec.json").write_text(json.dumps(spec))
+        zygote = subprocess.run([sys.executable, "-m", "tests.cli_batch", str(work / "spec.json")],
+                                cwd=REPO, env=cli_env(), capture_output=True, text=True,
+                                timeout=timeout * len(calls) + 120)
+        assert zygote.returncode == 0, f"tests/cli_batch.py failed:\n{zygote.stdout}\n{zygote.stderr}"
+        # Whatever the preloaded imports print (a warning) would reach each call's stderr in a process of its
+        # own, but stays with the zygote here: it must print nothing, or the calls' output would look cleaner.
+        assert not zygote.stdout + zygote.stderr, f"the preloaded imports printed:\n{zygote.stdout}\n{zygote.stderr}"
+        results = json.loads((work / "results.json").read_text())
+        out = []
+        for (args, _), call, result in zip(calls, spec["calls"], results, strict=True):
+            assert not result["timed_out"], f"orchestrator {' '.join(args)} still running after {timeout} s"
+            out.append(subprocess.CompletedProcess(
+                [sys.executable, "-m", "orchestrator.cli", *args], result["returncode"],
+                Path(call["stdout"]).read_text(), Path(call["stderr"]).read_text()))
+        return out
 
 
 def start_cli(*args: str, cwd: Path, log: Path) -> subprocess.Popen:
@@ -139,12 +182,29 @@ def slow_recipe(data_uri: str, backend: str = "local") -> dict[str, Any]:
 
 
 @pytest.fixture(scope="session")
-def reference_final(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: str) -> dict[str, Any]:
-    """status's `final` (weights_sha256, metrics) of slow_recipe trained in-process without interruption."""
+def reference_run(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: str) -> Path:
+    """The folder (r.yaml, runs/, mlflow.db) of slow_recipe trained in-process without interruption, once
+    per session. Read it, or copy it (copy_run) to work on: never change it in place."""
     d = tmp_path_factory.mktemp("reference")
     res = run_cli("run", write_recipe(d / "r.yaml", slow_recipe(tiny_dataset)), cwd=d)
     assert res.returncode == 0, res.stderr
-    return status_json(d)["final"]
+    return d
+
+
+def copy_run(reference: Path, dest: Path) -> Path:
+    """A private copy of a finished run's folder (its recipe, run storage and MLflow store) at dest."""
+    import shutil
+
+    for name in ("r.yaml", "mlflow.db"):
+        shutil.copy2(reference / name, dest / name)
+    shutil.copytree(reference / "runs", dest / "runs")
+    return dest
+
+
+@pytest.fixture(scope="session")
+def reference_final(reference_run: Path) -> dict[str, Any]:
+    """status's `final` (weights_sha256, metrics) of slow_recipe trained in-process without interruption."""
+    return status_json(reference_run)["final"]
 
 
 @pytest.fixture(scope="session")
@@ -169,6 +229,17 @@ def assert_completed_exactly_once(cwd: Path, reference: str | None, interruption
     steps = [s for s, _ in mlflow_history(cwd, st["mlflow_run_id"], "train/loss")]
     assert steps == list(range(1, st["global_step"] + 1)), "not exactly one train/loss point per step"
     return st
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_restored() -> Any:
+    """A test that runs the CLI or the runner in-process may leave its SIGINT/SIGTERM handler installed; the
+    next test would then see a Ctrl-C (or the lease heartbeat's interrupt_main) handled by a run long gone."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        if handler is not None and signal.getsignal(sig) is not handler:
+            signal.signal(sig, handler)
 
 
 # The core kept green on the oldest declared torch (2.11) and numpy, and on Colab's Python 3.13, besides CI's

@@ -43,4 +43,4 @@ def test_chunks_that_fit_pass_and_an_unknown_budget_skips(tiny_dataset, monkeypa
     ray = validate_recipe(tiny_recipe(tiny_dataset, execution={"backend": "ray", "num_workers": 2}))
     assert memory_check.available_bytes(ray) is None  # a cluster: skipped
     assert memory_check.available_bytes(recipe) > 0  # this machine's available memory
-    json.dumps(plan.summary())
+    assert json.loads(json.dumps(plan.summary())) == plan.summary()  # the plan's record is plain JSON
