@@ -35,7 +35,8 @@ SHORT_TRAINING = ("data.synth.samples=120", "data.eval_samples=20", "stages.trai
 
 def _cli(args: list[str], cwd: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    res = subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, env=env, capture_output=True,
+                         text=True)
     if res.returncode != 0:
         raise RuntimeError(f"orchestrator {' '.join(args)} exited {res.returncode}: {res.stderr[-2000:]}")
 

@@ -35,7 +35,8 @@ def _load() -> list[float]:
 
 
 def _stats(xs: list[float], prefix: str) -> dict[str, float]:
-    return {f"{prefix}_mean": round(statistics.fmean(xs), 3), f"{prefix}_max": round(max(xs), 3), f"{prefix}_all": [round(x, 3) for x in xs]}
+    return {f"{prefix}_mean": round(statistics.fmean(xs), 3), f"{prefix}_max": round(max(xs), 3),
+            f"{prefix}_all": [round(x, 3) for x in xs]}
 
 
 def _trainer(args: argparse.Namespace, data_uri: str, run_dir: str, tracking_uri: str, background: bool) -> Any:
@@ -52,7 +53,8 @@ def _trainer(args: argparse.Namespace, data_uri: str, run_dir: str, tracking_uri
         "run": {"name": "bench", "storage": run_dir.rsplit("/", 1)[0], "seed": 0},
         "data": {"uri": data_uri, "eval_samples": 16},
         "model": {"name": "unet224", "width": args.width},  # recipes/unet224.yaml: width 1.0
-        "stages": [{"name": "full", "forward": "full", "trainable": ["all"], "resolution": 64, "batch_size": 2, "chunk_size": 32, "lr": 3e-4}],
+        "stages": [{"name": "full", "forward": "full", "trainable": ["all"], "resolution": 64, "batch_size": 2,
+                    "chunk_size": 32, "lr": 3e-4}],
         "checkpoint": {"every_steps": 1_000_000, "every_seconds": 1e9, "keep": 3, "background": background},
         "execution": {"backend": "local", "torch_threads": args.threads},
     })
@@ -114,7 +116,8 @@ def bench_background(args: argparse.Namespace, trainer: Any, x: Any) -> dict[str
         uploads.append(landed)
         steps_during.append(steps)
     return {**_stats(pauses, "pause_s"), "pause_checkpoint_call_s_mean": round(statistics.fmean(calls), 3),
-            "pause_completion_polls_s_mean": round(statistics.fmean(polls), 3), **_stats(uploads, "upload_s"), "steps_trained_during_upload": steps_during,
+            "pause_completion_polls_s_mean": round(statistics.fmean(polls), 3), **_stats(uploads, "upload_s"),
+            "steps_trained_during_upload": steps_during,
             "step_s_during_upload_mean": round(statistics.fmean(step_during), 3)}
 
 
@@ -133,7 +136,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--width", type=float, default=1.0, help="UNet-224 width (1.0: the source's 17.5M parameters)")
     ap.add_argument("--checkpoints", type=int, default=3, help="background checkpoints measured (after one warm-up)")
-    ap.add_argument("--sync-checkpoints", type=int, default=3, help="synchronous checkpoints measured (after one warm-up)")
+    ap.add_argument("--sync-checkpoints", type=int, default=3,
+                    help="synchronous checkpoints measured (after one warm-up)")
     ap.add_argument("--latency-ms", type=float, default=20.0, help="added by the proxy to every request")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--json", action="store_true", help="one JSON line on stdout")
@@ -179,7 +183,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     if background:
                         sd = trainer.state.state_dict()
                         result["params"] = sum(p.numel() for p in trainer.state.model.parameters())
-                        result["state_tensor_mb"] = round(sum(t.numel() * t.element_size() for t in _tensors(sd)) / 2**20, 1)
+                        result["state_tensor_mb"] = round(sum(t.numel() * t.element_size() for t in _tensors(sd))
+                                                          / 2**20, 1)
                         newest = checkpoints.list_complete(run_dir)[-1]
                         fs, path = sfs.filesystem(sfs.join(run_dir, newest, checkpoints.STATE_FILE))
                         result["state_file_mb"] = round(fs.size(path) / 2**20, 1)

@@ -70,7 +70,8 @@ def bench_preload(args: argparse.Namespace, proxy: Any, bucket: str) -> dict[str
         "run": {"name": "bench", "storage": "unused", "seed": 0},
         "data": {"uri": shards_uri, "eval_samples": 16},
         "model": {"name": "unet224", "width": 0.125},
-        "stages": [{"name": "s", "forward": "full", "trainable": ["all"], "resolution": 64, "batch_size": 16, "chunk_size": args.chunk, "lr": 1e-3}],
+        "stages": [{"name": "s", "forward": "full", "trainable": ["all"], "resolution": 64, "batch_size": 16,
+                    "chunk_size": args.chunk, "lr": 1e-3}],
     })
     chunk = make_plan(recipe, ds.sample_ids).chunk_ids(0, 0)
     aligned = np.sort(ds.sample_ids)[: len(chunk)]
@@ -78,7 +79,8 @@ def bench_preload(args: argparse.Namespace, proxy: Any, bucket: str) -> dict[str
     fs, _ = sfs.filesystem(shards_uri)
     per_file = chunk[: args.per_file_samples]
     rows = ds.read_samples(chunk)
-    fs.pipe({f"{bucket}/perfile/{int(sid)}/{k}": rows[k][i] for i, sid in enumerate(rows["sample_id"][: len(chunk)]) for k in ("fg_bg", "bg", "mask", "depth")})
+    fs.pipe({f"{bucket}/perfile/{int(sid)}/{k}": rows[k][i] for i, sid in enumerate(rows["sample_id"][: len(chunk)])
+             for k in ("fg_bg", "bg", "mask", "depth")})
     wanted_bytes = sum(len(rows[k][i]) for i in range(len(chunk)) for k in ("fg_bg", "bg", "mask", "depth"))
     del rows
 
@@ -123,8 +125,10 @@ def bench_preload(args: argparse.Namespace, proxy: Any, bucket: str) -> dict[str
     t0 = time.perf_counter()
     fs.cat(paths)
     out["preload_per_file_concurrent_samples_per_s"] = _rate(len(chunk), time.perf_counter() - t0)
-    out["preload_sharded_vs_per_file"] = round(out["preload_sharded_samples_per_s"] / out["preload_per_file_samples_per_s"], 1)
-    out["preload_sharded_vs_per_file_concurrent"] = round(out["preload_sharded_samples_per_s"] / out["preload_per_file_concurrent_samples_per_s"], 2)
+    out["preload_sharded_vs_per_file"] = round(out["preload_sharded_samples_per_s"]
+                                               / out["preload_per_file_samples_per_s"], 1)
+    out["preload_sharded_vs_per_file_concurrent"] = round(out["preload_sharded_samples_per_s"]
+                                                          / out["preload_per_file_concurrent_samples_per_s"], 2)
     proxy.configure()
     return out
 
@@ -261,10 +265,13 @@ def bench_decode(args: argparse.Namespace) -> dict[str, Any]:
 
     kinds = ("jpeg_pair", "mask", "depth")
     turns = {"limit": lambda: _each(limit_dec, jpegs), "decode": functools.partial(worker, ChunkSamples, size),
-             "decode_every_bg": functools.partial(worker, EveryBg, size), **{k: functools.partial(parts, k) for k in kinds}}
+             "decode_every_bg": functools.partial(worker, EveryBg, size),
+             **{k: functools.partial(parts, k) for k in kinds}}
     if limit_56:
-        turns.update({"limit_56": lambda: _each(lambda b: simplejpeg.decode_jpeg(b, colorspace="RGB", min_height=56, min_width=56), jpegs),
-                      "decode_56": functools.partial(worker, ChunkSamples, 56), "decode_every_bg_56": functools.partial(worker, EveryBg, 56)})
+        turns.update({"limit_56": lambda: _each(lambda b: simplejpeg.decode_jpeg(b, colorspace="RGB", min_height=56,
+                                                                                 min_width=56), jpegs),
+                      "decode_56": functools.partial(worker, ChunkSamples, 56),
+                      "decode_every_bg_56": functools.partial(worker, EveryBg, 56)})
     t = _best_of_alternating(turns)
     out["jpeg_decode_limit_samples_per_s_per_core"] = _rate(n, t["limit"])
     out["decode_samples_per_s_per_core"] = _rate(n, t["decode"])
@@ -282,10 +289,13 @@ def bench_decode(args: argparse.Namespace) -> dict[str, Any]:
         out["decode_vs_jpeg_limit_at_56px_every_bg_decoded"] = round(t["limit_56"] / t["decode_every_bg_56"], 3)
     # The same two measured keeping every result (all of them in fresh memory), as this bench did before.
     t = _best_of_alternating({"limit": lambda: [limit_dec(b) for b in jpegs],
-                              "decode": lambda: [cs.__getitems__(b) for cs in [ChunkSamples(rows, size, ds.describe, hflip=0.5)] for b in batches]})
+                              "decode": lambda: [cs.__getitems__(b)
+                                                 for cs in [ChunkSamples(rows, size, ds.describe, hflip=0.5)]
+                                                 for b in batches]})
     out["retained_jpeg_decode_limit_samples_per_s_per_core"] = _rate(n, t["limit"])
     out["retained_decode_samples_per_s_per_core"] = _rate(n, t["decode"])
-    out["retained_decode_vs_jpeg_limit"] = round(out["retained_decode_samples_per_s_per_core"] / out["retained_jpeg_decode_limit_samples_per_s_per_core"], 3)
+    out["retained_decode_vs_jpeg_limit"] = round(out["retained_decode_samples_per_s_per_core"]
+                                                 / out["retained_jpeg_decode_limit_samples_per_s_per_core"], 3)
 
     # The step after: integers -> float model tensors, flips (and at 56 px the final resizes of
     # the inputs and depth). It runs on the training device; on a GPU that is ~free, this is what
@@ -295,7 +305,8 @@ def bench_decode(args: argparse.Namespace) -> dict[str, Any]:
 
     for side, key in ((size, ""), (56, "_at_56px")):
         cs = ChunkSamples(rows, side, ds.describe, hflip=0.5, flip_key=(0, 0, 0, 0))
-        out[f"prepare_batch_on_cpu_samples_per_s_per_core{key}"] = _rate(n, _best_of(functools.partial(prepare_all, [cs.__getitems__(b) for b in batches])))
+        out[f"prepare_batch_on_cpu_samples_per_s_per_core{key}"] = _rate(
+            n, _best_of(functools.partial(prepare_all, [cs.__getitems__(b) for b in batches])))
     out["decode_load_average_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
 
     # Mask and depth encodings, on this dataset's maps: bytes, and decode speed of mask + depth
@@ -317,7 +328,8 @@ def bench_decode(args: argparse.Namespace) -> dict[str, Any]:
         assert all(np.array_equal(codec.decode_depth_uint16(b), d) for b, d in zip(ed, depths, strict=True))
         out[f"maskdepth_{name}_bytes_per_sample"] = round(sum(map(len, em + ed)) / n)
         out[f"maskdepth_{name}_decode_samples_per_s_per_core"] = _rate(n, _best_of(
-            lambda em=em, ed=ed: [(codec.decode_mask(m, out=mbuf), codec.decode_depth_planes(d, out=dbuf)) for m, d in zip(em, ed, strict=True)]))
+            lambda em=em, ed=ed: [(codec.decode_mask(m, out=mbuf), codec.decode_depth_planes(d, out=dbuf))
+                                  for m, d in zip(em, ed, strict=True)]))
     out["maskdepth_written_as"] = {(PLANES, L): "raw_lz4_planes", (PLANES, Z): "raw_zstd_planes"}.get(
         (codec.DEPTH_LAYOUT, codec.DEPTH_CODEC), f"raw layout {codec.DEPTH_LAYOUT} codec {codec.DEPTH_CODEC}")
     out["jpeg_pair_bytes_per_sample"] = round(sum(map(len, jpegs)) / n)
@@ -343,7 +355,8 @@ def bench_data_wait(args: argparse.Namespace, proxy: Any, bucket: str) -> dict[s
     eval_n = 32
     synthesize(uri, eval_n + 2 * args.wait_chunk, seed=0, image_size=128)
     ds = open_dataset(uri)
-    out: dict[str, Any] = {"data_wait_chunk_samples": args.wait_chunk, "data_wait_latency_ms_per_request": args.latency_ms}
+    out: dict[str, Any] = {"data_wait_chunk_samples": args.wait_chunk,
+                           "data_wait_latency_ms_per_request": args.latency_ms}
     proxy.configure(latency_s=args.latency_ms / 1000)
     for prefetch in (True, False):
         with tempfile.TemporaryDirectory() as tmp:
@@ -360,7 +373,8 @@ def bench_data_wait(args: argparse.Namespace, proxy: Any, bucket: str) -> dict[s
             run_dir = os.path.join(tmp, "runs", "bench")
             plan = make_plan(recipe, ds.sample_ids)
             save_plan(plan, run_dir)
-            trainer = Trainer(recipe, {"run_dir": run_dir, "data_uri": uri, "task_info": {"baseline_depth": 0.5}}, LocalSession(run_dir, keep=1))
+            trainer = Trainer(recipe, {"run_dir": run_dir, "data_uri": uri, "task_info": {"baseline_depth": 0.5}},
+                              LocalSession(run_dir, keep=1))
             get, waited = trainer.prefetcher.get, []
 
             def timed_get(key, ids, get=get, waited=waited):
@@ -421,8 +435,10 @@ def bench_size(args: argparse.Namespace) -> dict[str, Any]:
     bg_files = sum(int(f["bytes"]) for f in bg["files"])
     everything = _tree_bytes(dest, skip=(".pack",))
     out.update({
-        "source_zip_bytes": zips, "source_label_bytes": labels, "packed_shard_bytes": shards, "packed_backgrounds_bytes": bg_files,
-        "packed_backgrounds": bg["num"], "packed_dataset_bytes": everything, "packed_shards": res.shards, "packed_format": m["format"],
+        "source_zip_bytes": zips, "source_label_bytes": labels, "packed_shard_bytes": shards,
+        "packed_backgrounds_bytes": bg_files,
+        "packed_backgrounds": bg["num"], "packed_dataset_bytes": everything, "packed_shards": res.shards,
+        "packed_format": m["format"],
         "shard_bytes_vs_source": round((shards + bg_files) / zips, 3),
         "dataset_bytes_vs_source": round(everything / (zips + labels), 3),
     })
@@ -439,12 +455,15 @@ def bench_size(args: argparse.Namespace) -> dict[str, Any]:
     for col in ("fg_bg", "mask", "depth"):
         out[f"packed_{col}_bytes_per_sample"] = round(sum(map(len, rows[col])) / k)
     values = [codec.depth_values(d) for d in rows["depth"]]
-    per_row = sum(len(rows[c][i]) for c in ("fg_bg", "bg", "mask") for i in range(k)) + sum(len(codec.encode_raw(v, codec=codec.CODEC_LZ4)) for v in values)
+    per_row = (sum(len(rows[c][i]) for c in ("fg_bg", "bg", "mask") for i in range(k))
+               + sum(len(codec.encode_raw(v, codec=codec.CODEC_LZ4)) for v in values))
     rps, rpg = choose_sizes(per_row // k, None, None)
     with ShardWriter(legacy, rows_per_shard=rps, rows_per_group=rpg, format=LEGACY_MASK_DEPTH_FORMAT) as w:
         for i in range(k):
-            w.add({"sample_id": int(rows["sample_id"][i]), "fg_bg": rows["fg_bg"][i], "bg": rows["bg"][i], "mask": rows["mask"][i],
-                   "depth": codec.encode_raw(values[i], codec=codec.CODEC_LZ4), "height": int(rows["height"][i]), "width": int(rows["width"][i]),
+            w.add({"sample_id": int(rows["sample_id"][i]), "fg_bg": rows["fg_bg"][i], "bg": rows["bg"][i],
+                   "mask": rows["mask"][i],
+                   "depth": codec.encode_raw(values[i], codec=codec.CODEC_LZ4), "height": int(rows["height"][i]),
+                   "width": int(rows["width"][i]),
                    "depth_mean": 0.0})
         lm = w.close()
     legacy_per_sample = sum(int(sh["bytes"]) for sh in lm["shards"]) / k
@@ -462,7 +481,8 @@ def bench_size(args: argparse.Namespace) -> dict[str, Any]:
     for name, fn in enc.items():
         data = [fn(v) for v in sample]
         out[f"depth8_{name}_bytes_per_sample"] = round(sum(map(len, data)) / len(data))
-        out[f"depth8_{name}_decode_us"] = round(1e6 * _best_of(lambda data=data: _each(codec.depth_values, data)) / len(data), 1)
+        out[f"depth8_{name}_decode_us"] = round(1e6 * _best_of(lambda data=data: _each(codec.depth_values, data))
+                                                / len(data), 1)
     out["depth8_written_as"] = "raw_zstd9"
     out["size_load_average_1min"].append(round(os.getloadavg()[0], 2))
     import shutil
@@ -492,8 +512,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--decode-batch", type=int, default=16, help="batch size for the decode benchmark (quickstart's)")
     ap.add_argument("--wait-chunk", type=int, default=128, help="chunk size for the data-wait benchmark")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for the data-wait benchmark")
-    ap.add_argument("--source-samples", type=int, default=20000, help="samples of the source layout the size benchmark packs")
-    ap.add_argument("--legacy-samples", type=int, default=2000, help="of those, written as format /2 for the size baseline")
+    ap.add_argument("--source-samples", type=int, default=20000,
+                    help="samples of the source layout the size benchmark packs")
+    ap.add_argument("--legacy-samples", type=int, default=2000,
+                    help="of those, written as format /2 for the size baseline")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: preload,decode,wait,size")
     ap.add_argument("--json", action="store_true", help="one JSON line on stdout")
     args = ap.parse_args(argv)

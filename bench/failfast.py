@@ -62,7 +62,8 @@ def _run(workdir: Path, recipe: dict, proxy: FaultProxy, forbid_at_stage: int | 
     end = time.monotonic()
     proxy.configure(forbid=False)
     line = next((ln for ln in err.splitlines() if ln.startswith("error:")), "")
-    return {"rc": proc.returncode, "seconds_to_exit": round(end - (fault_at or t0), 2), "names_uri": "gs://" in line and "403" in line}
+    return {"rc": proc.returncode, "seconds_to_exit": round(end - (fault_at or t0), 2),
+            "names_uri": "gs://" in line and "403" in line}
 
 
 def main(argv: list[str] | None = None) -> dict:

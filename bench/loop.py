@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
         whole = task.to_device(samples.__getitems__(list(range(len(samples)))), trainer.device)
         t0 = time.perf_counter()
         for i in range(0, len(ids), args.batch):
-            trainer._train_step(Batch(whole.x[i:i + args.batch], tuple(t[i:i + args.batch] for t in whole.targets)), "full")
+            trainer._train_step(Batch(whole.x[i:i + args.batch], tuple(t[i:i + args.batch] for t in whole.targets)),
+                                "full")
         bare_s = time.perf_counter() - t0
 
         # The orchestrator's loop: a fresh trainer so both start from the same weights.

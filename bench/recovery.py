@@ -28,8 +28,10 @@ def _recipe(data: str, every_steps: int) -> dict:
         "data": {"uri": data, "eval_samples": 32},
         "model": {"name": "unet224", "width": 0.125},
         "stages": [
-            {"name": "spine", "forward": "spine", "trainable": ["spine"], "resolution": 32, "batch_size": 8, "chunk_size": 400, "epochs_per_chunk": 2, "lr": 0.01},
-            {"name": "full", "forward": "full", "trainable": ["all"], "resolution": 64, "batch_size": 8, "chunk_size": 400, "epochs_per_chunk": 2, "lr": 0.002},
+            {"name": "spine", "forward": "spine", "trainable": ["spine"], "resolution": 32, "batch_size": 8,
+             "chunk_size": 400, "epochs_per_chunk": 2, "lr": 0.01},
+            {"name": "full", "forward": "full", "trainable": ["all"], "resolution": 64, "batch_size": 8,
+             "chunk_size": 400, "epochs_per_chunk": 2, "lr": 0.002},
         ],
         "checkpoint": {"every_steps": every_steps, "every_seconds": 3600},
         "tracking": {"uri": "sqlite:///mlflow.db", "experiment": "bench"},
@@ -85,7 +87,8 @@ def _one(workdir: Path, data: str, sig: int, every_steps: int) -> dict:
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    status = json.loads(subprocess.run([sys.executable, "-m", "orchestrator.cli", "status", "bench", "--json"], cwd=workdir,
+    status = json.loads(subprocess.run([sys.executable, "-m", "orchestrator.cli", "status", "bench", "--json"],
+                                       cwd=workdir,
                                        capture_output=True, text=True, check=True).stdout)
     (rec,) = status["interruption_log"]
     return {"cold_start_s": round(cold_start_s, 2), "recovery_s": round(recovery_s, 2), "steps_lost": rec["steps_lost"],

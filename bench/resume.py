@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--torch", default="torch==2.13.0",
                     help="what the new virtualenv holds before the project is installed (Colab's torch); pip finds "
                          "2.13.0's CPU wheel on this machine's disk")
-    ap.add_argument("--kill-after-step", type=int, default=50, help="interrupt the first run past this step (a checkpoint)")
+    ap.add_argument("--kill-after-step", type=int, default=50,
+                    help="interrupt the first run past this step (a checkpoint)")
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--installer", choices=("uv", "pip"), default="uv",
                     help="uv: the notebook's install cell (uv pip install; uv itself installed first and timed); "
@@ -253,7 +254,8 @@ def main(argv: list[str] | None = None) -> dict:
                 if p.get("updated_at", 0) >= t_start:
                     if p.get("phase") in ("restore", "preload"):
                         seen.setdefault(p["phase"], p["updated_at"])
-                    if p.get("phase") == "train" and p.get("global_step", 0) > cursor.get("global_step", 0) and "preload" in seen:
+                    if (p.get("phase") == "train" and p.get("global_step", 0) > cursor.get("global_step", 0)
+                            and "preload" in seen):
                         step_at = p
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"the resumed run did not reach a training step:\n{out.text()[-3000:]}")

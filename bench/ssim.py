@@ -71,7 +71,8 @@ def _timed(fn: Callable[[], None], repeats: int, warmup: int = 1) -> list[float]
     return out
 
 
-def _fwd_bwd(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, t: torch.Tensor) -> Callable[[], None]:
+def _fwd_bwd(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
+             t: torch.Tensor) -> Callable[[], None]:
     def run() -> None:
         x.grad = None
         loss_fn(x, t).backward()
@@ -112,8 +113,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--repeats", type=int, default=7, help="rounds of one naive and one project SSIM forward+backward (medians taken)")
-    ap.add_argument("--step-repeats", type=int, default=2, help="timed UNet-224 steps (the fastest taken); 0 skips the step")
+    ap.add_argument("--repeats", type=int, default=7,
+                    help="rounds of one naive and one project SSIM forward+backward (medians taken)")
+    ap.add_argument("--step-repeats", type=int, default=2,
+                    help="timed UNet-224 steps (the fastest taken); 0 skips the step")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)

@@ -7,7 +7,8 @@ import re
 _SECRET_KEY = re.compile(r"(token|secret|password|passwd|credential|api[_-]?key|access[_-]?key)", re.I)
 _URI_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.I)
 _QUERY_SECRET = re.compile(
-    r"(?P<k>[?&](?:token|sig|signature|key|access_token|X-Goog-Signature|X-Goog-Credential|password|passwd|secret|api_?key)=)[^&\s]+", re.I)
+    r"(?P<k>[?&](?:token|sig|signature|key|access_token|X-Goog-Signature|X-Goog-Credential|password|passwd|secret|"
+    r"api_?key)=)[^&\s]+", re.I)
 # Where credentials go instead of a URI: named by every refusal of a URI that holds some.
 CREDENTIALS_HELP = (
     "give credentials through the environment instead: for gs:// Application Default Credentials "
@@ -43,8 +44,8 @@ def credentials_problem(uri: str) -> str | None:
     """What is wrong with a URI that holds credentials, without repeating them; None when it holds none."""
     if not has_credentials(uri) or not has_credentials(_DB_USER_ONLY.sub("db://", uri)):
         return None
-    return f"{redact_text(uri)} holds credentials (a user:password@ or a token in the URI), which would be printed and stored with the run; " \
-        f"remove them and {CREDENTIALS_HELP}"
+    return f"{redact_text(uri)} holds credentials (a user:password@ or a token in the URI), which would be printed " \
+        f"and stored with the run; remove them and {CREDENTIALS_HELP}"
 
 
 def check_no_credentials(uri: str | None, where: str) -> None:

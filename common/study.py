@@ -42,20 +42,33 @@ class _Strict(BaseModel):
 
 class FixedScaling(_Strict):
     kind: Literal["fixed"] = Field(description="The same factors for every layer (the updates' way).")
-    name: str | None = Field(None, pattern=NAME_PATTERN, description="Column/metric name of this scaling; default fixed_<input>x<weight>.")
-    input: float = Field(10.0, gt=0, description="Inputs are multiplied by this and rounded to integers (the updates: 10, first 1000).")
-    weight: float = Field(100.0, gt=0, description="Weights are multiplied by this and rounded to integers (the updates: 100, first 1000).")
+    name: str | None = Field(None, pattern=NAME_PATTERN,
+                             description="Column/metric name of this scaling; default fixed_<input>x<weight>.")
+    input: float = Field(10.0, gt=0,
+                         description="Inputs are multiplied by this and rounded to integers (the updates: 10, first "
+                                     "1000).")
+    weight: float = Field(100.0, gt=0,
+                          description="Weights are multiplied by this and rounded to integers (the updates: 100, first "
+                                      "1000).")
 
     def label(self) -> str:
         return self.name or f"fixed_{self.input:g}x{self.weight:g}"
 
 
 class CalibratedScaling(_Strict):
-    kind: Literal["calibrated"] = Field(description="Per-layer factors that map each layer's own range onto the table's.")
-    name: str | None = Field(None, pattern=NAME_PATTERN, description="Column/metric name of this scaling; default calibrated_minmax or calibrated_p<percentile>.")
-    method: Literal["minmax", "percentile"] = Field("percentile", description="Input range: the largest magnitude seen, or this percentile of the magnitudes (outliers saturate).")
-    percentile: float = Field(99.99, gt=0, le=100, description="Percentile of the input magnitudes mapped to the table's end (method percentile).")
-    calibration_samples: int = Field(8, ge=1, le=4096, description="Training-split images whose activations set the input ranges.")
+    kind: Literal["calibrated"] = Field(description="Per-layer factors that map each layer's own range onto the "
+                                                    "table's.")
+    name: str | None = Field(None, pattern=NAME_PATTERN,
+                             description="Column/metric name of this scaling; default calibrated_minmax or "
+                                         "calibrated_p<percentile>.")
+    method: Literal["minmax", "percentile"] = Field("percentile",
+                                                    description="Input range: the largest magnitude seen, or this "
+                                                                "percentile of the magnitudes (outliers saturate).")
+    percentile: float = Field(99.99, gt=0, le=100,
+                              description="Percentile of the input magnitudes mapped to the table's end (method "
+                                          "percentile).")
+    calibration_samples: int = Field(8, ge=1, le=4096,
+                                     description="Training-split images whose activations set the input ranges.")
 
     def label(self) -> str:
         return self.name or ("calibrated_minmax" if self.method == "minmax" else f"calibrated_p{self.percentile:g}")
@@ -65,35 +78,55 @@ Scaling = Annotated[FixedScaling | CalibratedScaling, Field(discriminator="kind"
 
 
 class EvalSection(_Strict):
-    samples: int = Field(5, ge=1, le=10_000, description="Held-out images of the run's plan (its eval split, in id order) every layer is scored on.")
+    samples: int = Field(5, ge=1, le=10_000,
+                         description="Held-out images of the run's plan (its eval split, in id order) every layer is "
+                                     "scored on.")
     batch_size: int = Field(5, ge=1, description="Images per forward pass.")
-    resolution: int | None = Field(None, ge=16, description="Input side in px; default the run's working resolution (its last stage's).")
+    resolution: int | None = Field(None, ge=16,
+                                   description="Input side in px; default the run's working resolution (its last "
+                                               "stage's).")
 
 
 class TrackingSection(_Strict):
-    uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI; a relative sqlite path is relative to the current directory.")
+    uri: str = Field("sqlite:///mlflow.db",
+                     description="MLflow tracking URI; a relative sqlite path is relative to the current directory.")
     experiment: str = Field("orchestrator", description="MLflow experiment name.")
 
     _uri = field_validator("uri")(_no_credentials)
 
 
 class ExecutionSection(_Strict):
-    backend: Literal["ray", "local"] = Field("ray", description="ray: one Ray task per layer (batch) over the cluster's workers; local: the same in this process.")
-    num_workers: int | None = Field(None, ge=1, description="Tasks in flight at once; default the cluster's CPUs / cpus_per_task.")
+    backend: Literal["ray", "local"] = Field("ray",
+                                             description="ray: one Ray task per layer (batch) over the cluster's "
+                                                         "workers; local: the same in this process.")
+    num_workers: int | None = Field(None, ge=1,
+                                    description="Tasks in flight at once; default the cluster's CPUs / cpus_per_task.")
     cpus_per_task: float = Field(1.0, gt=0, description="CPUs Ray reserves per task.")
     torch_threads: int = Field(1, ge=1, description="torch threads per task (and in-process).")
-    layers_per_task: int = Field(1, ge=1, description="Layers one task evaluates before it returns (each still committed on its own).")
+    layers_per_task: int = Field(1, ge=1,
+                                 description="Layers one task evaluates before it returns (each still committed on its "
+                                             "own).")
 
 
 class StudySpec(_Strict):
-    name: str = Field(pattern=NAME_PATTERN, description="Study name: its folder <storage>/studies/<name> and its MLflow run name.")
-    storage: str = Field("runs", description="Run storage root (any fsspec URI): model_from's run is looked up here, the study lives in studies/<name>.")
-    model_from: str = Field(min_length=1, description="A finished depth run's name (under storage), or a run folder / checkpoint folder URI.")
+    name: str = Field(pattern=NAME_PATTERN,
+                      description="Study name: its folder <storage>/studies/<name> and its MLflow run name.")
+    storage: str = Field("runs",
+                         description="Run storage root (any fsspec URI): model_from's run is looked up here, the study "
+                                     "lives in studies/<name>.")
+    model_from: str = Field(min_length=1,
+                            description="A finished depth run's name (under storage), or a run folder / checkpoint "
+                                        "folder URI.")
     layers: str | list[str] = Field(
-        "all", description="Layers to study: a group (all, encoder, decoder, pointwise, depthwise, dense), or module names "
-        "(the model's own, e.g. decoder.up0.convB, or the updates' style, e.g. Encoder.0.0); `--list-layers` lists them.")
-    multiplier: str = Field(min_length=1, description="Approximate multiplier: a built-in table name (exact, truncated8, mitchell, drum4) or a .npy/.csv table path.")
-    scalings: list[Scaling] = Field(min_length=1, description="Scalings to study, each its own column set (`scaling:` takes one).")
+        "all",
+        description="Layers to study: a group (all, encoder, decoder, pointwise, depthwise, dense), or module names "
+        "(the model's own, e.g. decoder.up0.convB, or the updates' style, e.g. Encoder.0.0); `--list-layers` lists "
+        "them.")
+    multiplier: str = Field(min_length=1,
+                            description="Approximate multiplier: a built-in table name (exact, truncated8, mitchell, "
+                                        "drum4) or a .npy/.csv table path.")
+    scalings: list[Scaling] = Field(min_length=1,
+                                    description="Scalings to study, each its own column set (`scaling:` takes one).")
     eval: EvalSection = Field(default_factory=EvalSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     execution: ExecutionSection = Field(default_factory=ExecutionSection)
@@ -168,7 +201,8 @@ def validate_study(data: dict[str, Any], source: str = "study") -> StudySpec:
         text = format_validation_error(source, err)
         # A scaling's errors are located under its kind's tag (scalings.0.fixed.input): drop the tag.
         text = re.sub(r"(field 'scalings\.\d+)\.(fixed|calibrated)\b", r"\1", text)
-        raise RecipeError(text.replace("the recipe reference in README", "the study reference in docs/STUDY.md")) from None
+        raise RecipeError(text.replace("the recipe reference in README",
+                                       "the study reference in docs/STUDY.md")) from None
 
 
 def load_study(path: str, overrides: list[str] | None = None) -> StudySpec:

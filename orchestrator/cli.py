@@ -17,7 +17,8 @@ from rich.table import Table
 from common.errors import OrchestratorError, RecipeError, RunError, RunInterrupted
 from storage.retry import StorageError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Chunked, preemption-proof training of vision models.")
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Chunked, preemption-proof training of vision models.")
 
 from orchestrator.data_cli import data_app  # noqa: E402 - after `app` so the CLI reads top-down
 
@@ -27,17 +28,32 @@ app.add_typer(data_app, name="data")
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key: --set stages.spine.batch_size=64 (YAML-typed value).")]  # noqa: UP045
+SetOpt = Annotated[Optional[list[str]],  # noqa: UP045
+                   typer.Option("--set",
+                                help="Override a recipe key: --set stages.spine.batch_size=64 (YAML-typed value).")]
 
 
 @app.command()
 def run(
     recipe: Annotated[str, typer.Argument(help="Recipe YAML, e.g. recipes/quickstart.yaml.")],
     set_: SetOpt = None,
-    address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster (host:6379, http://host:8265 or ray://host:10001): the run is submitted as a Ray Job whose driver lives on the head. Default: this machine, with a local Ray.")] = None,  # noqa: UP045
-    detach: Annotated[bool, typer.Option("--detach", help="With --address: submit (or find) the run's job and return at once.")] = False,
-    workdir: Annotated[Optional[str], typer.Option("--workdir", help="With --address: where relative paths (runs/, mlflow.db, data/) resolve on the head. Default: this directory on a loopback cluster, ~/orchestrator on a remote one.")] = None,  # noqa: UP045
-    from_env: Annotated[bool, typer.Option("--from-env", hidden=True, help="Read the resolved recipe from $ORCHESTRATOR_RECIPE_JSON (the Ray Job entrypoint).")] = False,
+    address: Annotated[Optional[str],  # noqa: UP045
+                       typer.Option("--address",
+                                    help="Ray cluster (host:6379, http://host:8265 or ray://host:10001): the run is "
+                                         "submitted as a Ray Job whose driver lives on the head. Default: this "
+                                         "machine, with a local Ray.")] = None,
+    detach: Annotated[bool,
+                      typer.Option("--detach",
+                                   help="With --address: submit (or find) the run's job and return at once.")] = False,
+    workdir: Annotated[Optional[str],  # noqa: UP045
+                       typer.Option("--workdir",
+                                    help="With --address: where relative paths (runs/, mlflow.db, data/) resolve on "
+                                         "the head. Default: this directory on a loopback cluster, ~/orchestrator on a "
+                                         "remote one.")] = None,
+    from_env: Annotated[bool,
+                        typer.Option("--from-env", hidden=True,
+                                     help="Read the resolved recipe from $ORCHESTRATOR_RECIPE_JSON (the Ray Job "
+                                          "entrypoint).")] = False,
 ) -> None:
     """Start the run the recipe names, or resume it; a finished run is reported, not retrained."""
     from orchestrator import runner
@@ -93,7 +109,8 @@ def _print_summary(status: dict | None, tracking_uri: str, task: str = "mask_dep
         metrics += f" (all metrics: `orchestrator status {status['run_name']} --json`)"
     err.print(f"run '{status['run_name']}': {status['state']} at step {status['global_step']}; {metrics}")
     ui = f"mlflow ui --backend-store-uri {tracking_uri}" if tracking_uri.startswith("sqlite:") else tracking_uri
-    err.print(f"  weights_sha256 {final.get('weights_sha256')}\n  MLflow run {status['mlflow_run_id']} (open it with: {ui})")
+    err.print(f"  weights_sha256 {final.get('weights_sha256')}\n  MLflow run {status['mlflow_run_id']} (open it with: "
+              f"{ui})")
 
 
 def _runs_root(storage: str) -> str:
@@ -107,10 +124,14 @@ def _runs_root(storage: str) -> str:
 
 @app.command()
 def status(
-    run_name: Annotated[Optional[str], typer.Argument(help="Run name (default: the most recently updated run).")] = None,  # noqa: UP045
+    run_name: Annotated[Optional[str],  # noqa: UP045
+                        typer.Argument(help="Run name (default: the most recently updated run).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the contract's status JSON.")] = False,
     storage: Annotated[str, typer.Option("--storage", help="Run storage root (the recipe's run.storage).")] = "runs",
-    address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster the run was submitted to: find its run storage and job there.")] = None,  # noqa: UP045
+    address: Annotated[Optional[str],  # noqa: UP045
+                       typer.Option("--address",
+                                    help="Ray cluster the run was submitted to: find its run storage and job "
+                                         "there.")] = None,
 ) -> None:
     """Show a run's state, chunk log and final metrics."""
     from orchestrator.status import DAMAGED, build_status, list_runs
@@ -125,9 +146,10 @@ def status(
 
         _, job = latest_job(address, run_name)
         if not fs.exists(fs.join(job.run_dir, "run.json")):
-            raise RunError(f"run '{run_name}' is Ray job {job.submission_id} ({job.status}) on {address}, but its run storage "
-                           f"{job.run_dir} is not reachable from here (a path on the head's disk); "
-                           f"`orchestrator logs {run_name} --address {address}` shows its progress, or keep run.storage on gs://")
+            raise RunError(f"run '{run_name}' is Ray job {job.submission_id} ({job.status}) on {address}, but its run "
+                           f"storage {job.run_dir} is not reachable from here (a path on the head's disk); "
+                           f"`orchestrator logs {run_name} --address {address}` shows its progress, or keep "
+                           "run.storage on gs://")
         root = posixpath.dirname(job.run_dir.rstrip("/"))
     if run_name is None:
         runs = list_runs(root)
@@ -139,9 +161,11 @@ def status(
     else:
         st = build_status(fs.join(root, run_name))
         if st is None:
-            raise RunError(f"no run '{run_name}' under {root}; `orchestrator runs` lists the runs there (--storage picks another root)")
+            raise RunError(f"no run '{run_name}' under {root}; `orchestrator runs` lists the runs there (--storage "
+                           "picks another root)")
     if as_json:
-        keys = ("run_name", "state", "mlflow_run_id", "global_step", "interruptions", "interruption_log", "stages", "chunk_log", "final")
+        keys = ("run_name", "state", "mlflow_run_id", "global_step", "interruptions", "interruption_log", "stages",
+                "chunk_log", "final")
         extra = {"run_dir": st["run_dir"], "last_checkpoint": st["last_checkpoint"], "error": st["error"]}
         if job:
             extra["ray_job"] = {"submission_id": job.submission_id, "status": job.status}
@@ -149,7 +173,8 @@ def status(
         return
     if job:
         out.print(f"Ray job {job.submission_id}: {job.status}")
-    out.print(f"[bold]{st['run_name']}[/bold]: {st['state']}   step {st['global_step']}   interruptions {st['interruptions']}   MLflow {st['mlflow_run_id']}")
+    out.print(f"[bold]{st['run_name']}[/bold]: {st['state']}   step {st['global_step']}   interruptions "
+              f"{st['interruptions']}   MLflow {st['mlflow_run_id']}")
     for s in st["stages"]:
         out.print(f"  stage {s['name']}: {s['chunks_done']}/{s['chunks_total']} chunks")
     if st.get("progress") and st["state"] == "running":
@@ -193,7 +218,8 @@ def runs(
         # A damaged run (its run.json, plan.json or cursor.json unreadable) also carries `error`:
         # the message naming the file and what to do.
         keys = ("run_name", "state", "global_step", "interruptions", "mlflow_run_id")
-        out.print_json(json.dumps([{k: r[k] for k in keys} | ({"error": r["error"], "run_dir": r["run_dir"]} if r["state"] == DAMAGED else {})
+        out.print_json(json.dumps([{k: r[k] for k in keys}
+                                   | ({"error": r["error"], "run_dir": r["run_dir"]} if r["state"] == DAMAGED else {})
                                    for r in items]))
         return
     t = Table("run", "state", "step", "chunks done", "interruptions", "MLflow run")
@@ -203,7 +229,8 @@ def runs(
         if r["state"] == DAMAGED:
             t.add_row(r["run_name"], DAMAGED, "", "", "", "")
         else:
-            t.add_row(r["run_name"], r["state"], str(r["global_step"]), f"{done}/{total}", str(r["interruptions"]), r["mlflow_run_id"] or "")
+            t.add_row(r["run_name"], r["state"], str(r["global_step"]), f"{done}/{total}", str(r["interruptions"]),
+                      r["mlflow_run_id"] or "")
     out.print(t)
     for r in items:
         if r["state"] == DAMAGED:
@@ -214,7 +241,9 @@ def runs(
 def sweep(
     sweep_recipe: Annotated[str, typer.Argument(help="Sweep YAML, e.g. recipes/loss_sweep.yaml.")],
     set_: SetOpt = None,
-    address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster to run the sweep's trials on (default: a local Ray).")] = None,  # noqa: UP045
+    address: Annotated[Optional[str],  # noqa: UP045
+                       typer.Option("--address",
+                                    help="Ray cluster to run the sweep's trials on (default: a local Ray).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the runs the sweep would make, and stop.")] = False,
 ) -> None:
     """Run a sweep: one orchestrator run per grid point, concurrently, as Ray Tune trials.
@@ -254,9 +283,13 @@ def _compare(experiment: str | None, tracking_uri: str, as_json: bool) -> None:
 
 @app.command()
 def compare(
-    experiment: Annotated[Optional[str], typer.Argument(help="MLflow experiment (default: the most recently updated).")] = None,  # noqa: UP045
+    experiment: Annotated[Optional[str],  # noqa: UP045
+                          typer.Argument(help="MLflow experiment (default: the most recently updated).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the table as JSON.")] = False,
-    tracking_uri: Annotated[str, typer.Option("--tracking-uri", help="MLflow tracking store (the recipe's tracking.uri).")] = "sqlite:///mlflow.db",
+    tracking_uri: Annotated[str,
+                            typer.Option("--tracking-uri",
+                                         help="MLflow tracking store (the recipe's "
+                                              "tracking.uri).")] = "sqlite:///mlflow.db",
 ) -> None:
     """Compare an experiment's runs: mIoU, mRMSE, time, steps, interruptions; best per column marked."""
     _compare(experiment, tracking_uri, as_json)
@@ -266,7 +299,8 @@ def compare(
 def lr_find(
     recipe: Annotated[str, typer.Argument(help="Recipe YAML.")],
     set_: SetOpt = None,
-    stage: Annotated[Optional[str], typer.Option("--stage", help="Stage to test (default: the first).")] = None,  # noqa: UP045
+    stage: Annotated[Optional[str],  # noqa: UP045
+                     typer.Option("--stage", help="Stage to test (default: the first).")] = None,
     steps: Annotated[int, typer.Option("--steps", min=10, help="Steps of exponentially rising LR.")] = 200,
     min_lr: Annotated[float, typer.Option("--min-lr")] = 1e-6,
     max_lr: Annotated[float, typer.Option("--max-lr")] = 1.0,
@@ -286,7 +320,8 @@ def lr_find(
         return
     out.print(f"stage {res['stage']}: suggested max_lr {res['suggested_max_lr']:.3g} (steepest fall of the loss); "
               f"the loss was lowest at lr {res['suggested_lr_at_min_loss']:.3g}. "
-              f"Use it with --set stages.{res['stage']}.lr={res['suggested_max_lr']:.3g}  (plot: MLflow run {res['mlflow_run_id']})")
+              f"Use it with --set stages.{res['stage']}.lr={res['suggested_max_lr']:.3g}  (plot: MLflow run "
+              f"{res['mlflow_run_id']})")
 
 
 @app.command()
@@ -304,7 +339,8 @@ def models(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 
     rows = []
     for name in MODELS.names():
-        rows.append({"name": name, "model": name, "variant": None, "task": model_task(name), "params": params(name, None)})
+        rows.append({"name": name, "model": name, "variant": None, "task": model_task(name),
+                     "params": params(name, None)})
         for variant in model_variants(name):
             rows.append({"name": f"{name}/{variant}", "model": name, "variant": variant, "task": model_task(name),
                          "params": params(name, variant)})
@@ -319,10 +355,17 @@ def models(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 
 @app.command()
 def study(
-    study_spec: Annotated[str, typer.Argument(metavar="STUDY", help="Study YAML, e.g. recipes/approx_mobilenetv2.yaml.")],
+    study_spec: Annotated[str,
+                          typer.Argument(metavar="STUDY", help="Study YAML, e.g. recipes/approx_mobilenetv2.yaml.")],
     set_: SetOpt = None,
-    list_layers: Annotated[bool, typer.Option("--list-layers", help="List the model's conv layers (kind, weight shape, multiplies at its resolution) and stop.")] = False,
-    address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster whose workers evaluate the layers (default: a local Ray).")] = None,  # noqa: UP045
+    list_layers: Annotated[bool,
+                           typer.Option("--list-layers",
+                                        help="List the model's conv layers (kind, weight shape, multiplies at its "
+                                             "resolution) and stop.")] = False,
+    address: Annotated[Optional[str],  # noqa: UP045
+                       typer.Option("--address",
+                                    help="Ray cluster whose workers evaluate the layers (default: a local "
+                                         "Ray).")] = None,
 ) -> None:
     """Layer sensitivity of approximate convolution: score a finished depth run with one conv layer
     at a time approximate. Re-running the same command computes only the missing layers."""

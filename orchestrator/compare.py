@@ -57,13 +57,15 @@ def collect(tracking_uri: str, experiment: str | None) -> dict[str, Any]:
     if experiment is None:
         exps = [e for e in client.search_experiments() if e.name != "Default"]
         if not exps:
-            raise RunError(f"no experiments in {tracking_uri}; run something first (`orchestrator run recipes/quickstart.yaml`)")
+            raise RunError(f"no experiments in {tracking_uri}; run something first (`orchestrator run "
+                           "recipes/quickstart.yaml`)")
         exp = max(exps, key=lambda e: e.last_update_time or 0)
     else:
         exp = client.get_experiment_by_name(experiment)
         if exp is None:
             names = ", ".join(e.name for e in client.search_experiments())
-            raise RunError(f"no MLflow experiment {experiment!r} in {tracking_uri}; experiments there: {names or 'none'}")
+            raise RunError(f"no MLflow experiment {experiment!r} in {tracking_uri}; experiments there: "
+                           f"{names or 'none'}")
     rows = []
     runs = [r for r in client.search_runs([exp.experiment_id], max_results=10_000)
             if "orchestrator.run_name" in r.data.tags]  # lr-find and other side runs are left out
@@ -118,10 +120,13 @@ def study_rows(client: Any, experiment_id: str) -> list[dict[str, Any]]:
             prefix = f"orchestrator.study.{scaling}."
             rows.append({
                 "study": name, "run_id": run.info.run_id, "state": run.info.status, "scaling": scaling,
-                "multiplier": tags.get("orchestrator.study.multiplier"), "model_from": tags.get("orchestrator.study.model_from"),
+                "multiplier": tags.get("orchestrator.study.multiplier"),
+                "model_from": tags.get("orchestrator.study.model_from"),
                 "layers_done": tags.get(prefix + "layers_done", f"0/{tags.get('orchestrator.study.layers', '?')}"),
-                "most_sensitive": tags.get(prefix + "most_sensitive"), "least_sensitive": tags.get(prefix + "least_sensitive"),
-                "float_rms": float(tags["orchestrator.study.float_rms"]) if "orchestrator.study.float_rms" in tags else None,
+                "most_sensitive": tags.get(prefix + "most_sensitive"),
+                "least_sensitive": tags.get(prefix + "least_sensitive"),
+                "float_rms": float(tags["orchestrator.study.float_rms"]) if "orchestrator.study.float_rms" in tags
+                else None,
             })
     return sorted(rows, key=lambda r: (r["study"], r["scaling"]))
 
@@ -141,12 +146,16 @@ def render(table: dict[str, Any], console) -> None:
 def _render_studies(experiment: str, studies: list[dict[str, Any]], console) -> None:
     from rich.table import Table
 
-    t = Table(title=f"experiment {experiment}: layer-sensitivity studies (sensitivity = |rms change| when that layer alone is approximate)")
-    for col in ("study", "scaling", "multiplier", "model", "state", "layers done", "float rms", "most sensitive", "least sensitive"):
+    t = Table(title=f"experiment {experiment}: layer-sensitivity studies (sensitivity = |rms change| when that layer "
+                    "alone is approximate)")
+    for col in ("study", "scaling", "multiplier", "model", "state", "layers done", "float rms", "most sensitive",
+                "least sensitive"):
         t.add_column(col, justify="right" if col in ("layers done", "float rms") else "left")
     for r in studies:
-        t.add_row(r["study"], r["scaling"], r["multiplier"] or "-", r["model_from"] or "-", r["state"], r["layers_done"],
-                  "-" if r["float_rms"] is None else f"{r['float_rms']:.4f}", r["most_sensitive"] or "-", r["least_sensitive"] or "-")
+        t.add_row(r["study"], r["scaling"], r["multiplier"] or "-", r["model_from"] or "-", r["state"],
+                  r["layers_done"],
+                  "-" if r["float_rms"] is None else f"{r['float_rms']:.4f}", r["most_sensitive"] or "-",
+                  r["least_sensitive"] or "-")
     console.print(t)
 
 
@@ -169,7 +178,8 @@ def _render_runs(table: dict[str, Any], console) -> None:
         for col in table["columns"]:
             key = col["key"]
             v = r.get(key)
-            text = "-" if v is None else (f"{v:.4f}" if isinstance(v, float) and key.startswith("eval/") else f"{v:g}" if isinstance(v, float) else str(v))
+            text = "-" if v is None else (f"{v:.4f}" if isinstance(v, float) and key.startswith("eval/") else f"{v:g}"
+                                          if isinstance(v, float) else str(v))
             if r["run_name"] in table["best"].get(key, []):
                 text = f"[bold]{text}*[/bold]"
             cells.append(text)

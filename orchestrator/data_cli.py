@@ -65,8 +65,9 @@ def _check_dest(dest: str, verb: str) -> None:
         while cause.__cause__ is not None:  # the filesystem's own error, under storage's wrappers
             cause = cause.__cause__
         reason = " ".join(f"{type(cause).__name__}: {cause}".split())
-        raise RunError(f"{redact_text(uri)}: cannot {verb} there ({redact_text(reason)}); choose a DEST you can create and write "
-                       "(a folder whose parent exists and is writable, or a bucket path with write access)") from None
+        raise RunError(f"{redact_text(uri)}: cannot {verb} there ({redact_text(reason)}); choose a DEST you can create "
+                       "and write (a folder whose parent exists and is writable, or a bucket path with write "
+                       "access)") from None
 
 
 def _check_report(report: str | None) -> None:
@@ -89,7 +90,8 @@ def _check_report(report: str | None) -> None:
         why = f"{parent} is not writable"
     else:
         return
-    raise RunError(f"--report {redact_text(uri)}: cannot write the report there ({why}); choose a FILE in a folder you can write")
+    raise RunError(f"--report {redact_text(uri)}: cannot write the report there ({why}); choose a FILE in a folder you "
+                   "can write")
 
 
 def _check_source(source: str, task: str) -> None:
@@ -99,15 +101,17 @@ def _check_source(source: str, task: str) -> None:
     uri = sfs.normalize(source)
     try:
         missing = not sfs.exists(uri)
-        packed = not missing and sfs.exists(sfs.join(uri, "manifest.json")) and sfs.exists(sfs.join(uri, "index.parquet"))
+        packed = (not missing and sfs.exists(sfs.join(uri, "manifest.json"))
+                  and sfs.exists(sfs.join(uri, "index.parquet")))
     except Exception:  # noqa: BLE001 - unreachable or forbidden: pack itself says so, naming the URI
         return
     if missing:
         raise RunError(f"{redact_text(uri)}: no such file or folder; point SOURCE at the raw {task} data "
                        f"(`orchestrator data synth DEST --task {task} --layout seed` writes an example)")
     if packed:
-        raise RunError(f"{redact_text(uri)}: this is a packed dataset already (manifest.json, index.parquet); train on it as it is "
-                       f"(data.uri: {redact_text(uri)}; `orchestrator data verify {redact_text(uri)}` checks it), or point SOURCE at raw files")
+        raise RunError(f"{redact_text(uri)}: this is a packed dataset already (manifest.json, index.parquet); train on "
+                       f"it as it is (data.uri: {redact_text(uri)}; `orchestrator data verify {redact_text(uri)}` "
+                       "checks it), or point SOURCE at raw files")
 
 
 @data_app.command("synth")
@@ -115,21 +119,34 @@ def data_synth(
     dest: Annotated[str, typer.Argument(help="Destination URI (local path, file://, gs://, memory://).")],
     samples: Annotated[int, typer.Option("--samples", min=1)] = 4096,
     seed: Annotated[int, typer.Option("--seed")] = 0,
-    image_size: Annotated[int | None, typer.Option("--image-size", min=8, help="Side in px (default: mask_depth 200, classification 28, segmentation and depth 64).")] = None,
-    layout: Annotated[str, typer.Option("--layout", help="shards: a packed dataset. seed: raw files in the layout `data pack --task KIND` takes (mask_depth: the source dataset's; "
-                                                         "classification: an ImageFolder tree; segmentation: images/ + masks/ + classes.txt; depth: rgb/ + depth/ 16-bit PNG mm).")] = "shards",
-    as_zip: Annotated[bool, typer.Option("--zip", help="With --layout seed: fg_bg, fg_bg_mask, depth and bg as ZIP_STORED zips, as the source shipped them.")] = False,
-    workers: Annotated[int | None, typer.Option("--workers", min=1, help="Processes that make samples (default: up to 2).")] = None,
+    image_size: Annotated[int | None,
+                          typer.Option("--image-size", min=8,
+                                       help="Side in px (default: mask_depth 200, classification 28, segmentation and "
+                                            "depth 64).")] = None,
+    layout: Annotated[str,
+                      typer.Option("--layout",
+                                   help="shards: a packed dataset. seed: raw files in the layout `data pack --task "
+                                        "KIND` takes (mask_depth: the source dataset's; classification: an ImageFolder "
+                                        "tree; segmentation: images/ + masks/ + classes.txt; depth: rgb/ + depth/ "
+                                        "16-bit PNG mm).")] = "shards",
+    as_zip: Annotated[bool,
+                      typer.Option("--zip",
+                                   help="With --layout seed: fg_bg, fg_bg_mask, depth and bg as ZIP_STORED zips, as "
+                                        "the source shipped them.")] = False,
+    workers: Annotated[int | None,
+                       typer.Option("--workers", min=1, help="Processes that make samples (default: up to 2).")] = None,
     task: Annotated[str, typer.Option("--task", help=TASK_HELP)] = "mask_depth",
     force: Annotated[bool, typer.Option("--force", help=FORCE_HELP)] = False,
 ) -> None:
-    """Write a synthetic dataset: mask_depth made the way the source dataset was, or a learnable classification, segmentation or depth set."""
+    """Write a synthetic dataset: mask_depth made the way the source dataset was, or a learnable classification, \
+segmentation or depth set."""
     from orchestrator.progress import count_progress
 
     check_no_credentials(dest, "DEST")
     _check_task(task)
     if layout not in ("shards", "seed"):
-        raise RecipeError(f"--layout {layout!r}: choose 'shards' (a packed dataset) or 'seed' (the raw layout `data pack --task {task}` takes)")
+        raise RecipeError(f"--layout {layout!r}: choose 'shards' (a packed dataset) or 'seed' (the raw layout `data "
+                          f"pack --task {task}` takes)")
     if as_zip and (layout != "seed" or task != "mask_depth"):
         raise RecipeError("--zip applies to --layout seed of --task mask_depth only")
     least = get_task_spec(task).min_image_size
@@ -142,29 +159,37 @@ def data_synth(
             from storage.synth_tasks import synthesize_task, synthesize_task_seed_layout
 
             if layout == "seed":
-                info = synthesize_task_seed_layout(task, dest, samples, seed=seed, image_size=image_size, progress=advance, workers=workers)
+                info = synthesize_task_seed_layout(task, dest, samples, seed=seed, image_size=image_size,
+                                                   progress=advance, workers=workers)
             else:
-                manifest = synthesize_task(task, dest, samples, seed=seed, image_size=image_size, progress=advance, workers=workers, force=True)
+                manifest = synthesize_task(task, dest, samples, seed=seed, image_size=image_size, progress=advance,
+                                           workers=workers, force=True)
         elif layout == "seed":
             from storage.seed_layout import synthesize_seed_layout
 
-            info = synthesize_seed_layout(dest, samples, seed=seed, image_size=image_size or 200, as_zip=as_zip, progress=advance, workers=workers)
+            info = synthesize_seed_layout(dest, samples, seed=seed, image_size=image_size or 200, as_zip=as_zip,
+                                          progress=advance, workers=workers)
         else:
             from storage.synth import synthesize
 
-            manifest = synthesize(dest, samples, seed=seed, image_size=image_size or 200, progress=advance, workers=workers, force=True)
+            manifest = synthesize(dest, samples, seed=seed, image_size=image_size or 200, progress=advance,
+                                  workers=workers, force=True)
     if task != "mask_depth":
         if layout == "seed":
             err.print(f"wrote {info['samples']} {task} samples in the {info['layout']} layout to {redact_text(dest)}; "
-                      f"pack them with `orchestrator data pack {redact_text(dest)} DEST --task {task}`", highlight=False)
+                      f"pack them with `orchestrator data pack {redact_text(dest)} DEST --task {task}`",
+                      highlight=False)
         else:
-            err.print(f"wrote {manifest['num_samples']} {task} samples in {len(manifest['shards'])} shards to {redact_text(dest)}", highlight=False)
+            err.print(f"wrote {manifest['num_samples']} {task} samples in {len(manifest['shards'])} shards to "
+                      f"{redact_text(dest)}", highlight=False)
     elif layout == "seed":
         kind = "zips" if as_zip else "folders"
-        err.print(f"wrote {info['samples']} samples in the source layout ({kind}, {info['label_files']} label_info files) to {redact_text(dest)}; "
-                  f"pack them with `orchestrator data pack {redact_text(dest)} DEST`", highlight=False)
+        err.print(f"wrote {info['samples']} samples in the source layout ({kind}, {info['label_files']} label_info "
+                  f"files) to {redact_text(dest)}; pack them with `orchestrator data pack {redact_text(dest)} DEST`",
+                  highlight=False)
     else:
-        err.print(f"wrote {manifest['num_samples']} samples in {len(manifest['shards'])} shards to {redact_text(dest)}", highlight=False)
+        err.print(f"wrote {manifest['num_samples']} samples in {len(manifest['shards'])} shards to {redact_text(dest)}",
+                  highlight=False)
 
 
 def _parse_columns(values: list[str] | None, task: str = "mask_depth") -> dict[str, str] | None:
@@ -177,31 +202,63 @@ def _parse_columns(values: list[str] | None, task: str = "mask_depth") -> dict[s
     for v in values:
         key, sep, name = v.partition("=")
         if not sep or key not in kinds or not name:
-            raise RecipeError(f"--column {v!r}: expected KIND=COLUMN with KIND one of {', '.join(kinds)} (--task {task})")
+            raise RecipeError(f"--column {v!r}: expected KIND=COLUMN with KIND one of {', '.join(kinds)} (--task "
+                              f"{task})")
         out[key] = name
     return out
 
 
 @data_app.command("pack")
 def data_pack(
-    source: Annotated[str, typer.Argument(help="The raw dataset: for mask_depth the source dataset's root (fg_bg, fg_bg_mask, depth, bg and labels, as folders or zips); "
-                                               "classification: an ImageFolder tree; segmentation: images/ + masks/ + classes.txt, or Pascal VOC; "
-                                               "depth: rgb/ + depth/ (16-bit PNG mm or .npy m); or a .csv/.parquet manifest.")],
+    source: Annotated[str,
+                      typer.Argument(help="The raw dataset: for mask_depth the source dataset's root (fg_bg, "
+                                          "fg_bg_mask, depth, bg and labels, as folders or zips); classification: "
+                                          "an ImageFolder tree; segmentation: images/ + masks/ + classes.txt, or "
+                                          "Pascal VOC; depth: rgb/ + depth/ (16-bit PNG mm or .npy m); or a "
+                                          ".csv/.parquet manifest.")],
     dest: Annotated[str, typer.Argument(help="Where the packed dataset goes (any fsspec URI).")],
-    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Pack the good samples and list the bad ones in the report, instead of failing.")] = False,
-    report: Annotated[str | None, typer.Option("--report", help="Write the JSON report here: {packed, skipped: [{sample, path, reason}]}.")] = None,
-    column: Annotated[list[str] | None, typer.Option("--column", help="Manifest column for a kind, KIND=COLUMN (mask_depth: fg_bg, mask, depth, bg; classification: image, label; "
-                                                                        "segmentation: image, mask; depth: image, depth; all: sample_id).")] = None,
-    rows_per_shard: Annotated[int | None, typer.Option("--rows-per-shard", min=1, help="Samples per shard (default: ~128 MB shards).")] = None,
-    rows_per_group: Annotated[int | None, typer.Option("--rows-per-group", min=1, help="Samples per row group, the unit of a chunk preload (default: ~1 MB).")] = None,
-    workers: Annotated[int | None, typer.Option("--workers", min=1, help="Local worker processes (default: the cores, up to 8).")] = None,
-    address: Annotated[str | None, typer.Option("--address", help="Ray cluster to pack on (parts become Ray tasks); SOURCE and DEST must be reachable from it.")] = None,
+    skip_bad: Annotated[bool,
+                        typer.Option("--skip-bad",
+                                     help="Pack the good samples and list the bad ones in the report, instead of "
+                                          "failing.")] = False,
+    report: Annotated[str | None,
+                      typer.Option("--report",
+                                   help="Write the JSON report here: {packed, skipped: [{sample, path, "
+                                        "reason}]}.")] = None,
+    column: Annotated[list[str] | None,
+                      typer.Option("--column",
+                                   help="Manifest column for a kind, KIND=COLUMN (mask_depth: fg_bg, mask, depth, bg; "
+                                        "classification: image, label; segmentation: image, mask; depth: image, depth; "
+                                        "all: sample_id).")] = None,
+    rows_per_shard: Annotated[int | None,
+                              typer.Option("--rows-per-shard", min=1,
+                                           help="Samples per shard (default: ~128 MB shards).")] = None,
+    rows_per_group: Annotated[int | None,
+                              typer.Option("--rows-per-group", min=1,
+                                           help="Samples per row group, the unit of a chunk preload (default: ~1 "
+                                                "MB).")] = None,
+    workers: Annotated[int | None,
+                       typer.Option("--workers", min=1,
+                                    help="Local worker processes (default: the cores, up to 8).")] = None,
+    address: Annotated[str | None,
+                       typer.Option("--address",
+                                    help="Ray cluster to pack on (parts become Ray tasks); SOURCE and DEST must be "
+                                         "reachable from it.")] = None,
     task: Annotated[str, typer.Option("--task", help=TASK_HELP)] = "mask_depth",
-    classes: Annotated[str | None, typer.Option("--classes", help="Class names, one per line (line 1 = class 0), for segmentation sources without classes.txt and for manifests.")] = None,
-    depth_units_per_m: Annotated[float | None, typer.Option("--depth-units-per-m", min=1e-9, help="--task depth: 16-bit depth PNG values per metre (default 1000: millimetres, NYU; KITTI: 256).")] = None,
+    classes: Annotated[str | None,
+                       typer.Option("--classes",
+                                    help="Class names, one per line (line 1 = class 0), for segmentation sources "
+                                         "without classes.txt and for manifests.")] = None,
+    depth_units_per_m: Annotated[float | None,
+                                 typer.Option("--depth-units-per-m", min=1e-9,
+                                              help="--task depth: 16-bit depth PNG values per metre (default 1000: "
+                                                   "millimetres, NYU; KITTI: 256).")] = None,
     force: Annotated[bool, typer.Option("--force", help=FORCE_HELP)] = False,
-    max_pixels: Annotated[int, typer.Option("--max-pixels", min=1, help="Images of more pixels than this are bad samples, named with their size "
-                                                                        "(default 40,000,000: 40 MP decodes in ~120 MB, every epoch).")] = 40_000_000,
+    max_pixels: Annotated[int,
+                          typer.Option("--max-pixels", min=1,
+                                       help="Images of more pixels than this are bad samples, named with their size "
+                                            "(default 40,000,000: 40 MP decodes in ~120 MB, every "
+                                            "epoch).")] = 40_000_000,
 ) -> None:
     """Pack a raw dataset into Parquet shards + index + manifest. Killed? Run it again: it continues."""
     from orchestrator.progress import count_progress
@@ -230,7 +287,8 @@ def data_pack(
             state["advance"](n)
 
     try:
-        res = pack(source, dest, skip_bad=skip_bad, report=report, rows_per_shard=rows_per_shard, rows_per_group=rows_per_group,
+        res = pack(source, dest, skip_bad=skip_bad, report=report, rows_per_shard=rows_per_shard,
+                   rows_per_group=rows_per_group,
                    workers=workers, address=address, columns=columns, progress=progress, on_plan=on_plan,
                    task=task, classes=classes, depth_units_per_m=depth_units_per_m, force=True,
                    max_pixels=max_pixels)
@@ -243,26 +301,35 @@ def data_pack(
     what = ""
     if task != "mask_depth" and res.manifest:
         meta = res.manifest.get("meta") or {}
-        what = f" ({task}" + (f", {len(meta['classes'])} classes" if "classes" in meta else "") + f", from {res.manifest.get('source_layout')})"
-    err.print(f"packed {res.packed} samples{what} into {res.shards} shards at {redact_text(res.dest)} in {res.seconds:.1f} s{reused}", highlight=False)
+        what = f" ({task}" + (f", {len(meta['classes'])} classes" if "classes" in meta
+                              else "") + f", from {res.manifest.get('source_layout')})"
+    err.print(f"packed {res.packed} samples{what} into {res.shards} shards at {redact_text(res.dest)} in "
+              f"{res.seconds:.1f} s{reused}", highlight=False)
     if res.skipped:
-        err.print(f"skipped {len(res.skipped)} bad sample(s)" + (f", listed in {report}" if report else "; add --report FILE to list them"), highlight=False)
+        err.print(f"skipped {len(res.skipped)} bad sample(s)"
+                  + (f", listed in {report}" if report else "; add --report FILE to list them"), highlight=False)
         for b in res.skipped[:20]:
             err.print(f"  skipped sample {b['sample']}: {b['path']}: {b['reason']}", highlight=False, markup=False)
     if res.unlisted and task == "mask_depth":
-        err.print(f"note: {len(res.unlisted)} fg_bg file(s) appear in no label_info file and were not packed, e.g. {res.unlisted[0]}", highlight=False, markup=False)
+        err.print(f"note: {len(res.unlisted)} fg_bg file(s) appear in no label_info file and were not packed, e.g. "
+                  f"{res.unlisted[0]}", highlight=False, markup=False)
     elif res.unlisted:
-        err.print(f"note: {len(res.unlisted)} file(s) belong to no sample (not an image, or outside the layout's folders) and were not packed, "
-                  f"e.g. {res.unlisted[0]}", highlight=False, markup=False)
+        err.print(f"note: {len(res.unlisted)} file(s) belong to no sample (not an image, or outside the layout's "
+                  f"folders) and were not packed, e.g. {res.unlisted[0]}", highlight=False, markup=False)
 
 
 @data_app.command("verify")
 def data_verify(
     uri: Annotated[str, typer.Argument(help="A packed dataset (any fsspec URI).")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print {samples, shards, bad: [{sample, shard, reason}], ...} on stdout.")] = False,
-    workers: Annotated[int | None, typer.Option("--workers", min=1, help="Shards checked in parallel (default: up to 4).")] = None,
+    as_json: Annotated[bool,
+                       typer.Option("--json",
+                                    help="Print {samples, shards, bad: [{sample, shard, reason}], ...} on "
+                                         "stdout.")] = False,
+    workers: Annotated[int | None,
+                       typer.Option("--workers", min=1, help="Shards checked in parallel (default: up to 4).")] = None,
 ) -> None:
-    """Re-read every shard: counts, sizes, sha256 and per-sample checksums, and that every image decodes. Exit 1 when anything is bad."""
+    """Re-read every shard: counts, sizes, sha256 and per-sample checksums, and that every image decodes. \
+Exit 1 when anything is bad."""
     from orchestrator.progress import count_progress
     from storage.shards import DatasetError, open_dataset
     from storage.verify import verify
@@ -281,11 +348,13 @@ def data_verify(
     if as_json:
         print(json.dumps(res, sort_keys=True))
     else:
-        err.print(f"{res['uri']}: {res['samples']} samples in {res['shards']} shards; {res['checksums_ok']} checksums match, "
-                  f"{res['ok']} samples pass every check; {len(res['bad'])} problem(s)", highlight=False, markup=False)
+        err.print(f"{res['uri']}: {res['samples']} samples in {res['shards']} shards; {res['checksums_ok']} checksums "
+                  f"match, {res['ok']} samples pass every check; {len(res['bad'])} problem(s)", highlight=False,
+                  markup=False)
         for b in res["bad"][:50]:
             err.print(f"  bad: sample {b['sample']} shard {b['shard']}: {b['reason']}", highlight=False, markup=False)
     if res["bad"]:
         # RunError, not typer.Exit(1): orchestrator.cli runs typer with standalone_mode=False,
         # where an Exit's code is returned and lost.
-        raise RunError(f"{res['uri']}: {len(res['bad'])} problem(s) found; re-pack the dataset (or restore the named shards)")
+        raise RunError(f"{res['uri']}: {len(res['bad'])} problem(s) found; re-pack the dataset (or restore the named "
+                       "shards)")

@@ -81,7 +81,8 @@ class StopOnInterrupt:
         try:
             fs.write_json(self.uri, {"attempt": self.attempt, "at": time.time(), "by": "SIGINT"})  # a Ray worker
         except Exception as exc:  # noqa: BLE001 - in-process the event alone suffices
-            self.console.print(f"could not write the stop request to run storage ({exc})", highlight=False, markup=False)
+            self.console.print(f"could not write the stop request to run storage ({exc})", highlight=False,
+                               markup=False)
         self.console.print("interrupt: saving a checkpoint at the next step, then stopping "
                            "(interrupt again to stop at once; the run then resumes from its last checkpoint)",
                            highlight=False, markup=False)

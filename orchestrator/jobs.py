@@ -109,17 +109,20 @@ def entrypoint(workdir: str, run_name: str) -> str:
     name stands in the recipe's place, for the dashboard's job list; --from-env reads the recipe)."""
     # "~/x" is expanded by the head's shell, not here: the head's home is not ours.
     where = '"$HOME"/' + shlex.quote(workdir[2:]) if workdir.startswith("~/") else shlex.quote(workdir)
-    return f"mkdir -p {where} && cd {where} && python -m orchestrator.cli run {shlex.quote(run_name)} --from-env --address auto"
+    return (f"mkdir -p {where} && cd {where} && python -m orchestrator.cli run {shlex.quote(run_name)} "
+            "--from-env --address auto")
 
 
-def submit_or_attach(recipe: Recipe, run_dir: str, address: str, console: Console, detach: bool, workdir: str | None) -> int:
+def submit_or_attach(recipe: Recipe, run_dir: str, address: str, console: Console, detach: bool,
+                     workdir: str | None) -> int:
     """Submit the run as a Ray Job, or attach to its live job; returns the exit code to use."""
     jc = client(address)
     # The same name in another run storage is another run: match the run dir as well.
     live = [j for j in find_jobs(jc, recipe.run.name) if j.status in LIVE and j.run_dir == run_dir]
     if live:
         job = live[0]
-        console.print(f"run '{recipe.run.name}' is already running as Ray job {job.submission_id}; attaching (no second driver)")
+        console.print(f"run '{recipe.run.name}' is already running as Ray job {job.submission_id}; attaching (no "
+                      "second driver)")
     else:
         # Relative paths (runs/, mlflow.db, data/) resolve where the driver runs. On a cluster
         # on this machine, that is here; on a remote head, a folder in its home directory, and
@@ -179,5 +182,6 @@ def latest_job(address: str, run_name: str) -> tuple[Any, JobRef]:
     jc = client(address)
     jobs = find_jobs(jc, run_name)
     if not jobs:
-        raise RunError(f"no Ray job for run '{run_name}' on {address}; `ray job list --address ...` shows what runs there")
+        raise RunError(f"no Ray job for run '{run_name}' on {address}; `ray job list --address ...` shows what runs "
+                       "there")
     return jc, jobs[0]

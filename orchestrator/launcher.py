@@ -31,7 +31,8 @@ RAY_ENV = {
 # Storage settings workers need to reach the same buckets as the driver (e.g. an emulator), and
 # the metadata server Google's libraries (and workers/gce_notice.py's preemption watch) talk to.
 # Credentials are not copied: workers find them the way the driver did (metadata server, ADC file).
-PASS_THROUGH_ENV = ("STORAGE_EMULATOR_HOST", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "GOOGLE_CLOUD_PROJECT", "ORCHESTRATOR_LOG",
+PASS_THROUGH_ENV = ("STORAGE_EMULATOR_HOST", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "GOOGLE_CLOUD_PROJECT",
+                    "ORCHESTRATOR_LOG",
                     "GCE_METADATA_HOST")
 
 

@@ -12,7 +12,8 @@ from common.recipe import Recipe
 from orchestrator import tracking
 
 
-def run_lr_find(recipe: Recipe, stage_name: str | None, steps: int, min_lr: float, max_lr: float, console: Console) -> dict[str, Any]:
+def run_lr_find(recipe: Recipe, stage_name: str | None, steps: int, min_lr: float, max_lr: float,
+                console: Console) -> dict[str, Any]:
     import torch
 
     from orchestrator.progress import count_progress
@@ -40,14 +41,17 @@ def run_lr_find(recipe: Recipe, stage_name: str | None, steps: int, min_lr: floa
     run_id = run.info.run_id
     client.log_batch(run_id, params=[_param("stage", stage_name), _param("steps", steps), _param("min_lr", min_lr),
                                      _param("max_lr", max_lr), _param("batch_size", recipe.stages[s].batch_size),
-                                     _param("resolution", recipe.stages[s].resolution), _param("model.width", recipe.model.width)])
-    console.print(f"LR range test of stage '{stage_name}' on {device}: {steps} steps, lr {min_lr:g} -> {max_lr:g}; MLflow run {run_id}")
+                                     _param("resolution", recipe.stages[s].resolution),
+                                     _param("model.width", recipe.model.width)])
+    console.print(f"LR range test of stage '{stage_name}' on {device}: {steps} steps, lr {min_lr:g} -> {max_lr:g}; "
+                  f"MLflow run {run_id}")
     with count_progress(console, "lr range test", steps) as advance:
         curve = lr_range_test(recipe, plan, ds, s, steps, min_lr, max_lr, device, info, on_step=lambda *_: advance(1))
     from mlflow.entities import Metric
 
     now = 0
-    metrics = [Metric("lr_find/loss", v, now, i + 1) for i, v in enumerate(curve.losses) if v == v and abs(v) != float("inf")]
+    metrics = [Metric("lr_find/loss", v, now, i + 1)
+               for i, v in enumerate(curve.losses) if v == v and abs(v) != float("inf")]
     metrics += [Metric("lr_find/lr", v, now, i + 1) for i, v in enumerate(curve.lrs)]
     for i in range(0, len(metrics), 1000):
         client.log_batch(run_id, metrics=metrics[i : i + 1000])

@@ -67,8 +67,8 @@ def check_chunks_fit(recipe: Recipe, plan: Plan, ds) -> None:
         if need > budget:
             fits = int(budget / (per_sample * 2 * DECODE_MARGIN) * world) if per_sample else largest
             raise RecipeError(
-                f"stages.{sp.name}.chunk_size={sp.chunk_size}: a worker would hold about {_gb(need)} for its share of a "
-                f"chunk and the prefetched next one ({_gb(per_sample)} stored per sample, {world} worker(s)), "
+                f"stages.{sp.name}.chunk_size={sp.chunk_size}: a worker would hold about {_gb(need)} for its share of "
+                f"a chunk and the prefetched next one ({_gb(per_sample)} stored per sample, {world} worker(s)), "
                 f"more than the {_gb(budget)} it has; use a chunk_size of at most {max(fits, 1)}")
 
 

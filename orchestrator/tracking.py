@@ -74,8 +74,9 @@ def store_error(tracking_uri: str, exc: BaseException, field: str) -> Exception:
 
     text = " ".join(str(exc).split())
     text = text.split(". ", 1)[0][:300]
-    return RunError(f"{field} {redact_text(tracking_uri)}: cannot open the MLflow tracking store ({type(exc).__name__}: "
-                    f"{redact_text(text)}); use sqlite:///PATH (a file in a folder you can write) or an MLflow server's http(s)://HOST:PORT")
+    return RunError(f"{field} {redact_text(tracking_uri)}: cannot open the MLflow tracking store "
+                    f"({type(exc).__name__}: {redact_text(text)}); use sqlite:///PATH (a file in a folder you can "
+                    "write) or an MLflow server's http(s)://HOST:PORT")
 
 
 def create_run(tracking_uri: str, experiment_id: str, recipe: Recipe) -> str:

@@ -72,7 +72,8 @@ def write_local(directory: str, state: dict[str, Any], meta: dict[str, Any]) -> 
     os.makedirs(directory, exist_ok=True)
     buf = io.BytesIO()
     torch.save(state, buf)
-    data = buf.getbuffer()  # no copy of the bytes: a checkpoint is hundreds of MB (written in the background, see workers/checkpoint_writer.py)
+    # no copy of the bytes: a checkpoint is hundreds of MB (written in the background, see workers/checkpoint_writer.py)
+    data = buf.getbuffer()
     with open(os.path.join(directory, STATE_FILE), "wb") as f:
         f.write(data)
     digest = hashlib.sha256(data).hexdigest()
@@ -103,7 +104,8 @@ def read_local(directory: str) -> tuple[dict[str, Any], dict[str, Any]]:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError) as exc:
         reason = " ".join(str(exc).split())[:200]
-        raise CheckpointCorruptError(f"state.pt cannot be loaded with weights_only=True ({type(exc).__name__}: {reason})") from None
+        raise CheckpointCorruptError(f"state.pt cannot be loaded with weights_only=True ({type(exc).__name__}: "
+                                     f"{reason})") from None
     return state, meta
 
 

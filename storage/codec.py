@@ -118,7 +118,8 @@ def _open(data: bytes, what: str, fmt: str) -> Image.Image:
 # -- raw arrays ---------------------------------------------------------------------------------------
 
 
-def encode_raw(values: np.ndarray, layout: int = LAYOUT_PLAIN, codec: int = CODEC_LZ4, level: int | None = None) -> bytes:
+def encode_raw(values: np.ndarray, layout: int = LAYOUT_PLAIN, codec: int = CODEC_LZ4,
+               level: int | None = None) -> bytes:
     """The raw format's bytes of an HxW uint8 or uint16 array (see RAW_MAGIC); `level` is zstd's
     (default RAW_ZSTD_LEVEL), ignored by the other codecs."""
     values = np.asarray(values)
@@ -146,12 +147,15 @@ def raw_header(data: bytes, what: str) -> tuple[np.dtype, int, int, int, int]:
     version, dtype, layout, codec, h, w, payload = _RAW_HEADER.unpack_from(data, len(RAW_MAGIC))
     if version != RAW_VERSION:
         raise CorruptImageError(f"could not decode {what}: raw format version {version}, this code reads {RAW_VERSION}")
-    if dtype not in _DTYPES or layout not in (LAYOUT_PLAIN, LAYOUT_BYTE_PLANES) or codec not in (CODEC_NONE, *_CODEC_NAMES):
-        raise CorruptImageError(f"could not decode {what}: raw header has dtype {dtype}, layout {layout}, codec {codec}")
+    if (dtype not in _DTYPES or layout not in (LAYOUT_PLAIN, LAYOUT_BYTE_PLANES)
+            or codec not in (CODEC_NONE, *_CODEC_NAMES)):
+        raise CorruptImageError(f"could not decode {what}: raw header has dtype {dtype}, layout {layout}, codec "
+                                f"{codec}")
     if not (0 < h <= _MAX_SIDE and 0 < w <= _MAX_SIDE):
         raise CorruptImageError(f"could not decode {what}: raw header claims {h}x{w} pixels")
     if len(data) - RAW_HEADER_BYTES != payload:
-        raise CorruptImageError(f"could not decode {what}: {len(data) - RAW_HEADER_BYTES} payload bytes, the header says {payload} (truncated?)")
+        raise CorruptImageError(f"could not decode {what}: {len(data) - RAW_HEADER_BYTES} payload bytes, the header "
+                                f"says {payload} (truncated?)")
     return _DTYPES[dtype], layout, codec, h, w
 
 
@@ -252,7 +256,8 @@ def encode_mask(mask: np.ndarray) -> bytes:
 
 def encode_mask_png(mask: np.ndarray) -> bytes:
     """Lossless 8-bit grayscale PNG of an HxW 0/255 mask: the format before encode_mask."""
-    return _save(Image.fromarray(np.ascontiguousarray(_mask_u8(mask, "encode_mask_png"))), "PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return _save(Image.fromarray(np.ascontiguousarray(_mask_u8(mask, "encode_mask_png"))), "PNG",
+                 compress_level=PNG_COMPRESS_LEVEL)
 
 
 def decode_mask(data: bytes, out: np.ndarray | None = None) -> np.ndarray:
@@ -308,7 +313,8 @@ def encode_depth_8bit(depth_u8: np.ndarray) -> bytes:
 
 def encode_depth_png(depth: np.ndarray) -> bytes:
     """16-bit grayscale PNG of an HxW float depth map in [0, 1]: the format before encode_depth."""
-    return _save(Image.fromarray(np.ascontiguousarray(depth_to_uint16(depth))), "PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return _save(Image.fromarray(np.ascontiguousarray(depth_to_uint16(depth))), "PNG",
+                 compress_level=PNG_COMPRESS_LEVEL)
 
 
 def depth_values(data: bytes) -> np.ndarray:

@@ -104,7 +104,8 @@ def columns_from_manifest(manifest: Mapping[str, Any]) -> tuple[Column, ...]:
         raise ColumnsError(f'"columns" must be a list of {{"name", "codec"}} objects, got {type(raw).__name__}')
     cols = []
     for i, entry in enumerate(raw):
-        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not isinstance(entry.get("codec"), str):
+        if (not isinstance(entry, dict) or not isinstance(entry.get("name"), str)
+                or not isinstance(entry.get("codec"), str)):
             raise ColumnsError(f'"columns"[{i}] must be an object with string "name" and "codec", got {entry!r}')
         cols.append(Column(entry["name"], entry["codec"]))
     return check_columns(cols)
@@ -133,7 +134,8 @@ def _encode_image(column: Column, values: np.ndarray) -> bytes:
         buf = io.BytesIO()
         img.save(buf, format="PNG", compress_level=codec.PNG_COMPRESS_LEVEL)
         return buf.getvalue()
-    raise ValueError(f"column {column.name!r} (image): wants HxWx3 uint8 (JPEG) or HxW uint8/uint16 (PNG), got {values.shape} {values.dtype}")
+    raise ValueError(f"column {column.name!r} (image): wants HxWx3 uint8 (JPEG) or HxW uint8/uint16 (PNG), got "
+                     f"{values.shape} {values.dtype}")
 
 
 def _encode_raw(column: Column, values: np.ndarray) -> bytes:
@@ -149,12 +151,14 @@ def _encode_raw(column: Column, values: np.ndarray) -> bytes:
         try:
             values = codec.depth_to_uint16(values)
         except ValueError as exc:
-            raise ValueError(f"column {column.name!r} (raw_u16): float values must be fractions in [0, 1] ({exc})") from None
+            raise ValueError(f"column {column.name!r} (raw_u16): float values must be fractions in [0, 1] "
+                             f"({exc})") from None
     if values.dtype == np.uint8:
         return codec.encode_raw(values, codec.LAYOUT_PLAIN, codec.CODEC_LZ4)  # 8-bit values stay 8-bit
     if values.dtype.kind == "u" and values.dtype.itemsize == 2:
         return codec.encode_raw(values, codec.LAYOUT_BYTE_PLANES, codec.CODEC_LZ4)
-    raise ValueError(f"column {column.name!r} (raw_u16): wants HxW uint16, uint8 or float in [0, 1], got {values.dtype}")
+    raise ValueError(f"column {column.name!r} (raw_u16): wants HxW uint16, uint8 or float in [0, 1], got "
+                     f"{values.dtype}")
 
 
 def _as_int64(column: Column, value: Any) -> int:
@@ -185,7 +189,8 @@ def encode_value(column: Column, value: Any) -> bytes | int:
         if len(value) == 0:
             raise ValueError(f"column {column.name!r} ({column.codec}): empty bytes")
         return bytes(value)
-    raise ValueError(f"column {column.name!r} ({column.codec}): wants encoded bytes or a numpy array, got {type(value).__name__}")
+    raise ValueError(f"column {column.name!r} ({column.codec}): wants encoded bytes or a numpy array, got "
+                     f"{type(value).__name__}")
 
 
 def checksum_bytes(column: Column, value: bytes | int) -> bytes:

@@ -27,7 +27,8 @@ PACKED_PATTERNS = (
     r"\.pack/settings\.json",
     rf"\.pack/(bg-)?part-{_ID}(\.json|\.index\.parquet)",
 )
-_CLASSES = ("crescent", "cross", "diamond", "disc", "frame", "plus", "ring", "square", "star", "triangle")  # storage.synth_tasks
+# storage.synth_tasks
+_CLASSES = ("crescent", "cross", "diamond", "disc", "frame", "plus", "ring", "square", "star", "triangle")
 SEED_PATTERNS = (
     # mask_depth, the source's layout (storage.seed_layout.synthesize_seed_layout), folders or zips
     r"(fg_bg|fg_bg_mask|depth)/bg_\d{3}/fg_\d{3}_bg_\d{3}(_mask)?_\d{6,}\.(jpg|png)",
@@ -93,8 +94,8 @@ def check_dest(dest: str, command: str, force: bool = False) -> None:
         return
     shown = ", ".join(foreign[:SHOWN]) + (f" and {len(foreign) - SHOWN} more" if len(foreign) > SHOWN else "")
     raise ForeignDestError(
-        f"{redact_text(sfs.normalize(dest))}: holds files that `orchestrator {command}` did not write ({redact_text(shown)}); "
-        f"it replaces what it wrote there, so point DEST at an empty or new folder, "
+        f"{redact_text(sfs.normalize(dest))}: holds files that `orchestrator {command}` did not write "
+        f"({redact_text(shown)}); it replaces what it wrote there, so point DEST at an empty or new folder, "
         f"or add --force to write there anyway (files it did not write are never deleted)"
     )
 

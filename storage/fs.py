@@ -99,7 +99,8 @@ def _wrap(uri: str, exc: BaseException) -> StorageError:
     return StorageError(redact_text(f"{uri}: {describe_error(exc)}"))
 
 
-def _named(fn: Callable[..., T], policy: Callable[[Callable[..., T]], Callable[..., T]] = storage_retry) -> Callable[..., T]:
+def _named(fn: Callable[..., T],
+           policy: Callable[[Callable[..., T]], Callable[..., T]] = storage_retry) -> Callable[..., T]:
     """A retry policy, then any failure but "not found" becomes a StorageError naming the URI
     (`StorageUnavailable` when it was transient faults that outlasted the budget).
 
@@ -206,7 +207,8 @@ def remove(uri: str, recursive: bool = False) -> None:
 LOCAL_READ_THREADS = 8
 
 
-def cat_ranges(fs: fsspec.AbstractFileSystem, paths: list[str], starts: list[int | None], ends: list[int | None]) -> list[Any]:
+def cat_ranges(fs: fsspec.AbstractFileSystem, paths: list[str], starts: list[int | None],
+               ends: list[int | None]) -> list[Any]:
     """Bytes of each (path, start, end) on one filesystem, all requests in flight together.
 
     Async filesystems (gcsfs) gather them on their event loop; others (local disk, Drive FUSE
@@ -240,7 +242,8 @@ def probe_writable(uri: str) -> None:
         write_bytes(probe, b"ok")
         remove(probe)
     except Exception as exc:  # noqa: BLE001 - one clear message whatever the backend raised
-        raise StorageError(f"{uri}: cannot write there ({type(exc).__name__}: {exc}); check the path and credentials") from exc
+        raise StorageError(f"{uri}: cannot write there ({type(exc).__name__}: {exc}); check the path and "
+                           "credentials") from exc
 
 
 def pyarrow_filesystem(uri: str):

@@ -393,7 +393,8 @@ def _unlink_quietly(path: str) -> None:
 
 
 def _lost_to(current: Lease | None) -> str:
-    return f"lost its lease to {current.describe()}" if current is not None else "lost its lease (the lease file is gone)"
+    return (f"lost its lease to {current.describe()}" if current is not None
+            else "lost its lease (the lease file is gone)")
 
 
 def _store(run_dir: str) -> _Store:

@@ -79,8 +79,10 @@ def open_container(kind: str, source: str) -> Container | None:
                 member = posixpath.relpath(full.replace(os.sep, "/"), path.replace(os.sep, "/"))
                 if member.startswith(_JUNK) or member.endswith(_JUNK):
                     continue
-                stamp = info.get("md5Hash") or info.get("ETag") or info.get("etag") or str(info.get("mtime") or info.get("updated") or "")
-                c.entries[member_key(kind, member)] = Entry(member, int(info.get("size") or 0), f"{info.get('size')}:{stamp}")
+                stamp = info.get("md5Hash") or info.get("ETag") or info.get("etag") or str(info.get("mtime")
+                                                                                           or info.get("updated") or "")
+                c.entries[member_key(kind, member)] = Entry(member, int(info.get("size") or 0),
+                                                            f"{info.get('size')}:{stamp}")
             return c
         archive = folder + ".zip"
         if sfs.exists(archive):
@@ -90,7 +92,8 @@ def open_container(kind: str, source: str) -> Container | None:
                 for info in zf.infolist():
                     if info.is_dir() or info.filename.startswith(_JUNK) or info.filename.endswith(_JUNK):
                         continue
-                    c.entries[member_key(kind, info.filename)] = Entry(info.filename, info.file_size, f"{info.file_size}:{info.CRC:08x}")
+                    c.entries[member_key(kind, info.filename)] = Entry(info.filename, info.file_size,
+                                                                       f"{info.file_size}:{info.CRC:08x}")
             return c
     return None
 
@@ -136,7 +139,8 @@ def _seed_chunk(seed: int, start: int, stop: int, image_size: int) -> list[dict[
         names = sample_names(s["bg_index"], FG_SHAPES.index(s["fg_shape"]), i)
         out.append({
             "bg_index": s["bg_index"],
-            "files": {names["fg_bg"]: _jpeg(s["fg_bg"]), names["mask"]: _jpeg(s["mask"]), names["depth"]: encode_depth_8bit(s["depth"])},
+            "files": {names["fg_bg"]: _jpeg(s["fg_bg"]), names["mask"]: _jpeg(s["mask"]),
+                      names["depth"]: encode_depth_8bit(s["depth"])},
             "label": f"{names['fg_bg']}\t{names['mask']}\t{s['fg_x']}\t{s['fg_y']}\n",
         })
     return out
@@ -267,7 +271,8 @@ def plan_seed_layout(source: str) -> SourcePlan:
             "Point pack at the dataset's root folder, or try `orchestrator data synth DEST --layout seed`"
         )
     if missing:
-        raise SourceError(f"{source}: no {' / '.join(m + '/ or ' + m + '.zip' for m in missing)}; the layout needs fg_bg, fg_bg_mask, depth, bg and labels")
+        raise SourceError(f"{source}: no {' / '.join(m + '/ or ' + m + '.zip' for m in missing)}; the layout needs "
+                          "fg_bg, fg_bg_mask, depth, bg and labels")
     containers = [found[k] for k in ("fg_bg", "mask", "depth", "bg", "labels")]
     ci = {c.kind: i for i, c in enumerate(containers)}
     fg, mask, depth, bg, labels = containers
@@ -291,7 +296,9 @@ def plan_seed_layout(source: str) -> SourcePlan:
             fields = line.rstrip("\r").split("\t")
             where = f"{label_path}:{lineno}"
             if len(fields) < 2:
-                bad.append({"sample": where, "path": label_path, "reason": f"label line {lineno} has {len(fields)} tab-separated fields, expected fg_bg, mask, x, y"})
+                bad.append({"sample": where, "path": label_path,
+                            "reason": f"label line {lineno} has {len(fields)} tab-separated fields, expected fg_bg, "
+                                      "mask, x, y"})
                 continue
             fg_key, mask_key = member_key("fg_bg", fields[0]), member_key("mask", fields[1])
             sid = sample_id_of(fg_key)
@@ -314,7 +321,8 @@ def plan_seed_layout(source: str) -> SourcePlan:
                     refs[kind] = FileRef(ci[kind], entry.member, entry.stamp)
             if problems:
                 kinds = ", ".join(k for k, _ in problems)
-                bad.append({"sample": str(sid), "path": problems[0][1], "reason": f"missing partner file ({kinds}) for {fields[0]}"})
+                bad.append({"sample": str(sid), "path": problems[0][1],
+                            "reason": f"missing partner file ({kinds}) for {fields[0]}"})
                 continue
             extra = {"source": fields[0], "fg_x": _int(fields, 2), "fg_y": _int(fields, 3)}
             samples.append(SampleRef(sid, fields[0], refs, extra))
@@ -345,12 +353,14 @@ def _int(fields: list[str], i: int) -> int:
         return -1
 
 
-def manifest_row_id(manifest_uri: str, row: int, ids: list, cols: dict[str, list], kinds: Any, bad: list[dict[str, str]]) -> int | None:
+def manifest_row_id(manifest_uri: str, row: int, ids: list, cols: dict[str, list], kinds: Any,
+                    bad: list[dict[str, str]]) -> int | None:
     """A manifest row's sample id, or None with the row recorded as bad (an empty field, an id that is no integer)."""
     where = f"{manifest_uri} row {row + 1}"
     empty = [k for k in kinds if cols[k][row] is None or cols[k][row] == ""]
     if empty or ids[row] is None:
-        bad.append({"sample": str(ids[row]) if ids[row] is not None else where, "path": where, "reason": f"empty field(s): {', '.join(empty) or 'sample_id'}"})
+        bad.append({"sample": str(ids[row]) if ids[row] is not None else where, "path": where,
+                    "reason": f"empty field(s): {', '.join(empty) or 'sample_id'}"})
         return None
     try:
         return int(ids[row])
@@ -372,7 +382,8 @@ def drop_duplicate_ids(plan: SourcePlan, first_kind: str = "fg_bg") -> None:
             continue
         for s in group:
             others = ", ".join(o.name for o in group if o is not s)
-            plan.bad.append({"sample": str(sid), "path": plan.path_of(s.files[first_kind]), "reason": f"duplicate sample id {sid} (also {others})"})
+            plan.bad.append({"sample": str(sid), "path": plan.path_of(s.files[first_kind]),
+                             "reason": f"duplicate sample id {sid} (also {others})"})
     plan.samples = sorted(keep, key=lambda s: s.sample_id)
 
 
@@ -402,15 +413,18 @@ def plan_manifest(manifest_uri: str, columns: dict[str, str] | None = None) -> S
         else:
             table = pcsv.read_csv(io.BytesIO(data))
     except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
-        raise SourceError(f"{manifest_uri}: cannot be read as {'Parquet' if manifest_uri.endswith(('.parquet', '.pq')) else 'CSV'} ({exc})") from exc
+        raise SourceError(f"{manifest_uri}: cannot be read as "
+                          f"{'Parquet' if manifest_uri.endswith(('.parquet', '.pq')) else 'CSV'} ({exc})") from exc
     absent = [f"{k} (column {mapping[k]!r})" for k in MANIFEST_COLUMNS if mapping[k] not in table.column_names]
     if absent:
-        raise SourceError(f"{manifest_uri}: no column for {', '.join(absent)}; it has {table.column_names}. Map them with --column KIND=NAME")
+        raise SourceError(f"{manifest_uri}: no column for {', '.join(absent)}; it has {table.column_names}. Map them "
+                          "with --column KIND=NAME")
     if table.num_rows == 0:
         raise SourceError(f"{manifest_uri}: empty source: the manifest has no rows")
     base = posixpath.dirname(manifest_uri) if not sfs.is_local(manifest_uri) else os.path.dirname(manifest_uri)
     cols = {k: table.column(mapping[k]).to_pylist() for k in MANIFEST_COLUMNS}
-    ids = table.column(mapping["sample_id"]).to_pylist() if mapping["sample_id"] in table.column_names else list(range(table.num_rows))
+    ids = (table.column(mapping["sample_id"]).to_pylist() if mapping["sample_id"] in table.column_names
+           else list(range(table.num_rows)))
     bad: list[dict[str, str]] = []
     samples: list[SampleRef] = []
     for row in range(table.num_rows):

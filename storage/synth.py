@@ -92,7 +92,8 @@ def _data_dir() -> str:
 def _photo(i: int) -> np.ndarray:
     path = os.path.join(_data_dir(), PHOTOS[i])
     if not os.path.exists(path):
-        raise RuntimeError(f"{path}: scikit-image's bundled photo is missing; synth needs scikit-image>=0.24 as installed from its wheel")
+        raise RuntimeError(f"{path}: scikit-image's bundled photo is missing; synth needs scikit-image>=0.24 as "
+                           "installed from its wheel")
     with Image.open(path) as img:
         return np.asarray(img.convert("RGB"))
 
@@ -206,13 +207,16 @@ def _draw_person(d: ImageDraw.ImageDraw, W: float, H: float, rng: np.random.Gene
     d.ellipse([cx - head_r * 0.85, 0, cx + head_r * 0.85, 2 * head_r], fill=255)
     neck = 2 * head_r
     shoulder, hip = 0.18 * W + 0.22 * W, 0.55 * H
-    d.polygon([(cx - shoulder, neck + 0.02 * H), (cx + shoulder, neck + 0.02 * H), (cx + 0.3 * W, hip), (cx - 0.3 * W, hip)], fill=255)
+    d.polygon([(cx - shoulder, neck + 0.02 * H), (cx + shoulder, neck + 0.02 * H), (cx + 0.3 * W, hip),
+               (cx - 0.3 * W, hip)], fill=255)
     limb = max(0.09 * W, 1.0)
     spread = rng.uniform(0.05, 0.35) * W
     for side in (-1, 1):
-        d.line([(cx + side * 0.15 * W, hip - 0.02 * H), (cx + side * (0.1 * W + spread), H - limb / 2)], fill=255, width=int(limb * 1.6))
+        d.line([(cx + side * 0.15 * W, hip - 0.02 * H), (cx + side * (0.1 * W + spread), H - limb / 2)], fill=255,
+               width=int(limb * 1.6))
         hand_x = cx + side * rng.uniform(0.35, 0.5) * W
-        d.line([(cx + side * (shoulder - limb), neck + 0.05 * H), (hand_x, rng.uniform(0.35, 0.6) * H)], fill=255, width=int(limb))
+        d.line([(cx + side * (shoulder - limb), neck + 0.05 * H), (hand_x, rng.uniform(0.35, 0.6) * H)], fill=255,
+               width=int(limb))
 
 
 def _draw_quadruped(d: ImageDraw.ImageDraw, W: float, H: float, rng: np.random.Generator) -> None:
@@ -336,7 +340,8 @@ def make_sample(seed: int, sample_id: int, image_size: int) -> dict[str, Any]:
     margin = rng.uniform(*FG_MARGIN_RANGE)
     bulge = rng.uniform(0.0, FG_BULGE_MAX)
     radius = max(1.0, 0.2 * min(fg_w, fg_h))
-    roundness = np.asarray(Image.fromarray(inside.astype(np.uint8) * 255).filter(ImageFilter.GaussianBlur(radius)), np.float32) / 255.0
+    roundness = np.asarray(Image.fromarray(inside.astype(np.uint8) * 255).filter(ImageFilter.GaussianBlur(radius)),
+                           np.float32) / 255.0
     fg_depth = np.clip(foot_depth - margin - bulge * roundness, 0.0, 1.0)
     depth = ramp.copy()
     depth[box][inside] = fg_depth[inside]
@@ -411,7 +416,8 @@ def map_chunks(fn: Callable[..., Any], samples: int, workers: int, seed: int, im
         yield fn(seed, start, stop, image_size)
 
 
-def _pooled(fn: Callable[..., Any], chunks: list[tuple[int, int]], seed: int, image_size: int, workers: int) -> Iterator[Any]:
+def _pooled(fn: Callable[..., Any], chunks: list[tuple[int, int]], seed: int, image_size: int,
+            workers: int) -> Iterator[Any]:
     # spawn, not fork: the caller may be a Ray worker or hold pyarrow/MLflow threads.
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
         todo = iter(chunks)

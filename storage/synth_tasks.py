@@ -1,6 +1,7 @@
 """Synthetic, learnable datasets for the task kinds beside mask_depth (storage/synth.py's).
 
-- classification: 10 classes of glyphs (CLASSIFICATION_CLASSES; sample i is class i % 10), 28x28 grayscale PNGs, each drawn
+- classification: 10 classes of glyphs (CLASSIFICATION_CLASSES; sample i is class i % 10), 28x28 grayscale PNGs, \
+each drawn
   with its own size, position, rotation, stroke, contrast and noise; a small CNN learns them in a
   couple of CPU minutes, and chance is 10%.
 - segmentation: 1-4 shapes of 5 classes (SEGMENTATION_CLASSES: 0 = background, then disc, square,
@@ -66,13 +67,15 @@ def _bars(d: ImageDraw.ImageDraw, cx: float, cy: float, r: float, w: float, angl
                    (cx + dx * r - px, cy + dy * r - py), (cx - dx * r - px, cy - dy * r - py)], fill=fill)
 
 
-def _star(cx: float, cy: float, r: float, angle: float, points: int = 5, inner: float = 0.45) -> list[tuple[float, float]]:
+def _star(cx: float, cy: float, r: float, angle: float, points: int = 5,
+          inner: float = 0.45) -> list[tuple[float, float]]:
     t = angle + np.arange(2 * points) * np.pi / points
     rr = np.where(np.arange(2 * points) % 2 == 0, r, r * inner)
     return [(float(cx + a * math.cos(b)), float(cy + a * math.sin(b))) for a, b in zip(rr, t, strict=True)]
 
 
-def draw_shape(d: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: float, angle: float, w: float, rng: np.random.Generator) -> None:
+def draw_shape(d: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: float, angle: float, w: float,
+               rng: np.random.Generator) -> None:
     """One shape of radius ~r centred at (cx, cy), filled with 255 on an L canvas (w: stroke width)."""
     if kind == "disc":
         a = r * rng.uniform(0.85, 1.15)
@@ -99,7 +102,8 @@ def draw_shape(d: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: float
     elif kind == "crescent":
         d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
         off = r * 0.55
-        d.ellipse([cx - r + off * math.cos(angle), cy - r + off * math.sin(angle), cx + r + off * math.cos(angle), cy + r + off * math.sin(angle)], fill=0)
+        d.ellipse([cx - r + off * math.cos(angle), cy - r + off * math.sin(angle), cx + r + off * math.cos(angle),
+                   cy + r + off * math.sin(angle)], fill=0)
     else:
         raise ValueError(f"unknown shape {kind!r}")
 
@@ -171,7 +175,9 @@ def make_segmentation(seed: int, sample_id: int, size: int = 64) -> tuple[np.nda
         cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
         angle = rng.uniform(0, 2 * np.pi)
         w = r * rng.uniform(0.35, 0.5)
-        a = _alpha(size, lambda d, s, kind=kind, cx=cx, cy=cy, r=r, angle=angle, w=w: draw_shape(d, kind, cx * s, cy * s, r * s, angle, w * s, rng))
+        a = _alpha(size,
+                   lambda d, s, kind=kind, cx=cx, cy=cy, r=r, angle=angle, w=w: draw_shape(d, kind, cx * s, cy * s,
+                                                                                           r * s, angle, w * s, rng))
         colour = _class_colour(cls, rng)
         tex = colour * ramp + rng.normal(0.0, 8.0, (size, size, 3)).astype(np.float32)
         img = img * (1 - a[..., None]) + tex * a[..., None]
@@ -292,7 +298,8 @@ def segmentation_chunk(seed: int, start: int, stop: int, image_size: int) -> lis
     out = []
     for i in range(start, stop):
         img, mask, bg_index = make_segmentation(seed, i, image_size)
-        out.append({"sample_id": i, "image": codec.encode_jpeg(img), "mask": mask, "height": image_size, "width": image_size,
+        out.append({"sample_id": i, "image": codec.encode_jpeg(img), "mask": mask, "height": image_size,
+                    "width": image_size,
                     "class_pixels": class_pixels(mask, len(SEGMENTATION_CLASSES)), "bg_index": bg_index})
     return out
 
@@ -305,7 +312,8 @@ def depth_chunk(seed: int, start: int, stop: int, image_size: int) -> list[dict[
         img, depth = make_depth(seed, i, image_size)
         mm = depth_to_mm(depth)
         total_m, valid, lo, hi = depth_stats(mm)
-        out.append({"sample_id": i, "image": codec.encode_jpeg(img), "depth": mm, "height": image_size, "width": image_size,
+        out.append({"sample_id": i, "image": codec.encode_jpeg(img), "depth": mm, "height": image_size,
+                    "width": image_size,
                     "depth_sum_m": total_m, "depth_valid": valid, "_min_mm": lo, "_max_mm": hi})
     return out
 
@@ -325,7 +333,8 @@ def _meta(spec: TaskSpec, depth_range_mm: tuple[int, int] | None) -> dict[str, A
         return {"classes": list(SEGMENTATION_CLASSES), "ignore_index": IGNORE_INDEX, "channels": channels}
     if spec.name == "depth":
         lo, hi = depth_range_mm or (500, 10000)
-        return {"depth_scale": MM_PER_M, "min_depth_m": lo / MM_PER_M, "max_depth_m": hi / MM_PER_M, "channels": channels}
+        return {"depth_scale": MM_PER_M, "min_depth_m": lo / MM_PER_M, "max_depth_m": hi / MM_PER_M,
+                "channels": channels}
     return {**{k: v for k, v in spec.meta.items() if v is not None}, "channels": channels}
 
 
@@ -431,7 +440,8 @@ def synthesize_task_seed_layout(
 
     spec = get_task_spec(task)
     if spec.name not in _SEED_LAYOUTS:
-        raise ValueError(f"task {spec.name!r}: --layout seed writes {', '.join(_SEED_LAYOUTS)} only; use --layout shards")
+        raise ValueError(f"task {spec.name!r}: --layout seed writes {', '.join(_SEED_LAYOUTS)} only; use --layout "
+                         "shards")
     image_size = int(image_size or spec.default_image_size)
     fn = _check(spec, samples, image_size)
     dest = sfs.normalize(dest)

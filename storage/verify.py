@@ -35,7 +35,8 @@ DEFAULT_WORKERS = max(1, min(4, os.cpu_count() or 1))
 SharedCheck = tuple[dict[int, tuple[int, int]], set[int]]
 
 
-def check_shard(uri: str, shard: dict[str, Any], rows: dict[str, list], columns: tuple[Column, ...] = MASK_DEPTH_COLUMNS,
+def check_shard(uri: str, shard: dict[str, Any], rows: dict[str, list],
+                columns: tuple[Column, ...] = MASK_DEPTH_COLUMNS,
                 shared: dict[str, SharedCheck] | None = None) -> dict[str, Any]:
     """Bad entries of one shard and how many samples passed; `rows` are its index rows.
 
@@ -80,7 +81,8 @@ def check_shard(uri: str, shard: dict[str, Any], rows: dict[str, list], columns:
         return {"bad": bad, "ok": 0, "checksums_ok": 0, "checked": len(rows["sample_id"])}
     cols = {c: table.column(c) for c in ("sample_id", *(c.name for c in columns))}
     ok = sums_ok = 0
-    for sid, group, row, checksum, h, w in zip(rows["sample_id"], rows["row_group"], rows["row"], rows["checksum"], rows["height"], rows["width"], strict=True):
+    for sid, group, row, checksum, h, w in zip(rows["sample_id"], rows["row_group"], rows["row"], rows["checksum"],
+                                               rows["height"], rows["width"], strict=True):
         at = int(starts[group] + row) if group < meta.num_row_groups else table.num_rows
         if at >= table.num_rows or cols["sample_id"][at].as_py() != sid:
             fail(sid, f"not at row group {group} row {row} where the index puts it")
@@ -131,7 +133,8 @@ def check_shard(uri: str, shard: dict[str, Any], rows: dict[str, list], columns:
     return {"bad": bad, "ok": ok, "checksums_ok": sums_ok, "checked": len(rows["sample_id"]), "shared_users": users}
 
 
-def _shared_checks(uri: str, ds: Any, pool: ProcessPoolExecutor | None) -> tuple[dict[str, SharedCheck], list[dict[str, Any]], int]:
+def _shared_checks(uri: str, ds: Any,
+                   pool: ProcessPoolExecutor | None) -> tuple[dict[str, SharedCheck], list[dict[str, Any]], int]:
     """Check every shared table of a /4 dataset (each value's file, checksum and decode); returns
     what check_shard needs to know of them, their bad entries, and their bytes."""
     checks: dict[str, SharedCheck] = {}
@@ -160,7 +163,8 @@ def _shared_checks(uri: str, ds: Any, pool: ProcessPoolExecutor | None) -> tuple
                 b["_shared"] = (col, vid)
                 bad.append(b)
         for s in np.setdiff1d(np.unique(table.index.column("shard").to_numpy()), np.arange(len(files))):
-            bad.append({"sample": None, "shard": None, "reason": f"shared {col}: the index refers to file {int(s)}, which the manifest does not list"})
+            bad.append({"sample": None, "shard": None,
+                        "reason": f"shared {col}: the index refers to file {int(s)}, which the manifest does not list"})
         ids = table.sample_ids.tolist()
         sizes = zip(table.index.column("height").to_pylist(), table.index.column("width").to_pylist(), strict=True)
         good = {v: (int(h), int(w)) for v, (h, w) in zip(ids, sizes, strict=True) if v not in bad_ids}
@@ -207,18 +211,21 @@ def verify(uri: str, workers: int | None = None, progress: Callable[[int], None]
         bad.append({"sample": str(int(sid)), "shard": None, "reason": "sample id appears more than once in the index"})
     total_rows = sum(int(s["rows"]) for s in shards)
     if total_rows != ds.num_samples:
-        bad.append({"sample": None, "shard": None, "reason": f"shards hold {total_rows} rows, the manifest says {ds.num_samples} samples"})
+        bad.append({"sample": None, "shard": None,
+                    "reason": f"shards hold {total_rows} rows, the manifest says {ds.num_samples} samples"})
 
     per_shard = _rows_per_shard(ds, len(shards))
     shard_col = index.column("shard").to_numpy()
     unknown = np.setdiff1d(np.unique(shard_col), np.arange(len(shards)))
     for s in unknown:
-        bad.append({"sample": None, "shard": None, "reason": f"index refers to shard {int(s)}, which the manifest does not list"})
+        bad.append({"sample": None, "shard": None,
+                    "reason": f"index refers to shard {int(s)}, which the manifest does not list"})
 
     ok = sums_ok = 0
     users: dict[str, dict[int, int]] = {}
     workers = DEFAULT_WORKERS if workers is None else max(1, int(workers))
-    pool = ProcessPoolExecutor(max_workers=min(workers, max(len(shards), 2)), mp_context=get_context("spawn")) if workers > 1 and len(shards) > 1 else None
+    pool = ProcessPoolExecutor(max_workers=min(workers, max(len(shards), 2)),
+                               mp_context=get_context("spawn")) if workers > 1 and len(shards) > 1 else None
 
     def add(res: dict[str, Any]) -> None:
         nonlocal ok, sums_ok
@@ -235,7 +242,8 @@ def verify(uri: str, workers: int | None = None, progress: Callable[[int], None]
         # Shared tables first: what a sample needs of them is known before its shard is checked.
         shared, shared_bad, shared_bytes = _shared_checks(uri, ds, pool)
         if pool is not None:
-            futures = [pool.submit(check_shard, uri, shards[s], per_shard[s], ds.stored_columns, shared) for s in range(len(shards))]
+            futures = [pool.submit(check_shard, uri, shards[s], per_shard[s], ds.stored_columns, shared)
+                       for s in range(len(shards))]
             for fut in as_completed(futures):
                 add(fut.result())
         else:
@@ -254,7 +262,8 @@ def verify(uri: str, workers: int | None = None, progress: Callable[[int], None]
     note = {}
     if ds.format != SHARED_FORMAT and is_mask_depth(ds.columns):
         note = {"note": f"format {ds.format}: reads and trains as it is; every row holds its own background. "
-                        f"`orchestrator data pack SOURCE DEST` again writes {SHARED_FORMAT}, each background stored once"}
+                        f"`orchestrator data pack SOURCE DEST` again writes {SHARED_FORMAT}, each background stored "
+                        "once"}
     return {
         "uri": redact_text(uri),
         "format": ds.format,

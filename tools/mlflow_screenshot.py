@@ -35,7 +35,8 @@ def _chromium() -> str:
 
 
 def _shoot(browser: str, url: str, out: Path, budget_ms: int, size: str = "1600,1400") -> None:
-    subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
+    subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                    "--hide-scrollbars",
                     f"--window-size={size}", f"--virtual-time-budget={budget_ms}", f"--screenshot={out}", url],
                    check=True, capture_output=True, timeout=180)
 
@@ -61,7 +62,8 @@ def main(argv: list[str] | None = None) -> list[str]:
     runs = [r for r in client.search_runs([exp.experiment_id]) if "orchestrator.run_name" in r.data.tags]
     browser = _chromium()
     port = _free_port()
-    ui = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)],
+    ui = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+                           "--port", str(port)],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -75,7 +77,8 @@ def main(argv: list[str] | None = None) -> list[str]:
         out.mkdir(parents=True, exist_ok=True)
         q = urllib.parse.quote
         views = {
-            "compare": f"{base}/#/compare-runs?runs={q(json.dumps([r.info.run_id for r in runs]))}&experiments={q(json.dumps([exp.experiment_id]))}",
+            "compare": f"{base}/#/compare-runs?runs={q(json.dumps([r.info.run_id for r in runs]))}"
+                       f"&experiments={q(json.dumps([exp.experiment_id]))}",
             "charts": f"{base}/#/experiments/{exp.experiment_id}/runs?compareRunsMode=CHART",
         }
         written = []

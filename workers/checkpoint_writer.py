@@ -144,7 +144,8 @@ class CheckpointWriter:
         """The name of the job under way, or None."""
         return self._job.name if self._job is not None else None
 
-    def submit(self, work: Callable[[], Any], done: Callable[[Any], None] | None = None, name: str = "checkpoint") -> None:
+    def submit(self, work: Callable[[], Any], done: Callable[[Any], None] | None = None,
+               name: str = "checkpoint") -> None:
         """Start `work` once the previous job has landed (its completion runs first, here)."""
         self.wait()
         job = _Job(work, done, name, self._taken)
@@ -191,7 +192,8 @@ class CheckpointWriter:
             return
         try:
             self.wait()
-        except StorageError as exc:  # storage that stopped answering: the message says which; the previous checkpoint stands
+        except StorageError as exc:
+            # storage that stopped answering: the message says which; the previous checkpoint stands
             log.warning("the last checkpoint upload failed: %s", exc)
         except Exception:  # noqa: BLE001 - the caller is already failing or finished; the previous checkpoint stands
             log.warning("the last checkpoint upload failed", exc_info=True)

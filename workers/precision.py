@@ -119,8 +119,8 @@ class Precision:
     def describe(self) -> str:
         how = f"{self.name} ({self.requested})" if self.requested == "auto" else self.name
         scaler = ", gradient scaler" if self.name == "fp16" else ""
-        return (f"precision {how}{scaler} on {self.device_type}, channels_last {'on' if self.channels_last else 'off'}, "
-                f"compile {'on' if self.compile else 'off'}")
+        return (f"precision {how}{scaler} on {self.device_type}, channels_last "
+                f"{'on' if self.channels_last else 'off'}, compile {'on' if self.compile else 'off'}")
 
 
 def as_float(out: Any) -> Any:

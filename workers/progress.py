@@ -57,7 +57,8 @@ class ProgressWriter:
     thread nothing, and one warning line says the live view is stale until a write lands again.
     """
 
-    def __init__(self, run_dir: str, stage_names: list[str], chunks_per_stage: list[int], total_steps: int, node_id: str | None) -> None:
+    def __init__(self, run_dir: str, stage_names: list[str], chunks_per_stage: list[int], total_steps: int,
+                 node_id: str | None) -> None:
         self.uri = fs.join(run_dir, PROGRESS_JSON)
         self.every_s = PROGRESS_EVERY_S_LOCAL if fs.is_local(run_dir) else PROGRESS_EVERY_S_REMOTE
         self.stage_names = stage_names

@@ -138,7 +138,8 @@ class RaySession(Session):
                     if any(os.path.basename(r.checkpoint.path.rstrip("/")) == name for r in reported if r.checkpoint):
                         return fs.join(self.run_dir, name)
                     if failed:
-                        raise RuntimeError(f"checkpoint {name}: upload to {self.run_dir} failed: {failed[0]}") from failed[0]
+                        raise RuntimeError(f"checkpoint {name}: upload to {self.run_dir} failed: "
+                                           f"{failed[0]}") from failed[0]
             finally:
                 shutil.rmtree(local, ignore_errors=True)  # Ray deletes it after a successful upload
 

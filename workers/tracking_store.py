@@ -56,7 +56,8 @@ def _connect(path: str, readonly: bool = False) -> sqlite3.Connection:
 
 
 def _tables(con: sqlite3.Connection, schema: str = "main") -> dict[str, list[str]]:
-    names = [r[0] for r in con.execute(f"SELECT name FROM {schema}.sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'")]
+    names = [r[0] for r in con.execute(
+        f"SELECT name FROM {schema}.sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'")]
     return {n: [r[1] for r in con.execute(f"PRAGMA {schema}.table_info('{n}')")] for n in names}
 
 
@@ -73,7 +74,8 @@ def _counts(con: sqlite3.Connection, run_id: str, schema: str = "main") -> dict[
     out = {}
     for table in ("runs", "metrics", "tags"):
         try:
-            out[table] = int(con.execute(f"SELECT COUNT(*) FROM {schema}.{table} WHERE run_uuid = ?", (run_id,)).fetchone()[0])
+            out[table] = int(con.execute(f"SELECT COUNT(*) FROM {schema}.{table} WHERE run_uuid = ?",
+                                         (run_id,)).fetchone()[0])
         except sqlite3.Error:  # not an MLflow store (yet)
             out[table] = 0
     return out
@@ -188,7 +190,8 @@ def _merge(db: str, copy: str, run_id: str) -> tuple[str, int]:
         mine, theirs = _schema_version(con, "main"), _schema_version(con, "c")
         if mine != theirs:
             raise RuntimeError(f"{db} is at MLflow schema {mine}, the run's copy at {theirs}; "
-                               "install the MLflow version the run used (constraints.txt), or move the local store away")
+                               "install the MLflow version the run used (constraints.txt), or move the local store "
+                               "away")
         local, copied = _tables(con, "main"), _tables(con, "c")
         con.execute("BEGIN IMMEDIATE")
         old_exp, name = con.execute(
@@ -203,7 +206,8 @@ def _merge(db: str, copy: str, run_id: str) -> tuple[str, int]:
             if taken:
                 cols = [c for c in cols if c != "experiment_id"]  # a new id from the local sequence
             names = ", ".join(cols)
-            cur = con.execute(f"INSERT INTO main.experiments ({names}) SELECT {names} FROM c.experiments WHERE experiment_id = ?", (old_exp,))
+            cur = con.execute(f"INSERT INTO main.experiments ({names}) SELECT {names} FROM c.experiments WHERE "
+                              "experiment_id = ?", (old_exp,))
             exp_id = old_exp if not taken else cur.lastrowid
             con.execute("INSERT OR IGNORE INTO main.experiment_tags (key, value, experiment_id) "
                         "SELECT key, value, ? FROM c.experiment_tags WHERE experiment_id = ?", (exp_id, old_exp))
@@ -212,7 +216,8 @@ def _merge(db: str, copy: str, run_id: str) -> tuple[str, int]:
                 continue
             shared = ", ".join(c for c in local[table] if c in cols)
             con.execute(f"DELETE FROM main.{table} WHERE run_uuid = ?", (run_id,))
-            con.execute(f"INSERT INTO main.{table} ({shared}) SELECT {shared} FROM c.{table} WHERE run_uuid = ?", (run_id,))
+            con.execute(f"INSERT INTO main.{table} ({shared}) SELECT {shared} FROM c.{table} WHERE run_uuid = ?",
+                        (run_id,))
         con.execute("UPDATE main.runs SET experiment_id = ? WHERE run_uuid = ?", (exp_id, run_id))
         con.commit()
         points = _counts(con, run_id)["metrics"]

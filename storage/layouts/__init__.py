@@ -25,7 +25,8 @@ from storage.layouts.base import (
 )
 from storage.source_plan import SourceError
 
-__all__ = ["DEFAULT_TASK", "TASKS", "BadSample", "TaskPlan", "check_task", "detect_layout", "plan_task_source", "wrong_layout"]
+__all__ = ["DEFAULT_TASK", "TASKS", "BadSample", "TaskPlan", "check_task", "detect_layout", "plan_task_source",
+           "wrong_layout"]
 
 # task -> layouts it packs (besides manifests): each task's spec says
 TASK_LAYOUTS = {name: get_task_spec(name).layouts for name in TASKS}
@@ -57,7 +58,8 @@ def plan_task_source(task: str, source: str, columns: dict[str, str] | None = No
             from storage.layouts.imagefolder import plan_imagefolder
 
             if classes_file:
-                raise SourceError(f"{sfs.normalize(source)}: --classes does not apply to an ImageFolder tree: its classes are its folder names, sorted")
+                raise SourceError(f"{sfs.normalize(source)}: --classes does not apply to an ImageFolder tree: its "
+                                  "classes are its folder names, sorted")
 
             plan = plan_imagefolder(source)
         elif layout == "images_masks":

@@ -68,7 +68,8 @@ def check_pixels(width: int, height: int, kind: str, path: str) -> None:
     n = int(width) * int(height)
     if n > _max_pixels:
         raise BadSample(path, f"{kind} is {width}x{height} ({n / 1e6:.1f} MP), over the {_max_pixels / 1e6:g} MP limit "
-                              f"(each decode takes ~{n * 3 / 2**20:.0f} MB); downscale it, or raise the limit with --max-pixels {n}")
+                              f"(each decode takes ~{n * 3 / 2**20:.0f} MB); downscale it, or raise the limit with "
+                              f"--max-pixels {n}")
 
 
 def check_task(task: str) -> str:
@@ -119,7 +120,8 @@ def list_folder(kind: str, uri: str) -> Container:
         member = posixpath.relpath(full.replace(os.sep, "/"), root)
         if _junk(member):
             continue
-        stamp = info.get("md5Hash") or info.get("ETag") or info.get("etag") or str(info.get("mtime") or info.get("updated") or "")
+        stamp = info.get("md5Hash") or info.get("ETag") or info.get("etag") or str(info.get("mtime")
+                                                                                   or info.get("updated") or "")
         c.entries[member] = Entry(member, int(info.get("size") or 0), f"{info.get('size')}:{stamp}")
     return c
 
@@ -160,7 +162,8 @@ def read_class_names(uri: str) -> list[str]:
         raise SourceError(f"{uri}: no class names in it; write one class name per line (line 1 = class 0)")
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise SourceError(f"{uri}: class name(s) {', '.join(dup)} appear more than once; each line must name a different class")
+        raise SourceError(f"{uri}: class name(s) {', '.join(dup)} appear more than once; each line must name a "
+                          "different class")
     return names
 
 
@@ -238,9 +241,11 @@ def wrong_layout(source: str, task: str, layout: str, found: str) -> SourceError
     """The one-line error for a SOURCE that is not what `--task task` packs."""
     other = LAYOUTS.get(layout, ("", ""))[1]
     if other and other != task:
-        fix = f"pack it with --task {other}" + (" (the default)" if other == DEFAULT_TASK else "") + f", or point SOURCE at {task} data"
+        fix = f"pack it with --task {other}" + (" (the default)" if other == DEFAULT_TASK
+                                                else "") + f", or point SOURCE at {task} data"
     else:
-        fix = f"point SOURCE at such a folder (`orchestrator data synth DEST --task {task} --layout seed` writes an example)"
+        fix = (f"point SOURCE at such a folder (`orchestrator data synth DEST --task {task} --layout seed` writes an "
+               "example)")
     return SourceError(f"{sfs.normalize(source)}: --task {task} expects {EXPECTED[task]}, but found {found}; {fix}")
 
 
@@ -251,7 +256,8 @@ def pair_folders(first: Container, second: Container, kinds: tuple[str, str], ac
                  source_prefix: str = "") -> tuple[list[SampleRef], list[dict[str, str]], list[str]]:
     """Samples made of one file from each folder with the same stem (relative path without its
     extension): (samples, bad, unlisted). A sample's `source` index value is source_prefix + the
-    first file's path in its folder (e.g. "images/a.jpg": relative to SOURCE). Sample ids number the stems found in either folder, sorted,
+    first file's path in its folder (e.g. "images/a.jpg": relative to SOURCE). Sample ids number the stems found in \
+either folder, sorted,
     so fixing a bad pair never renumbers the good ones. A stem with no partner, or with two files in
     one folder (x.jpg and x.png), is bad; files whose extension neither folder takes are unlisted.
     """
@@ -271,7 +277,8 @@ def pair_folders(first: Container, second: Container, kinds: tuple[str, str], ac
         problem = None
         for i in (0, 1):
             if len(got[i]) > 1:
-                problem = (conts[i].path_of(got[i][0]), f"{len(got[i])} {kinds[i]} files share the stem {key!r} ({', '.join(got[i])}); keep one")
+                problem = (conts[i].path_of(got[i][0]),
+                           f"{len(got[i])} {kinds[i]} files share the stem {key!r} ({', '.join(got[i])}); keep one")
         for i in (0, 1):
             if not got[i] and problem is None:
                 have = conts[1 - i].path_of(got[1 - i][0])

@@ -25,7 +25,8 @@ def digits_images(size: int = 28) -> tuple[np.ndarray, np.ndarray]:
     try:
         from sklearn.datasets import load_digits
     except ImportError as exc:
-        raise RuntimeError("the digits set comes from scikit-learn, which is not installed: pip install scikit-learn") from exc
+        raise RuntimeError("the digits set comes from scikit-learn, which is not installed: pip install "
+                           "scikit-learn") from exc
     d = load_digits()
     src = np.clip(np.rint(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)  # values 0..16
     out = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.BILINEAR)) for im in src])

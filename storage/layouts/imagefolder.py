@@ -38,23 +38,26 @@ def plan_imagefolder(source: str) -> TaskPlan:
     for d in top_level(source)[0]:
         by_class.setdefault(d, [])
     if not by_class:
-        raise SourceError(f"{source}: no class folders; --task classification expects SOURCE/<class>/<image> (one folder per class)")
+        raise SourceError(f"{source}: no class folders; --task classification expects SOURCE/<class>/<image> (one "
+                          "folder per class)")
     classes = sorted(by_class)
     nested = [m for ms in by_class.values() for m in ms]
     if set(c.lower() for c in classes) <= SPLIT_NAMES and nested and all(m.count("/") >= 2 for m in nested):
         first = sfs.join(source, classes[0])
-        raise SourceError(f"{source}: its folders ({', '.join(classes)}) look like splits that hold class folders, not classes; "
-                          f"point SOURCE at one split (e.g. {first}), whose folders are the classes")
+        raise SourceError(f"{source}: its folders ({', '.join(classes)}) look like splits that hold class folders, not "
+                          f"classes; point SOURCE at one split (e.g. {first}), whose folders are the classes")
     bad = []
     samples: list[SampleRef] = []
     for label, cls in enumerate(classes):
         members = sorted(by_class[cls])
         if not members:
             bad.append({"sample": f"class {cls}", "path": sfs.join(source, cls),
-                        "reason": f"empty class folder: no {'/'.join(e.lstrip('.') for e in IMAGE_EXTS)} files in it; add images or remove the folder"})
+                        "reason": f"empty class folder: no {'/'.join(e.lstrip('.') for e in IMAGE_EXTS)} files in it; "
+                                  "add images or remove the folder"})
             continue
         for m in members:
             e = folder.entries[m]
             samples.append(SampleRef(len(samples), m, {"image": FileRef(0, m, e.stamp)}, {"label": label, "source": m}))
     return TaskPlan(source, "imagefolder", [folder], samples, bad, sorted(unlisted), ("source",),
-                    task="classification", file_kinds=("image",), meta={"classes": classes}, options={"num_classes": len(classes)})
+                    task="classification", file_kinds=("image",), meta={"classes": classes},
+                    options={"num_classes": len(classes)})

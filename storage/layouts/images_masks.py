@@ -29,7 +29,8 @@ MAX_CLASSES = 255  # uint8 masks, 255 = ignore
 
 def check_classes(classes: list[str], where: str) -> list[str]:
     if len(classes) > MAX_CLASSES:
-        raise SourceError(f"{where}: {len(classes)} classes; masks are 8-bit with 255 = ignore, so at most {MAX_CLASSES} classes")
+        raise SourceError(f"{where}: {len(classes)} classes; masks are 8-bit with 255 = ignore, so at most "
+                          f"{MAX_CLASSES} classes")
     return classes
 
 
@@ -53,10 +54,13 @@ def plan_images_masks(source: str, classes_file: str | None = None) -> TaskPlan:
     mask_dir = next((d for d in MASKS_DIRS if d in dirs), None)
     if img_dir is None or mask_dir is None:
         missing = " and ".join(n for n, d in (("images/", img_dir), ("masks/", mask_dir)) if d is None)
-        raise SourceError(f"{source}: no {missing}; --task segmentation expects images/ + masks/ + classes.txt (or a Pascal VOC tree)")
+        raise SourceError(f"{source}: no {missing}; --task segmentation expects images/ + masks/ + classes.txt (or a "
+                          "Pascal VOC tree)")
     classes = segmentation_classes(source, classes_file)
     images = list_folder("image", sfs.join(source, img_dir))
     masks = list_folder("mask", sfs.join(source, mask_dir))
-    samples, bad, unlisted = pair_folders(images, masks, ("image", "mask"), (IMAGE_EXTS, IMAGE_EXTS), ".png", f"{img_dir}/")
+    samples, bad, unlisted = pair_folders(images, masks, ("image", "mask"), (IMAGE_EXTS, IMAGE_EXTS), ".png",
+                                          f"{img_dir}/")
     return TaskPlan(source, "images-masks", [images, masks], samples, bad, unlisted, ("source",), task="segmentation",
-                    file_kinds=("image", "mask"), meta={"classes": classes, "ignore_index": 255}, options={"num_classes": len(classes)})
+                    file_kinds=("image", "mask"), meta={"classes": classes, "ignore_index": 255},
+                    options={"num_classes": len(classes)})

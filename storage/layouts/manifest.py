@@ -77,7 +77,8 @@ def _label_index(value: Any, classes: list[str] | None, numeric: bool) -> int | 
     return name
 
 
-def plan_task_manifest(task: str, manifest_uri: str, columns: dict[str, str] | None = None, classes_file: str | None = None) -> TaskPlan:
+def plan_task_manifest(task: str, manifest_uri: str, columns: dict[str, str] | None = None,
+                       classes_file: str | None = None) -> TaskPlan:
     import pyarrow as pa
 
     manifest_uri = sfs.normalize(manifest_uri)
@@ -87,15 +88,17 @@ def plan_task_manifest(task: str, manifest_uri: str, columns: dict[str, str] | N
     table = read_manifest(manifest_uri)
     absent = [f"{k} (column {mapping[k]!r})" for k in kinds if mapping[k] not in table.column_names]
     if absent:
-        other = next((t for t, cols in TASK_COLUMNS.items() if t != task and all(c in table.column_names for c in cols)), None)
+        other = next((t for t, cols in TASK_COLUMNS.items()
+                      if t != task and all(c in table.column_names for c in cols)), None)
         hint = f"; its columns are what --task {other} takes" if other else ""
-        raise SourceError(f"{manifest_uri}: --task {task} needs columns {', '.join(kinds)}: no column for {', '.join(absent)}; "
-                          f"it has {table.column_names}{hint}. Map them with --column KIND=NAME")
+        raise SourceError(f"{manifest_uri}: --task {task} needs columns {', '.join(kinds)}: no column for "
+                          f"{', '.join(absent)}; it has {table.column_names}{hint}. Map them with --column KIND=NAME")
     if table.num_rows == 0:
         raise SourceError(f"{manifest_uri}: empty source: the manifest has no rows")
     base = posixpath.dirname(manifest_uri) if not sfs.is_local(manifest_uri) else os.path.dirname(manifest_uri)
     cols = {k: table.column(mapping[k]).to_pylist() for k in kinds}
-    ids = table.column(mapping["sample_id"]).to_pylist() if mapping["sample_id"] in table.column_names else list(range(table.num_rows))
+    ids = (table.column(mapping["sample_id"]).to_pylist() if mapping["sample_id"] in table.column_names
+           else list(range(table.num_rows)))
     meta: dict[str, Any] = {}
     options: dict[str, Any] = {}
     classes, numeric = None, False
@@ -141,7 +144,8 @@ def plan_task_manifest(task: str, manifest_uri: str, columns: dict[str, str] | N
         options["num_classes"] = len(classes)
     else:
         meta["depth_scale"] = 1000
-    plan = TaskPlan(manifest_uri, "manifest", [], samples, bad, [], ("source",), task=task, file_kinds=FILE_COLUMNS[task],
+    plan = TaskPlan(manifest_uri, "manifest", [], samples, bad, [], ("source",), task=task,
+                    file_kinds=FILE_COLUMNS[task],
                     meta=meta, options=options)
     drop_duplicate_ids(plan, "image")
     return plan

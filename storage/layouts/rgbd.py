@@ -33,9 +33,11 @@ def plan_rgbd(source: str) -> TaskPlan:
     depth_dir = next((d for d in DEPTH_DIRS if d in dirs), None)
     if rgb_dir is None or depth_dir is None:
         missing = " and ".join(n for n, d in (("rgb/", rgb_dir), ("depth/", depth_dir)) if d is None)
-        raise SourceError(f"{source}: no {missing}; --task depth expects rgb/ + depth/ (16-bit PNG millimetres or .npy metres)")
+        raise SourceError(f"{source}: no {missing}; --task depth expects rgb/ + depth/ (16-bit PNG millimetres or .npy "
+                          "metres)")
     rgb = list_folder("image", sfs.join(source, rgb_dir))
     depth = list_folder("depth", sfs.join(source, depth_dir))
-    samples, bad, unlisted = pair_folders(rgb, depth, ("image", "depth"), (IMAGE_EXTS, DEPTH_EXTS), ".png", f"{rgb_dir}/")
+    samples, bad, unlisted = pair_folders(rgb, depth, ("image", "depth"), (IMAGE_EXTS, DEPTH_EXTS), ".png",
+                                          f"{rgb_dir}/")
     return TaskPlan(source, "rgb-depth", [rgb, depth], samples, bad, unlisted, ("source",), task="depth",
                     file_kinds=("image", "depth"), meta={"depth_scale": 1000}, options={})

@@ -50,7 +50,9 @@ def open_image(data: bytes, kind: str, path: str) -> Image.Image:
         raise
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types for bad bytes
         text = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the file", str(exc))
-        raise BadSample(path, f"{kind} cannot be decoded ({type(exc).__name__}: {text}); corrupt or truncated image") from None
+        raise BadSample(path,
+                        f"{kind} cannot be decoded ({type(exc).__name__}: {text}); corrupt or truncated "
+                        "image") from None
     return img
 
 
@@ -81,20 +83,24 @@ def image_value(data: bytes, path: str, kind: str = "image") -> tuple[bytes, int
         try:
             out = img.convert("RGB")
         except (ValueError, OSError) as exc:
-            raise BadSample(path, f"{kind} has mode {img.mode}, which cannot be turned into gray or RGB ({exc})") from None
+            raise BadSample(path,
+                            f"{kind} has mode {img.mode}, which cannot be turned into gray or RGB ({exc})") from None
     return _png(out), out.height, out.width, 1 if out.mode == "L" else 3
 
 
 def _same_size(image_hw: tuple[int, int], other_hw: tuple[int, int], other: str, image_path: str) -> None:
     if image_hw != other_hw:
         (ih, iw), (oh, ow) = image_hw, other_hw
-        raise BadSample(image_path, f"size mismatch: image {iw}x{ih}, {other} {ow}x{oh} (width x height); a sample's image and {other} must have one size")
+        raise BadSample(image_path,
+                        f"size mismatch: image {iw}x{ih}, {other} {ow}x{oh} (width x height); a sample's image and "
+                        f"{other} must have one size")
 
 
 # -- classification ---------------------------------------------------------------------------------
 
 
-def prepare_classification(blobs: dict[str, bytes], paths: dict[str, str], extra: dict[str, Any], options: dict[str, Any]) -> Prepared:
+def prepare_classification(blobs: dict[str, bytes], paths: dict[str, str], extra: dict[str, Any],
+                           options: dict[str, Any]) -> Prepared:
     data, h, w, channels = image_value(blobs["image"], paths["image"])
     label = int(extra["label"])
     if not 0 <= label < int(options["num_classes"]):
@@ -109,14 +115,18 @@ def mask_values(data: bytes, path: str) -> np.ndarray:
     """The class indices of a mask file (HxW uint8 or uint16)."""
     img = open_image(data, "mask", path)
     if img.format != "PNG":
-        raise BadSample(path, f"mask is {img.format}, expected a PNG class-index map (JPEG is lossy: its class ids would not survive)")
+        raise BadSample(path,
+                        f"mask is {img.format}, expected a PNG class-index map (JPEG is lossy: its class ids would not "
+                        "survive)")
     if img.mode in ("L", "P"):
         return np.asarray(img)  # palette PNGs: the indices are the class ids (Pascal VOC)
     if img.mode == "1":
         return np.asarray(img).astype(np.uint8)
     if img.mode in _GRAY16:
         return np.asarray(img).astype(np.int64)
-    raise BadSample(path, f"mask has mode {img.mode}, expected a class-index map (8-bit gray or palette PNG whose indices are the class ids)")
+    raise BadSample(path,
+                    f"mask has mode {img.mode}, expected a class-index map (8-bit gray or palette PNG whose indices "
+                    "are the class ids)")
 
 
 def check_mask(values: np.ndarray, num_classes: int, path: str) -> np.ndarray:
@@ -125,7 +135,9 @@ def check_mask(values: np.ndarray, num_classes: int, path: str) -> np.ndarray:
     wrong = uniq[(uniq >= num_classes) & (uniq != IGNORE_INDEX)]
     if wrong.size or (uniq.size and uniq.min() < 0):
         shown = ", ".join(str(int(v)) for v in wrong[:8]) + (" ..." if wrong.size > 8 else "")
-        raise BadSample(path, f"mask has value(s) {shown}, not class ids: {num_classes} classes (0..{num_classes - 1}), and {IGNORE_INDEX} = ignore")
+        raise BadSample(path,
+                        f"mask has value(s) {shown}, not class ids: {num_classes} classes (0..{num_classes - 1}), and "
+                        f"{IGNORE_INDEX} = ignore")
     return values.astype(np.uint8, copy=False)
 
 
@@ -135,12 +147,14 @@ def class_pixels(mask: np.ndarray, num_classes: int) -> list[int]:
     return np.bincount(flat[flat != IGNORE_INDEX], minlength=num_classes)[:num_classes].astype(np.int64).tolist()
 
 
-def prepare_segmentation(blobs: dict[str, bytes], paths: dict[str, str], extra: dict[str, Any], options: dict[str, Any]) -> Prepared:
+def prepare_segmentation(blobs: dict[str, bytes], paths: dict[str, str], extra: dict[str, Any],
+                         options: dict[str, Any]) -> Prepared:
     n = int(options["num_classes"])
     data, h, w, channels = image_value(blobs["image"], paths["image"])
     mask = check_mask(mask_values(blobs["mask"], paths["mask"]), n, paths["mask"])
     _same_size((h, w), mask.shape, "mask", paths["image"])
-    return Prepared({"image": data, "mask": codec.encode_raw(mask)}, h, w, {"class_pixels": class_pixels(mask, n)}, {"channels": [channels]})
+    return Prepared({"image": data, "mask": codec.encode_raw(mask)}, h, w, {"class_pixels": class_pixels(mask, n)},
+                    {"channels": [channels]})
 
 
 # -- depth --------------------------------------------------------------------------------------------
@@ -168,7 +182,9 @@ def depth_mm(data: bytes, path: str, units_per_m: float = MM_PER_M) -> np.ndarra
         try:
             arr = np.load(io.BytesIO(data), allow_pickle=False)
         except Exception as exc:  # noqa: BLE001 - numpy raises several types for a bad file
-            raise BadSample(path, f"depth .npy cannot be read ({type(exc).__name__}: {exc}); corrupt or truncated file") from None
+            raise BadSample(path,
+                            f"depth .npy cannot be read ({type(exc).__name__}: {exc}); corrupt or truncated "
+                            "file") from None
         if arr.ndim == 3 and arr.shape[2] == 1:
             arr = arr[..., 0]
         if arr.ndim != 2 or arr.size == 0:
@@ -181,12 +197,16 @@ def depth_mm(data: bytes, path: str, units_per_m: float = MM_PER_M) -> np.ndarra
                 raise BadSample(path, "depth .npy has negative integer values; integers are read as the depth PNGs' "
                                       "units (0 = invalid)")
             return units_to_mm(arr, units_per_m)
-        raise BadSample(path, f"depth .npy has dtype {arr.dtype}, expected float metres (or integers in the PNGs' units)")
+        raise BadSample(path,
+                        f"depth .npy has dtype {arr.dtype}, expected float metres (or integers in the PNGs' units)")
     img = open_image(data, "depth", path)
     if img.format != "PNG":
-        raise BadSample(path, f"depth is {img.format}, expected a 16-bit PNG (millimetres, 0 = invalid) or a .npy of metres")
+        raise BadSample(path,
+                        f"depth is {img.format}, expected a 16-bit PNG (millimetres, 0 = invalid) or a .npy of metres")
     if img.mode not in _GRAY16:
-        raise BadSample(path, f"depth PNG has mode {img.mode}, expected 16-bit grayscale in millimetres (the NYU Depth v2 convention; 0 = invalid)")
+        raise BadSample(path,
+                        f"depth PNG has mode {img.mode}, expected 16-bit grayscale in millimetres (the NYU Depth v2 "
+                        "convention; 0 = invalid)")
     values = np.asarray(img).astype(np.int64)
     if values.min() < 0 or values.max() > 65535:
         raise BadSample(path, "depth PNG has values outside 0..65535")
@@ -201,7 +221,8 @@ def depth_stats(mm: np.ndarray) -> tuple[float, int, int, int]:
     return float(valid.sum(dtype=np.int64)) / MM_PER_M, int(valid.size), int(valid.min()), int(valid.max())
 
 
-def prepare_depth(blobs: dict[str, bytes], paths: dict[str, str], extra: dict[str, Any], options: dict[str, Any]) -> Prepared:
+def prepare_depth(blobs: dict[str, bytes], paths: dict[str, str], extra: dict[str, Any],
+                  options: dict[str, Any]) -> Prepared:
     data, h, w, channels = image_value(blobs["image"], paths["image"])
     mm = depth_mm(blobs["depth"], paths["depth"], float(options.get("units_per_m", MM_PER_M)))
     _same_size((h, w), mm.shape, "depth", paths["image"])

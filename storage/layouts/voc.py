@@ -53,7 +53,8 @@ def _split_lists(root: str) -> dict[str, list[str]]:
     if not fs.isdir(path):
         return {}
     names = [n for n in sfs.listdir(sets) if n.endswith(".txt")]
-    lists = {n[:-4]: [ln.split()[0] for ln in read_text(sfs.join(sets, n)).splitlines() if ln.strip()] for n in sorted(names)}
+    lists = {n[:-4]: [ln.split()[0] for ln in read_text(sfs.join(sets, n)).splitlines() if ln.strip()]
+             for n in sorted(names)}
     if any(s in lists for s in PREFERRED_SPLITS):
         return {s: lists[s] for s in PREFERRED_SPLITS if s in lists}
     return lists
@@ -83,10 +84,13 @@ def plan_voc(source: str, classes_file: str | None = None) -> TaskPlan:
             kind = "image" if img is None else "mask"
             where = images.path_of(f"{key}.jpg") if img is None else masks.path_of(f"{key}.png")
             listed = f" (listed in ImageSets/Segmentation/{split_of[key]}.txt)" if key in split_of else ""
-            bad.append({"sample": str(sid), "path": where, "reason": f"missing partner file ({kind}): {key}{listed} has no {kind} file"})
+            bad.append({"sample": str(sid), "path": where,
+                        "reason": f"missing partner file ({kind}): {key}{listed} has no {kind} file"})
             continue
-        files = {"image": FileRef(0, img, images.entries[img].stamp), "mask": FileRef(1, mask, masks.entries[mask].stamp)}
+        files = {"image": FileRef(0, img, images.entries[img].stamp),
+                 "mask": FileRef(1, mask, masks.entries[mask].stamp)}
         samples.append(SampleRef(sid, key, files, {"source": key, "split": split_of.get(key, "")}))
     return TaskPlan(root, "voc", [images, masks], samples, bad, [], ("source", "split"), task="segmentation",
-                    file_kinds=("image", "mask"), meta={"classes": classes, "ignore_index": 255, "splits": sorted(lists)},
+                    file_kinds=("image", "mask"),
+                    meta={"classes": classes, "ignore_index": 255, "splits": sorted(lists)},
                     options={"num_classes": len(classes)})

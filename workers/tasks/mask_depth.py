@@ -77,7 +77,8 @@ class ChunkSamples(torch.utils.data.Dataset):
     loader with `make_loader`) as a RawBatch; `prepare_batch` turns one into model tensors.
     """
 
-    def __init__(self, rows: dict[str, Any], resolution: int, describe: Any, hflip: float = 0.0, flip_key: tuple[int, ...] = ()) -> None:
+    def __init__(self, rows: dict[str, Any], resolution: int, describe: Any, hflip: float = 0.0,
+                 flip_key: tuple[int, ...] = ()) -> None:
         self.rows = rows
         self.resolution = resolution
         self.describe = describe  # sample_id -> "dataset shard ... sample ..." for error messages
@@ -138,7 +139,8 @@ class ChunkSamples(torch.utils.data.Dataset):
             del self._bg[next(iter(self._bg))]
         self._bg[key] = out.copy()
 
-    def _decode_into(self, i: int, rgb: np.ndarray, mask: np.ndarray, depth: np.ndarray, stored: tuple[int, int] | None) -> int:
+    def _decode_into(self, i: int, rgb: np.ndarray, mask: np.ndarray, depth: np.ndarray,
+                     stored: tuple[int, int] | None) -> int:
         rows, r = self.rows, self.resolution
         sid = int(rows["sample_id"][i])
         h, w = int(rows["height"][i]), int(rows["width"][i])

@@ -56,7 +56,8 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return images.permute(0, 3, 1, 2).float().mul_(1.0 / (255.0 * INPUT_STD)).sub_(INPUT_MEAN / INPUT_STD)
 
 
-def image_batch(raw: tuple[torch.Tensor, torch.Tensor], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+def image_batch(raw: tuple[torch.Tensor, torch.Tensor],
+                device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
     """An ImageSamples batch on the device: normalized float images and the targets as stored."""
     images, targets = (t.to(device, non_blocking=True) for t in raw)
     return normalize(images), targets
@@ -95,7 +96,8 @@ class ImageSamples(torch.utils.data.Dataset):
                 decode_image_into(self.rows["image"][i], images[j], "image")
                 target = self.decode_target(self.rows[self.target][i], r)
             except ImageSizeError as exc:
-                raise DataError(f"{self.describe(sid)}: {exc}: does not match the image's size; re-pack this dataset") from None
+                raise DataError(f"{self.describe(sid)}: {exc}: does not match the image's size; re-pack this "
+                                "dataset") from None
             except CorruptImageError as exc:
                 raise DataError(f"{self.describe(sid)}: {exc}; re-pack this dataset") from None
             h = _mix_on(prefix, sid)
@@ -115,7 +117,8 @@ def _shifted(img: np.ndarray, h: int, shift: int) -> np.ndarray:
     dy, dx = (h % span) - shift, ((h // span) % span) - shift
     out = np.zeros_like(img)
     H, W = img.shape[:2]
-    out[max(dy, 0):H + min(dy, 0), max(dx, 0):W + min(dx, 0)] = img[max(-dy, 0):H - max(dy, 0), max(-dx, 0):W - max(dx, 0)]
+    out[max(dy, 0):H + min(dy, 0), max(dx, 0):W + min(dx, 0)] = img[max(-dy, 0):H - max(dy, 0),
+                                                                    max(-dx, 0):W - max(dx, 0)]
     return out
 
 

@@ -52,7 +52,8 @@ class SegmentationTask(LabelTask, spec=SEGMENTATION):
     def evaluator(self) -> Any:
         from workers.eval.segmentation import SegmentationEval
 
-        return LabelEval(SegmentationEval(self.classes, int(self.info["baseline_class"]), int(self.info["ignore_index"])))
+        return LabelEval(SegmentationEval(self.classes, int(self.info["baseline_class"]),
+                                          int(self.info["ignore_index"])))
 
     def picture(self, batch: Batch, out: torch.Tensor, path: str) -> None:
         from workers.pictures import segmentation_grid
