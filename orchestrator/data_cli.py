@@ -138,8 +138,8 @@ def data_synth(
     task: Annotated[str, typer.Option("--task", help=TASK_HELP)] = "mask_depth",
     force: Annotated[bool, typer.Option("--force", help=FORCE_HELP)] = False,
 ) -> None:
-    """Write a synthetic dataset: mask_depth made the way the source dataset was, or a learnable classification, \
-segmentation or depth set."""
+    """Write a synthetic dataset: mask_depth made the way the source dataset was, or a learnable classification,
+    segmentation or depth set."""
     from orchestrator.progress import count_progress
 
     check_no_credentials(dest, "DEST")
@@ -328,8 +328,8 @@ def data_verify(
     workers: Annotated[int | None,
                        typer.Option("--workers", min=1, help="Shards checked in parallel (default: up to 4).")] = None,
 ) -> None:
-    """Re-read every shard: counts, sizes, sha256 and per-sample checksums, and that every image decodes. \
-Exit 1 when anything is bad."""
+    """Re-read every shard: counts, sizes, sha256 and per-sample checksums, and that every image decodes.
+    Exit 1 when anything is bad."""
     from orchestrator.progress import count_progress
     from storage.shards import DatasetError, open_dataset
     from storage.verify import verify

@@ -1,8 +1,7 @@
 """Synthetic, learnable datasets for the task kinds beside mask_depth (storage/synth.py's).
 
-- classification: 10 classes of glyphs (CLASSIFICATION_CLASSES; sample i is class i % 10), 28x28 grayscale PNGs, \
-each drawn
-  with its own size, position, rotation, stroke, contrast and noise; a small CNN learns them in a
+- classification: 10 classes of glyphs (CLASSIFICATION_CLASSES; sample i is class i % 10), 28x28 grayscale
+  PNGs, each drawn with its own size, position, rotation, stroke, contrast and noise; a small CNN learns them in a
   couple of CPU minutes, and chance is 10%.
 - segmentation: 1-4 shapes of 5 classes (SEGMENTATION_CLASSES: 0 = background, then disc, square,
   triangle, cross, ring), each in a random colour at a random position, scale and rotation, pasted

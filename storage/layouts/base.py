@@ -256,10 +256,9 @@ def pair_folders(first: Container, second: Container, kinds: tuple[str, str], ac
                  source_prefix: str = "") -> tuple[list[SampleRef], list[dict[str, str]], list[str]]:
     """Samples made of one file from each folder with the same stem (relative path without its
     extension): (samples, bad, unlisted). A sample's `source` index value is source_prefix + the
-    first file's path in its folder (e.g. "images/a.jpg": relative to SOURCE). Sample ids number the stems found in \
-either folder, sorted,
-    so fixing a bad pair never renumbers the good ones. A stem with no partner, or with two files in
-    one folder (x.jpg and x.png), is bad; files whose extension neither folder takes are unlisted.
+    first file's path in its folder (e.g. "images/a.jpg": relative to SOURCE). Sample ids number the stems
+    found in either folder, sorted, so fixing a bad pair never renumbers the good ones. A stem with no partner,
+    or with two files in one folder (x.jpg and x.png), is bad; files whose extension neither folder takes are unlisted.
     """
     by_stem: list[dict[str, list[str]]] = [{}, {}]
     unlisted: list[str] = []
