@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import signal
 import threading
 import time
 import urllib.error
@@ -217,6 +218,11 @@ def fast_lease(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(driver_lease, "HEARTBEAT_S", 0.1)
     monkeypatch.setattr(driver_lease, "CHECK_S", 0.05)
     monkeypatch.setattr(driver_lease, "LOSS_MARGIN_S", 0.5)
+    # The heartbeat interrupts with _thread.interrupt_main(), a no-op unless Python handles SIGINT:
+    # whatever an earlier test left installed, these tests get the KeyboardInterrupt a driver gets.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 def _wait_for_interrupt(seconds: float = 30) -> None:
