@@ -98,7 +98,7 @@ class _RangesFile(io.RawIOBase):
         return len(data)
 
 
-def _group_range(meta: pq.FileMetaData, group: int) -> tuple[int, int]:
+def group_range(meta: pq.FileMetaData, group: int) -> tuple[int, int]:
     """Byte range [start, end) of one row group's column chunks in the shard file."""
     rg = meta.row_group(group)
     start, end = None, 0
@@ -196,7 +196,7 @@ class ShardReader:
         out: dict[Group, tuple[int, bytes]] = {}
         todo: list[tuple[Group, int, int]] = []
         for s, g in groups:
-            start, end = _group_range(metas[s], g)
+            start, end = group_range(metas[s], g)
             blob = self._cache_get(s, f"{start}-{end}") if use_cache else None
             if blob is not None and len(blob) == end - start:
                 out[(s, g)] = (start, blob)
@@ -239,7 +239,7 @@ class ShardReader:
         """Drop cached copies of these row groups (they failed a checksum)."""
         metas = self.footers(sorted({s for s, _ in groups}))
         for s, g in groups:
-            start, end = _group_range(metas[s], g)
+            start, end = group_range(metas[s], g)
             self._cache_discard(s, f"{start}-{end}")
 
     def read_group(self, shard: int, group: int, fetched: tuple[int, bytes], columns: Sequence[str]) -> pa.Table:
