@@ -257,7 +257,7 @@ class ShardReader:
         @storage_retry
         def attempt() -> None:
             todo = [i for i in range(len(ranges)) if i not in done]
-            results = self._cat_ranges([ranges[i] for i in todo])
+            results = self.cat_ranges([ranges[i] for i in todo])
             transient: BaseException | None = None
             for i, r in zip(todo, results, strict=True):
                 if isinstance(r, BaseException):
@@ -279,7 +279,7 @@ class ShardReader:
         self.stats.add(requests=len(ranges), bytes_fetched=sum(len(b) for b in done.values()))
         return [done[i] for i in range(len(ranges))]
 
-    def _cat_ranges(self, ranges: list[tuple[int, int, int]]) -> list[Any]:
+    def cat_ranges(self, ranges: list[tuple[int, int, int]]) -> list[Any]:
         for s, _, _ in ranges:
             if s not in self._paths:
                 self._paths[s] = sfs.filesystem(self.shard_uri(s))[1]
