@@ -95,9 +95,9 @@ class ProgressDisplay:
         if p.get("precision") and not self._precision_shown:  # once per attempt: what the worker resolved
             self._precision_shown = True
             self.console.print(p["precision"], highlight=False)
-        return self._fill_rate(p)
+        return self.fill_rate(p)
 
-    def _fill_rate(self, p: dict[str, Any]) -> dict[str, Any]:
+    def fill_rate(self, p: dict[str, Any]) -> dict[str, Any]:
         """A reading without a rate (the first step after a restart, a phase change) shows the
         last one this display saw, with its ETA scaled to the steps left, rather than '-'."""
         if p.get("samples_per_s") and p.get("eta_s") is not None:

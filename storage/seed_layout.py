@@ -212,7 +212,7 @@ def synthesize_seed_layout(
     The images are synth.make_sample's, saved as the source saved them: fg_bg and mask as JPEG
     (quality 30), depth as an 8-bit PNG, one bg JPEG per background; label_info files pair them.
     """
-    from storage.synth import NUM_BACKGROUNDS, _backgrounds, default_workers, map_chunks
+    from storage.synth import NUM_BACKGROUNDS, backgrounds, default_workers, map_chunks
 
     if samples < 0:
         raise ValueError(f"samples must be >= 0, got {samples}")
@@ -220,7 +220,7 @@ def synthesize_seed_layout(
     workers = default_workers() if workers is None else max(1, int(workers))
     sink: _FolderSink | _ZipSink = _ZipSink(dest) if as_zip else _FolderSink(dest)
     labels: dict[int, list[str]] = {}
-    for b, img in enumerate(_backgrounds(image_size)):
+    for b, img in enumerate(backgrounds(image_size)):
         sink.add(f"bg/bg_{b:03d}.jpg", codec.encode_jpeg(img))
     for chunk in map_chunks(_seed_chunk, samples, workers, seed, image_size):
         for item in chunk:

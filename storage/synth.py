@@ -103,7 +103,7 @@ def _resize_rgb(rgb: np.ndarray, w: int, h: int, resample=Image.Resampling.BILIN
 
 
 @functools.lru_cache(maxsize=4)
-def _backgrounds(size: int) -> np.ndarray:
+def backgrounds(size: int) -> np.ndarray:
     """(NUM_BACKGROUNDS, size, size, 3) uint8: CROPS_PER_PHOTO square crops of each photo."""
     out = np.empty((NUM_BACKGROUNDS, size, size, 3), np.uint8)
     for p in range(len(PHOTOS)):
@@ -145,7 +145,7 @@ def _ramps(size: int) -> np.ndarray:
 @functools.lru_cache(maxsize=4)
 def _encoded_backgrounds(size: int) -> tuple[bytes, ...]:
     # The same background JPEG serves every sample drawn on it; encoding is deterministic.
-    return tuple(codec.encode_jpeg(bg) for bg in _backgrounds(size))
+    return tuple(codec.encode_jpeg(bg) for bg in backgrounds(size))
 
 
 def background_photo(bg_index: int) -> str:
@@ -309,7 +309,7 @@ def make_sample(seed: int, sample_id: int, image_size: int) -> dict[str, Any]:
     rng = np.random.default_rng([int(seed), int(sample_id)])
     size = int(image_size)
     bg_index = int(rng.integers(0, NUM_BACKGROUNDS))
-    bg = _backgrounds(size)[bg_index]
+    bg = backgrounds(size)[bg_index]
     ramp = _ramps(size)[bg_index]
 
     kind = FG_SHAPES[int(rng.integers(0, len(FG_SHAPES)))]

@@ -158,11 +158,11 @@ def _class_colour(cls: int, rng: np.random.Generator) -> np.ndarray:
 
 def make_segmentation(seed: int, sample_id: int, size: int = 64) -> tuple[np.ndarray, np.ndarray, int]:
     """(HxWx3 uint8 image, HxW uint8 class map with 255 on anti-aliased edges, background index)."""
-    from storage.synth import NUM_BACKGROUNDS, _backgrounds
+    from storage.synth import NUM_BACKGROUNDS, backgrounds
 
     rng = _rng("segmentation", seed, sample_id)
     bg_index = int(rng.integers(0, NUM_BACKGROUNDS))
-    img = _backgrounds(size)[bg_index].astype(np.float32)
+    img = backgrounds(size)[bg_index].astype(np.float32)
     mask = np.zeros((size, size), np.uint8)
     ramp = np.linspace(1.15, 0.8, size, dtype=np.float32)[:, None, None]  # lit from above
     # One to three objects, each spanning a fifth to a half of the image as VOC's objects do, so

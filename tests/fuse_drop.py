@@ -2,7 +2,8 @@
 every call answers ENOTCONN ("Transport endpoint is not connected") while a switch file exists.
 
 Run as a process: `python -m tests.fuse_drop BACKING MOUNTPOINT SWITCH`; it mounts in the
-foreground until killed. Tests create SWITCH to drop the mount and delete it to bring it back,
+foreground until killed. Tests create SWITCH to drop the mount and delete it to bring it back;
+SWITCH.refused appears once a call has been refused,
 which is what a Drive mount does to every process that uses it (the kernel forwards each call
 to this process, which refuses it). Needs /dev/fuse, libfuse2 and fusepy (.ci/run installs them).
 """
@@ -23,6 +24,9 @@ class DroppingPassthrough(Operations):
 
     def _path(self, path: str) -> str:
         if os.path.exists(self.switch):
+            refused = self.switch + ".refused"  # tells the test a call met the drop
+            if not os.path.exists(refused):
+                open(refused, "w").close()
             raise FuseOSError(errno.ENOTCONN)
         return os.path.join(self.backing, path.lstrip("/"))
 

@@ -66,8 +66,8 @@ def test_both_ways_of_flipping_give_the_same_batch(rows):
     batch = ChunkSamples(rows, SIZE, _describe, hflip=0.5, flip_key=(7,)).__getitems__(list(range(N)))
     kept = [t.clone() for t in batch]
     x = batch.rgb.permute(0, 1, 4, 2, 3).reshape(N, 6, SIZE, SIZE)
-    a = wdata._mirror(x.clone(), batch.mask, batch.depth, batch.flip, static_shapes=False)
-    b = wdata._mirror(x, batch.mask, batch.depth, batch.flip, static_shapes=True)
+    a = wdata.mirror(x.clone(), batch.mask, batch.depth, batch.flip, static_shapes=False)
+    b = wdata.mirror(x, batch.mask, batch.depth, batch.flip, static_shapes=True)
     assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
     assert not torch.equal(a[0], x) and torch.equal(a[0][~batch.flip], x[~batch.flip])
     assert torch.equal(a[1][batch.flip], batch.mask[batch.flip].flip(-1))

@@ -178,22 +178,30 @@ def test_a_hung_read_does_not_hold_up_the_other_entries(tmp_path: Path, monkeypa
     """A progress read stuck on a dropped mount: ticks (the lease's deadline) still run."""
     from storage import fs
 
-    release = threading.Event()
+    release, hung, ticked = threading.Event(), threading.Event(), threading.Event()
     real = fs.read_json
 
     def hanging(uri: str):
         if uri.endswith("progress.json"):
+            hung.set()
             release.wait(10)
         return real(uri)
 
+    def tick() -> None:
+        if hung.is_set() and not release.is_set():  # only the ticks while the read hangs count
+            ticks.append(1)
+            if len(ticks) > 10:
+                ticked.set()
+
     monkeypatch.setattr(fs, "read_json", hanging)
-    ticks: list[float] = []
+    ticks: list[int] = []
     with RunWatcher(str(tmp_path)) as watcher:
         watcher.watch_json("progress.json", 0.01, lambda p: None)
-        watcher.every(0.01, lambda: ticks.append(time.monotonic()))
-        time.sleep(0.5)
+        watcher.every(0.01, tick)
+        assert hung.wait(5), "the progress read never started"
+        ticked.wait(5)
         release.set()
-    assert len(ticks) > 10
+    assert len(ticks) > 10, "the hung read held up the other entries"
 
 
 def test_a_removed_entry_is_not_called_again(tmp_path: Path):

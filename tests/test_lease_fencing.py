@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import signal
 import threading
 import time
 import urllib.error
@@ -217,6 +218,11 @@ def fast_lease(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(driver_lease, "HEARTBEAT_S", 0.1)
     monkeypatch.setattr(driver_lease, "CHECK_S", 0.05)
     monkeypatch.setattr(driver_lease, "LOSS_MARGIN_S", 0.5)
+    # The heartbeat interrupts with _thread.interrupt_main(), a no-op unless Python handles SIGINT:
+    # whatever an earlier test left installed, these tests get the KeyboardInterrupt a driver gets.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 def _wait_for_interrupt(seconds: float = 30) -> None:
@@ -225,6 +231,12 @@ def _wait_for_interrupt(seconds: float = 30) -> None:
     while time.monotonic() < deadline:
         time.sleep(0.01)
     raise AssertionError("the heartbeat never stopped the run")
+
+
+def _assert_interrupted(err: pytest.ExceptionInfo) -> None:
+    """The lost-lease error replaced the heartbeat's KeyboardInterrupt, not _wait_for_interrupt's timeout
+    (DriverLease.__exit__ turns either into the same RunError)."""
+    assert isinstance(err.value.__context__, KeyboardInterrupt), repr(err.value.__context__)
 
 
 def test_a_heartbeat_that_finds_another_holder_stops_the_run(tmp_path: Path, fast_lease):
@@ -236,6 +248,7 @@ def test_a_heartbeat_that_finds_another_holder_stops_the_run(tmp_path: Path, fas
             # Another driver overwrote the lease (a Drive folder shared by two VMs, or a clock jump).
             sfs.write_bytes(slease.lease_uri(run_dir), other.encode())
             _wait_for_interrupt()
+    _assert_interrupted(err)
     assert getattr(err.value, "lease_lost", False)
     assert slease.read(run_dir).token == other.token  # the loser's exit left the holder's lease alone
     with pytest.raises(slease.LeaseLostError):
@@ -246,22 +259,26 @@ def test_a_driver_whose_storage_stalls_past_the_ttl_stops_and_cannot_commit(tmp_
     """Driver A's renewals hang; after the TTL driver B takes the lapsed lease over; A gives the lease
     up on its own deadline, and when its storage comes back its stalled renewal does not overwrite B."""
     run_dir = str(tmp_path / "r")
-    stalled, back = threading.Event(), threading.Event()
-    renew = slease._LocalStore.renew
+    stalled, back, returned = threading.Event(), threading.Event(), threading.Event()
+    renew = slease.Held.renew
 
-    def hanging_renew(self, lease, version):
+    def hanging_renew(self):
         stalled.set()
         back.wait(60)
-        return renew(self, lease, version)
+        try:
+            return renew(self)
+        finally:
+            returned.set()
 
-    with pytest.raises(RunError, match="could not renew its lease for .* stopped without committing"):
+    with pytest.raises(RunError, match="could not renew its lease for .* stopped without committing") as err:
         with driver_lease.DriverLease(run_dir, "r") as a:
-            monkeypatch.setattr(slease._LocalStore, "renew", hanging_renew)
+            monkeypatch.setattr(slease.Held, "renew", hanging_renew)
             assert stalled.wait(10)
             try:
                 _wait_for_interrupt()
             finally:
-                monkeypatch.setattr(slease._LocalStore, "renew", renew)
+                monkeypatch.setattr(slease.Held, "renew", renew)
+    _assert_interrupted(err)
     assert a.lost and "could not renew" in a.lost
     # A's lease lapsed in storage: B takes it over, then A's storage comes back.
     deadline = time.monotonic() + 10
@@ -269,7 +286,7 @@ def test_a_driver_whose_storage_stalls_past_the_ttl_stops_and_cannot_commit(tmp_
         time.sleep(0.05)
     b = slease.claim(run_dir)
     back.set()
-    a._renewal.join(10)
+    assert returned.wait(10), "A's stalled renewal never came back"
     assert slease.read(run_dir).token == b.lease.token  # A's late renewal found B and wrote nothing
     with pytest.raises(slease.LeaseLostError, match="lost its lease to"):
         slease.check_holder(run_dir, a.token)  # what A's chief would call before committing
@@ -279,27 +296,29 @@ def test_a_driver_whose_storage_stalls_past_the_ttl_stops_and_cannot_commit(tmp_
 def test_renewals_that_fail_past_the_ttl_stop_the_run(tmp_path: Path, fast_lease, monkeypatch):
     run_dir = str(tmp_path / "r")
 
-    def failing_renew(self, lease, version):
+    def failing_renew(self):
         raise OSError(5, "Input/output error (injected)")
 
-    with pytest.raises(RunError, match="could not renew its lease .*OSError.*injected"):
+    with pytest.raises(RunError, match="could not renew its lease .*OSError.*injected") as err:
         with driver_lease.DriverLease(run_dir, "r"):
-            monkeypatch.setattr(slease._LocalStore, "renew", failing_renew)
+            monkeypatch.setattr(slease.Held, "renew", failing_renew)
             _wait_for_interrupt()
+    _assert_interrupted(err)
 
 
 def test_renewals_that_meet_a_dropped_mount_stop_the_run_naming_the_remount(tmp_path: Path, fast_lease, monkeypatch):
     """Colab's Drive mount dropping under run storage: the driver stops with what to do, not an OSError."""
     run_dir = str(tmp_path / "r")
 
-    def dropped(self, lease, version):
+    def dropped(self):
         raise OSError(107, "Transport endpoint is not connected")
 
     with pytest.raises(RunError,
-                       match=r"stopped: its run storage stopped answering .*force_remount=True.*same command"):
+                       match=r"stopped: its run storage stopped answering .*force_remount=True.*same command") as err:
         with driver_lease.DriverLease(run_dir, "r"):
-            monkeypatch.setattr(slease._LocalStore, "renew", dropped)
+            monkeypatch.setattr(slease.Held, "renew", dropped)
             _wait_for_interrupt()
+    _assert_interrupted(err)
 
 
 def test_a_live_lease_refuses_a_second_driver_and_a_released_one_is_gone(tmp_path: Path, fast_lease):

@@ -55,8 +55,23 @@ class MlflowServer:
             self.proc = None
 
 
+@pytest.fixture(scope="session")
+def migrated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty MLflow sqlite store with every migration applied, made once per session: a server
+    given a copy of it starts without migrating (about 5 s less per server on 2 cores)."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    d = tmp_path_factory.mktemp("mlflow-migrated")
+    store = SqlAlchemyStore(f"sqlite:///{d / 'server.db'}", str(d / "artifacts"))
+    store.engine.dispose()
+    return d / "server.db"
+
+
 @pytest.fixture
-def server(tmp_path):
+def server(tmp_path, migrated_db):
+    import shutil
+
+    shutil.copy(migrated_db, tmp_path / "server.db")
     srv = MlflowServer(tmp_path)
     srv.start()
     yield srv

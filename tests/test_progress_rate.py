@@ -40,7 +40,7 @@ def test_the_driver_keeps_the_last_rate_when_a_reading_has_none(tmp_path):
     d = ProgressDisplay(str(tmp_path))
     base = {"stage": "full", "stage_index": 2, "stages": 3, "chunk": 0, "chunks": 2, "total_steps": 100,
             "loss": 0.5, "phase": "train"}
-    d._fill_rate({**base, "global_step": 40, "samples_per_s": 0.5, "eta_s": 1800.0})
-    p = d._fill_rate({**base, "global_step": 70, "samples_per_s": None, "eta_s": None})
+    d.fill_rate({**base, "global_step": 40, "samples_per_s": 0.5, "eta_s": 1800.0})
+    p = d.fill_rate({**base, "global_step": 70, "samples_per_s": None, "eta_s": None})
     assert p["samples_per_s"] == 0.5 and p["eta_s"] == pytest.approx(900.0)
     assert "- samples/s" not in describe(p) and "ETA --:--" not in describe(p)

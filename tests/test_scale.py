@@ -202,7 +202,7 @@ def test_fetched_ranges_are_cut_into_row_groups_in_one_walk(small_dataset, monke
         start, blob = got[(s, g)]
         data = Path(small_dataset, ds.manifest["shards"][s]["file"]).read_bytes()
         assert blob == data[start : start + len(blob)]
-        assert (start, start + len(blob)) == fetch._group_range(reader.footers([s])[s], g)
+        assert (start, start + len(blob)) == fetch.group_range(reader.footers([s])[s], g)
 
 
 def test_tiny_recipe_plans_are_unchanged():

@@ -289,8 +289,8 @@ def _reference(rows: dict, r: int, flip: np.ndarray) -> tuple[torch.Tensor, torc
     for j in range(n):
         for k, col in enumerate(("fg_bg", "bg")):
             wdata.decode_rgb_into(rows[col][j], rgb[j, k])
-        wdata._resize_into(mask[j], codec.decode_mask(rows["mask"][j]), nearest=True)
-        wdata._resize_into(depth[j], codec.decode_depth_uint16(rows["depth"][j]), nearest=False)
+        wdata.resize_into(mask[j], codec.decode_mask(rows["mask"][j]), nearest=True)
+        wdata.resize_into(depth[j], codec.decode_depth_uint16(rows["depth"][j]), nearest=False)
     x = torch.from_numpy(rgb).permute(0, 1, 4, 2, 3).reshape(n, 6, r, r).float()
     x, m, d = x, torch.from_numpy(mask).unsqueeze(1).float(), torch.from_numpy(depth.astype(np.float32)).unsqueeze(1)
     f = torch.from_numpy(flip).view(-1, 1, 1, 1)
@@ -354,6 +354,6 @@ def test_devices_without_antialiased_resize_get_the_same_batch_resized_on_the_ho
     other values than the device-side one."""
     raw = ChunkSamples(rows64, 20, str, hflip=0.5, flip_key=(6,)).__getitems__(list(range(16)))
     on_device = prepare_batch(raw, "cpu")
-    monkeypatch.setattr(mask_depth, "_RESIZE_DEVICES", ())
+    monkeypatch.setattr(mask_depth, "RESIZE_DEVICES", ())
     on_host = prepare_batch(raw, "cpu")
     assert all(torch.equal(a, b) for a, b in zip(on_device, on_host, strict=True))

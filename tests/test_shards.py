@@ -149,13 +149,13 @@ def test_read_samples_fetches_only_the_row_groups_that_hold_the_ids(uri, monkeyp
     _write(uri)
     ds = open_dataset(uri)
     fetched: list[tuple[int, int, int]] = []
-    real = ShardReader._cat_ranges
+    real = ShardReader.cat_ranges
 
     def spy(self, ranges):
         fetched.extend(ranges)
         return real(self, ranges)
 
-    monkeypatch.setattr(ShardReader, "_cat_ranges", spy)
+    monkeypatch.setattr(ShardReader, "cat_ranges", spy)
     monkeypatch.setattr(pq.ParquetFile, "read", lambda *a, **k: pytest.fail("read_samples read a whole shard"))
     # ids 5, 6 -> shard 0 group 1; 37 -> shard 2 group 1 (without the backgrounds: their own
     # table's reads are tested in test_shard_format4.py)

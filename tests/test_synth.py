@@ -100,7 +100,7 @@ def test_backgrounds_are_bundled_photos_that_load_offline():
     for name in synth.PHOTOS:
         assert os.path.exists(os.path.join(data_dir, name)), name
     assert synth.NUM_BACKGROUNDS >= 24
-    bgs = synth._backgrounds(SIZE)
+    bgs = synth.backgrounds(SIZE)
     assert bgs.shape == (synth.NUM_BACKGROUNDS, SIZE, SIZE, 3)
     # photographs, not flat colours, and no two crops the same (two sky crops may look alike)
     assert min(float(b.std()) for b in bgs) > 10
@@ -114,7 +114,7 @@ def test_samples_use_many_backgrounds_and_the_stored_bg_is_that_photo(made):
     _, _, ds, rows = made
     bg_index = ds.index.column("bg_index").to_numpy()
     assert len(np.unique(bg_index)) >= 20
-    bgs = synth._backgrounds(SIZE)
+    bgs = synth.backgrounds(SIZE)
     for i in range(0, N, 7):
         bg = codec.decode_jpeg(rows["bg"][i])
         assert np.abs(bg.astype(int) - bgs[bg_index[i]]).mean() < 4

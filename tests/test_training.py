@@ -13,6 +13,7 @@ from common.recipe import validate_recipe
 from orchestrator import runner
 from storage import checkpoints
 from tests.conftest import (
+    copy_run,
     kill_group,
     mlflow_history,
     run_cli,
@@ -31,9 +32,22 @@ def in_tmp(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_short_inprocess_run_lowers_the_loss_and_records_everything(in_tmp, tiny_dataset):
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: str) -> tuple[Path, dict, str]:
+    """tiny_recipe trained in-process once for this module: (its folder, runner.run's result, the
+    recipe's sha256). Read it in place (chdir to it), or copy_run it to change it."""
+    d = tmp_path_factory.mktemp("tiny-run")
     recipe = validate_recipe(tiny_recipe(tiny_dataset))
-    final = runner.run(recipe)
+    write_recipe(d / "r.yaml", tiny_recipe(tiny_dataset))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(d)
+        final = runner.run(recipe)
+    return d, final, recipe.sha256()
+
+
+def test_short_inprocess_run_lowers_the_loss_and_records_everything(tiny_run, monkeypatch):
+    in_tmp, final, recipe_sha = tiny_run
+    monkeypatch.chdir(in_tmp)
     st = status_json(in_tmp)
     assert st["state"] == "completed"
     assert all(c["times_trained"] == 1 for c in st["chunk_log"])
@@ -57,33 +71,33 @@ def test_short_inprocess_run_lowers_the_loss_and_records_everything(in_tmp, tiny
     assert run.info.status == "FINISHED"
     assert run.data.params["stages.head_tail.resolution"] == "64"
     assert run.data.tags["orchestrator.run_name"] == "tiny"
-    assert run.data.tags["orchestrator.recipe_sha256"] == recipe.sha256()
+    assert run.data.tags["orchestrator.recipe_sha256"] == recipe_sha
     assert run.data.tags["orchestrator.checkpoint.latest"].startswith(str(in_tmp / "runs" / "tiny" / "ckpt-"))
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "predictions")}
     assert arts == {"predictions/stage1-spine.png", "predictions/stage2-head_tail.png", "predictions/stage3-full.png"}
     assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} == {"model/state_dict.pt"}
 
 
-def test_a_completed_run_is_reported_not_retrained(in_tmp, tiny_dataset):
-    recipe = validate_recipe(tiny_recipe(tiny_dataset))
-    first = runner.run(recipe)
+def test_a_completed_run_is_reported_not_retrained(tiny_run, in_tmp, tiny_dataset):
+    first = tiny_run[1]
+    copy_run(tiny_run[0], in_tmp)
     mtime = (in_tmp / "runs" / "tiny" / "final.json").stat().st_mtime_ns
-    second = runner.run(recipe)
+    second = runner.run(validate_recipe(tiny_recipe(tiny_dataset)))
     assert second["weights_sha256"] == first["weights_sha256"]
     assert (in_tmp / "runs" / "tiny" / "final.json").stat().st_mtime_ns == mtime
 
 
-def test_checkpoint_holds_model_optimizer_scheduler_rng_and_cursor(in_tmp, tiny_dataset):
-    runner.run(validate_recipe(tiny_recipe(tiny_dataset)))
-    name = checkpoints.list_complete(str(in_tmp / "runs" / "tiny"))[-1]
-    state, meta = checkpoints.read_local(str(in_tmp / "runs" / "tiny" / name))
+def test_checkpoint_holds_model_optimizer_scheduler_rng_and_cursor(tiny_run):
+    run_dir = tiny_run[0] / "runs" / "tiny"
+    name = checkpoints.list_complete(str(run_dir))[-1]
+    state, meta = checkpoints.read_local(str(run_dir / name))
     assert set(state) >= {"model", "optimizer", "scheduler", "rng", "cursor", "chunk_log"}
     assert state["cursor"]["done"] is True and meta["reason"] == "chunk_end"
     assert isinstance(state["rng"]["torch"], torch.Tensor)
 
 
-def test_corrupt_checkpoint_is_refused_not_loaded(in_tmp, tiny_dataset):
-    runner.run(validate_recipe(tiny_recipe(tiny_dataset)))
+def test_corrupt_checkpoint_is_refused_not_loaded(tiny_run, in_tmp):
+    copy_run(tiny_run[0], in_tmp)
     d = in_tmp / "runs" / "tiny" / checkpoints.list_complete(str(in_tmp / "runs" / "tiny"))[-1]
     data = bytearray((d / "state.pt").read_bytes())
     data[len(data) // 2] ^= 0xFF

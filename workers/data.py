@@ -61,7 +61,7 @@ def _mix_on(h: int, k: int) -> int:
     return h ^ (h >> 31)
 
 
-def _resize_into(out: np.ndarray, img: np.ndarray, nearest: bool) -> None:
+def resize_into(out: np.ndarray, img: np.ndarray, nearest: bool) -> None:
     """Resize an HxW(xC) uint8/uint16 image into `out` (same dtype): bilinear with antialiasing
     (as Pillow's), or nearest (pixel centres, as Pillow's); torch's kernels beat Pillow's here."""
     size = out.shape[:2]
@@ -113,7 +113,7 @@ def decode_rgb_into(data: bytes, out: np.ndarray, what: str = "input") -> None:
             except ValueError:
                 pass  # larger than out (or corrupt: then the decode below raises again)
             img = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=r_h, min_width=r_w)
-            _resize_into(out, img, nearest=False)
+            resize_into(out, img, nearest=False)
         else:
             _decode_rgb_pillow(data, out)
     except Exception as exc:  # noqa: BLE001 - decoders raise many types for bad bytes

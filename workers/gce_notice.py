@@ -61,7 +61,7 @@ def start() -> bool:
         if host is None:
             return False
         _started = True
-    threading.Thread(target=_watch, args=(host,), name="gce-preempted-watch", daemon=True).start()
+    threading.Thread(target=watch, args=(host,), name="gce-preempted-watch", daemon=True).start()
     return True
 
 
@@ -75,7 +75,8 @@ def _get(host: str, etag: str | None) -> tuple[str, str | None]:
         return resp.read().decode().strip(), resp.headers.get("ETag")
 
 
-def _watch(host: str) -> None:
+def watch(host: str) -> None:
+    """Watch instance/preempted on `host` until it turns TRUE, then set PREEMPTED (start() runs this on a thread)."""
     global noticed_at
     etag: str | None = None
     backoff = 1.0

@@ -98,7 +98,7 @@ class _RangesFile(io.RawIOBase):
         return len(data)
 
 
-def _group_range(meta: pq.FileMetaData, group: int) -> tuple[int, int]:
+def group_range(meta: pq.FileMetaData, group: int) -> tuple[int, int]:
     """Byte range [start, end) of one row group's column chunks in the shard file."""
     rg = meta.row_group(group)
     start, end = None, 0
@@ -196,7 +196,7 @@ class ShardReader:
         out: dict[Group, tuple[int, bytes]] = {}
         todo: list[tuple[Group, int, int]] = []
         for s, g in groups:
-            start, end = _group_range(metas[s], g)
+            start, end = group_range(metas[s], g)
             blob = self._cache_get(s, f"{start}-{end}") if use_cache else None
             if blob is not None and len(blob) == end - start:
                 out[(s, g)] = (start, blob)
@@ -239,7 +239,7 @@ class ShardReader:
         """Drop cached copies of these row groups (they failed a checksum)."""
         metas = self.footers(sorted({s for s, _ in groups}))
         for s, g in groups:
-            start, end = _group_range(metas[s], g)
+            start, end = group_range(metas[s], g)
             self._cache_discard(s, f"{start}-{end}")
 
     def read_group(self, shard: int, group: int, fetched: tuple[int, bytes], columns: Sequence[str]) -> pa.Table:
@@ -257,7 +257,7 @@ class ShardReader:
         @storage_retry
         def attempt() -> None:
             todo = [i for i in range(len(ranges)) if i not in done]
-            results = self._cat_ranges([ranges[i] for i in todo])
+            results = self.cat_ranges([ranges[i] for i in todo])
             transient: BaseException | None = None
             for i, r in zip(todo, results, strict=True):
                 if isinstance(r, BaseException):
@@ -279,7 +279,7 @@ class ShardReader:
         self.stats.add(requests=len(ranges), bytes_fetched=sum(len(b) for b in done.values()))
         return [done[i] for i in range(len(ranges))]
 
-    def _cat_ranges(self, ranges: list[tuple[int, int, int]]) -> list[Any]:
+    def cat_ranges(self, ranges: list[tuple[int, int, int]]) -> list[Any]:
         for s, _, _ in ranges:
             if s not in self._paths:
                 self._paths[s] = sfs.filesystem(self.shard_uri(s))[1]

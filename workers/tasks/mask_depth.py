@@ -39,10 +39,10 @@ from workers.data import (
     DataError,
     _mix,
     _mix_on,
-    _resize_into,
     decode_rgb_into,
     is_jpeg,
     jpeg_scaled_size,
+    resize_into,
 )
 from workers.losses import build_loss
 from workers.metrics import EvalAccumulator
@@ -156,15 +156,15 @@ class ChunkSamples(torch.utils.data.Dataset):
                     if m is None:
                         m = self._scratch[(h, w)] = np.empty((h, w), np.uint8)
                     decode_mask(rows["mask"][i], out=m)
-                    _resize_into(mask, m, nearest=True)
+                    resize_into(mask, m, nearest=True)
             else:
                 m = decode_mask(rows["mask"][i])
                 d = decode_depth_uint16(rows["depth"][i])
                 if m.shape != (h, w) or d.shape != (h, w):
                     raise ImageSizeError(f"mask {m.shape} / depth {d.shape}")
-                _resize_into(mask, m, nearest=True)
+                resize_into(mask, m, nearest=True)
                 small = np.empty((r, r), np.uint16)
-                _resize_into(small, d, nearest=False)
+                resize_into(small, d, nearest=False)
                 np.bitwise_and(small, 0xFF, out=depth[0], casting="unsafe")
                 np.right_shift(small, 8, out=depth[1], casting="unsafe")
         except ImageSizeError as exc:
@@ -179,11 +179,11 @@ class ChunkSamples(torch.utils.data.Dataset):
 
 # Devices whose torch has antialiased bilinear resizing; on others (XLA) the resize runs on the
 # host before the transfer (the same arithmetic as on the CPU).
-_RESIZE_DEVICES = ("cpu", "cuda")
+RESIZE_DEVICES = ("cpu", "cuda")
 
 
 def _resize(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear with antialiasing (as the CPU decode path's _resize_into), float, batched."""
+    """Bilinear with antialiasing (as the CPU decode path's resize_into), float, batched."""
     return F.interpolate(t, size=size, mode="bilinear", antialias=True, align_corners=False)
 
 
@@ -196,7 +196,7 @@ def prepare_batch(batch: RawBatch, device: torch.device | str) -> tuple[torch.Te
     GPU all of it costs next to nothing.
     """
     rgb, mask, depth, flip = batch
-    on_host = torch.device(device).type not in _RESIZE_DEVICES
+    on_host = torch.device(device).type not in RESIZE_DEVICES
     if not on_host:
         rgb, mask, depth = (t.to(device, non_blocking=True) for t in (rgb, mask, depth))
     n, _, h, w, _ = rgb.shape
@@ -212,8 +212,8 @@ def prepare_batch(batch: RawBatch, device: torch.device | str) -> tuple[torch.Te
         x, mask, depth = (t.to(device, non_blocking=True) for t in (x, mask, depth))
     if bool(flip.any()):  # flip is still on the CPU: no device sync
         if x.data_ptr() == rgb.data_ptr():
-            x = x.clone()  # _mirror may write into x: never into the batch (reshape copies but for 1x1 images)
-        x, mask, depth = _mirror(x, mask, depth, flip, static_shapes=x.device.type != "cpu")
+            x = x.clone()  # mirror may write into x: never into the batch (reshape copies but for 1x1 images)
+        x, mask, depth = mirror(x, mask, depth, flip, static_shapes=x.device.type != "cpu")
     x = x.float().mul_(1.0 / (255.0 * INPUT_STD)).sub_(INPUT_MEAN / INPUT_STD)  # (x / 255 - MEAN) / STD
     m = mask.unsqueeze(1).float().div_(255.0)
     if depth_resized:
@@ -229,8 +229,8 @@ def _depth16(planes: torch.Tensor) -> torch.Tensor:
     return planes[:, 1:2].float().mul_(256.0).add_(planes[:, 0:1])
 
 
-def _mirror(x: torch.Tensor, mask: torch.Tensor, depth: torch.Tensor, flip: torch.Tensor,
-            static_shapes: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def mirror(x: torch.Tensor, mask: torch.Tensor, depth: torch.Tensor, flip: torch.Tensor,
+           static_shapes: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mirror left-right (the last dimension) the samples `flip` (a CPU bool tensor) marks.
 
     With static_shapes, one select per tensor: shapes that do not change with the number flipped
