@@ -17,7 +17,8 @@ from urllib.parse import urlsplit
 
 UPSTREAM_CONCURRENCY = 4
 _UPLOAD_NAME = re.compile(r'"name":\s*"([^"]*)"')
-_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection", "content-length"}
+_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection",
+               "content-length"}
 
 
 @dataclass
@@ -150,7 +151,8 @@ class FaultProxy:
         if action == "forbid":
             return self._reply(h, 403, {"error": {"code": 403, "message": "Forbidden (injected by the fault proxy)"}})
         if action == "503":
-            return self._reply(h, 503, {"error": {"code": 503, "message": "Service Unavailable (injected by the fault proxy)"}})
+            return self._reply(h, 503,
+                               {"error": {"code": 503, "message": "Service Unavailable (injected by the fault proxy)"}})
         if action == "reset":
             return self._reset(h)
         headers = {k: v for k, v in h.headers.items() if k.lower() not in _HOP_BY_HOP and k.lower() != "host"}

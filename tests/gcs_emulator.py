@@ -35,7 +35,8 @@ def _emulator_command(port: int) -> list[str]:
 def start_emulator() -> tuple[subprocess.Popen, str]:
     """Start the emulator on a free loopback port; returns (process, URL) once it answers."""
     port = free_port()
-    proc = subprocess.Popen(_emulator_command(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(_emulator_command(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:

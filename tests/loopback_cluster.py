@@ -89,7 +89,9 @@ class LoopbackCluster:
     def processes(self) -> list[psutil.Process]:
         """Every process of this cluster: its daemons name the session dir; workers are their children."""
         if not self.session_dir:
-            return [p for p in psutil.process_iter(["cmdline"]) if f"--gcs_server_port={self.port}" in (p.info["cmdline"] or [])]
+            return [p
+                    for p in psutil.process_iter(["cmdline"]) if f"--gcs_server_port={self.port}"
+                    in (p.info["cmdline"] or [])]
         roots = [p for p in psutil.process_iter(["cmdline"]) if self.session_dir in " ".join(p.info["cmdline"] or [])]
         found = {p.pid: p for p in roots}
         for root in roots:

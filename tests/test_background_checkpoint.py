@@ -105,9 +105,11 @@ def test_writer_runs_one_job_at_a_time_and_completes_on_the_callers_thread():
     w.wait()
 
 
-def test_training_goes_on_while_a_checkpoint_uploads_and_only_one_is_in_flight(tmp_path, tiny_dataset, spine_reference, monkeypatch):
-    """Hold ckpt-9's upload (wrapping the public `checkpoints.commit`) before its marker: training goes past step 9, reaches the next
-    checkpoint (10, a chunk end) and waits there for ckpt-9 rather than start a second upload.
+def test_training_goes_on_while_a_checkpoint_uploads_and_only_one_is_in_flight(tmp_path, tiny_dataset, spine_reference,
+                                                                               monkeypatch):
+    """Hold ckpt-9's upload (wrapping the public `checkpoints.commit`) before its marker: training goes
+    past step 9, reaches the next checkpoint (10, a chunk end) and waits there for ckpt-9 rather than
+    start a second upload.
     ckpt-9 holds the state of step 9 bit for bit (its snapshot), not that of the step trained
     while it uploaded, and the run ends with the uninterrupted weights, one MLflow point per step."""
     from common.recipe import validate_recipe
@@ -133,7 +135,8 @@ def test_training_goes_on_while_a_checkpoint_uploads_and_only_one_is_in_flight(t
     def hold(name: str) -> None:  # on the writer's thread, before the upload's first write
         if name != held:
             return
-        _wait_until(lambda: _progress(run_dir).get("global_step", 0) >= 10 and _progress(run_dir).get("phase") == "checkpoint",
+        _wait_until(lambda: _progress(run_dir).get("global_step", 0) >= 10 and _progress(run_dir).get("phase")
+                    == "checkpoint",
                     60, "training to reach the next checkpoint")
         time.sleep(0.5)  # ...and stay there: the next checkpoint waits for this one
         seen.update(step=_progress(run_dir)["global_step"], marker=(run_dir / held / "meta.json").exists(),
@@ -187,7 +190,8 @@ def test_a_stop_waits_for_its_checkpoint_to_land(tmp_path, tiny_dataset, monkeyp
     assert [s for s, _ in mlflow_history(tmp_path, st["mlflow_run_id"], "train/loss")] == list(range(1, 8))
 
 
-def test_sigkill_mid_background_upload_resumes_from_the_previous_checkpoint(tmp_path, tiny_dataset, spine_reference, monkeypatch):
+def test_sigkill_mid_background_upload_resumes_from_the_previous_checkpoint(tmp_path, tiny_dataset, spine_reference,
+                                                                            monkeypatch):
     """A real `orchestrator run`, SIGKILLed while ckpt-9 uploads in the background: training went
     on past step 9 and waits at step 10 for ckpt-9 (one upload in flight). The same command
     resumes from ckpt-6, the last complete one (mid-chunk), and ends with the uninterrupted run's

@@ -64,13 +64,15 @@ def test_a_run_spreads_its_workers_over_the_nodes_of_a_multi_node_cluster(tmp_pa
     assert str(job.status.value) == "SUCCEEDED"
 
     # Each of the two workers had a node of its own: the CPU node and the fake-GPU node.
-    workers = list_actors(address=cluster.address, filters=[("class_name", "=", "RayTrainWorker")], detail=True, limit=100)
+    workers = list_actors(address=cluster.address, filters=[("class_name", "=", "RayTrainWorker")], detail=True,
+                          limit=100)
     worker_nodes = {a.node_id for a in workers}
     gpu_nodes = {n.node_id for n in list_nodes(address=cluster.address, detail=True) if n.resources_total.get("GPU")}
     assert len(worker_nodes) == 2 and gpu_nodes & worker_nodes, (worker_nodes, gpu_nodes)
 
 
-def test_killing_the_submitting_process_leaves_the_run_training_and_rerun_attaches(tmp_path: Path, tiny_dataset, reference_sha, cluster):
+def test_killing_the_submitting_process_leaves_the_run_training_and_rerun_attaches(tmp_path: Path, tiny_dataset,
+                                                                                   reference_sha, cluster):
     """The notebook that submitted a run can die: the driver is a Ray Job on the head."""
     path = write_recipe(tmp_path / "r.yaml", slow_recipe(tiny_dataset, backend="ray"))
     submitter = start_cli("run", path, "--address", cluster.address, cwd=tmp_path, log=tmp_path / "submit.log")
@@ -90,7 +92,8 @@ def test_killing_the_submitting_process_leaves_the_run_training_and_rerun_attach
     assert_completed_exactly_once(tmp_path, reference_sha, interruptions=0)
 
     logs = run_cli("logs", "tiny", "--address", cluster.address, cwd=tmp_path)
-    assert logs.returncode == 0 and "resuming" not in logs.stdout and "run 'tiny': new" in logs.stdout, logs.stdout[-2000:]
+    assert logs.returncode == 0 and "resuming" not in logs.stdout and "run 'tiny': new" in logs.stdout, logs.stdout[
+        -2000:]
     st = json.loads(run_cli("status", "tiny", "--address", cluster.address, "--json", cwd=tmp_path).stdout)
     assert st["ray_job"]["status"] == "SUCCEEDED" and st["state"] == "completed"
 
@@ -120,10 +123,12 @@ def test_an_elastic_run_shrinks_to_the_nodes_left_when_one_is_preempted(tmp_path
     run_dir = tmp_path / "runs" / "tiny"
     try:
         wait_for_cursor(run_dir, lambda c: c["stage"] == 1, proc)  # stage 1's three chunks trained on two workers
-        workers = list_actors(address=cluster.address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], limit=100)
+        workers = list_actors(address=cluster.address,
+                              filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], limit=100)
         assert len({a.node_id for a in workers}) == 2, "the run should start on both nodes"
         node = json.loads((run_dir / "progress.json").read_text())["node_id"]
-        ray_cli("drain-node", f"--address={cluster.address}", f"--node-id={node}", "--reason=DRAIN_NODE_REASON_PREEMPTION",
+        ray_cli("drain-node", f"--address={cluster.address}", f"--node-id={node}",
+                "--reason=DRAIN_NODE_REASON_PREEMPTION",
                 "--reason-message=spot reclaim, no replacement (test)", "--deadline-remaining-seconds=300")
         rc = proc.wait(timeout=400)
     finally:

@@ -164,7 +164,8 @@ def test_head_state_outlives_the_head(path):
     db = re.search(r"--backend-store-uri sqlite:////(\S+)", start)
     assert db, "the head should run the MLflow server every node writes to"
     kept = [d for d in head(config)["node_config"]["disks"] if not d.get("boot") and d.get("autoDelete") is False]
-    assert len(kept) == 1 and kept[0].get("source"), "the MLflow DB needs an existing disk that is not deleted with the head"
+    assert len(kept) == 1 and kept[0].get(
+        "source"), "the MLflow DB needs an existing disk that is not deleted with the head"
     device = f"/dev/disk/by-id/google-{kept[0]['deviceName']}"
     mount = re.search(rf"mount -o \S+ {re.escape(device)} ([^\s)]+)", start)
     assert mount, f"{device} should be mounted by the head's start commands"
@@ -194,7 +195,8 @@ def test_every_worker_is_preemptible_and_can_write_run_storage(path):
         # Ray gives its service account to the head only; a worker left on the default
         # compute account has read-only storage scope and cannot write checkpoints to GCS.
         accounts = node.get("serviceAccounts") or []
-        assert accounts and set(accounts[0]["scopes"]) & GCS_WRITE_SCOPES, f"{name}: needs a GCS-writable service account"
+        assert accounts and set(
+            accounts[0]["scopes"]) & GCS_WRITE_SCOPES, f"{name}: needs a GCS-writable service account"
         # Least privilege: the autoscaler's project-wide account stays on the head.
         assert not any(a["email"].startswith(AUTOSCALER_ACCOUNT) for a in accounts), f"{name}: runs as the autoscaler"
         assert accounts[0]["email"] == WORKER_ACCOUNT, name
@@ -449,7 +451,8 @@ def test_notebook_status_reads_the_storage_its_run_writes():
 
 
 def test_notebook_local_mode_keeps_run_on_drive_and_mlflow_on_local_disk_and_cluster_mode_uses_the_heads_mlflow():
-    by_recipe = {args[0]: dict(s.partition("=")[::2] for s in option_values(args, "--set")) for args in orchestrator_commands("run")}
+    by_recipe = {args[0]: dict(s.partition("=")[::2] for s in option_values(args, "--set"))
+                 for args in orchestrator_commands("run")}
     local = by_recipe["recipes/quickstart.yaml"]
     assert local["run.storage"].startswith("/content/drive/MyDrive/")
     # sqlite on Drive's FUSE mount is what SQLite warns against; the store stays on the VM's disk

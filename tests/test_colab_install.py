@@ -62,7 +62,8 @@ def test_the_fixture_freezes_are_colabs_and_its_ml_stack_satisfies_the_project_a
     """Offline: every requirement of the project that Colab's runtime already meets at its own version is met
     (torch 2.11.0+cu128, numpy 2.1.3 / 2.0.2, pyarrow 18.1.0, fsspec/gcsfs 2025.3.0, pillow 11.3.0 ...), so
     the installer has no reason to replace them; only Ray, MLflow and simplejpeg are missing."""
-    deps = [Requirement(d) for d in tomllib.loads((colab.REPO / "pyproject.toml").read_text())["project"]["dependencies"]]
+    deps = [Requirement(d)
+            for d in tomllib.loads((colab.REPO / "pyproject.toml").read_text())["project"]["dependencies"]]
     for runtime, (freeze, _python) in colab.RUNTIMES.items():
         pins = colab.read_freeze(freeze)
         assert pins["torch"].startswith("2.11.0+cu"), runtime
@@ -87,7 +88,8 @@ def test_stub_site_and_plan_parsing(tmp_path):
     replaced, added, removed = colab.parse_plan(out)
     assert replaced == {"aiohttp": ["3.14.3", "3.14.5"], "numpy": ["2.1.3", "2.3.0"]}
     assert added == {"ray": "2.60.0"} and removed == ["torchvision"]
-    assert colab.in_ml_stack("numpy") and colab.in_ml_stack("nvidia-cudnn-cu12") and colab.in_ml_stack("tensorflow-text")
+    assert colab.in_ml_stack("numpy") and colab.in_ml_stack("nvidia-cudnn-cu12") and colab.in_ml_stack(
+        "tensorflow-text")
     assert colab.in_ml_stack("jax-cuda12-plugin") and colab.in_ml_stack("Protobuf") and not colab.in_ml_stack("aiohttp")
 
 

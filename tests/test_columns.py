@@ -76,13 +76,15 @@ def test_each_codec_round_trips_arrays():
     gray = (np.arange(12 * 20) % 251).astype(np.uint8).reshape(12, 20)
     data = encode_value(Column("image", "image"), gray)
     assert data.startswith(codec.PNG_SIGNATURE) and np.array_equal(decode_value(Column("image", "image"), data), gray)
-    assert np.array_equal(decode_value(Column("image", "image"), encode_value(Column("image", "image"), gray[:, :, None])), gray)
+    assert np.array_equal(decode_value(Column("image", "image"),
+                                       encode_value(Column("image", "image"), gray[:, :, None])), gray)
 
     classes = (np.arange(12 * 20) % 21).astype(np.uint8).reshape(12, 20)  # not a 0/255 mask: raw_u8 stores any bytes
     data = encode_value(Column("seg", "raw_u8"), classes)
     assert data == codec.encode_raw(classes, codec.LAYOUT_PLAIN, codec.CODEC_LZ4)
     assert np.array_equal(decode_value(Column("seg", "raw_u8"), data), classes)
-    assert np.array_equal(decode_value(Column("m", "raw_u8"), encode_value(Column("m", "raw_u8"), classes > 10)), (classes > 10) * 255)
+    assert np.array_equal(decode_value(Column("m", "raw_u8"), encode_value(Column("m", "raw_u8"), classes > 10)),
+                          (classes > 10) * 255)
 
     deep = (np.arange(12 * 20) * 271).astype(np.uint16).reshape(12, 20)
     data = encode_value(Column("d", "raw_u16"), deep)
@@ -90,7 +92,8 @@ def test_each_codec_round_trips_arrays():
     assert np.array_equal(decode_value(Column("d", "raw_u16"), data), deep)
     frac = np.linspace(0, 1, 12 * 20, dtype=np.float32).reshape(12, 20)
     assert encode_value(Column("d", "raw_u16"), frac) == codec.encode_depth(frac)
-    assert decode_value(Column("d", "raw_u16"), encode_value(Column("d", "raw_u16"), gray)).dtype == np.uint8  # kept 8-bit
+    # kept 8-bit
+    assert decode_value(Column("d", "raw_u16"), encode_value(Column("d", "raw_u16"), gray)).dtype == np.uint8
 
     assert encode_value(Column("label", "int64"), np.int16(-3)) == -3
     assert decode_value(Column("label", "int64"), 7) == 7
@@ -124,7 +127,8 @@ def test_png_values_of_raw_columns_still_decode():
     mask[2:4, 3:7] = 255
     assert np.array_equal(decode_value(Column("mask", "raw_u8"), codec.encode_mask_png(mask)), mask)
     depth = np.linspace(0, 1, 54, dtype=np.float32).reshape(6, 9)
-    assert np.array_equal(decode_value(Column("depth", "raw_u16"), codec.encode_depth_png(depth)), codec.depth_to_uint16(depth))
+    assert np.array_equal(decode_value(Column("depth", "raw_u16"), codec.encode_depth_png(depth)),
+                          codec.depth_to_uint16(depth))
 
 
 def test_decode_check_names_the_column_and_what_is_wrong():
@@ -187,7 +191,8 @@ def test_declared_int64_columns_named_in_index_columns_are_copied_into_the_index
     """Breaks if ShardWriter's index_columns stops copying a declared label into index.parquet
     (first, in the order named, before the sorted extra keys), or changes the shards for it."""
     cols = (Column("image", "image"), Column("label", "int64"))
-    samples = [{"sample_id": i, "image": codec.encode_jpeg(_rgb()), "label": np.int64(i % 3), "zeta": np.int32(i), "alpha": float(i),
+    samples = [{"sample_id": i, "image": codec.encode_jpeg(_rgb()), "label": np.int64(i % 3), "zeta": np.int32(i),
+                "alpha": float(i),
                 "beta": [i, i]} for i in range(7)]
 
     def write(uri, **kw):

@@ -49,7 +49,8 @@ def test_a_batch_holds_each_sample_decoded_flipped_and_scaled(rows):
     assert isinstance(batch, RawBatch) and 0 < int(batch.flip.sum()) < N
     x, m, d = prepare_batch(batch, "cpu")
     assert x.shape == (N, 6, SIZE, SIZE) and m.shape == d.shape == (N, 1, SIZE, SIZE)
-    assert all(torch.equal(a, b) for a, b in zip((x, m, d), prepare_batch(batch, "cpu"), strict=True))  # batch untouched
+    # batch untouched
+    assert all(torch.equal(a, b) for a, b in zip((x, m, d), prepare_batch(batch, "cpu"), strict=True))
     for j in range(N):
         rx, rm, rd = _reference(rows, j, bool(batch.flip[j]))
         assert np.abs(x[j].numpy() - rx).max() < 1e-5

@@ -148,7 +148,8 @@ def test_a_stop_on_a_chunks_last_step_is_recorded_with_its_cause(tmp_path, tiny_
     monkeypatch.setattr(PreemptionMonitor, "notice", lambda self, step, fatal=False: notice if step == 10 else None)
     if notice == FATAL:
         # The next chunk's background fetch failed for good; the notice above says so at step 10.
-        monkeypatch.setattr(ChunkPrefetcher, "failure", lambda self: DataError("shard x.parquet failed its checksum twice (test)"))
+        monkeypatch.setattr(ChunkPrefetcher, "failure",
+                            lambda self: DataError("shard x.parquet failed its checksum twice (test)"))
     with pytest.raises(OrchestratorError, match=error):
         runner.run(recipe)
     monkeypatch.undo()
@@ -210,7 +211,8 @@ def test_driver_sigkill_mid_checkpoint_resumes_from_the_previous_one(tmp_path, t
     command resumes from the checkpoint before, in the same MLflow run, and TorchTrainer runs the
     same loop as the in-process backend (same plan, same batches): the weights equal the
     uninterrupted in-process run's."""
-    _kill_during_checkpoint_write(tmp_path, slow_recipe(tiny_dataset, backend="ray"), reference_sha, settle_s=1, reach_s=180,
+    _kill_during_checkpoint_write(tmp_path, slow_recipe(tiny_dataset, backend="ray"), reference_sha, settle_s=1,
+                                  reach_s=180,
                                   lose_newest=True)
 
 

@@ -46,7 +46,8 @@ def test_503s_and_dropped_connections_are_retried_and_each_one_counted(gcs: Gcs)
     assert got == payloads and ranged == [d[10:20] for d in payloads.values()]
     # Every 503 is a counted retry (none hidden in gcsfs); aiohttp may re-send a request itself
     # when a pooled keep-alive connection turns out reset, so drops count at most once each.
-    assert gcs.proxy.counters.failed_503 > 3 and gcs.proxy.counters.failed_503 <= RETRY_COUNTER["retries"] - before <= injected
+    assert gcs.proxy.counters.failed_503 > 3 and gcs.proxy.counters.failed_503 <= RETRY_COUNTER[
+        "retries"] - before <= injected
 
 
 def test_a_403_fails_on_the_first_answer_naming_the_uri(gcs: Gcs):
@@ -55,7 +56,8 @@ def test_a_403_fails_on_the_first_answer_naming_the_uri(gcs: Gcs):
     before = RETRY_COUNTER["retries"]
     gcs.proxy.configure(forbid=True)
     gcs.proxy.reset_counters()
-    for call in (lambda: sfs.read_bytes(gcs.uri("x")), lambda: sfs.exists(gcs.uri("x")), lambda: open_dataset(gcs.uri("ds"))):
+    for call in (lambda: sfs.read_bytes(gcs.uri("x")), lambda: sfs.exists(gcs.uri("x")),
+                 lambda: open_dataset(gcs.uri("ds"))):
         with pytest.raises(StorageError) as err:
             call()
         assert "gs://" in str(err.value) and "403" in str(err.value)

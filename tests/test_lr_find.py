@@ -25,7 +25,8 @@ def test_lr_find_logs_the_curve_and_plot_to_mlflow_and_suggests_a_max_lr(tmp_pat
     from mlflow.tracking import MlflowClient
 
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_dataset))
-    res = run_cli("lr-find", path, "--stage", "head_tail", "--steps", "30", "--min-lr", "1e-5", "--max-lr", "1", "--json", cwd=tmp_path)
+    res = run_cli("lr-find", path, "--stage", "head_tail", "--steps", "30", "--min-lr", "1e-5", "--max-lr", "1",
+                  "--json", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout)
     assert out["stage"] == "head_tail" and 1e-5 <= out["suggested_max_lr"] <= 1

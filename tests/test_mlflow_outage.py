@@ -33,10 +33,12 @@ class MlflowServer:
 
     def start(self, timeout: float = 120) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers",
+             "1",
              "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
              "--artifacts-destination", str(self.root / "server-artifacts")],
-            cwd=self.root, stdout=(self.root / "server.log").open("a"), stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=self.root, stdout=(self.root / "server.log").open("a"), stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -78,7 +80,8 @@ def server(tmp_path, migrated_db):
     srv.stop()
 
 
-def test_an_mlflow_outage_mid_run_loses_no_point_and_stops_no_training(tmp_path, tiny_dataset, reference_sha, server, monkeypatch):
+def test_an_mlflow_outage_mid_run_loses_no_point_and_stops_no_training(tmp_path, tiny_dataset, reference_sha, server,
+                                                                       monkeypatch):
     monkeypatch.setenv("ORCHESTRATOR_MLFLOW_RETRY_S", "0.5")
     recipe = slow_recipe(tiny_dataset)
     recipe["tracking"]["uri"] = server.uri

@@ -98,7 +98,8 @@ def test_a_diverged_run_stops_naming_the_lr_and_keeps_a_finite_checkpoint(tmp_pa
     """basenet with a dropped minus sign in its lr: NaN within a few steps. Breaks if the run
     "completes", runs on for long after the first NaN, or keeps a checkpoint holding NaN."""
     res = run_cli("run", str(REPO / "recipes" / "basenet.yaml"), "--set", "stages.0.lr=1.0e+6",
-                  "--set", "data.synth.samples=600", "--set", "data.eval_samples=100", "--set", "execution.backend=local",
+                  "--set", "data.synth.samples=600", "--set", "data.eval_samples=100", "--set",
+                  "execution.backend=local",
                   cwd=tmp_path)
     assert res.returncode == 1, res.stderr[-2000:]
     assert "Traceback" not in res.stderr
@@ -207,7 +208,8 @@ def _ensure_fuse() -> None:
         return
     if os.geteuid() == 0 and shutil.which("apt-get"):
         subprocess.run(["apt-get", "update", "-qq"], check=False, capture_output=True, timeout=300)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "fuse", "libfuse2"], check=False, capture_output=True, timeout=300)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "fuse", "libfuse2"], check=False, capture_output=True,
+                       timeout=300)
     if not (ctypes.util.find_library("fuse") and shutil.which("fusermount")):
         pytest.fail("the dropping-mount test needs FUSE: install libfuse2 and fuse (apt-get install fuse libfuse2)")
 
@@ -224,7 +226,8 @@ def drive(tmp_path):
         mount.close()
 
 
-def test_a_dropping_drive_mount_stops_cleanly_and_a_short_drop_is_ridden_out(tmp_path, tiny_dataset, reference_sha, drive):
+def test_a_dropping_drive_mount_stops_cleanly_and_a_short_drop_is_ridden_out(tmp_path, tiny_dataset, reference_sha,
+                                                                             drive):
     """Run storage on a mount that drops. A long drop (past the storage budget, shortened here)
     stops the run with one line naming the mount and the remount; the same command then resumes,
     rides out a 7 s drop (one that calls met), and ends bit-identical with one MLflow point per (metric, step)."""

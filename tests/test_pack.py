@@ -180,7 +180,8 @@ def bad_src(tmp_path) -> tuple[Path, dict[int, str]]:
     dup_depth.write_bytes(d)
     with open(src / "labels" / f"{other_bg}_label_info.txt", "a") as f:
         f.write(f"{dup_fg}\t{dup_mask}\t0\t0\n")
-    return src, {3: "cannot be decoded", 5: "cannot be decoded", 7: "missing partner", 9: "size mismatch", 11: "duplicate sample id"}
+    return src, {3: "cannot be decoded", 5: "cannot be decoded", 7: "missing partner", 9: "size mismatch",
+                 11: "duplicate sample id"}
 
 
 def test_bad_samples_fail_the_pack_listing_each_and_writing_no_dataset(bad_src, tmp_path):
@@ -272,7 +273,8 @@ def test_a_csv_manifest_with_relative_paths_and_mapped_columns_packs(seed_src, p
         lines.append(f"{sid + 1000},{fg},bg/{fg.split('/')[1]}.jpg,{mask},{depth}")
     (seed_src / "manifest.csv").write_text("\n".join(lines) + "\n")
     dest = tmp_path / "ds"
-    cols = ["--column", "sample_id=id", "--column", "fg_bg=input", "--column", "bg=background", "--column", "mask=target_mask", "--column", "depth=target_depth"]
+    cols = ["--column", "sample_id=id", "--column", "fg_bg=input", "--column", "bg=background", "--column",
+            "mask=target_mask", "--column", "depth=target_depth"]
     res = run_cli("data", "pack", str(seed_src / "manifest.csv"), str(dest), *cols, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     ds, ref = open_dataset(str(dest)), open_dataset(packed)
@@ -289,7 +291,8 @@ def test_a_parquet_manifest_of_uris_packs_and_names_missing_files(seed_src, tmp_
     rows = {"sample_id": [], "fg_bg": [], "bg": [], "mask": [], "depth": []}
     for sid in (1, 2, 3):
         fg, mask = labels[sid]
-        files = {"fg_bg": fg, "bg": f"bg/{fg.split('/')[1]}.jpg", "mask": mask, "depth": "depth/" + fg.split("/", 1)[1].replace(".jpg", ".png")}
+        files = {"fg_bg": fg, "bg": f"bg/{fg.split('/')[1]}.jpg", "mask": mask,
+                 "depth": "depth/" + fg.split("/", 1)[1].replace(".jpg", ".png")}
         for kind, rel in files.items():
             uri = f"{mem}/{rel}"
             if not (sid == 3 and kind == "depth"):

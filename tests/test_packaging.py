@@ -39,13 +39,16 @@ def test_every_dependency_is_a_range_and_its_pin_lies_in_it():
     pins = _constraints()
     for req in _deps():
         name = req.name.lower().replace("_", "-")
-        assert not any(s.operator == "==" for s in req.specifier), f"{req}: pyproject declares ranges; pins go to constraints.txt"
+        assert not any(s.operator == "=="
+                       for s in req.specifier), f"{req}: pyproject declares ranges; pins go to constraints.txt"
         assert name in pins, f"{req.name} has no exact version in constraints.txt"
-        assert req.specifier.contains(pins[name], prereleases=True), f"constraints.txt's {name}=={pins[name]} is outside {req}"
+        assert req.specifier.contains(pins[name],
+                                      prereleases=True), f"constraints.txt's {name}=={pins[name]} is outside {req}"
 
 
 def test_python_311_to_313_and_a_newer_torch_is_left_alone():
-    assert all(SpecifierSet(_pyproject()["project"]["requires-python"]).contains(v) for v in ("3.11.7", "3.12.1", "3.13.0"))
+    assert all(SpecifierSet(_pyproject()["project"]["requires-python"]).contains(v)
+               for v in ("3.11.7", "3.12.1", "3.13.0"))
     assert not SpecifierSet(_pyproject()["project"]["requires-python"]).contains("3.14.0")
     (torch,) = [r for r in _deps() if r.name == "torch"]
     # A range from the oldest tested torch, Colab's 2.11 (the core of the suite runs on it, README "Python
@@ -58,7 +61,8 @@ def test_python_311_to_313_and_a_newer_torch_is_left_alone():
 
 def test_the_floors_are_colabs_versions():
     """Each floor Colab pins is declared at Colab's version (the oldest tested), so Colab's stays."""
-    floors = {"torch": "2.11", "numpy": "2.0", "pyarrow": "18.1", "fsspec": "2025.3", "gcsfs": "2025.3", "pillow": "11.3"}
+    floors = {"torch": "2.11", "numpy": "2.0", "pyarrow": "18.1", "fsspec": "2025.3", "gcsfs": "2025.3",
+              "pillow": "11.3"}
     deps = {r.name.lower(): r for r in _deps()}
     for name, floor in floors.items():
         (spec,) = [s for s in deps[name].specifier if s.operator == ">="]

@@ -85,7 +85,8 @@ def _grouped_plan(chunking: str, n: int = 12_000, per_group: int = 40, seed: int
     groups = np.arange(n) // per_group  # as stored: consecutive rows share a row group
     rng = np.random.default_rng(5)
     shuffle = rng.permutation(n)  # the index's row order need not be the ids' order
-    return make_plan(validate_recipe(d), ids[shuffle], groups[shuffle]), dict(zip(ids.tolist(), groups.tolist(), strict=True))
+    return make_plan(validate_recipe(d), ids[shuffle],
+                     groups[shuffle]), dict(zip(ids.tolist(), groups.tolist(), strict=True))
 
 
 def test_row_group_chunking_reads_about_a_chunk_not_the_whole_dataset():

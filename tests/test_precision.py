@@ -55,7 +55,8 @@ def test_the_cpu_default_is_plain_fp32_no_autocast_no_scaler_no_channels_last() 
     with prec.autocast():
         assert not torch.is_autocast_enabled("cpu")
     assert "precision fp32 (auto)" in prec.describe()
-    assert prec.tags() == {"orchestrator.precision": "fp32", "orchestrator.channels_last": "false", "orchestrator.compile": "false"}
+    assert prec.tags() == {"orchestrator.precision": "fp32", "orchestrator.channels_last": "false",
+                           "orchestrator.compile": "false"}
 
 
 def test_channels_last_auto_is_on_for_cuda_conv_models_only() -> None:
@@ -105,7 +106,8 @@ def test_new_fields_leave_the_recipe_identity_alone() -> None:
     """A run started before these fields existed resumes: its recipe sha256 is unchanged; and
     they are execution settings, which may change between attempts of one run."""
     base = validate_recipe(tiny_recipe("d")).sha256()
-    for ex in ({"precision": "bf16"}, {"channels_last": True}, {"compile": True}, {"precision": "auto", "channels_last": "auto"}):
+    for ex in ({"precision": "bf16"}, {"channels_last": True}, {"compile": True},
+               {"precision": "auto", "channels_last": "auto"}):
         assert validate_recipe(tiny_recipe("d", execution={"backend": "local", **ex})).sha256() == base
 
 
@@ -113,7 +115,8 @@ def test_new_fields_leave_the_recipe_identity_alone() -> None:
 def _fp16_state(growth_interval: int = 3) -> TrainState:
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
-    st = TrainState(model=model, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=growth_interval))
+    st = TrainState(model=model,
+                    scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=growth_interval))
     st.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
     st.optimizer_stage = 0
     return st
@@ -152,7 +155,8 @@ def test_fp16_scaler_state_round_trips_through_a_real_checkpoint(tmp_path) -> No
         _scaled_step(st, x)
         _scaled_step(again, x)
     assert again.scaler.get_scale() == st.scaler.get_scale() == 2.0**10
-    assert all(torch.equal(a, b) for a, b in zip(st.model.state_dict().values(), again.model.state_dict().values(), strict=True))
+    assert all(torch.equal(a, b)
+               for a, b in zip(st.model.state_dict().values(), again.model.state_dict().values(), strict=True))
 
 
 def test_fp32_checkpoints_hold_no_scaler_key() -> None:
@@ -168,7 +172,8 @@ def test_fp32_checkpoints_hold_no_scaler_key() -> None:
 def test_bf16_run_sigkilled_and_resumed_ends_bit_identical_to_an_uninterrupted_bf16_run(tmp_path, tiny_dataset):
     """SIGKILL the real `orchestrator run` process group of a bf16 run mid-stage-2, run it again:
     same weights as an uninterrupted bf16 run. Both runs go at once (one core each) to save time."""
-    recipe = tiny_recipe(tiny_dataset, execution={"backend": "local", "num_workers": 1, "cpus_per_worker": 1, "precision": "bf16"})
+    recipe = tiny_recipe(tiny_dataset,
+                         execution={"backend": "local", "num_workers": 1, "cpus_per_worker": 1, "precision": "bf16"})
     ref_dir, kill_dir = tmp_path / "ref", tmp_path / "kill"
     ref_dir.mkdir(), kill_dir.mkdir()
     ref = start_cli("run", write_recipe(ref_dir / "r.yaml", recipe), cwd=ref_dir, log=ref_dir / "run.log")
@@ -195,5 +200,6 @@ def test_bf16_run_sigkilled_and_resumed_ends_bit_identical_to_an_uninterrupted_b
     run = MlflowClient(tracking_uri=f"sqlite:///{kill_dir / 'mlflow.db'}").get_run(st["mlflow_run_id"])
     assert run.data.params["execution.precision"] == "bf16"
     assert run.data.tags["orchestrator.precision"] == "bf16"
-    state, _ = checkpoints.read_local(str(kill_dir / "runs" / "tiny" / checkpoints.list_complete(str(kill_dir / "runs" / "tiny"))[-1]))
+    state, _ = checkpoints.read_local(str(kill_dir / "runs" / "tiny"
+                                          / checkpoints.list_complete(str(kill_dir / "runs" / "tiny"))[-1]))
     assert "scaler" not in state  # bf16 needs no loss scaler

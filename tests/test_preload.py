@@ -97,7 +97,8 @@ def test_transient_faults_during_preload_are_retried_and_counted(on_gcs):
     rows = ds.read_samples(np.arange(N))
     injected = gcs.proxy.counters.failed_503 + gcs.proxy.counters.dropped
     # every 503 is one counted retry (none hidden in gcsfs); aiohttp may itself re-send on a reset pooled connection
-    assert gcs.proxy.counters.failed_503 > 0 and gcs.proxy.counters.failed_503 <= RETRY_COUNTER["retries"] - before <= injected
+    assert gcs.proxy.counters.failed_503 > 0 and gcs.proxy.counters.failed_503 <= RETRY_COUNTER[
+        "retries"] - before <= injected
     assert rows["bg"] == expected["bg"]
 
 
@@ -143,7 +144,8 @@ def test_a_shard_damaged_at_the_source_stops_the_read_naming_it(local):
     with pytest.raises(DatasetError) as err:
         ds.read_samples([10, 45])
     msg = str(err.value)
-    assert shard_uri in msg and "sample 45" in msg and "again after a re-fetch" in msg and "orchestrator data verify" in msg
+    assert shard_uri in msg and "sample 45" in msg
+    assert "again after a re-fetch" in msg and "orchestrator data verify" in msg
     assert ds.reader.stats.refetches == 1
 
 

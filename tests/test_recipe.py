@@ -134,19 +134,22 @@ def test_cli_invalid_field_exits_2_with_one_line_per_problem(tmp_path, tiny_data
 def test_gpu_and_tpu_workers_ask_ray_for_those_resources():
     from orchestrator.launcher import scaling_config
 
-    gpu = scaling_config(load_recipe("recipes/unet224.yaml", ["execution.use_gpu=true", "execution.num_workers=4"]).execution)
+    gpu = scaling_config(load_recipe("recipes/unet224.yaml",
+                                     ["execution.use_gpu=true", "execution.num_workers=4"]).execution)
     assert gpu.use_gpu and gpu.num_workers == 4 and gpu.resources_per_worker["GPU"] == 1
     tpu = scaling_config(load_recipe("recipes/unet224.yaml", [
         "execution.use_gpu=false", "execution.use_tpu=true", "execution.num_workers=2",
         "execution.tpu_topology=2x2x2", "execution.tpu_accelerator_type=TPU-V4"]).execution)
-    assert tpu.use_tpu and tpu.topology == "2x2x2" and tpu.resources_per_worker["TPU"] == 4 and "GPU" not in tpu.resources_per_worker
+    assert tpu.use_tpu and tpu.topology == "2x2x2" and tpu.resources_per_worker[
+        "TPU"] == 4 and "GPU" not in tpu.resources_per_worker
 
 
 def test_tpu_settings_that_ray_would_reject_are_named_at_load_time():
     with pytest.raises(RecipeError, match="use_gpu and use_tpu"):
         load_recipe("recipes/unet224.yaml", ["execution.use_gpu=true", "execution.use_tpu=true"])
     with pytest.raises(RecipeError, match="tpu_topology"):
-        load_recipe("recipes/unet224.yaml", ["execution.use_gpu=false", "execution.use_tpu=true", "execution.num_workers=2"])
+        load_recipe("recipes/unet224.yaml",
+                    ["execution.use_gpu=false", "execution.use_tpu=true", "execution.num_workers=2"])
 
 
 # The identity of every shipped recipe: a run in progress resumes only while its recipe's sha256 is

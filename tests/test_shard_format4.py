@@ -53,7 +53,8 @@ def _sample(i: int, k: int, size: int = SIZE) -> dict:
             "depth": codec.encode_depth(depth), "bg_index": np.int32(k)}
 
 
-def _write(uri: str, n: int, k: int, format: str | None = None, rows_per_shard: int = 16, rows_per_group: int = 4) -> dict:
+def _write(uri: str, n: int, k: int, format: str | None = None, rows_per_shard: int = 16,
+           rows_per_group: int = 4) -> dict:
     with ShardWriter(uri, rows_per_shard=rows_per_shard, rows_per_group=rows_per_group, format=format) as w:
         for i in range(n):
             w.add(_sample(i, i % k))
@@ -143,7 +144,8 @@ def test_pack_round_trips_every_column_from_the_source_files(tmp_path):
         folder, name = fg.split("/")[1:]
         assert rows["fg_bg"][j] == (src / fg).read_bytes()
         assert rows["bg"][j] == (src / "bg" / f"{folder}.jpg").read_bytes()
-        mask_file = src / "fg_bg_mask" / folder / name.replace(f"_{name.rsplit('_', 1)[1]}", f"_mask_{name.rsplit('_', 1)[1]}")
+        mask_file = src / "fg_bg_mask" / folder / name.replace(f"_{name.rsplit('_', 1)[1]}",
+                                                               f"_mask_{name.rsplit('_', 1)[1]}")
         src_mask = np.asarray(Image.open(mask_file).convert("L"))
         assert np.array_equal(codec.decode_mask(rows["mask"][j]), (src_mask >= 128).astype(np.uint8) * 255)
         src_depth = np.asarray(Image.open(src / "depth" / folder / name.replace(".jpg", ".png")))
@@ -202,7 +204,8 @@ def test_verify_checks_the_shared_index_and_a_missing_shared_file(tmp_path):
     index = Path(uri) / m["shared"]["bg"]["index"]
     index.write_bytes(index.read_bytes() + b"\0")
     out = verify(uri, workers=1)
-    assert out["ok"] == 0 and "index.parquet: sha256 differs" in out["bad"][0]["reason"] and "re-pack" in out["bad"][0]["reason"]
+    assert out["ok"] == 0 and "index.parquet: sha256 differs" in out["bad"][0]["reason"] and "re-pack" in out["bad"][0][
+        "reason"]
 
 
 def test_a_malformed_shared_entry_is_one_dataset_error(tmp_path):
@@ -225,7 +228,8 @@ def test_a_format_2_dataset_reads_and_trains_on_identical_values(tmp_path):
     the same samples written as /4."""
     new, old = str(tmp_path / "new"), str(tmp_path / "old")
     synthesize(new, 40, seed=6, image_size=SIZE, rows_per_shard=16, rows_per_group=4, workers=1)
-    synthesize(old, 40, seed=6, image_size=SIZE, rows_per_shard=16, rows_per_group=4, workers=1, format=LEGACY_MASK_DEPTH_FORMAT)
+    synthesize(old, 40, seed=6, image_size=SIZE, rows_per_shard=16, rows_per_group=4, workers=1,
+               format=LEGACY_MASK_DEPTH_FORMAT)
     a, b = open_dataset(new), open_dataset(old)
     assert (a.manifest["format"], b.manifest["format"]) == (SHARED_FORMAT, LEGACY_MASK_DEPTH_FORMAT)
     assert "shared" not in b.manifest and b.stored_columns == b.columns
@@ -295,7 +299,8 @@ def _reference(rows: dict, r: int, flip: np.ndarray) -> tuple[torch.Tensor, torc
     x, m, d = x, torch.from_numpy(mask).unsqueeze(1).float(), torch.from_numpy(depth.astype(np.float32)).unsqueeze(1)
     f = torch.from_numpy(flip).view(-1, 1, 1, 1)
     x, m, d = (torch.where(f, t.flip(-1), t) for t in (x, m, d))
-    x = x.mul(1.0 / (255.0 * mask_depth.INPUT_STD)).sub(mask_depth.INPUT_MEAN / mask_depth.INPUT_STD)  # as prepare_batch
+    # as prepare_batch
+    x = x.mul(1.0 / (255.0 * mask_depth.INPUT_STD)).sub(mask_depth.INPUT_MEAN / mask_depth.INPUT_STD)
     return x, m / 255, d / 65535
 
 
@@ -307,7 +312,8 @@ def rows64(tmp_path_factory):
     return ds.read_samples(ds.sample_ids)
 
 
-@pytest.mark.parametrize("r, exact", [(64, True), (40, True), (32, True), (16, True), (24, True), (20, False), (28, False)])
+@pytest.mark.parametrize("r, exact",
+                         [(64, True), (40, True), (32, True), (16, True), (24, True), (20, False), (28, False)])
 def test_smaller_stages_decode_in_the_dct_and_resize_on_the_device(rows64, r, exact):
     """Breaks if a stage changes its pixels where the decode does not need DCT scaling (side above
     half the stored size, or an exact scale: quickstart's 128 -> 32 and 128), if masks or depth
@@ -325,7 +331,8 @@ def test_smaller_stages_decode_in_the_dct_and_resize_on_the_device(rows64, r, ex
     if exact:
         assert torch.equal(x, rx)
     else:
-        assert float((x - rx).abs().max()) * 255 * mask_depth.INPUT_STD <= 1.0 + 1e-4  # rounding to 8 bits, nothing else
+        # rounding to 8 bits, nothing else
+        assert float((x - rx).abs().max()) * 255 * mask_depth.INPUT_STD <= 1.0 + 1e-4
 
 
 def test_each_distinct_background_is_decoded_once_per_chunk(rows64, monkeypatch):
@@ -333,7 +340,8 @@ def test_each_distinct_background_is_decoded_once_per_chunk(rows64, monkeypatch)
     a single value."""
     calls = []
     real = mask_depth.decode_rgb_into
-    monkeypatch.setattr(mask_depth, "decode_rgb_into", lambda data, out, what="input": (calls.append(what), real(data, out, what))[1])
+    monkeypatch.setattr(mask_depth, "decode_rgb_into",
+                        lambda data, out, what="input": (calls.append(what), real(data, out, what))[1])
     samples = ChunkSamples(rows64, 32, str, hflip=0.5, flip_key=(5,))
     got = [samples.__getitems__(b) for b in ([0, 1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15])]
     distinct = len({bytes(b) for b in rows64["bg"]})
@@ -344,7 +352,8 @@ def test_each_distinct_background_is_decoded_once_per_chunk(rows64, monkeypatch)
         def _bg_into(self, data, out):
             real(data, out, "bg")
 
-    again = [EveryBg(rows64, 32, str, hflip=0.5, flip_key=(5,)).__getitems__(b) for b in ([0, 1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15])]
+    again = [EveryBg(rows64, 32, str, hflip=0.5, flip_key=(5,)).__getitems__(b)
+             for b in ([0, 1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15])]
     for a, b in zip(got, again, strict=True):
         assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
 

@@ -122,7 +122,8 @@ def test_index_locates_every_sample_and_checksums_its_bytes(uri):
     assert ds.index.schema.field("bg_index").type == "int32"
     got = ds.read_samples(range(N), columns=(*ds.sample_columns, "bg_id"))
     for i in range(N):  # over the stored values: the background's id in its place (format /4)
-        stored = {"fg_bg": got["fg_bg"][i], "bg_id": int(got["bg_id"][i]), "mask": got["mask"][i], "depth": got["depth"][i]}
+        stored = {"fg_bg": got["fg_bg"][i], "bg_id": int(got["bg_id"][i]), "mask": got["mask"][i],
+                  "depth": got["depth"][i]}
         assert idx["checksum"][i] == columns_checksum(ds.stored_columns, stored)
     assert ds.sample_ids.dtype == np.int64 and ds.sample_ids.tolist() == list(range(N))
     assert ds.depth_means([3, 1]).tolist() == [idx["depth_mean"][3], idx["depth_mean"][1]]
@@ -288,8 +289,10 @@ def test_png_masks_and_depth_from_older_datasets_still_decode():
     depth = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
     img = Image.open(io.BytesIO(codec.encode_depth_png(depth)))
     assert img.format == "PNG" and img.mode.startswith("I;16")
-    assert np.array_equal(codec.decode_depth_uint16(codec.encode_depth_png(depth)), np.rint(depth * 65535).astype(np.uint16))
-    assert np.array_equal(codec.decode_depth(codec.encode_depth_png(depth)), codec.decode_depth(codec.encode_depth(depth)))
+    assert np.array_equal(codec.decode_depth_uint16(codec.encode_depth_png(depth)),
+                          np.rint(depth * 65535).astype(np.uint16))
+    assert np.array_equal(codec.decode_depth(codec.encode_depth_png(depth)),
+                          codec.decode_depth(codec.encode_depth(depth)))
     mask = np.zeros((5, 7), np.uint8)
     mask[1:3, 2:6] = 255
     assert np.array_equal(codec.decode_mask(codec.encode_mask_png(mask)), mask)
@@ -358,7 +361,8 @@ def test_a_format_1_dataset_with_png_masks_and_depth_still_opens_and_verifies(tm
     from storage.verify import verify
 
     uri = str(tmp_path / "old")
-    with ShardWriter(uri, rows_per_shard=ROWS_PER_SHARD, rows_per_group=ROWS_PER_GROUP, format=LEGACY_MASK_DEPTH_FORMAT) as w:
+    with ShardWriter(uri, rows_per_shard=ROWS_PER_SHARD, rows_per_group=ROWS_PER_GROUP,
+                     format=LEGACY_MASK_DEPTH_FORMAT) as w:
         for i in range(8):
             im = _images(i)
             w.add({"sample_id": i, "fg_bg": codec.encode_jpeg(im["fg_bg"]), "bg": codec.encode_jpeg(im["bg"]),
@@ -397,21 +401,26 @@ def _classes_map(i: int, size: int = SIZE) -> np.ndarray:
 
 
 def _write_classification(uri: str, n: int = N) -> dict:
-    w = ShardWriter(uri, rows_per_shard=ROWS_PER_SHARD, rows_per_group=ROWS_PER_GROUP, columns=CLASSIFICATION, task="classification")
+    w = ShardWriter(uri, rows_per_shard=ROWS_PER_SHARD, rows_per_group=ROWS_PER_GROUP, columns=CLASSIFICATION,
+                    task="classification")
     for i in range(n):
         # 1-channel PNGs from arrays, ids not in order, a string extra column
-        w.add({"sample_id": 1000 + (i * 7) % n, "image": _gray((i * 7) % n), "label": np.int64((i * 7) % n % 3), "source": f"img{(i * 7) % n}.png"})
+        w.add({"sample_id": 1000 + (i * 7) % n, "image": _gray((i * 7) % n), "label": np.int64((i * 7) % n % 3),
+               "source": f"img{(i * 7) % n}.png"})
     return w.close({"source": "test", "meta": {"classes": CLASSES}})
 
 
 def _write_segmentation(uri: str, n: int = N) -> dict:
-    w = ShardWriter(uri, rows_per_shard=ROWS_PER_SHARD, rows_per_group=ROWS_PER_GROUP, columns=SEGMENTATION, task="segmentation")
+    w = ShardWriter(uri, rows_per_shard=ROWS_PER_SHARD, rows_per_group=ROWS_PER_GROUP, columns=SEGMENTATION,
+                    task="segmentation")
     for i in range(n):
         seg = _classes_map(i)
         present = sorted(int(c) for c in np.unique(seg) if c != 255)
         # encoded bytes only: the writer takes height x width from the image
-        w.add({"sample_id": i, "image": codec.encode_jpeg(_images(i)["fg_bg"]), "mask": encode_value(SEGMENTATION[1], seg),
-               "class_pixels": [int((seg == c).sum()) for c in range(3)], "classes_present": present, "box": [i, i + 1, 4, 4]})
+        w.add({"sample_id": i, "image": codec.encode_jpeg(_images(i)["fg_bg"]),
+               "mask": encode_value(SEGMENTATION[1], seg),
+               "class_pixels": [int((seg == c).sum()) for c in range(3)], "classes_present": present,
+               "box": [i, i + 1, 4, 4]})
     return w.close({"meta": {"classes": CLASSES, "ignore_index": 255}})
 
 
@@ -488,9 +497,12 @@ def test_a_corrupted_value_of_a_declared_column_is_caught_by_checksum_and_verify
     path = tmp_path / "cls" / shard
     pf = pq.ParquetFile(str(path))
     groups = [pf.read_row_group(g) for g in range(pf.metadata.num_row_groups)]
-    with pq.ParquetWriter(str(path), pf.schema_arrow, compression="none", use_dictionary=False, write_statistics=["sample_id", "height", "width"]) as w:
+    with pq.ParquetWriter(str(path), pf.schema_arrow, compression="none", use_dictionary=False,
+                          write_statistics=["sample_id", "height", "width"]) as w:
         for t in groups:
-            labels = [lab + 1 if sid == victim else lab for sid, lab in zip(t.column("sample_id").to_pylist(), t.column("label").to_pylist(), strict=True)]
+            labels = [lab + 1 if sid == victim else lab
+                      for sid, lab
+                      in zip(t.column("sample_id").to_pylist(), t.column("label").to_pylist(), strict=True)]
             w.write_table(t.set_column(t.schema.get_field_index("label"), "label", pa.array(labels, pa.int64())))
     # the image of another sample: one flipped byte in place
     other = 1007
@@ -528,9 +540,12 @@ MALFORMED = {
     "no index": lambda m: _manifest_text(_without(m, "index")),
     "num_samples a string": lambda m: _manifest_text({**m, "num_samples": "40"}),
     "shards an object": lambda m: _manifest_text({**m, "shards": {"0": m["shards"][0]}}),
-    "a shard without bytes": lambda m: _manifest_text({**m, "shards": [_without(m["shards"][0], "bytes"), *m["shards"][1:]]}),
+    "a shard without bytes": lambda m: _manifest_text({**m,
+                                                       "shards": [_without(m["shards"][0], "bytes"),
+                                                                  *m["shards"][1:]]}),
     "columns not a list": lambda m: _manifest_text({**m, "columns": "image,label"}),
-    "an unknown codec": lambda m: _manifest_text({**m, "columns": [{"name": "image", "codec": "webp"}, m["columns"][1]]}),
+    "an unknown codec": lambda m: _manifest_text({**m,
+                                                  "columns": [{"name": "image", "codec": "webp"}, m["columns"][1]]}),
     "/3 without columns": lambda m: _manifest_text(_without(m, "columns")),
     "/2 with other columns": lambda m: _manifest_text({**m, "format": FORMAT}),
     "meta not an object": lambda m: _manifest_text({**m, "meta": ["cat"]}),
@@ -566,18 +581,22 @@ def test_mask_depth_datasets_are_written_as_before_columns_were_declared(tmp_pat
         for s in samples:
             w.add(dict(s))
         m = w.close()
-    assert m["format"] == "orchestrator.shards/2" and m["task"] == "mask_depth" and m["columns"] == [c.as_dict() for c in MASK_DEPTH_COLUMNS]
-    assert open_dataset(uri).index.column_names == ["sample_id", "shard", "row_group", "row", "height", "width", "depth_mean", "checksum"]
+    assert m["format"] == "orchestrator.shards/2" and m["task"] == "mask_depth"
+    assert m["columns"] == [c.as_dict() for c in MASK_DEPTH_COLUMNS]
+    assert open_dataset(uri).index.column_names == ["sample_id", "shard", "row_group", "row", "height", "width",
+                                                    "depth_mean", "checksum"]
     schema = pa.schema([("sample_id", pa.int64()), ("fg_bg", pa.binary()), ("bg", pa.binary()), ("mask", pa.binary()),
                         ("depth", pa.binary()), ("height", pa.int32()), ("width", pa.int32())])
     for k, shard in enumerate(m["shards"]):
         buf = io.BytesIO()
-        with pq.ParquetWriter(buf, schema, compression="none", use_dictionary=False, write_statistics=["sample_id", "height", "width"]) as pw:
+        with pq.ParquetWriter(buf, schema, compression="none", use_dictionary=False,
+                              write_statistics=["sample_id", "height", "width"]) as pw:
             part = samples[k * 8 : (k + 1) * 8]
             for g in range(0, len(part), 3):
                 rows = part[g : g + 3]
                 cols = {c: [r[c] for r in rows] for c in ("sample_id", "fg_bg", "bg", "mask", "depth")}
-                pw.write_table(pa.Table.from_pydict({**cols, "height": [SIZE] * len(rows), "width": [SIZE] * len(rows)}, schema=schema),
+                pw.write_table(pa.Table.from_pydict({**cols, "height": [SIZE] * len(rows), "width": [SIZE] * len(rows)},
+                                                    schema=schema),
                                row_group_size=len(rows))
         assert hashlib.sha256(buf.getvalue()).hexdigest() == shard["sha256"]
         assert sfs.read_bytes(sfs.join(uri, shard["file"])) == buf.getvalue()
@@ -590,7 +609,8 @@ def test_mask_depth_datasets_are_written_as_before_columns_were_declared(tmp_pat
     recorded_with = ("25.0.1", "13.0.0", "2.4.6", "0.26.0")
     if (pa.__version__, PIL.__version__, np.__version__, skimage.__version__) != recorded_with:
         pytest.skip(f"sha256s recorded with pyarrow/Pillow/numpy/scikit-image {recorded_with}")
-    m = synthesize(str(tmp_path / "synth"), 70, seed=3, image_size=64, rows_per_shard=32, rows_per_group=8, workers=1, format=LEGACY_MASK_DEPTH_FORMAT)
+    m = synthesize(str(tmp_path / "synth"), 70, seed=3, image_size=64, rows_per_shard=32, rows_per_group=8, workers=1,
+                   format=LEGACY_MASK_DEPTH_FORMAT)
     assert [s["sha256"] for s in m["shards"]] == [
         "34085bc9b55fb440fa03eeb4145dffd8de264779d7884f7b8baa2dd515e37892",
         "d283677d9ff59851e3b032aa6c5537a66c7eec54a5f709a0a4b0020faafa3373",
@@ -614,7 +634,8 @@ def test_a_format_2_manifest_without_columns_reads_as_mask_depth(tmp_path):
     got = ds.read_samples([11, 3])
     assert set(got) == {"sample_id", "fg_bg", "bg", "mask", "depth", "height", "width"}
     assert np.array_equal(codec.decode_mask(got["mask"][1]), _images(3)["mask"])
-    assert ds.depth_means([3]).tolist() == ds.index_values("depth_mean", [3]).tolist() and ds.depth_means([3]).dtype == np.float32
+    assert ds.depth_means([3]).tolist() == ds.index_values("depth_mean",
+                                                           [3]).tolist() and ds.depth_means([3]).dtype == np.float32
     assert verify(uri, workers=1)["ok"] == 12
 
 

@@ -46,7 +46,8 @@ def depth_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "data": {"uri": str(root / "data"), "eval_samples": 20},
         "model": {"name": "mobilenetv2_depth", "variant": "cpu"},
         "loss": {"depth": {"l1": 0.1, "ssim": 1.0}},
-        "stages": [{"name": "train", "resolution": 32, "batch_size": 16, "chunk_size": 100, "epochs_per_chunk": 2, "lr": 0.003}],
+        "stages": [{"name": "train", "resolution": 32, "batch_size": 16, "chunk_size": 100, "epochs_per_chunk": 2,
+                    "lr": 0.003}],
         "checkpoint": {"every_steps": 50, "every_seconds": 3600, "keep": 2},
         "tracking": {"uri": "sqlite:///mlflow.db", "experiment": "tests"},
         "execution": {"backend": "local", "num_workers": 1, "cpus_per_worker": 1},
@@ -137,7 +138,8 @@ def test_a_study_commits_every_layer_once_and_logs_one_mlflow_run_with_table_and
     assert [x["layer"] for x in record["layers"]] == FEW_CANONICAL
     assert record["state"] == "completed" and record["attempts"][-1]["computed"] == 2 * (len(FEW_LAYERS) + 1)
     files = layer_files(root, "few")
-    assert sorted(files) == sorted(f"{s}/{n}.json" for s in ("fixed_10x100", "calibrated_p99.99") for n in FEW_CANONICAL)
+    assert sorted(files) == sorted(f"{s}/{n}.json" for s in ("fixed_10x100", "calibrated_p99.99")
+                                   for n in FEW_CANONICAL)
     first = json.loads(files["fixed_10x100/decoder.conv3.json"][1])
     assert first["index"] == 5 and first["kind"] == "dense" and first["part"] == "decoder"
     assert {"a1", "rms", "delta_rms", "saturation_inputs", "saturation_weights", "seconds"} <= set(first)
@@ -155,7 +157,8 @@ def test_a_study_commits_every_layer_once_and_logs_one_mlflow_run_with_table_and
 
     # compare: training runs in their table, studies in their own.
     capsys.readouterr()
-    code, stderr = cli_in_process(capsys, "compare", "tests", "--json", "--tracking-uri", f"sqlite:///{root / 'mlflow.db'}")
+    code, stderr = cli_in_process(capsys, "compare", "tests", "--json", "--tracking-uri",
+                                  f"sqlite:///{root / 'mlflow.db'}")
     assert code == 0, stderr
     cmp = json.loads(capsys.readouterr().out)
     assert [r["run_name"] for r in cmp["runs"]] == [RUN]
@@ -181,11 +184,14 @@ def test_a_study_commits_every_layer_once_and_logs_one_mlflow_run_with_table_and
     assert {k: v for k, v in again.items() if k != key} == {k: v for k, v in files.items() if k != key}
     volatile = ("seconds", "attempt", "committed_at", "worker")
     redone, first_time = json.loads(again[key][1]), json.loads(files[key][1])
-    assert {k: v for k, v in redone.items() if k not in volatile} == {k: v for k, v in first_time.items() if k not in volatile}
+    assert {k: v for k, v in redone.items() if k not in volatile} == {k: v
+                                                                      for k, v in first_time.items() if k
+                                                                      not in volatile}
     assert_one_point_per_layer_and_key(root, run.info.run_id, ["fixed_10x100", "calibrated_p99.99"], len(FEW_LAYERS))
 
 
-def test_with_the_exact_table_every_layer_scores_as_the_float_model_within_the_quantization_error(depth_run: Path, capsys):
+def test_with_the_exact_table_every_layer_scores_as_the_float_model_within_the_quantization_error(depth_run: Path,
+                                                                                                  capsys):
     """The approximate path with exact products and each layer's own calibrated range differs from
     the float model only by rounding: every layer's metrics stay next to the float model's."""
     root = depth_run
@@ -249,7 +255,8 @@ def test_a_sigkilled_study_on_ray_resumes_computing_only_the_missing_layers(dept
     assert last["done_before"] + last["computed"] == n + 1  # layers + the exact-table reference
     recomputed = {k for k, (_, data) in after.items() if json.loads(data)["attempt"] == 2}
     assert recomputed == set(after) - set(before)
-    pids = {json.loads(data)["worker"]["pid"]: json.loads(data)["worker"]["context_loads"] for _, data in before.values()}
+    pids = {json.loads(data)["worker"]["pid"]: json.loads(data)["worker"]["context_loads"]
+            for _, data in before.values()}
     assert set(pids.values()) == {1}, f"a Ray worker process loaded the model more than once: {pids}"
     assert_one_point_per_layer_and_key(root, record["mlflow_run_id"], ["fixed_10x100"], n)
 
@@ -278,9 +285,11 @@ def _copy_run(root: Path, name: str, edit: Any) -> None:
 
 def test_an_unknown_layer_exits_2_listing_close_matches(depth_run: Path, capsys):
     root = depth_run
-    code, stderr = cli_in_process(capsys, "study", write_spec(root, study_spec(root, "bad-layer", layers=["decoder.up0.convC"])))
+    code, stderr = cli_in_process(capsys, "study",
+                                  write_spec(root, study_spec(root, "bad-layer", layers=["decoder.up0.convC"])))
     line = _one_error_line(code, stderr)
-    assert "'layers'" in line and "decoder.up0.convC" in line and "decoder.up0.convB" in line and "close matches" in line
+    assert "'layers'" in line and "close matches" in line
+    assert "decoder.up0.convC" in line and "decoder.up0.convB" in line
     assert not (root / "runs" / "studies" / "bad-layer" / "study.json").exists()
 
 
@@ -323,7 +332,8 @@ def test_list_layers_prints_every_conv_layer_with_kind_shape_and_multiplies(dept
     root = depth_run
     ckpt = sorted((root / "runs" / RUN).glob("ckpt-*"))[-1]  # the newest (checkpoint.keep is at least 2)
     capsys.readouterr()
-    code, stderr = cli_in_process(capsys, "study", write_spec(root, study_spec(root, "listing", model_from=str(ckpt))), "--list-layers")
+    code, stderr = cli_in_process(capsys, "study", write_spec(root, study_spec(root, "listing", model_from=str(ckpt))),
+                                  "--list-layers")
     out = capsys.readouterr().out
     assert code == 0, stderr
     assert "66 conv layers" in out and "decoder.up0.convB" in out and "Encoder.0.0" in out
@@ -344,14 +354,16 @@ def test_replaying_the_float_prefix_gives_the_same_metrics_as_a_full_forward():
     torch.manual_seed(0)
     model = build_model("mobilenetv2_depth", "cpu")
     recipe = {"task": "depth", "run": {"name": "x"}, "model": {"name": "mobilenetv2_depth", "variant": "cpu"},
-              "loss": {"depth": {"l1": 1.0}}, "stages": [{"name": "s", "resolution": 32, "batch_size": 2, "chunk_size": 8, "lr": 0.1}]}
+              "loss": {"depth": {"l1": 1.0}},
+              "stages": [{"name": "s", "resolution": 32, "batch_size": 2, "chunk_size": 8, "lr": 0.1}]}
     payload = {"key": "k", "recipe": recipe, "state_dict": model.state_dict(), "batch_size": 2, "torch_threads": 1,
                "task_info": {"depth_scale": 1000, "min_depth_m": 0.1, "max_depth_m": 10.0, "baseline_depth_m": 3.0},
                "images": torch.randn(5, 3, 32, 32), "targets": torch.rand(5, 1, 32, 32) * 9 + 0.5}
     replaying, full = StudyContext(payload), StudyContext({**payload, "prefix_cache": False})
     table = table_by_name("mitchell")
     # The first swap is the first layer: a prefix recorded with any swap in place would taint all that follows.
-    for name in ("encoder.features.0.0", "decoder.up3.convB", "encoder.features.3.conv.1.0", "encoder.features.16.conv.2",
+    for name in ("encoder.features.0.0", "decoder.up3.convB", "encoder.features.3.conv.1.0",
+                 "encoder.features.16.conv.2",
                  "decoder.conv2", "decoder.conv3"):
         a = replaying.evaluate([name], table, {name: 20.0}, {name: 200.0})
         b = full.evaluate([name], table, {name: 20.0}, {name: 200.0})

@@ -10,7 +10,8 @@ import yaml
 
 from tests.conftest import run_cli, tiny_recipe, write_recipe
 
-PAIRS = [({"bce": 1}, {"rmse": 1}), ({"dice": 1}, {"berhu": 1}), ({"tversky": 1}, {"grad": 1}), ({"bce_dice": 1}, {"ssim": 1})]
+PAIRS = [({"bce": 1}, {"rmse": 1}), ({"dice": 1}, {"berhu": 1}), ({"tversky": 1}, {"grad": 1}),
+         ({"bce_dice": 1}, {"ssim": 1})]
 
 
 def _sweep_file(tmp_path: Path, data: str) -> str:
@@ -52,7 +53,8 @@ def test_a_sweep_of_four_loss_pairs_completes_as_four_runs_and_compare_tables_th
     rows = {r["run_name"]: r for r in table["runs"]}
     assert sorted(rows) == sorted(names)
     assert rows["ls-dice-berhu"]["mask_loss"] == "dice" and rows["ls-dice-berhu"]["depth_loss"] == "berhu"
-    assert all(r["steps"] == steps[n] and r["eval/mask_iou"] is not None and r["interruptions"] == 0 for n, r in rows.items())
+    assert all(r["steps"] == steps[n] and r["eval/mask_iou"] is not None and r["interruptions"] == 0
+               for n, r in rows.items())
     best_iou = max(r["eval/mask_iou"] for r in rows.values())
     assert table["best"]["eval/mask_iou"] == [n for n, r in rows.items() if r["eval/mask_iou"] == best_iou]
     best_rmse = min(r["eval/depth_rmse"] for r in rows.values())

@@ -46,7 +46,8 @@ def test_synth_is_byte_identical_for_the_same_seed(made, tmp_path):
     uri, manifest, ds, _ = made
     again = _synth(str(tmp_path / "again"))
     assert _fingerprint(again) == _fingerprint(manifest)
-    assert sfs.read_bytes(sfs.join(str(tmp_path / "again"), "index.parquet")) == sfs.read_bytes(sfs.join(uri, "index.parquet"))
+    again = sfs.read_bytes(sfs.join(str(tmp_path / "again"), "index.parquet"))
+    assert again == sfs.read_bytes(sfs.join(uri, "index.parquet"))
 
 
 def test_synth_writes_the_same_bytes_to_memory_as_to_disk(made):
@@ -190,7 +191,8 @@ def test_synth_seed_layout_writes_the_source_folders_and_label_files(tmp_path):
     """Breaks if `data synth --layout seed` stops writing what `data pack` reads, or --zip is accepted without it."""
     from tests.conftest import run_cli
 
-    res = run_cli("data", "synth", str(tmp_path / "raw"), "--layout", "seed", "--samples", "12", "--image-size", "32", "--workers", "1", cwd=tmp_path)
+    res = run_cli("data", "synth", str(tmp_path / "raw"), "--layout", "seed", "--samples", "12", "--image-size", "32",
+                  "--workers", "1", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     raw = tmp_path / "raw"
     assert sorted(p.name for p in raw.iterdir()) == ["bg", "depth", "fg_bg", "fg_bg_mask", "labels"]

@@ -89,7 +89,8 @@ def raw_sets(tmp_path_factory) -> dict[str, Path]:
 def test_synth_classification_is_28px_gray_glyphs_with_labels_in_columns_index_and_meta(synth_sets):
     """Breaks if the classification set's columns, label index column, class list or image format drift."""
     ds = open_dataset(synth_sets["classification"])
-    assert ds.task == "classification" and [(c.name, c.codec) for c in ds.columns] == [("image", "image"), ("label", "int64")]
+    assert ds.task == "classification" and [(c.name, c.codec) for c in ds.columns] == [("image", "image"),
+                                                                                       ("label", "int64")]
     assert ds.meta == {"classes": list(CLASSIFICATION_CLASSES), "channels": 1}
     ids = list(range(N))
     rows = ds.read_samples(ids)
@@ -103,8 +104,10 @@ def test_synth_classification_is_28px_gray_glyphs_with_labels_in_columns_index_a
 def test_synth_segmentation_masks_are_class_ids_or_255_and_class_pixels_count_them(synth_sets):
     """Breaks if masks hold other values than the 6 class ids and 255, or class_pixels miscounts."""
     ds = open_dataset(synth_sets["segmentation"])
-    assert ds.task == "segmentation" and [(c.name, c.codec) for c in ds.columns] == [("image", "image"), ("mask", "raw_u8")]
-    assert ds.meta["classes"] == list(SEGMENTATION_CLASSES) and ds.meta["ignore_index"] == 255 and len(SEGMENTATION_CLASSES) == 6
+    assert ds.task == "segmentation" and [(c.name, c.codec) for c in ds.columns] == [("image", "image"),
+                                                                                     ("mask", "raw_u8")]
+    assert ds.meta["classes"] == list(SEGMENTATION_CLASSES) and ds.meta["ignore_index"] == 255 and len(
+        SEGMENTATION_CLASSES) == 6
     ids = list(range(N))
     images, masks = _decoded(ds, ids, "image"), _decoded(ds, ids, "mask")
     stats = ds.index_values("class_pixels", ids)
@@ -128,7 +131,8 @@ def test_synth_depth_is_millimetres_in_range_with_valid_counts_and_sums(synth_se
     lo = min(int(d[d > 0].min()) for d in depths)
     hi = max(int(d.max()) for d in depths)
     assert 500 <= lo and hi <= 10000
-    assert ds.meta["depth_scale"] == 1000 and ds.meta["min_depth_m"] == lo / 1000 and ds.meta["max_depth_m"] == hi / 1000
+    assert ds.meta["depth_scale"] == 1000 and ds.meta["min_depth_m"] == lo / 1000 and ds.meta[
+        "max_depth_m"] == hi / 1000
     for d, s, v in zip(depths, sums, valid, strict=True):
         assert d.dtype == np.uint16 and d.shape == (64, 64)
         assert v == int((d > 0).sum()) and s == pytest.approx(d[d > 0].sum(dtype=np.int64) / 1000)
@@ -177,7 +181,8 @@ def test_raw_layout_packs_with_task_and_verifies_clean(task, raw_sets, synth_set
     """Breaks if `data pack --task` cannot read the layout `data synth --layout seed` writes, or changes values."""
     dest = tmp_path / "ds"
     report = tmp_path / "report.json"
-    res = run_cli("data", "pack", str(raw_sets[task]), str(dest), "--task", task, "--report", str(report), "--workers", "1", cwd=tmp_path)
+    res = run_cli("data", "pack", str(raw_sets[task]), str(dest), "--task", task, "--report", str(report), "--workers",
+                  "1", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert json.loads(report.read_text())["packed"] == N and json.loads(report.read_text())["skipped"] == []
     ver = run_cli("data", "verify", str(dest), "--json", cwd=tmp_path)
@@ -185,7 +190,9 @@ def test_raw_layout_packs_with_task_and_verifies_clean(task, raw_sets, synth_set
     assert json.loads(ver.stdout)["ok"] == N and json.loads(ver.stdout)["bad"] == []
     ds, ref = open_dataset(str(dest)), open_dataset(synth_sets[task])
     assert ds.task == task and ds.columns == ref.columns
-    assert {k: v for k, v in ds.meta.items() if k not in ("min_depth_m", "max_depth_m", "data_min_depth_m", "data_max_depth_m")} == \
+    assert {k: v
+            for k, v in ds.meta.items() if k
+            not in ("min_depth_m", "max_depth_m", "data_min_depth_m", "data_max_depth_m")} == \
         {k: v for k, v in ref.meta.items() if k not in ("min_depth_m", "max_depth_m")}
     src = _by_source(ds)
     for name, sid in list(src.items())[:6]:
@@ -193,7 +200,8 @@ def test_raw_layout_packs_with_task_and_verifies_clean(task, raw_sets, synth_set
         got, want = ds.read_samples([sid]), ref.read_samples([ref_id])
         for c in ref.columns:
             value, expected = got[c.name][0], want[c.name][0]
-            assert (value == expected) if c.codec in ("image", "int64") else np.array_equal(decode_value(c, value), decode_value(c, expected))
+            assert (value == expected) if c.codec in ("image", "int64") else np.array_equal(decode_value(c, value),
+                                                                                            decode_value(c, expected))
 
 
 def test_classification_imagefolder_keeps_bytes_channels_and_counts_labels(tmp_path):
@@ -212,7 +220,8 @@ def test_classification_imagefolder_keeps_bytes_channels_and_counts_labels(tmp_p
     ds = open_dataset(str(tmp_path / "ds"))
     assert ds.meta == {"classes": ["a_ant", "b_cat", "c_cow"], "channels": 3}
     src_id = _by_source(ds)
-    labels = dict(zip(ds.index.column("source").to_pylist(), ds.index_values("label", ds.sample_ids).tolist(), strict=True))
+    labels = dict(zip(ds.index.column("source").to_pylist(), ds.index_values("label", ds.sample_ids).tolist(),
+                      strict=True))
     assert labels == {"a_ant/sub/z.png": 0, "a_ant/y.jpg": 0, "b_cat/x.png": 1, "c_cow/w.bmp": 2}
     rows = ds.read_samples([src_id["b_cat/x.png"], src_id["a_ant/y.jpg"], src_id["c_cow/w.bmp"]])
     assert rows["image"][0] == gray.read_bytes() and rows["image"][1] == rgb.read_bytes()  # kept as they are
@@ -265,7 +274,8 @@ def test_a_voc_tree_packs_with_the_21_classes_and_keeps_255_as_ignore(tmp_path):
     _write(sets / "test.txt", b"2009_000002\n")  # train + val are packed; the test list is not
     assert Image.open(root / "SegmentationClass" / "2007_000032.png").mode == "P"
     dest = tmp_path / "ds"
-    res = run_cli("data", "pack", str(tmp_path / "VOCdevkit"), str(dest), "--task", "segmentation", "--workers", "1", cwd=tmp_path)
+    res = run_cli("data", "pack", str(tmp_path / "VOCdevkit"), str(dest), "--task", "segmentation", "--workers", "1",
+                  cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     ds = open_dataset(str(dest))
     assert ds.meta["classes"] == VOC_CLASSES and len(VOC_CLASSES) == 21 and ds.meta["ignore_index"] == 255
@@ -300,7 +310,8 @@ def test_nyu_16bit_png_and_npy_metres_pack_to_the_same_millimetres(tmp_path):
     _write(tmp_path / "kitti" / "depth" / "0001.png", _png(kitti))
     got = {}
     for kind in ("png", "npy", "kitti"):
-        pack(str(tmp_path / kind), str(tmp_path / f"{kind}_ds"), task="depth", workers=1, depth_units_per_m=256 if kind == "kitti" else None)
+        pack(str(tmp_path / kind), str(tmp_path / f"{kind}_ds"), task="depth", workers=1,
+             depth_units_per_m=256 if kind == "kitti" else None)
         ds = open_dataset(str(tmp_path / f"{kind}_ds"))
         got[kind] = _decoded(ds, [0], "depth")[0]
         assert ds.read_samples([0])["image"][0] == rgb
@@ -325,7 +336,8 @@ def test_a_csv_manifest_packs_each_task_like_its_folder_layout(task, raw_sets, t
         header, cols = "img,d", ["--column", "image=img", "--column", "depth=d"]
     (src / "manifest.csv").write_text(header + "\n" + "\n".join(rows) + "\n")
     try:
-        res = run_cli("data", "pack", str(src / "manifest.csv"), str(tmp_path / "m"), "--task", task, *cols, "--workers", "1", cwd=tmp_path)
+        res = run_cli("data", "pack", str(src / "manifest.csv"), str(tmp_path / "m"), "--task", task, *cols,
+                      "--workers", "1", cwd=tmp_path)
         assert res.returncode == 0, res.stderr
         folder = pack(str(src), str(tmp_path / "f"), task=task, workers=1)
     finally:
@@ -350,7 +362,8 @@ def test_a_task_pack_resumes_its_parts_and_runs_them_in_processes_alike(raw_sets
     assert (first.parts, first.parts_reused, again.parts_reused) == (3, 0, 3)
     assert _shas(str(tmp_path / "a")) == _shas(str(tmp_path / "b")) and par.shards == 3
     # another task packed into the same DEST starts over instead of reusing segmentation parts
-    other = pack(str(raw_sets["depth"]), str(tmp_path / "a"), task="depth", rows_per_shard=8, rows_per_group=4, workers=1)
+    other = pack(str(raw_sets["depth"]), str(tmp_path / "a"), task="depth", rows_per_shard=8, rows_per_group=4,
+                 workers=1)
     assert other.parts_reused == 0 and open_dataset(str(tmp_path / "a")).task == "depth"
     assert sorted(p.name for p in (tmp_path / "a" / "shards").iterdir()) == [f"shard-{i:05d}.parquet" for i in range(3)]
 
@@ -371,7 +384,9 @@ def bad_sources(tmp_path) -> dict[str, tuple[Path, dict[str, str]]]:
     (cls / "a" / "a1.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")  # corrupt
     (cls / "b" / "b2.png").write_bytes((cls / "b" / "b2.png").read_bytes()[:40])  # truncated
     (cls / "empty").mkdir()
-    out["classification"] = (cls, {"a1.png": "cannot be decoded", "b2.png": "cannot be decoded", "empty": "empty class folder"})
+    out["classification"] = (cls,
+                             {"a1.png": "cannot be decoded", "b2.png": "cannot be decoded",
+                              "empty": "empty class folder"})
 
     seg = tmp_path / "seg"
     _write(seg / "classes.txt", b"bg\nfg\n")
@@ -382,7 +397,9 @@ def bad_sources(tmp_path) -> dict[str, tuple[Path, dict[str, str]]]:
     (seg / "masks" / "s2.png").write_bytes(_png(np.zeros((10, 9), np.uint8)))  # size mismatch
     (seg / "masks" / "s3.png").write_bytes(_png(np.full((10, 10), 7, np.uint8)))  # 7 >= 2 classes, not 255
     (seg / "masks" / "s4.png").write_bytes(_png(np.zeros((10, 10, 3), np.uint8)))  # RGB, not a class map
-    out["segmentation"] = (seg, {"s1.jpg": "missing partner file", "s2.jpg": "size mismatch", "s3.png": "mask has value(s) 7", "s4.png": "mode RGB"})
+    out["segmentation"] = (seg,
+                           {"s1.jpg": "missing partner file", "s2.jpg": "size mismatch",
+                            "s3.png": "mask has value(s) 7", "s4.png": "mode RGB"})
 
     dep = tmp_path / "dep"
     for i in range(6):
@@ -393,7 +410,9 @@ def bad_sources(tmp_path) -> dict[str, tuple[Path, dict[str, str]]]:
     (dep / "depth" / "d3.png").write_bytes(_png(np.ones((10, 10), np.uint8)))  # 8-bit, not millimetres
     (dep / "depth" / "d4.png").unlink()
     _write(dep / "depth" / "d4.npy", b"\x93NUMPY not really")  # corrupt .npy
-    out["depth"] = (dep, {"d1.jpg": "missing partner file", "d2.jpg": "size mismatch", "d3.png": "mode L", "d4.npy": "cannot be read"})
+    out["depth"] = (dep,
+                    {"d1.jpg": "missing partner file", "d2.jpg": "size mismatch", "d3.png": "mode L",
+                     "d4.npy": "cannot be read"})
     return out
 
 
@@ -403,7 +422,8 @@ def test_bad_samples_are_named_with_path_and_reason_and_nothing_is_written(task,
     src, expected = bad_sources[task]
     dest = tmp_path / "ds"
     report = tmp_path / "r.json"
-    res = run_cli("data", "pack", str(src), str(dest), "--task", task, "--report", str(report), "--workers", "1", cwd=tmp_path)
+    res = run_cli("data", "pack", str(src), str(dest), "--task", task, "--report", str(report), "--workers", "1",
+                  cwd=tmp_path)
     assert res.returncode == 1 and res.stderr.startswith("error:") and f"{len(expected)} bad sample(s)" in res.stderr
     assert "Traceback" not in res.stderr
     lines = [ln for ln in res.stderr.splitlines() if ln.startswith("- sample ")]
@@ -423,8 +443,10 @@ def test_skip_bad_packs_the_rest_and_the_report_lists_exactly_the_skipped(task, 
     report = tmp_path / "r.json"
     res = pack(str(src), str(dest), task=task, skip_bad=True, report=str(report), workers=1)
     rep = json.loads(report.read_text())
-    assert rep["packed"] == res.packed == open_dataset(str(dest)).num_samples == 6 - len(expected) + (1 if task == "classification" else 0)
-    assert len(rep["skipped"]) == len(expected) and all(s["sample"] and s["path"] and s["reason"] for s in rep["skipped"])
+    kept = 6 - len(expected) + (1 if task == "classification" else 0)
+    assert rep["packed"] == res.packed == open_dataset(str(dest)).num_samples == kept
+    assert len(rep["skipped"]) == len(expected) and all(s["sample"] and s["path"] and s["reason"]
+                                                        for s in rep["skipped"])
     packed_names = set(open_dataset(str(dest)).index.column("source").to_pylist())
     assert not any(name.split(".")[0] in Path(p).stem for name in expected for p in packed_names)
     if task == "classification":  # the empty class keeps its index: labels still match folder order
@@ -461,9 +483,12 @@ def test_a_layout_that_does_not_fit_the_task_is_one_line_saying_what_to_do(raw_s
 
 def test_unknown_task_is_exit_2_naming_the_kinds(tmp_path):
     """Breaks if a misspelt --task is accepted or its error does not list the valid kinds."""
-    for args in (("data", "synth", str(tmp_path / "s"), "--task", "segmentaton"), ("data", "pack", str(tmp_path), str(tmp_path / "d"), "--task", "nope")):
+    for args in (("data", "synth", str(tmp_path / "s"), "--task", "segmentaton"),
+                 ("data", "pack", str(tmp_path), str(tmp_path / "d"), "--task", "nope")):
         res = run_cli(*args, cwd=tmp_path)
-        assert res.returncode == 2 and all(k in res.stderr for k in ("mask_depth", "classification", "segmentation", "depth")), res.stderr
+        assert res.returncode == 2 and all(k in res.stderr
+                                           for k
+                                           in ("mask_depth", "classification", "segmentation", "depth")), res.stderr
 
 
 def test_an_unwritable_destination_is_one_line_naming_it(tmp_path):
@@ -483,11 +508,13 @@ def test_an_unwritable_destination_is_one_line_naming_it(tmp_path):
 
 def test_synth_cli_writes_each_task_and_its_raw_layout(tmp_path):
     """Breaks if `data synth --task` or `--layout seed` do not write what pack and open_dataset take."""
-    res = run_cli("data", "synth", str(tmp_path / "s"), "--task", "segmentation", "--samples", "8", "--image-size", "32", cwd=tmp_path)
+    res = run_cli("data", "synth", str(tmp_path / "s"), "--task", "segmentation", "--samples", "8", "--image-size",
+                  "32", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     ds = open_dataset(str(tmp_path / "s"))
     assert ds.task == "segmentation" and ds.num_samples == 8 and ds.manifest["image_size"] == [32, 32]
-    res = run_cli("data", "synth", str(tmp_path / "r"), "--task", "depth", "--samples", "5", "--layout", "seed", cwd=tmp_path)
+    res = run_cli("data", "synth", str(tmp_path / "r"), "--task", "depth", "--samples", "5", "--layout", "seed",
+                  cwd=tmp_path)
     assert res.returncode == 0 and "--task depth" in res.stderr, res.stderr
     assert sorted(p.name for p in (tmp_path / "r" / "depth").iterdir()) == [f"{i:06d}.png" for i in range(5)]
     assert Image.open(tmp_path / "r" / "depth" / "000000.png").mode.startswith("I")  # 16-bit
@@ -529,7 +556,8 @@ def test_parquet_classification_manifest_takes_label_indices(tmp_path):
     pq.write_table(pa.table({"image": paths, "label": [2, 0, 2, 5], "sample_id": [10, 11, 12, 13]}), buf)
     (tmp_path / "m.parquet").write_bytes(buf.getvalue())
     (tmp_path / "names.txt").write_text("zero\none\ntwo\n")
-    res = pack(str(tmp_path / "m.parquet"), str(tmp_path / "ds"), task="classification", classes=str(tmp_path / "names.txt"), skip_bad=True, workers=1)
+    res = pack(str(tmp_path / "m.parquet"), str(tmp_path / "ds"), task="classification",
+               classes=str(tmp_path / "names.txt"), skip_bad=True, workers=1)
     assert res.packed == 3 and [s["sample"] for s in res.skipped] == ["13"] and "label 5" in res.skipped[0]["reason"]
     ds = open_dataset(str(tmp_path / "ds"))
     assert ds.meta["classes"] == ["zero", "one", "two"] and ds.read_samples([10, 11, 12])["label"].tolist() == [2, 0, 2]

@@ -45,7 +45,8 @@ def task_datasets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     out = {}
     for task, setup in TASK_SETUPS.items():
         uri = str(root / task)
-        synthesize_task(task, uri, SAMPLES, seed=0, image_size=setup["image_size"], rows_per_group=16, rows_per_shard=64)
+        synthesize_task(task, uri, SAMPLES, seed=0, image_size=setup["image_size"], rows_per_group=16,
+                        rows_per_shard=64)
         out[task] = uri
     return out
 
@@ -60,7 +61,8 @@ def task_recipe(task: str, data_uri: str) -> dict[str, Any]:
         "loss": {"depth": {"l1": 0.1, "ssim": 1.0}} if task == "depth" else {},
         # Two stages, the second re-using the first's weights: a resume must rebuild the right optimizer.
         "stages": [
-            {"name": "first", "resolution": setup["resolution"], "batch_size": 16, "chunk_size": 48, "epochs_per_chunk": 2, "lr": 0.003},
+            {"name": "first", "resolution": setup["resolution"], "batch_size": 16, "chunk_size": 48,
+             "epochs_per_chunk": 2, "lr": 0.003},
             {"name": "second", "resolution": setup["resolution"], "batch_size": 16, "chunk_size": 96, "lr": 0.001},
         ],
         "checkpoint": {"every_steps": 4, "every_seconds": 3600, "keep": 2},
@@ -102,7 +104,8 @@ def test_a_sigkilled_run_of_every_task_resumes_to_the_uninterrupted_weights(task
     table = json.loads(run_cli("compare", "tests", "--json", cwd=ref_dir).stdout)
     keys = {c["key"] for c in table["columns"]}
     assert {k for k in keys if k.startswith("eval/")} <= EXPECTED_METRICS[task], keys
-    assert table["runs"][0]["task"] == task and all(table["runs"][0].get(k) is not None for k in keys if k.startswith("eval/"))
+    assert table["runs"][0]["task"] == task and all(table["runs"][0].get(k) is not None
+                                                    for k in keys if k.startswith("eval/"))
 
     recipe = write_recipe(cut_dir / "r.yaml", task_recipe(task, data))
     proc = start_cli("run", recipe, cwd=cut_dir, log=cut_dir / "first.log")
@@ -134,7 +137,8 @@ def test_real_digits_packed_as_an_imagefolder_train_past_095_with_basenet_recipe
     from storage.layouts.digits import write_digits_imagefolder
 
     write_digits_imagefolder(str(tmp_path / "digits"), size=28)
-    res = run_cli("data", "pack", str(tmp_path / "digits"), str(tmp_path / "packed"), "--task", "classification", cwd=tmp_path)
+    res = run_cli("data", "pack", str(tmp_path / "digits"), str(tmp_path / "packed"), "--task", "classification",
+                  cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "basenet.yaml")
     res = run_cli("run", recipe, "--set", f"data.uri={tmp_path / 'packed'}", "--set", "execution.backend=local",

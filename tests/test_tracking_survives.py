@@ -173,7 +173,8 @@ def test_ctrl_c_saves_a_checkpoint_names_the_step_and_the_same_command_resumes(t
 
 
 @pytest.mark.ray
-def test_ctrl_c_on_ray_stops_the_workers_after_their_checkpoint_instead_of_aborting(tmp_path, tiny_dataset, reference_sha):
+def test_ctrl_c_on_ray_stops_the_workers_after_their_checkpoint_instead_of_aborting(tmp_path, tiny_dataset,
+                                                                                    reference_sha):
     """On Ray the workers are other processes: the driver's first SIGINT reaches them as a stop
     request in run storage (Ray Train's own handler, which aborts at once, is the second press)."""
     recipe = slow_recipe(tiny_dataset, backend="ray")

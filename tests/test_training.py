@@ -106,7 +106,8 @@ def test_corrupt_checkpoint_is_refused_not_loaded(tiny_run, in_tmp):
         checkpoints.read_local(str(d))
 
 
-def test_resume_after_sigkill_continues_in_same_mlflow_run_with_identical_weights(tmp_path, tiny_dataset, reference_final):
+def test_resume_after_sigkill_continues_in_same_mlflow_run_with_identical_weights(tmp_path, tiny_dataset,
+                                                                                  reference_final):
     """SIGKILL the real `orchestrator run` process mid-stage-2, run the same command again.
 
     It must resume from the last checkpoint (not the start), train no chunk twice, keep one
@@ -117,7 +118,8 @@ def test_resume_after_sigkill_continues_in_same_mlflow_run_with_identical_weight
     path = write_recipe(tmp_path / "r.yaml", slow)
     proc = start_cli("run", path, cwd=tmp_path, log=tmp_path / "attempt1.log")
     try:
-        cut = wait_for_cursor(tmp_path / "runs" / "tiny", lambda c: c["stage"] == 1 and c["chunk"] >= 1 and c["batch"] > 0, proc)
+        cut = wait_for_cursor(tmp_path / "runs" / "tiny",
+                              lambda c: c["stage"] == 1 and c["chunk"] >= 1 and c["batch"] > 0, proc)
     finally:
         kill_group(proc)
     mid = status_json(tmp_path)

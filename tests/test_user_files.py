@@ -44,7 +44,9 @@ def _refused(res, dest: Path, command: str) -> None:
         assert needle in res.stderr, f"{needle!r} not in\n{shown}"
 
 
-@pytest.mark.parametrize("extra", [["--task", "classification"], ["--image-size", "32"], ["--task", "depth", "--layout", "seed"]],
+@pytest.mark.parametrize("extra",
+                         [["--task", "classification"], ["--image-size", "32"],
+                          ["--task", "depth", "--layout", "seed"]],
                          ids=["classification", "mask_depth", "depth-seed"])
 def test_synth_refuses_a_folder_of_user_files_and_force_keeps_them(tmp_path: Path, extra: list[str]):
     dest = tmp_path / "mydrive"
@@ -93,7 +95,8 @@ def test_the_runners_first_run_synthesis_refuses_user_files_too(tmp_path: Path):
 
 
 def test_pack_refuses_user_files_and_a_repack_removes_only_what_a_pack_recorded(tmp_path: Path):
-    assert run_cli("data", "synth", "raw", "--task", "classification", "--layout", "seed", "--samples", "40", cwd=tmp_path).returncode == 0
+    assert run_cli("data", "synth", "raw", "--task", "classification", "--layout", "seed", "--samples", "40",
+                   cwd=tmp_path).returncode == 0
     dest = tmp_path / "out"
     files = _user_files(dest)
     res = run_cli("data", "pack", "raw", "out", "--task", "classification", cwd=tmp_path)
@@ -109,14 +112,17 @@ def test_pack_refuses_user_files_and_a_repack_removes_only_what_a_pack_recorded(
     ds = open_dataset(str(dest))
     assert ds.num_samples == 40
     shards = sorted(p.name for p in (dest / "shards").iterdir())
-    assert shards == ["notes.txt"] + [f"shard-{i:05d}.parquet" for i in range(5)]  # the 16-row pack's 3 shards were replaced
+    # the 16-row pack's 3 shards were replaced
+    assert shards == ["notes.txt"] + [f"shard-{i:05d}.parquet" for i in range(5)]
     assert run_cli("data", "verify", "out", cwd=tmp_path).returncode == 0
 
 
 def test_pack_resumes_from_its_own_state_without_force(tmp_path: Path):
     """A killed pack leaves DEST/.pack/ and shards: the same command goes on, no --force needed."""
-    assert run_cli("data", "synth", "raw", "--task", "classification", "--layout", "seed", "--samples", "40", cwd=tmp_path).returncode == 0
-    assert run_cli("data", "pack", "raw", "out", "--task", "classification", "--rows-per-shard", "16", cwd=tmp_path).returncode == 0
+    assert run_cli("data", "synth", "raw", "--task", "classification", "--layout", "seed", "--samples", "40",
+                   cwd=tmp_path).returncode == 0
+    assert run_cli("data", "pack", "raw", "out", "--task", "classification", "--rows-per-shard", "16",
+                   cwd=tmp_path).returncode == 0
     (tmp_path / "out" / "manifest.json").unlink()
     (tmp_path / "out" / "index.parquet").unlink()
     assert foreign_files(str(tmp_path / "out")) == []
@@ -128,14 +134,16 @@ def test_pack_resumes_from_its_own_state_without_force(tmp_path: Path):
 def test_a_damaged_record_cannot_point_a_repack_at_a_user_file(tmp_path: Path):
     import json
 
-    assert run_cli("data", "synth", "raw", "--task", "classification", "--layout", "seed", "--samples", "20", cwd=tmp_path).returncode == 0
+    assert run_cli("data", "synth", "raw", "--task", "classification", "--layout", "seed", "--samples", "20",
+                   cwd=tmp_path).returncode == 0
     assert run_cli("data", "pack", "raw", "out", "--task", "classification", cwd=tmp_path).returncode == 0
     files = _user_files(tmp_path / "out")
     record = tmp_path / "out" / ".pack" / "part-00000.json"
     rec = json.loads(record.read_text())
     rec["shard"]["file"] = "shards/notes.txt"
     record.write_text(json.dumps(rec))
-    res = run_cli("data", "pack", "raw", "out", "--task", "classification", "--force", "--rows-per-shard", "4", cwd=tmp_path)
+    res = run_cli("data", "pack", "raw", "out", "--task", "classification", "--force", "--rows-per-shard", "4",
+                  cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     _intact(files)
 
@@ -152,7 +160,8 @@ def test_an_object_store_dest_is_checked_and_kept_the_same_way():
     assert foreign_files(raw) == []
     sfs.write_bytes(f"{dest}/shards/notes.txt", NOTES)
     sfs.write_bytes(f"{dest}/shared/thesis.docx", THESIS)
-    with pytest.raises(ForeignDestError, match=r"memory://user-files-check/mydrive.*shards/notes\.txt, shared/thesis\.docx"):
+    with pytest.raises(ForeignDestError,
+                       match=r"memory://user-files-check/mydrive.*shards/notes\.txt, shared/thesis\.docx"):
         check_dest(dest, "data pack")
     with pytest.raises(ForeignDestError):
         pack(raw, dest, task="classification", workers=1)

@@ -36,7 +36,8 @@ def test_a_flipped_byte_is_named_by_sample_and_shard(dataset, tmp_path):
     ds = open_dataset(dataset)
     victim = 21
     img = ds.read_samples([victim])["fg_bg"][0]
-    shard = Path(dataset) / ds.manifest["shards"][ds.index.column("shard").to_numpy()[ds.positions([victim])[0]]]["file"]
+    shard = Path(dataset) / ds.manifest["shards"][ds.index.column("shard").to_numpy()[ds.positions([victim])[0]]][
+        "file"]
     data = bytearray(shard.read_bytes())
     at = data.find(img) + len(img) // 2
     data[at] ^= 0x55
@@ -87,9 +88,11 @@ def test_a_manifest_missing_keys_is_one_clear_error_not_a_traceback(dataset, tmp
         res = run_cli("data", "verify", dataset, "--json", cwd=tmp_path)
         assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
         [bad] = json.loads(res.stdout)["bad"]
-        assert bad["reason"].startswith(f"{manifest}: keys ['{key}'] missing") and "re-pack" in bad["reason"] and "\n" not in bad["reason"]
+        assert bad["reason"].startswith(f"{manifest}: keys ['{key}'] "
+                                        "missing") and "re-pack" in bad["reason"] and "\n" not in bad["reason"]
         res = run_cli("data", "verify", dataset, cwd=tmp_path)
-        assert res.returncode == 1 and "Traceback" not in res.stderr and f"{manifest}: keys ['{key}'] missing" in res.stderr
+        assert res.returncode == 1 and "Traceback" not in res.stderr
+        assert f"{manifest}: keys ['{key}'] missing" in res.stderr
 
 
 def test_declared_columns_are_verified_per_codec(tmp_path):
@@ -111,7 +114,8 @@ def test_declared_columns_are_verified_per_codec(tmp_path):
             w.add({"sample_id": sid, "image": s["fg_bg"], "seg": seg, "label": sid % 2, "height": 32, "width": 32})
         w.close()
     out = verify(uri, workers=2)
-    assert [(b["sample"], b["shard"]) for b in out["bad"]] == [("2", "shards/shard-00000.parquet"), ("5", "shards/shard-00001.parquet")]
+    assert [(b["sample"], b["shard"]) for b in out["bad"]] == [("2", "shards/shard-00000.parquet"),
+                                                               ("5", "shards/shard-00001.parquet")]
     assert "'seg' does not decode" in out["bad"][0]["reason"]
     assert "'seg' is 16x32, the index says 32x32" in out["bad"][1]["reason"]
     assert out["checksums_ok"] == 8 and out["ok"] == 6
