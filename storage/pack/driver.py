@@ -152,26 +152,16 @@ def pack(
     bad = [{**b, "path": redact_text(b["path"])} for b in bad]
     packed = sum(records[p]["rows"] for p in records)
     result = PackResult(dest=dest, skipped=bad, unlisted=plan.unlisted, parts=len(tasks), parts_reused=reused)
+    refusal = None
     if bad and not skip_bad:
-        result.report = {
-            "packed": 0,
-            "skipped": bad,
-            "unlisted": len(plan.unlisted),
-            "complete": False,
-            "dataset": None,
-        }
+        refusal = _bad_message(plan.source, bad, dest)
+    elif packed == 0:
+        refusal = f"{redact_text(plan.source)}: every sample is bad ({len(bad)}); nothing to pack"
+    if refusal:  # nothing packed: the report says so before the error does
+        result.report = {"packed": 0, "skipped": bad, "unlisted": len(plan.unlisted), "complete": False,
+                         "dataset": None}
         _write_report(report, result.report)
-        raise PackError(_bad_message(plan.source, bad, dest))
-    if packed == 0:
-        result.report = {
-            "packed": 0,
-            "skipped": bad,
-            "unlisted": len(plan.unlisted),
-            "complete": False,
-            "dataset": None,
-        }
-        _write_report(report, result.report)
-        raise PackError(f"{redact_text(plan.source)}: every sample is bad ({len(bad)}); nothing to pack")
+        raise PackError(refusal)
 
     manifest, n_shards = _write_dataset(dest, plan, task, rps, rpg, bad, records, bg_records, recorded)
     result.packed, result.shards, result.manifest = packed, n_shards, manifest
