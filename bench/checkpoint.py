@@ -46,8 +46,8 @@ def _trainer(args: argparse.Namespace, data_uri: str, run_dir: str, tracking_uri
     from common.recipe import validate_recipe
     from storage.plans import save_plan
     from storage.shards import open_dataset
-    from workers.loop import Trainer
     from workers.session import LocalSession
+    from workers.train.trainer import Trainer
 
     recipe = validate_recipe({
         "run": {"name": "bench", "storage": run_dir.rsplit("/", 1)[0], "seed": 0},

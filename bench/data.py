@@ -347,8 +347,8 @@ def bench_data_wait(args: argparse.Namespace, proxy: Any, bucket: str) -> dict[s
     from storage.plans import save_plan
     from storage.shards import open_dataset
     from storage.synth import synthesize
-    from workers.loop import Trainer
     from workers.session import LocalSession
+    from workers.train.trainer import Trainer
 
     torch.set_num_threads(args.threads)
     uri = f"gs://{bucket}/quickstart"

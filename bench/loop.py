@@ -34,9 +34,9 @@ def main(argv: list[str] | None = None) -> dict:
     from storage.plans import save_plan
     from storage.shards import open_dataset
     from storage.synth import synthesize
-    from workers.loop import Trainer
     from workers.session import LocalSession
     from workers.tasks import Batch
+    from workers.train.trainer import Trainer
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:

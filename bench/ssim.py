@@ -82,9 +82,9 @@ def _fwd_bwd(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: t
 def _unet_step(batch: int, size: int) -> tuple[Callable[[], None], int]:
     """One training step of recipes/unet224.yaml's model, losses and optimizer (its last stage)."""
     from common.recipe import load_recipe
-    from workers.loop import _make_optimizer
     from workers.models.registry import build_from_recipe
     from workers.tasks import Batch, get_task
+    from workers.train.optim import make_optimizer
 
     recipe = load_recipe(str(REPO / "recipes" / "unet224.yaml"))
     st = recipe.stages[-1]
@@ -93,7 +93,7 @@ def _unet_step(batch: int, size: int) -> tuple[Callable[[], None], int]:
     model = build_from_recipe(recipe.model, **task.model_kwargs())
     model.set_trainable(st.trainable)
     model.train()
-    opt = _make_optimizer(recipe, [p for p in model.parameters() if p.requires_grad], st.lr)
+    opt = make_optimizer(recipe, [p for p in model.parameters() if p.requires_grad], st.lr)
     x = torch.randn(batch, 6, size, size)
     mask = (torch.rand(batch, 1, size, size) > 0.5).float()
     depth = torch.rand(batch, 1, size, size)

@@ -47,8 +47,8 @@ def worker_env() -> dict[str, str]:
 
 def launch(recipe: Recipe, config: dict[str, Any], address: str | None) -> None:
     if recipe.execution.backend == "local":
-        from workers.loop import train_loop
         from workers.preemption import install_sigterm_handler
+        from workers.train.entry import train_loop
 
         install_sigterm_handler()
         train_loop(config)
@@ -158,7 +158,7 @@ def set_aside_stale_ray_snapshot(run_dir: str) -> bool:
 def launch_ray(recipe: Recipe, config: dict[str, Any], address: str | None) -> None:
     import ray.train
 
-    from workers.loop import train_loop
+    from workers.train.entry import train_loop
 
     ex = recipe.execution
     _Trainer = _sigint_chained_trainer()  # noqa: N806 - a class

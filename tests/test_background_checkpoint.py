@@ -115,7 +115,7 @@ def test_training_goes_on_while_a_checkpoint_uploads_and_only_one_is_in_flight(t
     from common.recipe import validate_recipe
     from orchestrator import runner
     from storage import checkpoints
-    from workers.loop import Trainer
+    from workers.train.trainer import Trainer
 
     monkeypatch.chdir(tmp_path)
     run_dir = tmp_path / "runs" / "tiny"
