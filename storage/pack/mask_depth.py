@@ -25,8 +25,8 @@ from storage.layouts.base import (
     DEFAULT_TASK,
     BadSample,
     TaskPlan,
-    open_image_checked,
 )
+from storage.layouts.samples import open_image
 from storage.pack.reading import member_problem, path_of, read_part_files
 from storage.pack.records import (
     BACKGROUNDS,
@@ -66,15 +66,8 @@ BG_COLUMN = Column("bg", "image")
 
 
 def decode_checked(data: bytes, kind: str, path: str) -> Image.Image:
-    try:
-        img = open_image_checked(data, kind, path)  # over the pixel limit: BadSample, before any decode
-        img.load()  # Pillow decodes lazily: a truncated file fails here, not in training
-    except BadSample:
-        raise
-    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for bad bytes
-        raise BadSample(
-            path, f"{kind} cannot be decoded ({type(exc).__name__}: {exc}); corrupt or truncated image"
-        ) from None
+    """The image, decoded in full (storage/layouts/samples.py open_image), and JPEG or PNG."""
+    img = open_image(data, kind, path)
     if img.format not in ("JPEG", "PNG"):
         raise BadSample(path, f"{kind} is {img.format}, expected JPEG or PNG")
     return img
