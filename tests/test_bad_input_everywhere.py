@@ -361,7 +361,7 @@ def test_runs_lists_the_others_and_marks_a_damaged_run(tmp_path: Path):
     damaged ones with state "damaged", the file and what to do (text and --json)."""
     from dataclasses import asdict
 
-    from orchestrator.run_store import RunRecord
+    from orchestrator.engine.record import RunRecord
 
     good = asdict(RunRecord(run_name="good", recipe={}, recipe_sha256="x", state="completed", mlflow_run_id="abc"))
     (tmp_path / "runs" / "good").mkdir(parents=True)

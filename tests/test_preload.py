@@ -12,7 +12,7 @@ import pytest
 
 from storage import fs as sfs
 from storage.cache import ByteCache
-from storage.preload import ShardFetchError
+from storage.errors import ShardFetchError
 from storage.retry import RETRY_COUNTER
 from storage.shards import DatasetError, ShardWriter, open_dataset
 from storage.synth import synthesize

@@ -145,7 +145,7 @@ def test_read_samples_keeps_the_requested_order(uri):
 
 def test_read_samples_fetches_only_the_row_groups_that_hold_the_ids(uri, monkeypatch):
     """Breaks if a read pulls whole shards (or extra row groups) instead of the groups it needs."""
-    from storage.preload import ShardReader
+    from storage.shards.fetch import ShardReader
 
     _write(uri)
     ds = open_dataset(uri)

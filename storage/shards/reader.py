@@ -158,7 +158,7 @@ class ShardDataset:
         `sample_columns`, or a shared column's id column `<name>_id`), `height`, `width`:
         sample_id/height/width and int64 columns as numpy arrays, the other columns as lists of
         encoded bytes (decode with storage.columns or storage.codec). Only the row groups that
-        hold the ids are fetched (all at once, through the local cache; storage/preload.py), and
+        hold the ids are fetched (all at once, through the local cache; storage/shards/fetch.py), and
         each sample is checked against its checksum: a row group that fails is fetched once more,
         and a second failure raises DatasetError naming the shard URI. Shared values (/4) are
         resolved after: each distinct one needed is fetched once (only the row groups of its
