@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from common.errors import OrchestratorError, RecipeError, RunError, RunInterrupted
-from storage.retry import StorageError
+from storage.errors import StorageError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Chunked, preemption-proof training of vision models.")

@@ -19,9 +19,9 @@ from orchestrator.failure_policy import STOPPED_CLEANLY, FatalErrorWatch
 from orchestrator.interrupt import StopOnInterrupt
 from orchestrator.progress import ProgressDisplay, count_progress
 from storage import fs
+from storage.errors import MountDropped, StorageError, StorageUnavailable
 from storage.layout import CURSOR_JSON, ERROR_JSON, FINAL_JSON
 from storage.plans import load_plan, save_plan
-from storage.retry import MountDropped, StorageError, StorageUnavailable
 from workers.preemption import PreemptedError, StopRequested
 
 

@@ -1,7 +1,7 @@
 """Storage's errors: what a caller above storage catches, in one module that imports nothing.
 
-StorageError and its kin are also importable from storage.retry (which raises them), DatasetError
-from storage.shards, ShardFetchError from storage.shards.fetch.
+DatasetError is also importable from storage.shards, ShardFetchError from storage.shards.fetch (which
+raise them).
 """
 
 from __future__ import annotations

@@ -19,15 +19,8 @@ import fsspec
 from fsspec.core import url_to_fs
 
 from common.redact import redact_text
-from storage.retry import (
-    MountDropped,
-    StorageError,
-    StorageUnavailable,
-    durable_retry,
-    is_mount_drop,
-    is_transient,
-    storage_retry,
-)
+from storage.errors import MountDropped, StorageError, StorageUnavailable
+from storage.retry import durable_retry, is_mount_drop, is_transient, storage_retry
 
 # gs:// and gcs:// resolve to gcsfs under the project's retry policy (see storage/gcs.py); a
 # string so that gcsfs is imported only when a bucket is used.

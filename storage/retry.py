@@ -23,7 +23,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from storage.errors import MountDropped, StorageError, StorageUnavailable  # noqa: F401 - re-exported
+from storage.errors import StorageError
 
 log = logging.getLogger(__name__)
 

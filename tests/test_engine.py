@@ -98,7 +98,7 @@ def test_finish_sets_the_matching_mlflow_status(tmp_path: Path, calls: _Calls, s
 
 def test_finish_is_best_effort_when_storage_and_mlflow_are_down(tmp_path: Path, calls: _Calls, monkeypatch):
     from orchestrator import tracking
-    from storage.retry import StorageError
+    from storage.errors import StorageError
 
     rec = _record()
     rec.state = RunState.RUNNING

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from storage import fs as sfs
-from storage.retry import RETRY_COUNTER, StorageError
+from storage.errors import StorageError
+from storage.retry import RETRY_COUNTER
 from storage.seed_layout import synthesize_seed_layout
 from storage.shards import DatasetError, open_dataset
 from storage.synth import synthesize

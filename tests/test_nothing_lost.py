@@ -361,7 +361,7 @@ def test_storage_faults_are_sorted_into_dropped_mounts_outages_and_permanent_err
     budget become a permanent StorageError (that stopped runs for good), or if a 403 is retried."""
     import errno
 
-    from storage import fs, retry
+    from storage import errors, fs, retry
 
     calls = {"n": 0}
 
@@ -372,23 +372,23 @@ def test_storage_faults_are_sorted_into_dropped_mounts_outages_and_permanent_err
         return op
 
     fast = retry._policy(0.3)
-    with pytest.raises(retry.MountDropped) as dropped:
+    with pytest.raises(errors.MountDropped) as dropped:
         fs._named(failing(OSError(errno.ENOTCONN, "Transport endpoint is not connected")), fast)(str(tmp_path / "x"))
     assert dropped.value.path == str(tmp_path / "x") and "force_remount=True" in fs.mount_advice(dropped.value)
     outage = ConnectionResetError(errno.ECONNRESET, "reset")
-    with pytest.raises(retry.StorageUnavailable) as unavailable:
+    with pytest.raises(errors.StorageUnavailable) as unavailable:
         fs._named(failing(outage), fast)("gs://bucket/runs/x")
-    assert not isinstance(unavailable.value, retry.MountDropped) and "gs://bucket/runs/x" in str(unavailable.value)
+    assert not isinstance(unavailable.value, errors.MountDropped) and "gs://bucket/runs/x" in str(unavailable.value)
     calls["n"] = 0
-    with pytest.raises(retry.StorageError) as forbidden:
+    with pytest.raises(errors.StorageError) as forbidden:
         fs._named(failing(PermissionError(errno.EACCES, "Forbidden")), fast)("gs://bucket/runs/x")
-    assert not isinstance(forbidden.value, retry.StorageUnavailable) and calls["n"] == 1
+    assert not isinstance(forbidden.value, errors.StorageUnavailable) and calls["n"] == 1
 
 
 def test_progress_json_that_cannot_be_written_costs_training_nothing(monkeypatch, tmp_path, caplog):
     """progress.json is advisory: a store failing its writes must not raise into, or block, training."""
     from storage import fs
-    from storage.retry import StorageUnavailable
+    from storage.errors import StorageUnavailable
     from workers.progress import ProgressWriter
     from workers.state import Cursor
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from storage.retry import StorageError
+from storage.errors import StorageError
 
 log = logging.getLogger(__name__)
 

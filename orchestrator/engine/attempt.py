@@ -16,7 +16,7 @@ from typing import Protocol
 from common.redact import redact_text
 from orchestrator import tracking
 from orchestrator.engine.states import MLFLOW_STATUS, IllegalTransition, RunState, check_move
-from storage.retry import StorageError
+from storage.errors import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def root_cause(exc: BaseException) -> str:
     """The innermost exception's message: Ray wraps worker errors several layers deep. A storage
     error's own message names the URI, so the search stops there rather than at its cause."""
     from storage import fs
-    from storage.retry import MountDropped
+    from storage.errors import MountDropped
 
     seen = exc
     while not isinstance(seen, StorageError):

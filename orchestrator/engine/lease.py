@@ -28,6 +28,7 @@ from typing import Any
 from common.errors import RunError
 from orchestrator.engine.watcher import RunWatcher
 from storage import lease as _proto
+from storage.errors import MountDropped
 from storage.fs import mount_advice
 from storage.lease import (
     LEASE_JSON,
@@ -38,7 +39,7 @@ from storage.lease import (
     is_live,
     read,
 )
-from storage.retry import MountDropped, is_mount_drop
+from storage.retry import is_mount_drop
 
 __all__ = ["LEASE_JSON", "LEASE_TTL_S", "HEARTBEAT_S", "LOSS_MARGIN_S", "DriverLease", "Lease", "LeaseLostError",
            "check_holder", "is_live", "read"]

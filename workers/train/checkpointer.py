@@ -21,8 +21,8 @@ import torch
 
 from common.recipe import Recipe
 from storage import checkpoints, fs, lease
+from storage.errors import StorageError
 from storage.layout import CURSOR_JSON, RESTARTS_JSON
-from storage.retry import StorageError
 from workers import tracking_store
 from workers.checkpoint_policy import CheckpointPolicy
 from workers.checkpoint_writer import CheckpointWriter

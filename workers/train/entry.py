@@ -8,8 +8,8 @@ from typing import Any
 
 from common.recipe import Recipe
 from storage import fs
+from storage.errors import MountDropped
 from storage.layout import ERROR_JSON
-from storage.retry import MountDropped
 from workers.preemption import TRAINING_ACTIVE, StopRequested
 from workers.session import make_session
 from workers.train.errors import FATAL_ERRORS, error_kind

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from storage.checkpoints import CheckpointCorruptError
-from storage.retry import MountDropped, StorageError, StorageUnavailable
+from storage.errors import MountDropped, StorageError, StorageUnavailable
 from storage.shards import DatasetError
 from workers.data import DataError
 
