@@ -263,7 +263,7 @@ def data_pack(
     """Pack a raw dataset into Parquet shards + index + manifest. Killed? Run it again: it continues."""
     from orchestrator.progress import count_progress
     from storage.pack import PackError, pack
-    from storage.seed_layout import SourceError
+    from storage.source_plan import SourceError
 
     for value, what in ((source, "SOURCE"), (dest, "DEST"), (report, "--report")):
         check_no_credentials(value, what)

@@ -28,18 +28,16 @@ from PIL import Image
 
 from storage import codec
 from storage import fs as sfs
-
-# The generic plan types moved to storage.source_plan; importable from here as before (explicit re-exports).
-from storage.source_plan import Container as Container
-from storage.source_plan import Entry as Entry
-from storage.source_plan import FileRef as FileRef
-from storage.source_plan import MemberError as MemberError
-from storage.source_plan import SampleRef as SampleRef
-from storage.source_plan import SourceError as SourceError
-from storage.source_plan import SourcePlan as SourcePlan
-from storage.source_plan import read_files as read_files
-from storage.source_plan import read_members as read_members
-from storage.source_plan import zip_member_uri as zip_member_uri
+from storage.source_plan import (
+    Container,
+    Entry,
+    FileRef,
+    MemberError,
+    SampleRef,
+    SourceError,
+    SourcePlan,
+    read_members,
+)
 
 # Container names as written by `data synth --layout seed`, then accepted aliases.
 CONTAINERS: dict[str, tuple[str, ...]] = {

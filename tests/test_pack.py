@@ -19,8 +19,9 @@ from PIL import Image
 from storage import codec
 from storage import fs as sfs
 from storage.pack import PackError, pack
-from storage.seed_layout import SourceError, synthesize_seed_layout
+from storage.seed_layout import synthesize_seed_layout
 from storage.shards import open_dataset
+from storage.source_plan import SourceError
 from tests.conftest import kill_group, run_cli, start_cli
 
 N = 40

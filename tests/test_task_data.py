@@ -16,8 +16,9 @@ from PIL import Image
 from storage.columns import decode_value
 from storage.layouts.voc import VOC_CLASSES, voc_palette
 from storage.pack import pack
-from storage.seed_layout import SourceError, synthesize_seed_layout
+from storage.seed_layout import synthesize_seed_layout
 from storage.shards import BASE_INDEX_COLUMNS, open_dataset
+from storage.source_plan import SourceError
 from storage.synth_tasks import (
     CLASSIFICATION_CLASSES,
     SEGMENTATION_CLASSES,
