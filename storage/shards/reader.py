@@ -34,7 +34,7 @@ from storage.shards.format import (
     stored_columns,
 )
 from storage.shards.legacy import DEFAULT_TASK, INDEX_STAT
-from storage.shards.manifest import one_line, read_index, read_manifest
+from storage.shards.manifest import one_line, read_index_and_footers, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ class ShardDataset:
         shared: Mapping[str, ShardDataset] | None = None,
         item: str = "sample",
         disk_cache: bool = True,
+        footers: Mapping[str, tuple[int, bytes]] | None = None,
     ):
         self.uri = uri
         self.manifest = manifest
@@ -94,12 +95,17 @@ class ShardDataset:
         self._order = np.argsort(self.sample_ids, kind="stable")
         self._sorted_ids = self.sample_ids[self._order]
         self._reader = None
+        # The shards' footers the index carried ({} for older datasets): no request per shard.
+        self._footer_copies = dict(footers or {})
         self._init_shared_cache()
 
     def _init_shared_cache(self) -> None:
         self._shared_cache: OrderedDict[tuple[str, int], bytes] = OrderedDict()
         self._shared_cache_bytes = 0
         self._shared_lock = threading.Lock()
+        # Held while shared values are fetched: pieces of a chunk read in parallel would each fetch
+        # the values the other is already fetching; the second waits, then finds them in memory.
+        self._shared_fetch_lock = threading.Lock()
 
     @property
     def num_samples(self) -> int:
@@ -214,39 +220,51 @@ class ShardDataset:
         """The values of shared column `name` for these ids (one per sample), each distinct one
         fetched once (or taken from memory)."""
         got: dict[int, bytes] = {}
+        missing = self._shared_hits(name, np.unique(vids).tolist(), got)
+        if missing:
+            with self._shared_fetch_lock:
+                missing = self._shared_hits(name, missing, got)  # what another thread fetched meanwhile
+                if missing:
+                    self._fetch_shared(name, missing, got)
+        return [got[v] for v in vids.tolist()]
+
+    def _shared_hits(self, name: str, vids: list[int], got: dict[int, bytes]) -> list[int]:
+        """Put the values of `vids` held in memory into `got`; returns the ids that are not."""
         missing: list[int] = []
         with self._shared_lock:
-            for v in np.unique(vids).tolist():
+            for v in vids:
                 hit = self._shared_cache.get((name, v))
                 if hit is None:
                     missing.append(v)
                 else:
                     self._shared_cache.move_to_end((name, v))
                     got[v] = hit
-        if missing:
-            table = self.shared[name]
-            pos = np.searchsorted(table._sorted_ids, missing)
-            absent = [
-                v
-                for v, p in zip(missing, pos.tolist(), strict=True)
-                if p >= len(table._sorted_ids) or table._sorted_ids[p] != v
-            ]
-            if absent:
-                raise DatasetError(
-                    f"{self.uri}: samples refer to shared {name} ids {_describe_ids(np.asarray(absent))}, which "
-                    f"{shared_index_file(name)} does not list; the dataset is damaged, re-pack it"
-                )
-            rows = table.read_samples(missing, columns=("sample_id", name))
-            with self._shared_lock:
-                for v, value in zip(rows["sample_id"].tolist(), rows[name], strict=True):
-                    got[v] = value
-                    if (name, v) not in self._shared_cache:
-                        self._shared_cache[(name, v)] = value
-                        self._shared_cache_bytes += len(value)
-                while self._shared_cache_bytes > SHARED_CACHE_BYTES and self._shared_cache:
-                    _, old = self._shared_cache.popitem(last=False)
-                    self._shared_cache_bytes -= len(old)
-        return [got[v] for v in vids.tolist()]
+        return missing
+
+    def _fetch_shared(self, name: str, missing: list[int], got: dict[int, bytes]) -> None:
+        """Fetch shared column `name`'s values of these ids (each checked), keep them in memory, put them in `got`."""
+        table = self.shared[name]
+        pos = np.searchsorted(table._sorted_ids, missing)
+        absent = [
+            v
+            for v, p in zip(missing, pos.tolist(), strict=True)
+            if p >= len(table._sorted_ids) or table._sorted_ids[p] != v
+        ]
+        if absent:
+            raise DatasetError(
+                f"{self.uri}: samples refer to shared {name} ids {_describe_ids(np.asarray(absent))}, which "
+                f"{shared_index_file(name)} does not list; the dataset is damaged, re-pack it"
+            )
+        rows = table.read_samples(missing, columns=("sample_id", name))
+        with self._shared_lock:
+            for v, value in zip(rows["sample_id"].tolist(), rows[name], strict=True):
+                got[v] = value
+                if (name, v) not in self._shared_cache:
+                    self._shared_cache[(name, v)] = value
+                    self._shared_cache_bytes += len(value)
+            while self._shared_cache_bytes > SHARED_CACHE_BYTES and self._shared_cache:
+                _, old = self._shared_cache.popitem(last=False)
+                self._shared_cache_bytes -= len(old)
 
     def _read_groups(
         self, wanted: list[tuple[int, int]], pos: np.ndarray, shard_of: np.ndarray, group_of: np.ndarray
@@ -300,13 +318,14 @@ class ShardDataset:
     def reader(self):
         """The shard reader (footers, cache) of this process; made on first use, never pickled."""
         if self._reader is None:
-            self._reader = ShardReader(self.uri, self.manifest, cache_for(self.uri) if self.disk_cache else None)
+            self._reader = ShardReader(self.uri, self.manifest, cache_for(self.uri) if self.disk_cache else None,
+                                       self._footer_copies)
         return self._reader
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_reader"] = None  # holds a filesystem, a lock and parsed footers: per process
-        for k in ("_shared_cache", "_shared_cache_bytes", "_shared_lock"):  # per process too
+        for k in ("_shared_cache", "_shared_cache_bytes", "_shared_lock", "_shared_fetch_lock"):  # per process too
             state.pop(k, None)
         return state
 
@@ -337,7 +356,8 @@ def _verify_rows(
     return None
 
 
-def shared_table(uri: str, manifest: dict[str, Any], name: str, index: pa.Table) -> ShardDataset:
+def shared_table(uri: str, manifest: dict[str, Any], name: str, index: pa.Table,
+                 footers: Mapping[str, tuple[int, bytes]] | None = None) -> ShardDataset:
     """The ShardDataset of a /4 dataset's shared column `name` (the value's id as sample_id)."""
     entry = manifest["shared"][name]
     column = next(c for c in columns_from_manifest(manifest) if c.name == name)
@@ -351,16 +371,22 @@ def shared_table(uri: str, manifest: dict[str, Any], name: str, index: pa.Table)
     }
     # Its values are kept in memory by the dataset that reads them (ShardDataset._resolve_shared):
     # the disk cache holds the samples' row groups only.
-    return ShardDataset(uri, sub, index, item=f"shared {name}", disk_cache=False)
+    mine = {sh["file"] for sh in entry["files"]}
+    copies = {f: c for f, c in (footers or {}).items() if f in mine}
+    return ShardDataset(uri, sub, index, item=f"shared {name}", disk_cache=False, footers=copies)
 
 
-def _open_shared(uri: str, manifest: dict[str, Any]) -> dict[str, ShardDataset]:
-    """The shared tables of a /4 dataset, their indexes read and checked against the manifest."""
+def _open_shared(
+    uri: str, manifest: dict[str, Any], copies: Mapping[str, tuple[int, bytes]] | None = None
+) -> dict[str, ShardDataset]:
+    """The shared tables of a /4 dataset, their indexes (the copies the dataset's index carried,
+    else read) checked against the manifest."""
     out = {}
     for name, entry in (manifest.get("shared") or {}).items():
         index_uri = sfs.join(uri, entry["index"])
         try:
-            data = sfs.read_bytes(index_uri)
+            copy = (copies or {}).get(entry["index"])
+            data = copy[1] if copy is not None else sfs.read_bytes(index_uri)
         except FileNotFoundError as exc:
             raise DatasetError(
                 f"{uri}: {entry['index']} (the table of shared column {name!r}) is missing although manifest.json is "
@@ -387,7 +413,7 @@ def _open_shared(uri: str, manifest: dict[str, Any]) -> dict[str, ShardDataset]:
                 f"columns {missing} missing" if missing else f"{index.num_rows} rows, the manifest says {entry['num']}"
             )
             raise DatasetError(f"{index_uri}: {what}; the dataset is damaged, re-pack it")
-        out[name] = shared_table(uri, manifest, name, index)
+        out[name] = shared_table(uri, manifest, name, index, copies)
     return out
 
 
@@ -399,5 +425,5 @@ def open_dataset(uri: str) -> ShardDataset:
     """
     uri = sfs.normalize(uri)
     manifest = read_manifest(uri)
-    index = read_index(uri, manifest)
-    return ShardDataset(uri, manifest, index, _open_shared(uri, manifest))
+    index, footers = read_index_and_footers(uri, manifest)
+    return ShardDataset(uri, manifest, index, _open_shared(uri, manifest, footers), footers=footers)
