@@ -24,6 +24,7 @@ from storage.shards.format import (
     BASE_INDEX_COLUMNS,
     COLUMNS_FORMAT,
     INDEX,
+    LEGACY_MASK_DEPTH_FORMAT,
     MANIFEST,
     ROWS_PER_GROUP,
     SHARED_FORMAT,
@@ -230,7 +231,8 @@ def write_index_and_manifest(
     uri = sfs.normalize(uri)
     # The shards' footers (and shared indexes) ride in the index: a reader then fetches no footer
     # per shard (storage/shards/footers.py says why there and not in a file of their own).
-    copies = collect(uri, shards, shared)
+    # Not for /2, which is written on request byte for byte as before (its frozen layout).
+    copies = None if fmt == LEGACY_MASK_DEPTH_FORMAT else collect(uri, shards, shared)
     with _open_for_write(sfs.join(uri, INDEX)) as f:
         if copies is None:
             pq.write_table(index, f, compression="zstd")

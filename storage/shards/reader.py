@@ -417,13 +417,18 @@ def _open_shared(
     return out
 
 
-def open_dataset(uri: str) -> ShardDataset:
+def open_dataset(uri: str, own_files: bool = False) -> ShardDataset:
     """Open a packed dataset; DatasetError says what is wrong with the URI and how to fix it.
 
     A manifest.json that is not JSON, not an object, lacks keys, has values of the wrong type or
     declares unknown codecs is a one-line DatasetError naming the manifest's URI.
+
+    The footers and shared indexes index.parquet carries (storage/shards/footers.py) are checked
+    and used; `own_files` reads each shared index from its own file instead (`data verify`, which
+    checks every file), at one request per shared column.
     """
     uri = sfs.normalize(uri)
     manifest = read_manifest(uri)
     index, footers = read_index_and_footers(uri, manifest)
-    return ShardDataset(uri, manifest, index, _open_shared(uri, manifest, footers), footers=footers)
+    shared = _open_shared(uri, manifest, None if own_files else footers)
+    return ShardDataset(uri, manifest, index, shared, footers=footers)
