@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 from storage import fs as sfs
 from storage.errors import DatasetError
-from storage.shards.format import MANIFEST
+from storage.shards.format import MANIFEST, parse_parquet
 
 COPIES_KEY = "orchestrator.footers"
 MANIFEST_KEY = "footers"  # the manifest's entry
@@ -116,7 +116,7 @@ def load(uri: str, manifest: Mapping[str, Any], metadata: Mapping[bytes, bytes] 
         raise DatasetError(f"{index_uri}: the shard footers it carries (metadata {entry['key']!r}) differ from the "
                            f"manifest's sha256 (changed after packing); {fix}")
     try:
-        table = pq.read_table(pa.BufferReader(blob))
+        table = parse_parquet(blob)[0]
         copies = {f: (int(o), d) for f, o, d in zip(table.column("file").to_pylist(),
                                                     table.column("offset").to_pylist(),
                                                     table.column("data").to_pylist(), strict=True)}

@@ -7,13 +7,12 @@ import json
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from storage import fs as sfs
 from storage.columns import ColumnsError, columns_from_manifest
 from storage.errors import DatasetError
+from storage.shards.footers import COPIES_KEY, Copies
 from storage.shards.footers import MANIFEST_KEY as FOOTERS_KEY
-from storage.shards.footers import Copies
 from storage.shards.footers import entry_problem as footers_entry_problem
 from storage.shards.footers import load as load_footers
 from storage.shards.format import (
@@ -23,6 +22,7 @@ from storage.shards.format import (
     READABLE_FORMATS,
     SHARED_FORMAT,
     check_shared,
+    parse_parquet,
     shared_key,
 )
 from storage.shards.legacy import fixed_columns_problem
@@ -70,10 +70,7 @@ def read_index_and_footers(uri: str, manifest: dict[str, Any]) -> tuple[pa.Table
     dataset written before them), checked against the manifest: one request for both."""
     index_uri = sfs.join(uri, manifest["index"])
     try:
-        data = sfs.read_bytes(index_uri)
-        index = pq.read_table(pa.BufferReader(data))
-        # Only the footer's key-value pairs hold the copies (read_table keeps them out of the table).
-        metadata = pq.read_metadata(pa.BufferReader(data)).metadata if manifest.get(FOOTERS_KEY) else None
+        index, metadata = parse_parquet(sfs.read_bytes(index_uri), drop_key=COPIES_KEY)
     except FileNotFoundError as exc:
         raise DatasetError(
             f"{uri}: {manifest['index']} is missing although manifest.json is there; the dataset is damaged, "
@@ -102,7 +99,7 @@ def read_index_and_footers(uri: str, manifest: dict[str, Any]) -> tuple[pa.Table
 
 def read_table(uri: str) -> pa.Table:
     """A whole (small) Parquet file, e.g. index.parquet: one read, then parsed in memory."""
-    return pq.read_table(pa.BufferReader(sfs.read_bytes(uri)))
+    return parse_parquet(sfs.read_bytes(uri))[0]
 
 
 def missing_bucket_hint(uri: str) -> str:

@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from storage import fs as sfs
 from storage.cache import cache_for
@@ -28,6 +27,7 @@ from storage.shards.format import (
     CHECKSUM_DIGEST_BYTES,
     COLUMNS_FORMAT,
     LEGACY_MASK_DEPTH_FORMAT,
+    parse_parquet,
     sample_columns,
     shared_index_file,
     shared_key,
@@ -399,7 +399,7 @@ def _open_shared(
                 "damaged, re-pack it"
             )
         try:
-            index = pq.read_table(pa.BufferReader(data))
+            index = parse_parquet(data)[0]
         except (OSError, pa.ArrowException) as exc:
             raise DatasetError(
                 one_line(
