@@ -7,7 +7,7 @@ from __future__ import annotations
 import io
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,13 +135,13 @@ class ShardReader:
     """
 
     def __init__(self, uri: str, manifest: dict[str, Any], cache: ByteCache | None,
-                 copies: Mapping[str, tuple[int, bytes]] | None = None) -> None:
+                 copies: MutableMapping[str, tuple[int, bytes]] | None = None) -> None:
         self.uri = uri
         self.shards: list[dict[str, Any]] = manifest["shards"]
         self.cache = cache
         self.fs, _ = sfs.filesystem(uri)
         self.stats = PreloadStats()
-        self._copies = copies or {}  # footers the index carried (storage/shards/footers.py)
+        self._copies = copies if copies is not None else {}  # footers the index carried (storage/shards/footers.py)
         self._footers: dict[int, pq.FileMetaData] = {}
         self._paths: dict[int, str] = {}
         # Held while footers are found or fetched: pieces of a chunk read in parallel would each
@@ -170,7 +170,9 @@ class ShardReader:
     def _find_footers(self, missing: list[int]) -> None:
         fetch: list[int] = []
         for s in missing:
-            copy = self._copies.get(self.shards[s]["file"])
+            # Taken out once parsed: the parsed footer is kept, the copy's bytes need not be (16 MB
+            # of them at 1.2M samples in 41-row groups).
+            copy = self._copies.pop(self.shards[s]["file"], None)
             if copy is not None:
                 self._footers[s] = self._parse_copy(s, *copy)
                 continue

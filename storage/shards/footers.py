@@ -7,8 +7,9 @@ the copies ride along in that one request; a sidecar would cost one more GET per
 GCS emulator at 20 ms a request, bench.peer's 6,000 samples read whole in 8 GETs with them here,
 9 with a sidecar, 20 before: a footer per shard, the shared index, and every concurrent piece
 fetching what another was already fetching). The price: the index grows by the zstd-compressed
-footers (about 110 bytes per row group: ~3 MB at 1.2M samples in 41-row groups), which the driver
-reads too when it plans. Beyond COPIES_MAX_BYTES nothing is embedded and readers fetch each
+footers (about 215 bytes per row group: ~6 MB at 1.2M samples in 41-row groups, beside an index of
+~29 MB), which the driver reads too when it plans; a reader keeps a copy's bytes only until it has
+parsed that footer. Beyond COPIES_MAX_BYTES nothing is embedded and readers fetch each
 footer from its shard, as for every dataset written before.
 
 They are copies: the shards keep their footers and shared/<name>/index.parquet stays, so older

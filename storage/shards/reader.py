@@ -96,7 +96,8 @@ class ShardDataset:
         self._sorted_ids = self.sample_ids[self._order]
         self._reader = None
         # The shards' footers the index carried ({} for older datasets): no request per shard.
-        self._footer_copies = dict(footers or {})
+        mine = {sh["file"] for sh in manifest["shards"]}
+        self._footer_copies = {f: c for f, c in (footers or {}).items() if f in mine}
         self._init_shared_cache()
 
     def _init_shared_cache(self) -> None:
@@ -371,9 +372,7 @@ def shared_table(uri: str, manifest: dict[str, Any], name: str, index: pa.Table,
     }
     # Its values are kept in memory by the dataset that reads them (ShardDataset._resolve_shared):
     # the disk cache holds the samples' row groups only.
-    mine = {sh["file"] for sh in entry["files"]}
-    copies = {f: c for f, c in (footers or {}).items() if f in mine}
-    return ShardDataset(uri, sub, index, item=f"shared {name}", disk_cache=False, footers=copies)
+    return ShardDataset(uri, sub, index, item=f"shared {name}", disk_cache=False, footers=footers)
 
 
 def _open_shared(
