@@ -3,10 +3,11 @@ part's) Parquet footer and every shared table's index, carried in index.parquet'
 metadata, so that opening a dataset costs two requests (manifest, index) and then only data.
 
 Why in the index and not in a sidecar file: every reader reads index.parquet whole anyway, so
-the copies ride along in that one request; a sidecar would cost one more GET per process (on the
-GCS emulator at 20 ms a request, bench.peer's 6,000 samples read whole in 8 GETs with them here,
-9 with a sidecar, 20 before: a footer per shard, the shared index, and every concurrent piece
-fetching what another was already fetching). The price: the index grows by the zstd-compressed
+the copies ride along in that one request; a sidecar would cost one more GET per process. On the
+GCS emulator, bench.peer's 6,000 samples (2 shards, one shared table) read as one chunk cost 8
+GETs with them here (manifest, index, the shared values, 5 ranges), 9 with a sidecar, 16-20
+before (3 for the manifest, a footer per file, the shared index, and pieces in flight together
+each fetching what another was already fetching). The price: the index grows by the zstd-compressed
 footers (about 215 bytes per row group: ~6 MB at 1.2M samples in 41-row groups, beside an index of
 ~29 MB), which the driver reads too when it plans; a reader keeps a copy's bytes only until it has
 parsed that footer. Beyond COPIES_MAX_BYTES nothing is embedded and readers fetch each
@@ -14,7 +15,8 @@ footer from its shard, as for every dataset written before.
 
 They are copies: the shards keep their footers and shared/<name>/index.parquet stays, so older
 code and any Parquet reader read the dataset as before (older code ignores the metadata key and
-the manifest's "footers" entry).
+the manifest's "footers" entry), and `data verify` still checks each shared index's own file.
+Format /2, written on request byte for byte as before columns were declared, gets none.
 
 On disk: metadata key COPIES_KEY of index.parquet holds a zstd-compressed Parquet table (file:
 string, offset: int64, data: binary), one row per file: a shard or shared part's last
@@ -36,6 +38,7 @@ import pyarrow.parquet as pq
 
 from storage import fs as sfs
 from storage.errors import DatasetError
+from storage.retry import storage_retry
 from storage.shards.format import MANIFEST, parse_parquet
 
 COPIES_KEY = "orchestrator.footers"
@@ -56,15 +59,10 @@ def collect(uri: str, shards: list[dict[str, Any]], shared: Mapping[str, dict[st
     files = [*shards, *(f for entry in (shared or {}).values() for f in entry["files"])]
     if any(not isinstance(f.get("footer_bytes"), int) for f in files):
         return None
-    fs, _ = sfs.filesystem(uri)
-    paths = [sfs.filesystem(sfs.join(uri, f["file"]))[1] for f in files]
     starts = [int(f["bytes"]) - int(f["footer_bytes"]) - 8 for f in files]
-    ends = [int(f["bytes"]) for f in files]
-    tails = sfs.cat_ranges(fs, paths, starts, ends)
+    tails = _read_tails(uri, files, starts)
     rows: dict[str, list] = {"file": [], "offset": [], "data": []}
     for f, start, tail in zip(files, starts, tails, strict=True):
-        if isinstance(tail, BaseException):
-            raise tail
         rows["file"].append(f["file"])
         rows["offset"].append(start)
         rows["data"].append(bytes(tail))
@@ -78,6 +76,19 @@ def collect(uri: str, shards: list[dict[str, Any]], shared: Mapping[str, dict[st
     pq.write_table(table, buf, compression="zstd")
     blob = buf.getvalue()
     return blob if len(blob) <= COPIES_MAX_BYTES else None
+
+
+@storage_retry
+def _read_tails(uri: str, files: list[dict[str, Any]], starts: list[int]) -> list[bytes]:
+    """The files' tails, all in flight together; a transient failure retries the batch (a pack
+    is not lost to one 503 at its last step), a permanent one raises."""
+    fs, _ = sfs.filesystem(uri)
+    paths = [sfs.filesystem(sfs.join(uri, f["file"]))[1] for f in files]
+    tails = sfs.cat_ranges(fs, paths, starts, [int(f["bytes"]) for f in files])
+    failed = next((t for t in tails if isinstance(t, BaseException)), None)
+    if failed is not None:
+        raise failed
+    return [bytes(t) for t in tails]
 
 
 def manifest_entry(blob: bytes, files: int) -> dict[str, Any]:
