@@ -89,6 +89,7 @@ def test_a_whole_read_costs_manifest_index_and_one_range_per_shard(gcs: Gcs):
     assert _gets(gcs) == {"manifest": 1, "index": 1, "shared_index": 0, "shards": 3, "shared_parts": parts,
                           "other": 0}
     assert ds.reader.stats.requests == 3
+    assert ds.requests() == len(gcs.proxy.counters.paths)  # what benchmarks report is what the store saw
 
 
 def test_a_chunk_in_pieces_costs_one_range_per_shard_of_each_piece(gcs: Gcs):
@@ -153,6 +154,7 @@ def test_a_dataset_written_before_the_copies_reads_the_same_values_a_footer_per_
     # the manifest, the index, the shared index; a footer and a range per shard and per bg part
     assert _gets(gcs) == {"manifest": 1, "index": 1, "shared_index": 1, "shards": 3 + 3, "shared_parts": 2 * parts,
                           "other": 0}
+    assert ds.requests() == len(gcs.proxy.counters.paths)
 
 
 def test_footers_are_fetched_once_when_pieces_ask_together(tmp_path, monkeypatch):

@@ -95,6 +95,7 @@ class ShardDataset:
         self._order = np.argsort(self.sample_ids, kind="stable")
         self._sorted_ids = self.sample_ids[self._order]
         self._reader = None
+        self.open_requests = 0  # what opening it cost (open_dataset sets it): manifest, index, shared indexes
         # The shards' footers the index carried ({} for older datasets): no request per shard.
         mine = {sh["file"] for sh in manifest["shards"]}
         self._footer_copies = {f: c for f, c in (footers or {}).items() if f in mine}
@@ -131,6 +132,12 @@ class ShardDataset:
                 f"not in this dataset of {self.num_samples})"
             )
         return self._order[pos_clipped]
+
+    def requests(self) -> int:
+        """Reads this dataset has cost this process so far: opening it, its shards' footers and
+        ranges, its shared tables' (benchmarks count GETs with it)."""
+        own = self._reader.stats.requests if self._reader is not None else 0
+        return self.open_requests + own + sum(t.requests() for t in self.shared.values())
 
     def index_values(self, name: str, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """One index column's values (no shard reads), in the order of `ids`: a numpy array of its
@@ -429,5 +436,8 @@ def open_dataset(uri: str, own_files: bool = False) -> ShardDataset:
     uri = sfs.normalize(uri)
     manifest = read_manifest(uri)
     index, footers = read_index_and_footers(uri, manifest)
-    shared = _open_shared(uri, manifest, None if own_files else footers)
-    return ShardDataset(uri, manifest, index, shared, footers=footers)
+    copies = None if own_files else footers
+    shared = _open_shared(uri, manifest, copies)
+    ds = ShardDataset(uri, manifest, index, shared, footers=footers)
+    ds.open_requests = 2 + sum(1 for e in (manifest.get("shared") or {}).values() if e["index"] not in (copies or {}))
+    return ds
