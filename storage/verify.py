@@ -190,7 +190,7 @@ def verify(uri: str, workers: int | None = None, progress: Callable[[int], None]
     t0 = time.monotonic()
     uri = sfs.normalize(uri)
     try:
-        ds = open_dataset(uri)
+        ds = open_dataset(uri, own_files=True)  # the shared indexes' files, not the index's copies of them
     except DatasetError as exc:
         return {
             "uri": redact_text(uri),

@@ -2,9 +2,10 @@
 
 One module per job: format.py (names, formats, schemas, checksums; its docstring describes the
 layout on disk), legacy.py (the one fixed column layout, formats /1 and /2), files.py (shard
-files, index and manifest writing), writer.py (ShardWriter, SharedTableWriter), manifest.py
-(reading and checking manifest and index), fetch.py (ranged row-group reads, the cache), reader.py
-(ShardDataset, open_dataset). This package re-exports the names the rest of the code imports.
+files, index and manifest writing), footers.py (the shard footers and shared indexes the index
+carries, so a reader needs no request per shard), writer.py (ShardWriter, SharedTableWriter),
+manifest.py (reading and checking manifest and index), fetch.py (ranged row-group reads, the
+cache), reader.py (ShardDataset, open_dataset). This package re-exports the names the rest of the code imports.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from __future__ import annotations
 import io
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,15 +22,21 @@ from storage.retry import is_transient, storage_retry
 
 log = logging.getLogger(__name__)
 
-# Adjacent row groups are fetched as one range up to this size. 64 MB, litdata's chunk size: a
-# piece of a chunk (workers/data.py, PIECE_BYTES) is then one request per run of adjacent row
-# groups; 16 MB ranges cost 8-9x litdata's GETs for the same bytes (docs/PERFORMANCE.md, bench.peer),
-# and the pieces in flight together still hide the per-request latency.
-MERGE_MAX_BYTES = 64 * 2**20
+# Adjacent row groups are fetched as one range up to this size: a whole shard's wanted groups
+# (4,096 rows at 224 px are ~150 MB) in one GET. A piece of a chunk (workers/chunks.py,
+# PIECE_BYTES, 64 MB of whole row groups) is then one request per shard it spans; at a 64 MB cap
+# a piece a row group over 64 MB took two. Ranges are not copied into their row groups (memoryviews),
+# so the cap bounds one request's size, not the memory a read holds (that is its row groups' bytes).
+MERGE_MAX_BYTES = 256 * 2**20
+# A gap of up to this many bytes between two wanted row groups of a shard is read rather than
+# split into two requests: a GET costs ~20-50 ms on a bucket, 1 MB ~10 ms of one connection. Row
+# groups bigger than this (at 224 px, 64 rows are ~2 MB) are never read when not wanted.
+MERGE_GAP_BYTES = 2**20
 # Footer bytes read when the manifest does not record the footer's length (older datasets).
 FOOTER_GUESS_BYTES = 256 * 2**10
 
 Group = tuple[int, int]  # (shard number, row group within the shard)
+Buffer = bytes | memoryview
 
 
 @dataclass
@@ -63,7 +69,7 @@ class _RangesFile(io.RawIOBase):
     a bug in the range planning and fails loudly rather than returning zeros.
     """
 
-    def __init__(self, size: int, parts: dict[int, bytes]) -> None:
+    def __init__(self, size: int, parts: Mapping[int, bytes | memoryview]) -> None:
         self._size = size
         self._parts = sorted(parts.items())
         self._pos = 0
@@ -128,14 +134,18 @@ class ShardReader:
     paths (storage.fs.cat_ranges).
     """
 
-    def __init__(self, uri: str, manifest: dict[str, Any], cache: ByteCache | None) -> None:
+    def __init__(self, uri: str, manifest: dict[str, Any], cache: ByteCache | None,
+                 copies: MutableMapping[str, tuple[int, bytes]] | None = None) -> None:
         self.uri = uri
         self.shards: list[dict[str, Any]] = manifest["shards"]
         self.cache = cache
         self.fs, _ = sfs.filesystem(uri)
         self.stats = PreloadStats()
+        self._copies = copies if copies is not None else {}  # footers the index carried (storage/shards/footers.py)
         self._footers: dict[int, pq.FileMetaData] = {}
         self._paths: dict[int, str] = {}
+        # Held while footers are found or fetched: pieces of a chunk read in parallel would each
+        # fetch the footer the other is already fetching (two GETs per shard, bench.peer).
         self._lock = threading.Lock()
 
     def shard_uri(self, shard: int) -> str:
@@ -148,11 +158,24 @@ class ShardReader:
     # -- footers ---------------------------------------------------------------------------------
 
     def footers(self, shards: Sequence[int]) -> dict[int, pq.FileMetaData]:
-        """Parsed footers of the given shards, fetching the missing ones in one concurrent batch."""
+        """Parsed footers of the given shards: from the copies the index carried, else the local
+        cache, else fetched, the missing ones in one concurrent batch (once per process)."""
+        known = self._footers
+        if all(s in known for s in shards):  # the common case, no lock: entries are only ever added
+            return {s: known[s] for s in shards}
         with self._lock:
-            missing = [s for s in shards if s not in self._footers]
+            self._find_footers([s for s in shards if s not in self._footers])
+            return {s: self._footers[s] for s in shards}
+
+    def _find_footers(self, missing: list[int]) -> None:
         fetch: list[int] = []
         for s in missing:
+            # Taken out once parsed: the parsed footer is kept, the copy's bytes need not be (16 MB
+            # of them at 1.2M samples in 41-row groups).
+            copy = self._copies.pop(self.shards[s]["file"], None)
+            if copy is not None:
+                self._footers[s] = self._parse_copy(s, *copy)
+                continue
             blob = self._cache_get(s, "footer")
             if blob is not None:
                 try:
@@ -186,14 +209,32 @@ class ShardReader:
                     ) from exc
                 self._footers[s] = meta
                 self._cache_put(s, "footer", footer)
-        return {s: self._footers[s] for s in shards}
+
+    def _parse_copy(self, s: int, offset: int, tail: bytes) -> pq.FileMetaData:
+        """A footer the index carried: it must end the shard as the manifest describes it."""
+        size = int(self.shards[s]["bytes"])
+        if offset + len(tail) != size or tail[-4:] != b"PAR1" or int.from_bytes(tail[-8:-4], "little") + 8 != len(
+            tail
+        ):
+            raise ShardFetchError(
+                f"{self.shard_uri(s)}: the footer copy in the index does not end this shard ({len(tail)} bytes at "
+                f"{offset}, the shard has {size}); the dataset is damaged, re-pack it"
+            )
+        try:
+            return _parse_footer(tail)
+        except (OSError, pa.ArrowException) as exc:
+            raise ShardFetchError(
+                f"{self.shard_uri(s)}: the footer copy in the index cannot be parsed ({exc}); the dataset is "
+                "damaged, re-pack it"
+            ) from exc
 
     # -- row groups ------------------------------------------------------------------------------
 
-    def fetch_groups(self, groups: Sequence[Group], use_cache: bool = True) -> dict[Group, tuple[int, bytes]]:
-        """{(shard, group): (offset in the shard, bytes)} for the given row groups."""
+    def fetch_groups(self, groups: Sequence[Group], use_cache: bool = True) -> dict[Group, tuple[int, Buffer]]:
+        """{(shard, group): (offset in the shard, bytes)} for the given row groups (a group fetched
+        with others is a memoryview of their range: no copy)."""
         metas = self.footers(sorted({s for s, _ in groups}))
-        out: dict[Group, tuple[int, bytes]] = {}
+        out: dict[Group, tuple[int, Buffer]] = {}
         todo: list[tuple[Group, int, int]] = []
         for s, g in groups:
             start, end = group_range(metas[s], g)
@@ -211,16 +252,16 @@ class ShardReader:
             [str(s) for (s, _), _, _ in todo],
             [a for _, a, _ in todo],
             [b for _, _, b in todo],
-            max_gap=0,
+            max_gap=MERGE_GAP_BYTES,
             max_block=MERGE_MAX_BYTES,
             sort=False,
         )
         merged = [(int(p), a, b) for p, a, b in zip(paths, starts, ends, strict=True)]
-        blobs: list[bytes | None] = list(self._fetch_ranges(merged))
+        blobs: list[memoryview | None] = [memoryview(b) for b in self._fetch_ranges(merged)]
         # The merged ranges follow the sorted groups, so one walk pairs them: a search per group
         # over every range cost O(groups x ranges), 19M steps (6.5 s on a loaded core) for a 100K
-        # chunk of a 1.2M-sample dataset (bench.scale). Each range's bytes are let go once its groups
-        # are cut out of it: the peak is the groups' bytes plus one range, not twice the chunk.
+        # chunk of a 1.2M-sample dataset (bench.scale). A group is a view of its range, not a copy:
+        # the peak is the ranges' bytes (the groups' plus any small gaps), not groups plus a range.
         i = 0
         for group, start, end in todo:
             s = group[0]
@@ -242,7 +283,7 @@ class ShardReader:
             start, end = group_range(metas[s], g)
             self._cache_discard(s, f"{start}-{end}")
 
-    def read_group(self, shard: int, group: int, fetched: tuple[int, bytes], columns: Sequence[str]) -> pa.Table:
+    def read_group(self, shard: int, group: int, fetched: tuple[int, Buffer], columns: Sequence[str]) -> pa.Table:
         start, blob = fetched
         f = _RangesFile(int(self.shards[shard]["bytes"]), {start: blob})
         return pq.ParquetFile(f, metadata=self.footers([shard])[shard]).read_row_group(group, columns=list(columns))
@@ -291,7 +332,7 @@ class ShardReader:
         key = self._cache_key(shard, what)
         return self.cache.get(key) if self.cache is not None and key else None
 
-    def _cache_put(self, shard: int, what: str, data: bytes) -> None:
+    def _cache_put(self, shard: int, what: str, data: Buffer) -> None:
         key = self._cache_key(shard, what)
         if self.cache is not None and key:
             self.cache.put(key, data)

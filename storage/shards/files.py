@@ -18,10 +18,13 @@ import pyarrow.parquet as pq
 
 from storage import fs as sfs
 from storage.columns import Column, check_columns, columns_to_manifest
+from storage.shards.footers import MANIFEST_KEY as FOOTERS_KEY
+from storage.shards.footers import collect, index_metadata, manifest_entry
 from storage.shards.format import (
     BASE_INDEX_COLUMNS,
     COLUMNS_FORMAT,
     INDEX,
+    LEGACY_MASK_DEPTH_FORMAT,
     MANIFEST,
     ROWS_PER_GROUP,
     SHARED_FORMAT,
@@ -226,8 +229,17 @@ def write_index_and_manifest(
     else:
         fmt = unshared_format(columns) or COLUMNS_FORMAT
     uri = sfs.normalize(uri)
+    # The shards' footers (and shared indexes) ride in the index: a reader then fetches no footer
+    # per shard (storage/shards/footers.py says why there and not in a file of their own).
+    # Not for /2, which is written on request byte for byte as before (its frozen layout).
+    copies = None if fmt == LEGACY_MASK_DEPTH_FORMAT else collect(uri, shards, shared)
     with _open_for_write(sfs.join(uri, INDEX)) as f:
-        pq.write_table(index, f, compression="zstd")
+        if copies is None:
+            pq.write_table(index, f, compression="zstd")
+        else:
+            with pq.ParquetWriter(f, index.schema, compression="zstd") as w:
+                w.write_table(index)
+                w.add_key_value_metadata(index_metadata(copies))
     n = index.num_rows
     heights = index.column("height").to_numpy()
     widths = index.column("width").to_numpy()
@@ -248,8 +260,12 @@ def write_index_and_manifest(
     manifest.update({"index": INDEX, "shards": shards})
     manifest.update(extra_manifest)
     manifest.pop("shared", None)
+    manifest.pop(FOOTERS_KEY, None)
     manifest.update({"format": fmt, "task": task, "columns": columns_to_manifest(columns)})
     if shared:
         manifest["shared"] = shared
+    if copies is not None:
+        files = len(shards) + sum(len(e["files"]) + 1 for e in shared.values())
+        manifest[FOOTERS_KEY] = manifest_entry(copies, files)
     sfs.write_json(sfs.join(uri, MANIFEST), manifest)
     return manifest

@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from storage import fs as sfs
 from storage.cache import cache_for
@@ -28,13 +27,14 @@ from storage.shards.format import (
     CHECKSUM_DIGEST_BYTES,
     COLUMNS_FORMAT,
     LEGACY_MASK_DEPTH_FORMAT,
+    parse_parquet,
     sample_columns,
     shared_index_file,
     shared_key,
     stored_columns,
 )
 from storage.shards.legacy import DEFAULT_TASK, INDEX_STAT
-from storage.shards.manifest import one_line, read_index, read_manifest
+from storage.shards.manifest import one_line, read_index_and_footers, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ class ShardDataset:
         shared: Mapping[str, ShardDataset] | None = None,
         item: str = "sample",
         disk_cache: bool = True,
+        footers: Mapping[str, tuple[int, bytes]] | None = None,
     ):
         self.uri = uri
         self.manifest = manifest
@@ -94,12 +95,19 @@ class ShardDataset:
         self._order = np.argsort(self.sample_ids, kind="stable")
         self._sorted_ids = self.sample_ids[self._order]
         self._reader = None
+        self.open_requests = 0  # what opening it cost (open_dataset sets it): manifest, index, shared indexes
+        # The shards' footers the index carried ({} for older datasets): no request per shard.
+        mine = {sh["file"] for sh in manifest["shards"]}
+        self._footer_copies = {f: c for f, c in (footers or {}).items() if f in mine}
         self._init_shared_cache()
 
     def _init_shared_cache(self) -> None:
         self._shared_cache: OrderedDict[tuple[str, int], bytes] = OrderedDict()
         self._shared_cache_bytes = 0
         self._shared_lock = threading.Lock()
+        # Held while shared values are fetched: pieces of a chunk read in parallel would each fetch
+        # the values the other is already fetching; the second waits, then finds them in memory.
+        self._shared_fetch_lock = threading.Lock()
 
     @property
     def num_samples(self) -> int:
@@ -124,6 +132,12 @@ class ShardDataset:
                 f"not in this dataset of {self.num_samples})"
             )
         return self._order[pos_clipped]
+
+    def requests(self) -> int:
+        """Reads this dataset has cost this process so far: opening it, its shards' footers and
+        ranges, its shared tables' (benchmarks count GETs with it)."""
+        own = self._reader.stats.requests if self._reader is not None else 0
+        return self.open_requests + own + sum(t.requests() for t in self.shared.values())
 
     def index_values(self, name: str, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """One index column's values (no shard reads), in the order of `ids`: a numpy array of its
@@ -214,39 +228,51 @@ class ShardDataset:
         """The values of shared column `name` for these ids (one per sample), each distinct one
         fetched once (or taken from memory)."""
         got: dict[int, bytes] = {}
+        missing = self._shared_hits(name, np.unique(vids).tolist(), got)
+        if missing:
+            with self._shared_fetch_lock:
+                missing = self._shared_hits(name, missing, got)  # what another thread fetched meanwhile
+                if missing:
+                    self._fetch_shared(name, missing, got)
+        return [got[v] for v in vids.tolist()]
+
+    def _shared_hits(self, name: str, vids: list[int], got: dict[int, bytes]) -> list[int]:
+        """Put the values of `vids` held in memory into `got`; returns the ids that are not."""
         missing: list[int] = []
         with self._shared_lock:
-            for v in np.unique(vids).tolist():
+            for v in vids:
                 hit = self._shared_cache.get((name, v))
                 if hit is None:
                     missing.append(v)
                 else:
                     self._shared_cache.move_to_end((name, v))
                     got[v] = hit
-        if missing:
-            table = self.shared[name]
-            pos = np.searchsorted(table._sorted_ids, missing)
-            absent = [
-                v
-                for v, p in zip(missing, pos.tolist(), strict=True)
-                if p >= len(table._sorted_ids) or table._sorted_ids[p] != v
-            ]
-            if absent:
-                raise DatasetError(
-                    f"{self.uri}: samples refer to shared {name} ids {_describe_ids(np.asarray(absent))}, which "
-                    f"{shared_index_file(name)} does not list; the dataset is damaged, re-pack it"
-                )
-            rows = table.read_samples(missing, columns=("sample_id", name))
-            with self._shared_lock:
-                for v, value in zip(rows["sample_id"].tolist(), rows[name], strict=True):
-                    got[v] = value
-                    if (name, v) not in self._shared_cache:
-                        self._shared_cache[(name, v)] = value
-                        self._shared_cache_bytes += len(value)
-                while self._shared_cache_bytes > SHARED_CACHE_BYTES and self._shared_cache:
-                    _, old = self._shared_cache.popitem(last=False)
-                    self._shared_cache_bytes -= len(old)
-        return [got[v] for v in vids.tolist()]
+        return missing
+
+    def _fetch_shared(self, name: str, missing: list[int], got: dict[int, bytes]) -> None:
+        """Fetch shared column `name`'s values of these ids (each checked), keep them in memory, put them in `got`."""
+        table = self.shared[name]
+        pos = np.searchsorted(table._sorted_ids, missing)
+        absent = [
+            v
+            for v, p in zip(missing, pos.tolist(), strict=True)
+            if p >= len(table._sorted_ids) or table._sorted_ids[p] != v
+        ]
+        if absent:
+            raise DatasetError(
+                f"{self.uri}: samples refer to shared {name} ids {_describe_ids(np.asarray(absent))}, which "
+                f"{shared_index_file(name)} does not list; the dataset is damaged, re-pack it"
+            )
+        rows = table.read_samples(missing, columns=("sample_id", name))
+        with self._shared_lock:
+            for v, value in zip(rows["sample_id"].tolist(), rows[name], strict=True):
+                got[v] = value
+                if (name, v) not in self._shared_cache:
+                    self._shared_cache[(name, v)] = value
+                    self._shared_cache_bytes += len(value)
+            while self._shared_cache_bytes > SHARED_CACHE_BYTES and self._shared_cache:
+                _, old = self._shared_cache.popitem(last=False)
+                self._shared_cache_bytes -= len(old)
 
     def _read_groups(
         self, wanted: list[tuple[int, int]], pos: np.ndarray, shard_of: np.ndarray, group_of: np.ndarray
@@ -300,13 +326,14 @@ class ShardDataset:
     def reader(self):
         """The shard reader (footers, cache) of this process; made on first use, never pickled."""
         if self._reader is None:
-            self._reader = ShardReader(self.uri, self.manifest, cache_for(self.uri) if self.disk_cache else None)
+            self._reader = ShardReader(self.uri, self.manifest, cache_for(self.uri) if self.disk_cache else None,
+                                       self._footer_copies)
         return self._reader
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_reader"] = None  # holds a filesystem, a lock and parsed footers: per process
-        for k in ("_shared_cache", "_shared_cache_bytes", "_shared_lock"):  # per process too
+        for k in ("_shared_cache", "_shared_cache_bytes", "_shared_lock", "_shared_fetch_lock"):  # per process too
             state.pop(k, None)
         return state
 
@@ -337,7 +364,8 @@ def _verify_rows(
     return None
 
 
-def shared_table(uri: str, manifest: dict[str, Any], name: str, index: pa.Table) -> ShardDataset:
+def shared_table(uri: str, manifest: dict[str, Any], name: str, index: pa.Table,
+                 footers: Mapping[str, tuple[int, bytes]] | None = None) -> ShardDataset:
     """The ShardDataset of a /4 dataset's shared column `name` (the value's id as sample_id)."""
     entry = manifest["shared"][name]
     column = next(c for c in columns_from_manifest(manifest) if c.name == name)
@@ -351,16 +379,20 @@ def shared_table(uri: str, manifest: dict[str, Any], name: str, index: pa.Table)
     }
     # Its values are kept in memory by the dataset that reads them (ShardDataset._resolve_shared):
     # the disk cache holds the samples' row groups only.
-    return ShardDataset(uri, sub, index, item=f"shared {name}", disk_cache=False)
+    return ShardDataset(uri, sub, index, item=f"shared {name}", disk_cache=False, footers=footers)
 
 
-def _open_shared(uri: str, manifest: dict[str, Any]) -> dict[str, ShardDataset]:
-    """The shared tables of a /4 dataset, their indexes read and checked against the manifest."""
+def _open_shared(
+    uri: str, manifest: dict[str, Any], copies: Mapping[str, tuple[int, bytes]] | None = None
+) -> dict[str, ShardDataset]:
+    """The shared tables of a /4 dataset, their indexes (the copies the dataset's index carried,
+    else read) checked against the manifest."""
     out = {}
     for name, entry in (manifest.get("shared") or {}).items():
         index_uri = sfs.join(uri, entry["index"])
         try:
-            data = sfs.read_bytes(index_uri)
+            copy = (copies or {}).get(entry["index"])
+            data = copy[1] if copy is not None else sfs.read_bytes(index_uri)
         except FileNotFoundError as exc:
             raise DatasetError(
                 f"{uri}: {entry['index']} (the table of shared column {name!r}) is missing although manifest.json is "
@@ -373,7 +405,7 @@ def _open_shared(uri: str, manifest: dict[str, Any]) -> dict[str, ShardDataset]:
                 "damaged, re-pack it"
             )
         try:
-            index = pq.read_table(pa.BufferReader(data))
+            index = parse_parquet(data)[0]
         except (OSError, pa.ArrowException) as exc:
             raise DatasetError(
                 one_line(
@@ -387,17 +419,25 @@ def _open_shared(uri: str, manifest: dict[str, Any]) -> dict[str, ShardDataset]:
                 f"columns {missing} missing" if missing else f"{index.num_rows} rows, the manifest says {entry['num']}"
             )
             raise DatasetError(f"{index_uri}: {what}; the dataset is damaged, re-pack it")
-        out[name] = shared_table(uri, manifest, name, index)
+        out[name] = shared_table(uri, manifest, name, index, copies)
     return out
 
 
-def open_dataset(uri: str) -> ShardDataset:
+def open_dataset(uri: str, own_files: bool = False) -> ShardDataset:
     """Open a packed dataset; DatasetError says what is wrong with the URI and how to fix it.
 
     A manifest.json that is not JSON, not an object, lacks keys, has values of the wrong type or
     declares unknown codecs is a one-line DatasetError naming the manifest's URI.
+
+    The footers and shared indexes index.parquet carries (storage/shards/footers.py) are checked
+    and used; `own_files` reads each shared index from its own file instead (`data verify`, which
+    checks every file), at one request per shared column.
     """
     uri = sfs.normalize(uri)
     manifest = read_manifest(uri)
-    index = read_index(uri, manifest)
-    return ShardDataset(uri, manifest, index, _open_shared(uri, manifest))
+    index, footers = read_index_and_footers(uri, manifest)
+    copies = None if own_files else footers
+    shared = _open_shared(uri, manifest, copies)
+    ds = ShardDataset(uri, manifest, index, shared, footers=footers)
+    ds.open_requests = 2 + sum(1 for e in (manifest.get("shared") or {}).values() if e["index"] not in (copies or {}))
+    return ds
