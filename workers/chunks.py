@@ -164,8 +164,9 @@ class ChunkPrefetcher:
     """
 
     def __init__(self, dataset: Any, stream: bool = True, budget_bytes: int | None = None,
-                 spool_dir: str | None = None) -> None:
+                 spool_dir: str | None = None, piece_bytes: int = PIECE_BYTES) -> None:
         self.dataset = dataset
+        self.piece_bytes = int(piece_bytes)
         self.stream = stream and hasattr(dataset, "index_values")
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
         # Pieces of streamed chunks; more than one in flight: one fetches while another is parsed.
@@ -191,7 +192,7 @@ class ChunkPrefetcher:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if not self.stream or order is None or not batch:
             return self._pool.submit(read_chunk, self.dataset, ids)
-        pieces = stream_pieces(self.dataset, ids, order, batch)
+        pieces = stream_pieces(self.dataset, ids, order, batch, self.piece_bytes)
         return StreamingRows(self.dataset, ids, pieces, self._pieces, self.budget, self.spool)
 
     def prefetch(self, key: tuple, ids: np.ndarray, order: np.ndarray | None = None, batch: int | None = None) -> None:

@@ -87,6 +87,7 @@ class StreamingRows(Mapping):
         self._data: list[RamPiece | FilePiece | None] = [None] * len(pieces)
         self._lock = threading.Lock()
         self._owner = os.getpid()
+        self._copy = False  # an unpickled copy (a decode process started by spawn): reads only the spool
         self._shared = False
         self._closed = False
         self._all_landed = False
@@ -190,7 +191,7 @@ class StreamingRows(Mapping):
             pieces = list(range(len(self._pieces)))
         else:
             pieces = np.unique(self._piece_of[positions]).tolist()
-        here = os.getpid() == self._owner
+        here = os.getpid() == self._owner and not self._copy
         for k in pieces:
             if not here:
                 self._piece_elsewhere(k)
@@ -235,7 +236,7 @@ class StreamingRows(Mapping):
     def close(self) -> None:
         """The chunk is over: pieces not started are dropped, the RAM given back to the budget and
         the spool files removed. A read after this raises."""
-        if os.getpid() != self._owner:
+        if os.getpid() != self._owner or self._copy:
             return
         with self._lock:
             self._closed = True
@@ -313,7 +314,7 @@ class StreamingRows(Mapping):
     def __reduce__(self):
         # Pickled for a decode process started by spawn/forkserver: it gets the spool's layout and
         # reads the pieces from there as they land; the whole chunk only when there is no spool.
-        if os.getpid() != self._owner:
+        if os.getpid() != self._owner or self._copy:
             raise RuntimeError("a chunk's rows are pickled only by the process that fetches them")
         if not self.share():
             return (dict, (self.materialize(),))
@@ -340,7 +341,7 @@ def _rows_elsewhere(state: dict[str, Any]) -> StreamingRows:
     rows.__dict__.update(state)
     rows._landed = [threading.Event() for _ in rows._pieces]
     rows._lock = threading.Lock()
-    rows._shared, rows._closed, rows._all_landed = True, False, False
+    rows._shared, rows._closed, rows._all_landed, rows._copy = True, False, False, True
     rows._spool, rows._futures = None, []
     rows._hold = _Holding(None, rows._owner)
     rows._hold.dir = folder
