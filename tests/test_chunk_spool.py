@@ -263,3 +263,32 @@ def test_a_spool_left_by_a_process_that_is_gone_is_removed_at_the_next_start(tmp
     Spool(str(tmp_path))
     assert not left.parent.exists()
     assert mine.exists() and other_host.exists()  # alive, or another machine's: not ours to judge
+
+
+@pytest.mark.timeout(600)
+def test_training_with_decode_workers_from_the_spool_gives_the_same_weights(tiny_dataset, tmp_path, monkeypatch):
+    """Breaks if training through the spool (every piece on disk, 2 decode processes reading it
+    while it lands) trains other batches than training from RAM in process."""
+    from common.recipe import validate_recipe
+    from orchestrator import runner
+    from tests.conftest import tiny_recipe
+
+    made: list[str | None] = []
+    chunk_dir = Spool.chunk_dir
+    monkeypatch.setattr(Spool, "chunk_dir", lambda self: made.append(chunk_dir(self)) or made[-1])
+    finals, spooled = {}, {}
+    for workers, memory in ((0, None), (2, "0")):
+        if memory is None:
+            monkeypatch.delenv(CHUNK_MEMORY_ENV, raising=False)
+        else:
+            monkeypatch.setenv(CHUNK_MEMORY_ENV, memory)
+        raw = tiny_recipe(tiny_dataset, data={"uri": tiny_dataset, "eval_samples": 32, "decode_workers": workers})
+        raw["stages"] = raw["stages"][:1]
+        d = tmp_path / f"w{workers}"
+        d.mkdir()
+        monkeypatch.chdir(d)
+        finals[workers] = runner.run(validate_recipe(raw))["weights_sha256"]
+        spooled[workers], made[:] = len([m for m in made if m]), []
+    assert finals[0] == finals[2]
+    assert spooled == {0: 0, 2: 3}  # each of stage 1's 3 chunks went through the spool, none in process
+    assert _files(tmp_path / "spool") == []
