@@ -292,3 +292,25 @@ def test_training_with_decode_workers_from_the_spool_gives_the_same_weights(tiny
     assert finals[0] == finals[2]
     assert spooled == {0: 0, 2: 3}  # each of stage 1's 3 chunks went through the spool, none in process
     assert _files(tmp_path / "spool") == []
+
+
+def test_a_spool_that_cannot_be_written_keeps_the_pieces_in_memory(ds_uri, monkeypatch):
+    """Breaks if a full disk under the spool stops training instead of costing memory."""
+    import errno
+
+    import workers.streaming
+
+    def full(path: str, values: Any) -> Any:
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(workers.streaming, "write_piece", full)
+    ids, batches = _chunk(seed=9)
+    whole = read_chunk(open_dataset(ds_uri), ids)
+    pre = ChunkPrefetcher(open_dataset(ds_uri), budget_bytes=0, piece_bytes=PIECE)
+    try:
+        rows = pre.get((0, 0), ids, *stream_order(ids, batches))
+        _same(rows.materialize(), whole)
+        assert rows.held_bytes == pre.memory()["ram_bytes"] > 0 and pre.memory()["spilled_bytes"] == 0
+    finally:
+        pre.close()
+    assert pre.memory()["ram_bytes"] == 0  # given back on close

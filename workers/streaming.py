@@ -7,6 +7,7 @@ Which pieces a chunk is read in, and the prefetcher that starts them, are worker
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pickle
 import shutil
@@ -30,6 +31,7 @@ from workers.spool import (
     write_piece,
 )
 
+log = logging.getLogger(__name__)
 
 class _Holding:
     """What a StreamingRows holds outside itself (its bytes counted in the budget, its spool
@@ -130,19 +132,22 @@ class StreamingRows(Mapping):
             with self._lock:
                 if self._closed:
                     return
-                to_disk = self._shared or (budget is not None and not budget.take(nbytes))
-                folder = self._folder() if to_disk else None
+                counted = not self._shared and (budget is None or budget.take(nbytes))
+                folder = None if counted else self._folder()
                 if folder is None:  # in the budget, or no spool to go to: held here, as before the budget
-                    if to_disk and budget is not None:
-                        budget.take(nbytes, force=True)
-                    self._hold.hold(nbytes)
-                    self._data[k] = RamPiece(values, nbytes)
-                    self._seen.update(dict.fromkeys(values))
-                    # Set under the lock: share() orders after it, so a decode process forked after
-                    # share() sees this piece landed, or finds its file later.
-                    self._landed[k].set()
+                    self._keep_here(k, values, nbytes, counted)
                     return
-            piece = write_piece(os.path.join(folder, f"piece-{k}"), values)
+            try:
+                piece = write_piece(os.path.join(folder, f"piece-{k}"), values)
+            except OSError as exc:
+                with self._lock:
+                    if self._closed:
+                        return
+                    if not self._shared:  # a full or failing disk must not stop training: RAM, as before
+                        log.warning("chunk spool: cannot write a piece to %s (%s); it stays in memory", folder, exc)
+                        self._keep_here(k, values, nbytes, counted=False)
+                        return
+                raise  # a decode process waits for this file: it gets the error instead
             if budget is not None:
                 budget.spilled(nbytes)
             with self._lock:
@@ -157,6 +162,17 @@ class StreamingRows(Mapping):
             self._fail(k, exc)
         finally:
             self._landed[k].set()
+
+    def _keep_here(self, k: int, values: dict[str, Any], nbytes: int, counted: bool) -> None:
+        """Piece k held in RAM (`counted`: its bytes already taken from the budget). Under self._lock."""
+        if not counted and self._hold.budget is not None:
+            self._hold.budget.take(nbytes, force=True)
+        self._hold.hold(nbytes)
+        self._data[k] = RamPiece(values, nbytes)
+        self._seen.update(dict.fromkeys(values))
+        # Set under the lock: share() orders after it, so a decode process forked after share()
+        # sees this piece landed, or finds its file later.
+        self._landed[k].set()
 
     def _fail(self, k: int, exc: BaseException) -> None:
         with self._lock:
