@@ -33,6 +33,7 @@ from workers.spool import (
 
 log = logging.getLogger(__name__)
 
+
 class _Holding:
     """What a StreamingRows holds outside itself (its bytes counted in the budget, its spool
     directory), let go once: on close, or when the rows are collected; only by the process that
