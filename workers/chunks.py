@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from workers.spool import CHUNK_MEMORY_ENV, MemoryBudget, Spool, default_budget
+from workers.spool import CHUNK_MEMORY_ENV, MemoryBudget, Spool, default_budget, trim_memory
 from workers.streaming import StreamingRows
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ class ChunkPrefetcher:
     def _start(self, ids: np.ndarray, order: np.ndarray | None, batch: int | None) -> Any:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if not self.stream or order is None or not batch:
-            return self._pool.submit(read_chunk, self.dataset, ids)
+            return self._pool.submit(_read_whole, self.dataset, ids)
         pieces = stream_pieces(self.dataset, ids, order, batch, self.piece_bytes)
         return StreamingRows(self.dataset, ids, pieces, self._pieces, self.budget, self.spool)
 
@@ -229,6 +229,13 @@ class ChunkPrefetcher:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._pieces.shutdown(wait=False, cancel_futures=True)
         self.spool.remove()
+
+
+def _read_whole(dataset: Any, ids: np.ndarray) -> dict[str, Any]:
+    try:
+        return read_chunk(dataset, ids)
+    finally:
+        trim_memory()  # the pieces' fetched and parsed bytes are free now: back to the OS
 
 
 def _let_go(rows: Any) -> None:

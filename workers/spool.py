@@ -134,6 +134,29 @@ class MemoryBudget:
                 "peak_ram_bytes": self.peak_ram_bytes, "spilled_bytes": self.spilled_bytes}
 
 
+_libc_trim: Any = None
+
+
+def trim_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc's malloc_trim; elsewhere nothing).
+
+    A landed piece's fetched ranges and parsed row groups (~3x its bytes, two pieces in flight) are
+    freed once it lands, but glibc keeps such freed memory in its arenas: after a 207 MB chunk
+    landed, the process's PSS stayed ~200 MB above what it held (bench.peer's set, 224 px), the
+    same whether the pieces were held or spilled. Trimmed after each piece, PSS is what is held.
+    """
+    global _libc_trim
+    if _libc_trim is None:
+        try:
+            import ctypes
+
+            _libc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _libc_trim = False
+    if _libc_trim:
+        _libc_trim(0)
+
+
 # -- pieces ------------------------------------------------------------------------------------------
 
 

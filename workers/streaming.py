@@ -26,6 +26,7 @@ from workers.spool import (
     RamPiece,
     Spool,
     piece_nbytes,
+    trim_memory,
     wait_for_piece,
     write_error,
     write_piece,
@@ -107,7 +108,7 @@ class StreamingRows(Mapping):
             "width": np.asarray(dataset.index_values("width", self.ids), dtype=np.int32),
         }
         getattr(dataset, "reader", None)  # made here, once: the pieces' threads share it
-        self._futures = [pool.submit(self._land, dataset, k) for k in range(len(pieces))]
+        self._futures = [pool.submit(self._land_and_trim, dataset, k) for k in range(len(pieces))]
 
     # -- landing (threads of the process that made the rows) -------------------------------------
 
@@ -117,6 +118,10 @@ class StreamingRows(Mapping):
         if self._hold.dir is None and self._spool is not None:
             self._hold.dir = self._spool.chunk_dir()
         return self._hold.dir
+
+    def _land_and_trim(self, dataset: Any, k: int) -> None:
+        self._land(dataset, k)
+        trim_memory()  # the piece's fetched, parsed (and, spilled, its values) bytes are free now: to the OS
 
     def _land(self, dataset: Any, k: int) -> None:
         sel = self._pieces[k]
