@@ -314,3 +314,23 @@ def test_a_spool_that_cannot_be_written_keeps_the_pieces_in_memory(ds_uri, monke
     finally:
         pre.close()
     assert pre.memory()["ram_bytes"] == 0  # given back on close
+
+
+def test_each_landed_piece_hands_its_freed_heap_back(ds_uri, monkeypatch):
+    """Breaks if the pieces' transient bytes (fetched ranges, parsed row groups) stay in glibc's
+    arenas after they land: bench figures showed ~200 MB of PSS above what a 207 MB chunk held."""
+    import workers.streaming
+
+    trims: list[int] = []
+    monkeypatch.setattr(workers.streaming, "trim_memory", lambda: trims.append(1))
+    ids, batches = _chunk(seed=10)
+    pre = ChunkPrefetcher(open_dataset(ds_uri), budget_bytes=0, piece_bytes=PIECE)
+    try:
+        rows = pre.get((0, 0), ids, *stream_order(ids, batches))
+        rows.wait()
+        for f in rows._futures:  # a piece's event is set before its thread trims
+            f.result(timeout=60)
+        pieces = len(rows._pieces)
+    finally:
+        pre.close()
+    assert pieces > 2 and len(trims) == pieces
