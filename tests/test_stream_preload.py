@@ -39,12 +39,22 @@ def _groups(ds, ids) -> set[tuple[int, int]]:
     return set(zip(ds.index_values("shard", ids).tolist(), ds.index_values("row_group", ids).tolist(), strict=True))
 
 
-def test_a_streamed_chunk_holds_the_whole_chunk_reads_values_sample_for_sample(local_ds, monkeypatch):
+# A budget of None holds every piece in RAM; 0 spills every piece to the spool on local disk.
+BUDGETS = pytest.mark.parametrize("budget", [None, 0], ids=["ram", "spilled"])
+
+
+@pytest.fixture(autouse=True)
+def _spool_here(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("ORCHESTRATOR_SPOOL_DIR", str(tmp_path / "spool"))
+
+
+@BUDGETS
+def test_a_streamed_chunk_holds_the_whole_chunk_reads_values_sample_for_sample(local_ds, monkeypatch, budget):
     """Breaks if streaming changes a value, the order of the rows, or loses a sample."""
     monkeypatch.setenv("ORCHESTRATOR_CACHE", "off")
     ids, batches = _chunk()
     whole = read_chunk(open_dataset(local_ds), ids)
-    pre = ChunkPrefetcher(open_dataset(local_ds))
+    pre = ChunkPrefetcher(open_dataset(local_ds), budget_bytes=budget, piece_bytes=4096)
     try:
         rows = pre.get((0, 0), ids, *stream_order(ids, batches))
         assert isinstance(rows, StreamingRows)
@@ -85,7 +95,8 @@ def test_a_chunk_whose_first_batch_needs_most_of_it_is_read_in_file_order(local_
     assert len(pieces) == 1 and pieces[0].tolist() == list(range(len(ids)))
 
 
-def test_a_resumed_epoch_streams_from_its_next_batch_and_still_reads_every_sample(local_ds, monkeypatch):
+@BUDGETS
+def test_a_resumed_epoch_streams_from_its_next_batch_and_still_reads_every_sample(local_ds, monkeypatch, budget):
     """Breaks if resuming mid-chunk (cursor at batch k) drops the samples of the batches before k."""
     monkeypatch.setenv("ORCHESTRATOR_CACHE", "off")
     ds = open_dataset(local_ds)
@@ -94,7 +105,7 @@ def test_a_resumed_epoch_streams_from_its_next_batch_and_still_reads_every_sampl
     order, batch = stream_order(ids, batches[k:])
     pieces = stream_pieces(ds, ids, order, batch)
     assert _groups(ds, ids[pieces[0]]) == _groups(ds, batches[k])
-    pre = ChunkPrefetcher(ds)
+    pre = ChunkPrefetcher(ds, budget_bytes=budget)
     try:
         rows = pre.get((0, 0), ids, order, batch)
         whole = read_chunk(open_dataset(local_ds), ids)
@@ -170,8 +181,10 @@ def test_streaming_costs_few_more_requests_than_the_whole_chunk_read(gcs: Gcs, m
     assert whole < streamed <= whole + 2 * first, (whole, streamed, first)
 
 
-def test_streamed_rows_make_the_same_batches_in_process_and_in_decode_workers(local_ds, monkeypatch):
-    """Breaks if a streamed chunk decodes to other batches, or hangs when DataLoader workers fork."""
+@BUDGETS
+def test_streamed_rows_make_the_same_batches_in_process_and_in_decode_workers(local_ds, monkeypatch, budget):
+    """Breaks if a streamed chunk decodes to other batches, or hangs when DataLoader workers fork
+    (with 2 workers the rows are shared through the spool while pieces still land)."""
     import torch
 
     from workers.data import make_loader
@@ -188,7 +201,7 @@ def test_streamed_rows_make_the_same_batches_in_process_and_in_decode_workers(lo
 
     expected = list(make_loader(ChunkSamples(whole, 32, describe, hflip=0.5, flip_key=(0, 1)), batch_sampler=todo))
     for workers in (0, 2):
-        pre = ChunkPrefetcher(open_dataset(local_ds))
+        pre = ChunkPrefetcher(open_dataset(local_ds), budget_bytes=budget, piece_bytes=4096)
         try:
             rows = pre.get((0, 0), ids, order, batch)
             got = list(make_loader(ChunkSamples(rows, 32, describe, hflip=0.5, flip_key=(0, 1)), batch_sampler=todo,

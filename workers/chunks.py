@@ -1,21 +1,26 @@
 """A chunk's rows inside a worker: read in pieces (read_chunk), streamed in the order its batches
 take them (StreamingRows), the next chunk fetched in the background (ChunkPrefetcher).
 
-At most two chunks' encoded bytes are held in memory at any time (the one training, the next one
-prefetched); a streamed chunk lets training start when its first batch's row groups have landed.
+At most two chunks' encoded bytes are fetched at a time (the one training, the next one
+prefetched), and of these no more than a memory budget is held in RAM: landed pieces beyond it go
+to a spool on local disk (workers/spool.py), read back per value. A streamed chunk lets training
+start when its first batch's row groups have landed, in this process or, through the spool, in
+DataLoader decode processes forked while the rest of the chunk lands.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-import threading
-from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
-from storage.errors import DatasetError
+from workers.spool import CHUNK_MEMORY_ENV, MemoryBudget, Spool, default_budget, trim_memory
+from workers.streaming import StreamingRows
+
+log = logging.getLogger(__name__)
 
 # A chunk is read in pieces of about this many bytes of row groups, PIECES_IN_FLIGHT at a time
 # (one fetches while another is parsed): a worker holds the chunk's own samples plus a few pieces,
@@ -144,152 +149,6 @@ def stream_order(ids: np.ndarray, batches: list[np.ndarray]) -> tuple[np.ndarray
     return sorter[np.minimum(where, len(ids) - 1)], max(len(b) for b in batches)
 
 
-class StreamingRows(Mapping):
-    """A chunk's rows (as read_samples gives them) that arrive piece by piece, in the order of
-    stream_pieces: `sample_id`, `height` and `width` at once (from the index), every other column
-    per position, a read of a position waiting until its piece has landed (and raising its piece's
-    error, if it failed). The values are read_samples' own, each sample checked as it checks them;
-    only when they are there changes. Pickling waits for the whole chunk (a DataLoader worker
-    process gets plain lists)."""
-
-    def __init__(self, dataset: Any, ids: np.ndarray, pieces: list[np.ndarray], pool: ThreadPoolExecutor) -> None:
-        self.ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        n = len(self.ids)
-        self._piece_of = np.empty(n, dtype=np.int64)
-        for k, sel in enumerate(pieces):
-            self._piece_of[sel] = k
-        self._pieces = pieces
-        self._landed = [threading.Event() for _ in pieces]
-        self._errors: list[BaseException | None] = [None] * len(pieces)
-        self._cols: dict[str, np.ndarray] = {}
-        self._lists: set[str] = set()
-        self._lock = threading.Lock()
-        self._pid = os.getpid()
-        self._all_landed = False
-        names = getattr(dataset, "sample_columns", None) or ()
-        self._names = tuple(c for c in names if c not in ("sample_id", "height", "width"))
-        self._index = {
-            "sample_id": self.ids,
-            "height": np.asarray(dataset.index_values("height", self.ids), dtype=np.int32),
-            "width": np.asarray(dataset.index_values("width", self.ids), dtype=np.int32),
-        }
-        getattr(dataset, "reader", None)  # made here, once: the pieces' threads share it
-        self._futures = [pool.submit(self._land, dataset, k) for k in range(len(pieces))]
-
-    def _land(self, dataset: Any, k: int) -> None:
-        sel = self._pieces[k]
-        try:
-            part = dataset.read_samples(self.ids[sel])
-            for c in ("height", "width"):  # the index said so; the shard row must agree
-                if not np.array_equal(np.asarray(part[c], dtype=np.int32), self._index[c][sel]):
-                    raise DatasetError(f"{getattr(dataset, 'uri', 'dataset')}: index and shards disagree on {c} "
-                                       "(the dataset is damaged, re-create it)")
-            with self._lock:
-                for c, values in part.items():
-                    if c in self._index:
-                        continue
-                    if c not in self._cols:
-                        if isinstance(values, np.ndarray):
-                            self._cols[c] = np.zeros(len(self.ids), dtype=values.dtype)
-                        else:
-                            self._cols[c] = np.empty(len(self.ids), dtype=object)
-                            self._lists.add(c)
-                    if c in self._lists:
-                        col = np.empty(len(values), dtype=object)
-                        col[:] = values
-                        self._cols[c][sel] = col
-                    else:
-                        self._cols[c][sel] = values
-        except BaseException as exc:  # noqa: BLE001 - handed to the reader of the piece's positions
-            self._errors[k] = exc
-        finally:
-            self._landed[k].set()
-
-    def wait(self, positions: Any = None) -> None:
-        """Block until the pieces holding these positions (all of them when None) have landed."""
-        if self._all_landed:
-            return
-        if isinstance(positions, (int, np.integer)):
-            pieces = [int(self._piece_of[positions])]
-        elif positions is None:
-            pieces = list(range(len(self._pieces)))
-        else:
-            pieces = np.unique(self._piece_of[positions]).tolist()
-        for k in pieces:
-            if not self._landed[k].is_set():
-                if os.getpid() != self._pid:  # a forked copy: the threads that land pieces are not here
-                    raise RuntimeError("rows still streaming in were forked into another process; "
-                                       "call materialize() before handing them to DataLoader workers")
-                self._landed[k].wait()
-            if self._errors[k] is not None:
-                raise self._errors[k]
-        if positions is None:
-            self._all_landed = True
-
-    def failure(self) -> BaseException | None:
-        for k, ev in enumerate(self._landed):
-            if ev.is_set() and self._errors[k] is not None:
-                return self._errors[k]
-        return None
-
-    def cancel(self) -> None:
-        for f in self._futures:
-            f.cancel()
-
-    def __getitem__(self, name: str) -> Any:
-        if name in self._index:
-            return self._index[name]
-        if name not in self._names and name not in self._cols:
-            raise KeyError(name)
-        return _StreamingColumn(self, name)
-
-    def column(self, name: str, positions: Any) -> Any:
-        self.wait(positions)
-        # No lock: a piece's values are written before its event is set, and never after.
-        return self._cols[name][positions]
-
-    def __iter__(self):
-        return iter((*self._index, *[c for c in self._names if c not in self._index]))
-
-    def __len__(self) -> int:
-        return len(self._index) + len([c for c in self._names if c not in self._index])
-
-    def materialize(self) -> dict[str, Any]:
-        """The whole chunk as read_chunk gives it (waits for every piece)."""
-        self.wait()
-        out: dict[str, Any] = dict(self._index)
-        for c, v in self._cols.items():
-            out[c] = v.tolist() if c in self._lists else v
-        return out
-
-    def __reduce__(self):
-        return (dict, (self.materialize(),))
-
-
-class _StreamingColumn:
-    """One column of StreamingRows: `col[i]` waits for position i's piece only."""
-
-    def __init__(self, rows: StreamingRows, name: str) -> None:
-        self._rows, self._name = rows, name
-
-    def __getitem__(self, i: Any) -> Any:
-        return self._rows.column(self._name, i)
-
-    def __len__(self) -> int:
-        return len(self._rows.ids)
-
-    def __iter__(self):
-        return iter(self._rows.column(self._name, slice(None)).tolist())
-
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        out = self._rows.column(self._name, slice(None))
-        return out if dtype is None else out.astype(dtype)
-
-    def __reduce__(self):
-        values = self._rows.materialize()[self._name]
-        return (list, (list(values),)) if isinstance(values, list) else (np.asarray, (values,))
-
-
 class ChunkPrefetcher:
     """Fetches the encoded rows of the next chunk in the background while this one trains.
 
@@ -297,29 +156,50 @@ class ChunkPrefetcher:
     batch), a chunk streams: get() returns StreamingRows at once and training starts when the
     first batch's row groups have landed, while the rest arrive (stream_pieces). Without, get()
     returns the whole chunk read as read_chunk reads it.
+
+    The streamed chunks' landed pieces share one memory budget (`budget_bytes`; default from
+    workers/spool.py default_budget: ORCHESTRATOR_CHUNK_MEMORY, else a share of the memory
+    available); pieces beyond it go to the spool on local disk. The rows get() returned stay
+    readable until the next get() or close(), which let them go (RAM and spool files).
     """
 
-    def __init__(self, dataset: Any, stream: bool = True) -> None:
+    def __init__(self, dataset: Any, stream: bool = True, budget_bytes: int | None = None,
+                 spool_dir: str | None = None, piece_bytes: int = PIECE_BYTES) -> None:
         self.dataset = dataset
+        self.piece_bytes = int(piece_bytes)
         self.stream = stream and hasattr(dataset, "index_values")
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
         # Pieces of streamed chunks; more than one in flight: one fetches while another is parsed.
         self._pieces = ThreadPoolExecutor(max_workers=PIECES_IN_FLIGHT, thread_name_prefix="chunk-piece")
         self._pending: dict[tuple, Any] = {}
+        self._current: Any = None
+        self.budget = MemoryBudget(default_budget() if budget_bytes is None else budget_bytes)
+        self.spool = Spool(spool_dir)
+        log.info("chunk rows: at most %.0f MB of encoded pieces in memory (%s), the rest spooled under %s",
+                 self.budget.budget_bytes / 2**20,
+                 "set" if budget_bytes is not None or os.environ.get(CHUNK_MEMORY_ENV) else "from available memory",
+                 self.spool.root)
+
+    @property
+    def budget_bytes(self) -> int:
+        return self.budget.budget_bytes
+
+    def memory(self) -> dict[str, int]:
+        """budget_bytes, ram_bytes (held now), peak_ram_bytes, spilled_bytes (written to the spool)."""
+        return self.budget.as_dict()
 
     def _start(self, ids: np.ndarray, order: np.ndarray | None, batch: int | None) -> Any:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if not self.stream or order is None or not batch:
-            return self._pool.submit(read_chunk, self.dataset, ids)
-        pieces = stream_pieces(self.dataset, ids, order, batch)
-        return StreamingRows(self.dataset, ids, pieces, self._pieces)
+            return self._pool.submit(_read_whole, self.dataset, ids)
+        pieces = stream_pieces(self.dataset, ids, order, batch, self.piece_bytes)
+        return StreamingRows(self.dataset, ids, pieces, self._pieces, self.budget, self.spool)
 
     def prefetch(self, key: tuple, ids: np.ndarray, order: np.ndarray | None = None, batch: int | None = None) -> None:
         # One slot: a newer prefetch replaces an older one, so memory holds at most two chunks.
         if key not in self._pending:
             for old in self._pending.values():
-                if isinstance(old, StreamingRows):
-                    old.cancel()
+                _let_go(old)
             self._pending = {key: self._start(ids, order, batch)}
 
     def failure(self) -> BaseException | None:
@@ -336,11 +216,28 @@ class ChunkPrefetcher:
         fut = self._pending.pop(key, None)
         if fut is None:
             fut = self._start(ids, order, batch)
-        return fut if isinstance(fut, StreamingRows) else fut.result()
+        rows = fut if isinstance(fut, StreamingRows) else fut.result()
+        if self._current is not None and self._current is not rows:
+            _let_go(self._current)  # the chunk before this one is over: its RAM and spool files go
+        self._current = rows
+        return rows
 
     def close(self) -> None:
-        for old in self._pending.values():
-            if isinstance(old, StreamingRows):
-                old.cancel()
+        for old in [*self._pending.values(), self._current]:
+            _let_go(old)
+        self._current = None
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._pieces.shutdown(wait=False, cancel_futures=True)
+        self.spool.remove()
+
+
+def _read_whole(dataset: Any, ids: np.ndarray) -> dict[str, Any]:
+    try:
+        return read_chunk(dataset, ids)
+    finally:
+        trim_memory()  # the pieces' fetched and parsed bytes are free now: back to the OS
+
+
+def _let_go(rows: Any) -> None:
+    if isinstance(rows, StreamingRows):
+        rows.close()

@@ -146,10 +146,12 @@ def make_loader(samples: torch.utils.data.Dataset, *, batch_size: int | None = N
                 num_workers: int = 0, pin_memory: bool = False) -> torch.utils.data.DataLoader:
     """A DataLoader of a task's raw batches over `samples` (in order with batch_size, or as batch_sampler says).
 
-    Worker processes get the samples as they are when forked: rows still streaming in (StreamingRows)
-    are waited for first, since the threads that land them stay in this process."""
+    Rows still streaming in (StreamingRows) are shared with the worker processes through the
+    spool: the pieces still to land are written there, and a worker's read of a position waits
+    for its piece's file, so the first batches decode while the rest of the chunk lands (the
+    threads that fetch it stay in this process). Without a usable spool they are waited for whole."""
     rows = getattr(samples, "rows", None)
-    if num_workers > 0 and isinstance(rows, StreamingRows):
+    if num_workers > 0 and isinstance(rows, StreamingRows) and not rows.share():
         samples.rows = rows.materialize()
     if batch_sampler is not None:
         return torch.utils.data.DataLoader(samples, batch_sampler=batch_sampler, collate_fn=_collate,
