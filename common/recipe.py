@@ -53,10 +53,13 @@ MAX_WORKERS = 1024  # Ray Train workers (one per GPU or host)
 MAX_DECODE_WORKERS = 64  # DataLoader processes per worker
 MAX_THREADS = 1024  # CPUs per worker, torch threads
 MAX_SYNTH_SAMPLES = 10_000_000
-# data.shuffle_window_mb's default: above the quickstart dataset's 45 MB, so that its chunks are
-# one window and train the batches they trained before windows existed (README "Quickstart"
-# weights_sha256); at 224 px a 64-row batch of 6,000 samples then waits on ~1/5 of the chunk, not
-# all of it (docs/PERFORMANCE.md, "Window shuffle").
+# data.shuffle_window_mb's default: the smallest round size above the quickstart dataset's 45 MB,
+# so that its chunks stay one window and train the batches they trained before windows existed
+# (its weights_sha256 unchanged). At 6,000 samples of 224 px in 64-row groups (207 MB, one chunk)
+# the first batch then needs 21 of 94 row groups instead of the whole chunk. Smaller windows start
+# sooner still (16 MB: 8 row groups) but shuffle within fewer samples. Do not change it: it is in
+# _LATER_DEFAULTS, so a recipe that spells 48 out would get another sha256 (its run would refuse
+# to resume), and one that leaves it out would plan other windows for a new run.
 SHUFFLE_WINDOW_MB = 48
 
 
