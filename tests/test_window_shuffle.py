@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -202,36 +201,64 @@ def test_make_plan_without_a_dataset_records_chunk_when_asked():
     assert (plan.shuffle, plan.shuffle_window_bytes) == ("chunk", 0)
 
 
-def test_a_killed_window_mode_run_resumes_to_the_uninterrupted_weights(tmp_path, tiny_dataset):
-    """slow_recipe with 1 MB windows (2 windows per chunk of the tiny dataset): SIGKILL the real
-    `orchestrator run` mid-chunk in stage 2, run it again; the weights must be those of the same
-    recipe trained without a stop."""
+def _window_recipe(tiny_dataset: str) -> dict:
+    """slow_recipe with 1 MB windows: most chunks of the tiny dataset span two windows."""
     recipe = slow_recipe(tiny_dataset)
     recipe["data"]["shuffle_window_mb"] = 1
-    ref_dir, cut_dir = tmp_path / "reference", tmp_path / "cut"
-    ref_dir.mkdir()
-    cut_dir.mkdir()
-    ref = run_cli("run", write_recipe(ref_dir / "r.yaml", recipe), cwd=ref_dir)
-    assert ref.returncode == 0, ref.stderr
-    reference = status_json(ref_dir)["final"]["weights_sha256"]
+    return recipe
 
-    plan = load_plan(str(ref_dir / "runs" / "tiny"))
+
+@pytest.fixture(scope="module")
+def window_reference(tmp_path_factory, tiny_dataset) -> str:
+    """weights_sha256 of _window_recipe trained once without a stop."""
+    d = tmp_path_factory.mktemp("window-reference")
+    res = run_cli("run", write_recipe(d / "r.yaml", _window_recipe(tiny_dataset)), cwd=d)
+    assert res.returncode == 0, res.stderr
+    plan = load_plan(str(d / "runs" / "tiny"))
     assert (plan.shuffle, plan.shuffle_window_bytes) == ("window", 2**20)
-    ds = open_dataset(tiny_dataset)
-    ids = plan.chunk_ids(1, 1)  # the chunk the run is cut in
-    assert int(Windows(ds, plan).of(ids, len(ids), 8, 1).max()) >= 1, "the cut chunk must span windows"
+    return status_json(d)["final"]["weights_sha256"]
 
-    path = write_recipe(cut_dir / "r.yaml", recipe)
-    proc = start_cli("run", path, cwd=cut_dir, log=cut_dir / "attempt1.log")
+
+def test_a_killed_window_mode_run_resumes_to_the_uninterrupted_weights(tmp_path, tiny_dataset, window_reference):
+    """SIGKILL the real `orchestrator run` mid-chunk in stage 2, in a chunk of two windows, and run
+    it again: the weights must be those of the same recipe trained without a stop."""
+    path = write_recipe(tmp_path / "r.yaml", _window_recipe(tiny_dataset))
+    proc = start_cli("run", path, cwd=tmp_path, log=tmp_path / "attempt1.log")
     try:
-        wait_for_cursor(cut_dir / "runs" / "tiny", lambda c: c["stage"] == 1 and c["chunk"] >= 1 and c["batch"] > 0,
+        wait_for_cursor(tmp_path / "runs" / "tiny", lambda c: c["stage"] == 1 and c["chunk"] >= 1 and c["batch"] > 0,
                         proc)
     finally:
         kill_group(proc)
-    again = run_cli("run", path, cwd=cut_dir)
+    plan = load_plan(str(tmp_path / "runs" / "tiny"))
+    ids = plan.chunk_ids(1, 1)  # where the run is cut (or the chunk before the one it is cut in)
+    assert int(Windows(open_dataset(tiny_dataset), plan).of(ids, len(ids), 8, 1).max()) >= 1
+    again = run_cli("run", path, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
-    st = status_json(cut_dir)
+    st = status_json(tmp_path)
     assert st["state"] == "completed" and st["interruptions"] == 1
     assert all(c["times_trained"] == 1 for c in st["chunk_log"]), st["chunk_log"]
-    assert st["final"]["weights_sha256"] == reference, "a resumed window-mode run trained other batches"
-    assert Path(cut_dir / "runs" / "tiny" / "plan.json").exists()
+    assert st["final"]["weights_sha256"] == window_reference, "a resumed window-mode run trained other batches"
+
+
+def test_a_run_planned_before_windows_resumes_in_whole_chunk_order(tmp_path, tiny_dataset, window_reference,
+                                                                   reference_sha, monkeypatch):
+    """A run whose plan.json has no shuffle key (written by the code before windows) is resumed by
+    today's code with a recipe whose default would cut windows: it must go on in whole-chunk order
+    and end with the weights of the whole-chunk run (conftest's reference), not the window run's."""
+    assert window_reference != reference_sha, "1 MB windows must change the batches for this test to mean anything"
+    path = write_recipe(tmp_path / "r.yaml", _window_recipe(tiny_dataset))
+    # The worker dies at step 8, in stage 1's second chunk; steps 1-5 (chunk 0, one window: the same
+    # batches in both modes) are checkpointed, so what the resume trains is in the plan's order.
+    monkeypatch.setenv("ORCHESTRATOR_TEST_CRASH_AT_STEP", "8")
+    first = run_cli("run", path, cwd=tmp_path)
+    monkeypatch.delenv("ORCHESTRATOR_TEST_CRASH_AT_STEP")
+    assert first.returncode != 0
+    plan_json = tmp_path / "runs" / "tiny" / "plan.json"
+    meta = json.loads(plan_json.read_text())
+    assert meta.pop("shuffle") == "window" and meta.pop("shuffle_window_bytes") == 2**20
+    plan_json.write_text(json.dumps(meta))  # as the code before windows wrote it
+    again = run_cli("run", path, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    st = status_json(tmp_path)
+    assert st["state"] == "completed" and st["interruptions"] == 1
+    assert st["final"]["weights_sha256"] == reference_sha, "an old run changed its batch order on resume"
