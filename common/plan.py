@@ -6,6 +6,13 @@ groups (the ids of one group stay together, the groups in a seeded order), so a 
 about its own size from storage instead of touching every row group of the dataset. The plan
 is written to run storage at the first start and read back on every resume, so a resumed run
 trains exactly the chunks it planned; storage/plans.py does that I/O (common/ imports nothing above it).
+
+The plan also records how each rank shuffles a chunk's batches (`shuffle`): over its whole slice
+(`chunk`, the only mode before it was recorded, so a plan without the key means it), or window by
+window (`window`: runs of consecutive stored row groups of about `shuffle_window_bytes`, taken in
+a seeded order, shuffled inside), so the first batch needs one window's row groups, not most of
+the chunk's. The worker reads the mode from the plan, never from the recipe: a run keeps the
+batch order it started with, whatever code or recipe resumes it.
 """
 
 from __future__ import annotations
@@ -43,6 +50,8 @@ class Plan:
     eval_ids: np.ndarray
     train_ids: np.ndarray
     stages: tuple[StagePlan, ...]
+    shuffle: str = "chunk"  # what a plan saved before the mode was recorded means
+    shuffle_window_bytes: int = 0  # window mode: stored bytes of row groups per window
 
     def chunk_ids(self, stage: int, chunk: int) -> np.ndarray:
         return self.stages[stage].chunk_ids(chunk)
@@ -58,6 +67,8 @@ class Plan:
                  "chunk_samples": [len(s.chunk_ids(c)) for c in range(s.num_chunks)]}
                 for s in self.stages
             ],
+            "shuffle": self.shuffle,
+            "shuffle_window_bytes": self.shuffle_window_bytes,
         }
 
     def to_npz(self) -> bytes:
@@ -75,7 +86,10 @@ class Plan:
         stages = tuple(
             StagePlan(s["name"], s["chunk_size"], arrays[f"stage_{i}"]) for i, s in enumerate(meta["stages"])
         )
-        return cls(meta["seed"], meta["num_samples"], arrays["eval_ids"], arrays["train_ids"], stages)
+        # A plan written before the shuffle mode was recorded shuffled whole chunks: it still does.
+        return cls(meta["seed"], meta["num_samples"], arrays["eval_ids"], arrays["train_ids"], stages,
+                   shuffle=str(meta.get("shuffle", "chunk")),
+                   shuffle_window_bytes=int(meta.get("shuffle_window_bytes", 0)))
 
 
 def grouped_permutation(ids: np.ndarray, groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -123,7 +137,9 @@ def make_plan(recipe: Recipe, sample_ids: np.ndarray, row_groups: np.ndarray | N
                 "more evenly"
             )
         stages.append(plan)
-    return Plan(recipe.run.seed, n, eval_ids, train_ids, tuple(stages))
+    window = recipe.data.shuffle_window_mb * 2**20 if recipe.data.shuffle == "window" else 0
+    return Plan(recipe.run.seed, n, eval_ids, train_ids, tuple(stages), shuffle=recipe.data.shuffle,
+                shuffle_window_bytes=window)
 
 
 def rank_slice(ids: np.ndarray, world_size: int, rank: int, contiguous: bool = False) -> np.ndarray:
@@ -137,17 +153,36 @@ def rank_slice(ids: np.ndarray, world_size: int, rank: int, contiguous: bool = F
 
 
 def batches_for_rank(ids: np.ndarray, batch_size: int, world_size: int, rank: int, seed: list[int],
-                     contiguous: bool = False) -> list[np.ndarray]:
+                     contiguous: bool = False, windows: np.ndarray | None = None) -> list[np.ndarray]:
     """This rank's batches of one pass over a chunk.
 
     Rank r takes its `rank_slice`; its shuffled slice is cut into the same number of steps on
     every rank (ceil(n / global batch)), so DDP ranks never wait on a missing step and every
-    sample is trained exactly once per pass.
+    sample is trained exactly once per pass. `windows`, one key per id of the rank's slice (the
+    plan's window mode; workers/windows.py computes them), shuffles it window by window
+    (window_permutation); None shuffles the whole slice.
     """
     steps = num_steps(len(ids), batch_size, world_size)
     mine = rank_slice(ids, world_size, rank, contiguous)
-    order = np.random.default_rng(seed + [rank]).permutation(mine)
+    rng = np.random.default_rng(seed + [rank])
+    order = rng.permutation(mine) if windows is None else window_permutation(mine, windows, rng)
     return [b for b in np.array_split(order, steps)]
+
+
+def window_permutation(ids: np.ndarray, windows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """`ids` window by window: the windows (`windows`, one key per id) in a seeded order, the ids
+    inside each in a seeded order. With a single window it is exactly `rng.permutation(ids)`, the
+    same draws, so a chunk that fits one window trains the batches it trained before windows existed."""
+    ids = np.asarray(ids)
+    windows = np.asarray(windows)
+    if len(windows) != len(ids):
+        raise ValueError(f"{len(windows)} window keys for {len(ids)} ids")
+    uniq, inverse = np.unique(windows, return_inverse=True)
+    if len(uniq) <= 1:
+        return rng.permutation(ids)
+    position = np.argsort(rng.permutation(len(uniq)))  # each window's place in the seeded order
+    within = rng.permutation(len(ids))  # a uniform order inside every window (ties broken at random)
+    return ids[np.lexsort((within, position[inverse.reshape(-1)]))]
 
 
 def num_steps(n: int, batch_size: int, world_size: int) -> int:

@@ -53,6 +53,14 @@ MAX_WORKERS = 1024  # Ray Train workers (one per GPU or host)
 MAX_DECODE_WORKERS = 64  # DataLoader processes per worker
 MAX_THREADS = 1024  # CPUs per worker, torch threads
 MAX_SYNTH_SAMPLES = 10_000_000
+# data.shuffle_window_mb's default: the smallest round size above the quickstart dataset's 45 MB,
+# so that its chunks stay one window and train the batches they trained before windows existed
+# (its weights_sha256 unchanged). At 6,000 samples of 224 px in 64-row groups (207 MB, one chunk)
+# the first batch then needs 21 of 94 row groups instead of the whole chunk. Smaller windows start
+# sooner still (16 MB: 8 row groups) but shuffle within fewer samples. Do not change it: it is in
+# _LATER_DEFAULTS, so a recipe that spells 48 out would get another sha256 (its run would refuse
+# to resume), and one that leaves it out would plan other windows for a new run.
+SHUFFLE_WINDOW_MB = 48
 
 
 class _Strict(BaseModel):
@@ -114,6 +122,18 @@ class DataSection(_Strict):
                     "moves "
                     "whole row groups (~1 MB each), so a chunk reads about its own size; batches stay shuffled within "
                     "the chunk. Use row_groups for datasets of 100K samples and more.")
+    shuffle: Literal["chunk", "window"] = Field(
+        "window",
+        description="How a worker orders a chunk's batches. window: its slice of the chunk cut into windows of "
+                    "consecutive stored row groups (shuffle_window_mb each), the windows in a seeded order and the "
+                    "samples shuffled inside each, so the first batch needs one window, not most of the chunk, and "
+                    "training starts while the rest streams in. chunk: the whole slice shuffled at once (runs "
+                    "planned before this field existed). Recorded in the run's plan at its start: a run keeps its "
+                    "mode.")
+    shuffle_window_mb: int = Field(
+        SHUFFLE_WINDOW_MB, ge=1, le=1 << 20,
+        description="window shuffle: stored MB (2^20 bytes) of row groups per window, at least one batch of "
+                    "samples. A chunk slice within one window is shuffled exactly as by chunk.")
 
     _data_uri = field_validator("uri")(_no_credentials)
 
@@ -412,6 +432,8 @@ _LATER_DEFAULTS: dict[tuple[str, ...], Any] = {
     ("task",): "mask_depth",
     ("data", "shift"): 0,
     ("data", "chunking"): "samples",
+    ("data", "shuffle"): "window",
+    ("data", "shuffle_window_mb"): SHUFFLE_WINDOW_MB,
     ("model", "variant"): None,
     ("model", "options"): {},
     ("model", "init_from"): None,

@@ -33,6 +33,7 @@ from workers.train.interruptions import record_interruption
 from workers.train.optim import make_optimizer, make_scheduler, trainable_params
 from workers.train.sink import log_final, open_sink
 from workers.train.stops import Stop
+from workers.windows import Windows
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,8 @@ class Trainer:
         self.plan = load_plan(self.run_dir)
         self.dataset = open_dataset(config["data_uri"])
         self.prefetcher = ChunkPrefetcher(self.dataset)
+        # The batch order's shuffle mode comes from the plan (a run keeps the one it started with).
+        self.windows = Windows(self.dataset, self.plan, recipe)
         self.task = get_task(recipe.task)(recipe, config["task_info"])
         model = build_from_recipe(recipe.model, **self.task.model_kwargs()).to(self.device)
         # Precision, memory format, compilation: resolved once for this device (workers/precision.py).
@@ -150,21 +153,23 @@ class Trainer:
         contiguous = self.recipe.data.chunking == "row_groups"  # each rank reads only its own row groups
         order_of = functools.partial(batch_order, self.recipe.run.seed, self.world, self.rank, contiguous)
         mine = rank_slice(ids, self.world, self.rank, contiguous)
-        order = order_of(ids, st.batch_size, (s, chunk, c.epoch))[c.batch :]
+        win = self.windows.of(mine, len(ids), st.batch_size, self.world)
+        order = order_of(ids, st.batch_size, (s, chunk, c.epoch), win)[c.batch :]
         rows = self.prefetcher.get((s, chunk), mine, *stream_order(mine, order))
         wait_s = time.perf_counter() - t_chunk
         nxt = next_chunk(self.plan, s, chunk)
         if nxt is not None and self.recipe.data.prefetch:
             nids = self.plan.chunk_ids(*nxt)
             nmine = rank_slice(nids, self.world, self.rank, contiguous)
-            first = order_of(nids, self.recipe.stages[nxt[0]].batch_size, (*nxt, 0))
+            nbatch = self.recipe.stages[nxt[0]].batch_size
+            first = order_of(nids, nbatch, (*nxt, 0), self.windows.of(nmine, len(nids), nbatch, self.world))
             self.prefetcher.prefetch(nxt, nmine, *stream_order(nmine, first))
         check_sizes(rows, self.recipe.data.image_size, self.dataset.describe)
         check_complete(rows, mine, self.dataset.describe)
         position = {int(sid): i for i, sid in enumerate(rows["sample_id"])}
         held: Stop | None = None  # a stop on the chunk's last step: the chunk-end checkpoint stands in for its own
         while c.epoch < st.epochs_per_chunk:
-            batches = order_of(ids, st.batch_size, (s, chunk, c.epoch))
+            batches = order_of(ids, st.batch_size, (s, chunk, c.epoch), win)
             todo = [[position[int(x)] for x in b] for b in batches[c.batch :]]
             samples = self.task.samples(rows, st.resolution, self.dataset.describe, train=True,
                                         flip_key=(seed, s, chunk, c.epoch))
@@ -301,10 +306,11 @@ def stage_steps(recipe: Recipe, plan: Plan, s: int, world: int) -> int:
 
 
 def batch_order(seed: int, world: int, rank: int, contiguous: bool, ids: Any, batch_size: int,
-                at: tuple[int, int, int]) -> list:
+                at: tuple[int, int, int], windows: Any = None) -> list:
     """A rank's batches of one epoch of a chunk (at = stage, chunk, epoch): the order training takes them,
-    and so the order the chunk streams in (workers/chunks.py)."""
-    return batches_for_rank(ids, batch_size, world, rank, [seed, 3, *at], contiguous=contiguous)
+    and so the order the chunk streams in (workers/chunks.py). `windows`: the plan's window keys of
+    the rank's slice (workers/windows.py), None when the plan shuffles whole chunks."""
+    return batches_for_rank(ids, batch_size, world, rank, [seed, 3, *at], contiguous=contiguous, windows=windows)
 
 
 def next_chunk(plan: Plan, s: int, chunk: int) -> tuple[int, int] | None:

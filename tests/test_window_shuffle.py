@@ -1,0 +1,264 @@
+"""The window shuffle (data.shuffle: window): a rank's slice of a chunk is taken window by window
+(runs of consecutive stored row groups), so the first batch needs one window's row groups; every
+sample still trains once per pass in equal step counts; a slice within one window trains exactly
+the batches of the whole-chunk shuffle; the mode is the plan's, and an old plan means chunk; a
+killed window-mode run resumes to bit-identical weights."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from common.plan import batches_for_rank, make_plan, num_steps, plan_for_dataset, rank_slice, window_permutation
+from common.recipe import validate_recipe
+from storage.plans import load_plan, save_plan
+from storage.shards import open_dataset
+from tests.conftest import (
+    kill_group,
+    run_cli,
+    slow_recipe,
+    start_cli,
+    status_json,
+    tiny_recipe,
+    wait_for_cursor,
+    write_recipe,
+)
+from workers.windows import Windows, window_keys
+
+# The tiny dataset (conftest): 240 samples of 64 px in 8 row groups of 32, ~190 KB each, ~1.4 MB in all.
+SMALL_WINDOW = 400_000  # bytes: windows of 2-3 row groups
+
+
+def _groups(ds, ids) -> list[tuple[int, int]]:
+    return list(zip(ds.index_values("shard", ids).tolist(), ds.index_values("row_group", ids).tolist(), strict=True))
+
+
+def _chunk(ds, n: int = 150, seed: int = 3) -> np.ndarray:
+    return np.sort(np.random.default_rng(seed).choice(ds.sample_ids, size=n, replace=False)).astype(np.int64)
+
+
+def _rank_batches(ds, ids, batch, world, rank, seed=(0, 3, 0, 0, 0), contiguous=False, window=SMALL_WINDOW):
+    mine = rank_slice(ids, world, rank, contiguous)
+    steps = num_steps(len(ids), batch, world)
+    keys = window_keys(ds, mine, window, min_rows=-(-len(mine) // steps))
+    return mine, keys, batches_for_rank(ids, batch, world, rank, list(seed), contiguous, windows=keys)
+
+
+@pytest.mark.parametrize("batch,world,contiguous", [(16, 1, False), (16, 2, False), (8, 3, False), (12, 2, True),
+                                                    (5, 2, True)])
+def test_every_sample_trains_once_per_pass_in_equal_step_counts(tiny_dataset, batch, world, contiguous):
+    ds = open_dataset(tiny_dataset)
+    ids = _chunk(ds)
+    seen, steps, windows = [], set(), 0
+    for rank in range(world):
+        _, keys, batches = _rank_batches(ds, ids, batch, world, rank, contiguous=contiguous)
+        windows = max(windows, int(keys.max()) + 1)
+        steps.add(len(batches))
+        assert all(len(b) for b in batches), "an empty batch on some rank"
+        seen += np.concatenate(batches).tolist()
+    assert windows > 1, "the case must cut more than one window to test anything"
+    assert sorted(seen) == ids.tolist(), "a sample trained twice, or never, in one pass"
+    assert steps == {num_steps(len(ids), batch, world)}, "DDP ranks would wait on a missing step"
+
+
+def test_a_window_is_a_run_of_consecutive_stored_row_groups_trained_together(tiny_dataset):
+    ds = open_dataset(tiny_dataset)
+    ids = _chunk(ds)
+    mine, keys, batches = _rank_batches(ds, ids, 16, 1, 0)
+    order = np.concatenate(batches)
+    key_of = dict(zip(mine.tolist(), keys.tolist(), strict=True))
+    in_order = [key_of[int(i)] for i in order]
+    # Windows follow one another: each window's samples are one block of the pass.
+    blocks = [k for i, k in enumerate(in_order) if i == 0 or k != in_order[i - 1]]
+    assert sorted(blocks) == list(range(int(keys.max()) + 1)), "a window's samples were split across the pass"
+    # A window holds whole row groups, and window k's row groups all come before window k+1's in the file.
+    groups_of = [sorted(set(_groups(ds, mine[keys == w]))) for w in range(int(keys.max()) + 1)]
+    flat = [g for gs in groups_of for g in gs]
+    assert flat == sorted(set(_groups(ds, mine))), "windows overlap or are not in stored order"
+
+
+def test_the_first_batch_touches_only_the_first_windows_row_groups(tiny_dataset):
+    ds = open_dataset(tiny_dataset)
+    ids = _chunk(ds)
+    mine, keys, batches = _rank_batches(ds, ids, 16, 1, 0)
+    assert int(keys.max()) >= 2
+    first_window = keys[np.searchsorted(mine, batches[0][0])]
+    window_groups = set(_groups(ds, mine[keys == first_window]))
+    first_groups = set(_groups(ds, batches[0]))
+    assert first_groups <= window_groups, "the first batch needs row groups outside its window"
+    assert len(window_groups) < len(set(_groups(ds, mine))), "the first window is the whole chunk"
+    # The whole-chunk shuffle's first batch, by contrast, needs nearly every row group of the chunk.
+    whole = batches_for_rank(ids, 16, 1, 0, [0, 3, 0, 0, 0])
+    assert len(set(_groups(ds, whole[0]))) > len(window_groups)
+
+
+def test_a_slice_within_one_window_trains_exactly_the_whole_chunk_shuffles_batches(tiny_dataset):
+    ds = open_dataset(tiny_dataset)
+    ids = _chunk(ds)
+    for world, rank in ((1, 0), (2, 1), (3, 2)):
+        mine, keys, batches = _rank_batches(ds, ids, 8, world, rank, seed=(7, 3, 1, 2, 0), window=48 * 2**20)
+        assert not keys.any(), "the tiny dataset is one 48 MB window"
+        old = batches_for_rank(ids, 8, world, rank, [7, 3, 1, 2, 0])
+        assert [b.tolist() for b in batches] == [b.tolist() for b in old]
+    # And the pure function: one window is rng.permutation, the same draws.
+    x = np.arange(100) * 3
+    assert np.array_equal(window_permutation(x, np.full(100, 4), np.random.default_rng([1, 2])),
+                          np.random.default_rng([1, 2]).permutation(x))
+
+
+def test_window_batches_are_deterministic_and_seeded(tiny_dataset):
+    ds = open_dataset(tiny_dataset)
+    ids = _chunk(ds)
+    a = _rank_batches(ds, ids, 16, 2, 1)[2]
+    b = _rank_batches(open_dataset(tiny_dataset), ids, 16, 2, 1)[2]
+    assert [x.tolist() for x in a] == [x.tolist() for x in b]
+    other_epoch = _rank_batches(ds, ids, 16, 2, 1, seed=(0, 3, 0, 0, 1))[2]
+    assert [x.tolist() for x in a] != [x.tolist() for x in other_epoch], "every epoch took the same order"
+
+
+def test_a_short_tail_window_joins_the_one_before(tiny_dataset):
+    ds = open_dataset(tiny_dataset)
+    ids = _chunk(ds)
+    keys = window_keys(ds, ids, SMALL_WINDOW, min_rows=40)
+    counts = np.bincount(keys)
+    assert len(counts) > 1 and counts.min() >= 40, counts
+    assert not window_keys(ds, ids, SMALL_WINDOW, min_rows=len(ids)).any(), "a slice of one batch is one window"
+
+
+def _plan(tiny_dataset: str, **data):
+    recipe = validate_recipe(tiny_recipe(tiny_dataset, data={"eval_samples": 32, **data}))
+    return recipe, plan_for_dataset(recipe, open_dataset(tiny_dataset))
+
+
+def test_a_new_plan_records_the_window_mode_and_an_old_plan_means_chunk(tiny_dataset, tmp_path):
+    recipe, plan = _plan(tiny_dataset)
+    assert (plan.shuffle, plan.shuffle_window_bytes) == ("window", 48 * 2**20)  # the default for new runs
+    save_plan(plan, str(tmp_path))
+    meta = json.loads((tmp_path / "plan.json").read_text())
+    assert (meta["shuffle"], meta["shuffle_window_bytes"]) == ("window", 48 * 2**20)
+    assert load_plan(str(tmp_path)).shuffle == "window"
+    # A plan written before the mode existed: no key, so the whole-chunk shuffle, whatever the recipe says.
+    for key in ("shuffle", "shuffle_window_bytes"):
+        del meta[key]
+    (tmp_path / "plan.json").write_text(json.dumps(meta))
+    old = load_plan(str(tmp_path))
+    assert old.shuffle == "chunk"
+    ds = open_dataset(tiny_dataset)
+    mine = old.chunk_ids(1, 1)
+    assert Windows(ds, old, recipe).of(mine, len(mine), 8, 1) is None
+    _, small = _plan(tiny_dataset, shuffle_window_mb=1)
+    assert np.array_equal(small.chunk_ids(1, 1), mine), "the mode changes the batch order, not the chunks"
+    assert int(Windows(ds, small).of(mine, len(mine), 8, 1).max()) >= 1
+
+
+def test_a_recipe_that_differs_from_the_plan_is_warned_about_and_the_plan_wins(tiny_dataset, caplog):
+    ds = open_dataset(tiny_dataset)
+    _, chunk_plan = _plan(tiny_dataset, shuffle="chunk")
+    window_recipe, window_plan = _plan(tiny_dataset, shuffle_window_mb=1)
+    with caplog.at_level(logging.WARNING, logger="workers.windows"):
+        w = Windows(ds, chunk_plan, window_recipe)
+    assert "data.shuffle:" in caplog.text
+    mine = chunk_plan.chunk_ids(1, 1)
+    assert w.of(mine, len(mine), 8, 1) is None
+    caplog.clear()
+    other_mb = validate_recipe(tiny_recipe(tiny_dataset, data={"eval_samples": 32, "shuffle_window_mb": 2}))
+    with caplog.at_level(logging.WARNING, logger="workers.windows"):
+        w = Windows(ds, window_plan, other_mb)
+    assert "data.shuffle_window_mb:" in caplog.text and w.window_bytes == 2**20
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="workers.windows"):
+        Windows(ds, window_plan, window_recipe)
+    assert not caplog.text, "a recipe that matches its plan is warned about"
+
+
+def test_a_plan_of_an_unknown_mode_is_refused(tiny_dataset):
+    _, plan = _plan(tiny_dataset)
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match="'diagonal'"):
+        Windows(open_dataset(tiny_dataset), replace(plan, shuffle="diagonal"))
+
+
+def test_existing_recipes_keep_their_identity():
+    """Both fields sit in _LATER_DEFAULTS: the tiny recipe's sha256 is the one it had before they existed,
+    and setting either away from its default makes another recipe."""
+    base = tiny_recipe("data/x")
+    assert validate_recipe(base).sha256() == "4dc9a1745d153fcc70e0f402bf88434872d00b92d45d02bd85a326f048d9e8c7"
+    for data in ({"shuffle": "window"}, {"shuffle_window_mb": 48}):
+        assert validate_recipe(tiny_recipe("data/x", data={**base["data"], **data})).sha256() == \
+            validate_recipe(base).sha256()
+    for data in ({"shuffle": "chunk"}, {"shuffle_window_mb": 8}):
+        assert validate_recipe(tiny_recipe("data/x", data={**base["data"], **data})).sha256() != \
+            validate_recipe(base).sha256()
+
+
+def test_make_plan_without_a_dataset_records_chunk_when_asked():
+    d = tiny_recipe("x", data={"eval_samples": 100, "shuffle": "chunk"})
+    plan = make_plan(validate_recipe(d), np.arange(1000))
+    assert (plan.shuffle, plan.shuffle_window_bytes) == ("chunk", 0)
+
+
+def _window_recipe(tiny_dataset: str) -> dict:
+    """slow_recipe with 1 MB windows: most chunks of the tiny dataset span two windows."""
+    recipe = slow_recipe(tiny_dataset)
+    recipe["data"]["shuffle_window_mb"] = 1
+    return recipe
+
+
+@pytest.fixture(scope="module")
+def window_reference(tmp_path_factory, tiny_dataset) -> str:
+    """weights_sha256 of _window_recipe trained once without a stop."""
+    d = tmp_path_factory.mktemp("window-reference")
+    res = run_cli("run", write_recipe(d / "r.yaml", _window_recipe(tiny_dataset)), cwd=d)
+    assert res.returncode == 0, res.stderr
+    plan = load_plan(str(d / "runs" / "tiny"))
+    assert (plan.shuffle, plan.shuffle_window_bytes) == ("window", 2**20)
+    return status_json(d)["final"]["weights_sha256"]
+
+
+def test_a_killed_window_mode_run_resumes_to_the_uninterrupted_weights(tmp_path, tiny_dataset, window_reference):
+    """SIGKILL the real `orchestrator run` mid-chunk in stage 2, in a chunk of two windows, and run
+    it again: the weights must be those of the same recipe trained without a stop."""
+    path = write_recipe(tmp_path / "r.yaml", _window_recipe(tiny_dataset))
+    proc = start_cli("run", path, cwd=tmp_path, log=tmp_path / "attempt1.log")
+    try:
+        wait_for_cursor(tmp_path / "runs" / "tiny", lambda c: c["stage"] == 1 and c["chunk"] >= 1 and c["batch"] > 0,
+                        proc)
+    finally:
+        kill_group(proc)
+    plan = load_plan(str(tmp_path / "runs" / "tiny"))
+    ids = plan.chunk_ids(1, 1)  # where the run is cut (or the chunk before the one it is cut in)
+    assert int(Windows(open_dataset(tiny_dataset), plan).of(ids, len(ids), 8, 1).max()) >= 1
+    again = run_cli("run", path, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    st = status_json(tmp_path)
+    assert st["state"] == "completed" and st["interruptions"] == 1
+    assert all(c["times_trained"] == 1 for c in st["chunk_log"]), st["chunk_log"]
+    assert st["final"]["weights_sha256"] == window_reference, "a resumed window-mode run trained other batches"
+
+
+def test_a_run_planned_before_windows_resumes_in_whole_chunk_order(tmp_path, tiny_dataset, window_reference,
+                                                                   reference_sha, monkeypatch):
+    """A run whose plan.json has no shuffle key (written by the code before windows) is resumed by
+    today's code with a recipe whose default would cut windows: it must go on in whole-chunk order
+    and end with the weights of the whole-chunk run (conftest's reference), not the window run's."""
+    assert window_reference != reference_sha, "1 MB windows must change the batches for this test to mean anything"
+    path = write_recipe(tmp_path / "r.yaml", _window_recipe(tiny_dataset))
+    # The worker dies at step 8, in stage 1's second chunk; steps 1-5 (chunk 0, one window: the same
+    # batches in both modes) are checkpointed, so what the resume trains is in the plan's order.
+    monkeypatch.setenv("ORCHESTRATOR_TEST_CRASH_AT_STEP", "8")
+    first = run_cli("run", path, cwd=tmp_path)
+    monkeypatch.delenv("ORCHESTRATOR_TEST_CRASH_AT_STEP")
+    assert first.returncode != 0
+    plan_json = tmp_path / "runs" / "tiny" / "plan.json"
+    meta = json.loads(plan_json.read_text())
+    assert meta.pop("shuffle") == "window" and meta.pop("shuffle_window_bytes") == 2**20
+    plan_json.write_text(json.dumps(meta))  # as the code before windows wrote it
+    again = run_cli("run", path, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    st = status_json(tmp_path)
+    assert st["state"] == "completed" and st["interruptions"] == 1
+    assert st["final"]["weights_sha256"] == reference_sha, "an old run changed its batch order on resume"

@@ -1,0 +1,109 @@
+"""The plan's window shuffle on a worker: which window each id of a rank's slice falls in.
+
+A window is a run of consecutive stored row groups (in (shard, row_group) order) holding about
+the plan's `shuffle_window_bytes` of stored bytes; common/plan.py `window_permutation` takes the
+windows in a seeded order and shuffles inside each. The first batch then needs the row groups of
+one window, so a streamed chunk (workers/chunks.py) starts training when that window has landed
+instead of most of the chunk.
+
+The keys depend only on the dataset's index and manifest, the plan and the batch size, all fixed
+for a run, so every (re)start of a run cuts the same windows and trains the same batches.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from common.plan import Plan, num_steps
+from common.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+MODES = ("chunk", "window")
+
+
+def stored_group_bytes(manifest: dict[str, Any]) -> np.ndarray:
+    """Each shard's bytes per row group (the shard's mean), from the manifest alone.
+
+    The same reckoning as workers/chunks.py's piece sizes, written out here on purpose: the
+    windows decide the batch order, which a resumed run must reproduce bit for bit, so they must
+    not move when the prefetcher's own sizing heuristic is tuned."""
+    per_group = int(manifest.get("rows_per_group") or 256)
+    out = np.empty(len(manifest["shards"]), dtype=np.float64)
+    for i, sh in enumerate(manifest["shards"]):
+        groups = int(sh.get("row_groups") or 0) or max(1, -(-int(sh["rows"]) // per_group))
+        out[i] = int(sh["bytes"]) / groups
+    return out
+
+
+def window_keys(dataset: Any, ids: np.ndarray, window_bytes: int, min_rows: int = 1) -> np.ndarray:
+    """The window number (0, 1, ... in file order) of each id of `ids`. Index only, no shard reads.
+
+    The row groups `ids` touch, in (shard, row_group) order, are cut every `window_bytes` of their
+    stored bytes (whole row groups; one bigger than a window is a window of its own). A window of
+    fewer than `min_rows` of `ids` joins the next one (the last such joins the one before), so the
+    first batch, `min_rows` ids, never spans two windows."""
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    n = len(ids)
+    if n == 0 or window_bytes <= 0:
+        return np.zeros(n, dtype=np.int64)
+    shard = np.asarray(dataset.index_values("shard", ids), dtype=np.int64)
+    group = np.asarray(dataset.index_values("row_group", ids), dtype=np.int64)
+    uniq, inverse = np.unique((shard << 32) | group, return_inverse=True)  # sorted: file order
+    inverse = inverse.reshape(-1)
+    size = stored_group_bytes(dataset.manifest)[(uniq >> 32).astype(np.int64)]
+    before = np.cumsum(size) - size  # stored bytes of the touched row groups ahead of each one
+    _, window_of_group = np.unique((before // int(window_bytes)).astype(np.int64), return_inverse=True)
+    rows = np.bincount(window_of_group.reshape(-1), weights=np.bincount(inverse, minlength=len(uniq)))
+    merged = _merge_small(rows, max(1, int(min_rows)))
+    return merged[window_of_group.reshape(-1)][inverse]
+
+
+def _merge_small(rows: np.ndarray, min_rows: int) -> np.ndarray:
+    """New window number of each window (rows: ids per window, in order): a window closes once it
+    holds min_rows; a short tail joins the window before it."""
+    out = np.empty(len(rows), dtype=np.int64)
+    current, held = 0, 0.0
+    for w, r in enumerate(rows.tolist()):  # one entry per window: a few hundred at most
+        out[w] = current
+        held += r
+        if held >= min_rows:
+            current, held = current + 1, 0.0
+    if 0 < held < min_rows and current > 0:
+        out[out == current] = current - 1
+    return out
+
+
+class Windows:
+    """The plan's shuffle mode for this run's batches: `of(mine, ...)` gives the window keys of a
+    rank's slice for common/plan.py batches_for_rank, or None when the plan shuffles whole chunks."""
+
+    def __init__(self, dataset: Any, plan: Plan, recipe: Recipe | None = None) -> None:
+        if plan.shuffle not in MODES:
+            raise ValueError(f"the run's plan shuffles by {plan.shuffle!r}, which this version does not know "
+                             f"(it knows {', '.join(MODES)}); resume it with the version that started it")
+        self.dataset, self.mode, self.window_bytes = dataset, plan.shuffle, int(plan.shuffle_window_bytes)
+        if recipe is not None:
+            for field, differs in self._differences(recipe):
+                if differs:
+                    log.warning("data.%s: the recipe's value is not what this run's plan recorded (shuffle %s, "
+                                "%d-byte windows); the run keeps its plan's batch order. A new run.name takes the "
+                                "recipe's.", field, self.mode, self.window_bytes)
+
+    def _differences(self, recipe: Recipe) -> list[tuple[str, bool]]:
+        data = recipe.data
+        same_bytes = data.shuffle_window_mb * 2**20 == self.window_bytes
+        return [("shuffle", data.shuffle != self.mode),
+                ("shuffle_window_mb", self.mode == "window" and data.shuffle == "window" and not same_bytes)]
+
+    def of(self, mine: np.ndarray, chunk_samples: int, batch_size: int, world: int) -> np.ndarray | None:
+        """Window keys of `mine` (this rank's slice of a chunk of chunk_samples ids, batches of
+        batch_size across world ranks), or None in chunk mode. A window holds at least one of this
+        rank's batches."""
+        if self.mode != "window" or not hasattr(self.dataset, "index_values"):
+            return None
+        steps = num_steps(chunk_samples, batch_size, world)
+        return window_keys(self.dataset, mine, self.window_bytes, min_rows=-(-len(mine) // steps))
