@@ -95,6 +95,28 @@ def test_the_first_batch_touches_only_the_first_windows_row_groups(tiny_dataset)
     assert len(set(_groups(ds, whole[0]))) > len(window_groups)
 
 
+def test_a_streamed_window_chunk_lands_its_windows_in_the_order_training_takes_them(tiny_dataset):
+    """The pieces after the first follow the windows' seeded order, not file order: the window
+    trained second lands second, so training does not wait on the rest of the file for it."""
+    from workers.chunks import stream_order, stream_pieces
+
+    ds = open_dataset(tiny_dataset)
+    ids = _chunk(ds)
+    mine, keys, batches = _rank_batches(ds, ids, 16, 1, 0)
+    order, batch = stream_order(mine, batches)
+    trained = [int(k) for k in keys[order]]
+    window_order = [k for i, k in enumerate(trained) if i == 0 or k != trained[i - 1]]
+    assert window_order != sorted(window_order), "the seed must put the windows out of file order to test this"
+    pieces = stream_pieces(ds, mine, order, batch, piece_bytes=SMALL_WINDOW)
+    piece_of = np.empty(len(mine), dtype=np.int64)
+    for k, sel in enumerate(pieces):
+        piece_of[sel] = k
+    # The piece after which each window has wholly landed: never later for a window trained earlier.
+    complete = [int(piece_of[keys == w].max()) for w in window_order]
+    assert complete == sorted(complete), f"windows trained in order {window_order} complete at pieces {complete}"
+    assert sorted(np.concatenate(pieces).tolist()) == list(range(len(mine))), "a position read twice or never"
+
+
 def test_a_slice_within_one_window_trains_exactly_the_whole_chunk_shuffles_batches(tiny_dataset):
     ds = open_dataset(tiny_dataset)
     ids = _chunk(ds)

@@ -101,12 +101,54 @@ def read_chunk(dataset: Any, ids: np.ndarray, piece_bytes: int = PIECE_BYTES,
 
 
 # A streamed chunk's first piece holds the row groups its first batch needs; the rest follow in
-# file order, in pieces of PIECE_BYTES (adjacent row groups merging into one request as in
-# read_chunk). The first piece's row groups are scattered (a shuffled batch), one request each,
-# and they split the rest's runs: about twice its row groups in extra requests. So a chunk whose
-# first batch needs more than STREAM_MAX_SHARE of its row-group bytes is read whole, as before:
-# the first batch would wait on most of it anyway.
+# pieces of PIECE_BYTES, in the order training first needs their row groups when that costs few
+# more requests than file order (the plan's window shuffle: a window is a run of adjacent row
+# groups, so the second window lands second, not wherever it sits in the file), else in file order
+# (a whole-chunk shuffle needs every row group within a few batches: by need, each piece would be
+# scattered row groups, one request each). Within a piece adjacent row groups merge into one
+# request, as in read_chunk.
+# Under a whole-chunk shuffle the first piece's row groups are scattered too, and they split the
+# rest's runs: about twice its row groups in extra requests. So such a chunk whose first batch
+# needs more than STREAM_MAX_SHARE of its row-group bytes is read whole, as before: the first batch
+# would wait on most of it anyway. A first piece that costs at most STREAM_EXTRA_RANGES more
+# requests than a whole read (a window of adjacent row groups) streams whatever its share.
 STREAM_MAX_SHARE = 0.25
+STREAM_EXTRA_RANGES = 2
+# Pieces by need are taken when they cost at most this many times file order's requests (plus
+# STREAM_EXTRA_RANGES): windows cost about as many; a whole-chunk shuffle costs several times more.
+NEED_ORDER_MAX_RANGES = 1.25
+
+
+def _ranges(group_key: np.ndarray, pieces: list[np.ndarray]) -> int:
+    """Requests a list of pieces costs: per piece, its runs of adjacent row groups of one shard
+    (the reader merges those into one ranged read)."""
+    total = 0
+    for sel in pieces:
+        keys = np.unique(group_key[sel])
+        total += 1 + int(np.count_nonzero(np.diff(keys) != 1)) if len(keys) else 0
+    return total
+
+
+def _pieces_by_need(group_key: np.ndarray, need: np.ndarray, size: np.ndarray, positions: np.ndarray,
+                    piece_bytes: int) -> list[np.ndarray]:
+    """`positions` cut into pieces of about piece_bytes of whole row groups, the row groups in the
+    order training first needs them (`need`: the batch of each position; ties in file order).
+    `size`: the stored bytes of each position's row group."""
+    keys, inverse = np.unique(group_key[positions], return_inverse=True)
+    inverse = inverse.reshape(-1)
+    first_need = np.full(len(keys), np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(first_need, inverse, need[positions])
+    group_size = np.empty(len(keys), dtype=np.float64)
+    group_size[inverse] = size[positions]
+    by_need = np.lexsort((keys, first_need))
+    sizes = group_size[by_need]
+    before = np.cumsum(sizes) - sizes  # bytes of the row groups needed ahead of each one
+    piece_of_group = np.empty(len(keys), dtype=np.int64)
+    piece_of_group[by_need] = (before // max(1, int(piece_bytes))).astype(np.int64)
+    piece_of = piece_of_group[inverse]
+    order = np.argsort(piece_of, kind="stable")
+    cuts = np.flatnonzero(np.diff(piece_of[order])) + 1
+    return [np.sort(positions[p]) for p in np.split(order, cuts)]
 
 
 def stream_pieces(dataset: Any, ids: np.ndarray, order: np.ndarray, batch: int,
@@ -115,8 +157,9 @@ def stream_pieces(dataset: Any, ids: np.ndarray, order: np.ndarray, batch: int,
 
     `order` holds positions in `ids` in the order the batches take them (`batch` per batch). The
     first piece is every position whose row group the first batch needs (whole row groups: their
-    other samples come along); the rest are chunk_pieces of what is left. Index only, no reads.
-    Without a first piece worth streaming (STREAM_MAX_SHARE) it is chunk_pieces of the chunk.
+    other samples come along); the rest are pieces of what is left, by need or in file order (see
+    above). Index only, no reads. Without a first piece worth streaming it is chunk_pieces of the
+    chunk.
     """
     n = len(ids)
     if n == 0:
@@ -125,16 +168,30 @@ def stream_pieces(dataset: Any, ids: np.ndarray, order: np.ndarray, batch: int,
     shard = np.asarray(dataset.index_values("shard", ids), dtype=np.int64)
     group = np.asarray(dataset.index_values("row_group", ids), dtype=np.int64)
     key = (shard << 32) | group
-    first_batch = np.asarray(order, dtype=np.int64)[: max(1, int(batch))]
+    order = np.asarray(order, dtype=np.int64)
+    first_batch = order[: max(1, int(batch))]
     first = np.isin(key, key[first_batch])
+    whole = chunk_pieces(dataset, ids, piece_bytes)
+    if first.all():
+        return whole
     uniq, starts = np.unique(key, return_index=True)
-    size = _group_bytes(dataset.manifest)[(uniq >> 32).astype(np.int64)]
+    per_group = _group_bytes(dataset.manifest)
+    size = per_group[(uniq >> 32).astype(np.int64)]
     share = float(size[first[starts]].sum()) / max(float(size.sum()), 1.0)
-    if share > STREAM_MAX_SHARE or first.all():
-        return chunk_pieces(dataset, ids, piece_bytes)
     head = np.flatnonzero(first)
     rest = np.flatnonzero(~first)
-    return [head, *(rest[p] for p in chunk_pieces(dataset, ids[rest], piece_bytes))]
+    in_file_order = [rest[p] for p in chunk_pieces(dataset, ids[rest], piece_bytes)]
+    # The batch each position is first needed in; positions the order does not reach (trained
+    # earlier in a resumed epoch) are needed last.
+    need = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
+    need[order[::-1]] = (np.arange(len(order)) // max(1, int(batch)))[::-1]
+    by_need = _pieces_by_need(key, need, per_group[(key >> 32).astype(np.int64)], rest, piece_bytes)
+    file_ranges, need_ranges = _ranges(key, in_file_order), _ranges(key, by_need)
+    tail = by_need if need_ranges <= NEED_ORDER_MAX_RANGES * file_ranges + STREAM_EXTRA_RANGES else in_file_order
+    extra = _ranges(key, [head, *tail]) - _ranges(key, whole)
+    if share > STREAM_MAX_SHARE and extra > STREAM_EXTRA_RANGES:
+        return whole
+    return [head, *tail]
 
 
 def stream_order(ids: np.ndarray, batches: list[np.ndarray]) -> tuple[np.ndarray | None, int | None]:
