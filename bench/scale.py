@@ -33,7 +33,18 @@ Measured, per size:
                    batch's rows in hand, the whole slice, and the ranged reads it took
 Then first_step_s: `orchestrator run` from a fresh working directory to the first training step,
 on a recipe derived from unet224.yaml (small model width, stage 1 at 56 px with a 50K chunk), the
-data in the GCS emulator behind the fault proxy adding --latency-ms to every request.
+data (by default 1.2M samples in the source's row groups, --first-step-samples/-geometry) in the GCS
+emulator behind the fault proxy adding --latency-ms to every request. Issue 24's line is read there:
+  worker_start_to_first_step_s  from the moment Ray hands the worker its train_loop (noted by a thin
+                   wrapper, timed_train_loop) to the first optimizer step (progress.json, written by
+                   the worker at that step); worker_imports_s, the worker's own modules imported,
+                   is inside it
+  ray_startup_s    the driver's launcher.launch call to that moment: Ray's start-up, not counted
+  data_wait_share  the trainer's own perf/data_wait_fraction of the first 50K chunk (read from the
+                   run's MLflow store): time train_chunk waited on prefetcher.get and on each next
+                   batch, over the chunk's wall time; the run goes on to the end of that chunk for
+                   it (--no-data-wait stops at the first step)
+`--only first_step` runs just that part.
 """
 
 from __future__ import annotations
@@ -380,9 +391,75 @@ def _stop(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
     proc.wait(timeout=30)
 
 
+MARKS_ENV = "BENCH_SCALE_MARKS"  # a folder: the driver and the worker each write the moment they reach a point
+
+
+def _mark(name: str) -> None:
+    folder = os.environ.get(MARKS_ENV)
+    if folder:
+        Path(folder, name).write_text(repr(time.time()))
+
+
+def timed_train_loop(config: dict[str, Any]) -> None:
+    """The worker's entry point (workers/train/entry.py train_loop) with the moment Ray handed it to the
+    worker noted first, and the moment our worker modules were imported. Ray pickles this function by
+    reference (bench.scale.timed_train_loop): the worker imports this module, then calls it."""
+    _mark("worker_entry")
+    from workers.train.entry import train_loop
+
+    _mark("worker_imported")
+    train_loop(config)
+
+
+def _child_run(marks: str, cli_args: list[str]) -> None:
+    """`orchestrator <cli_args>` as the CLI runs it, with two notes taken: when the driver calls
+    launcher.launch (Ray's start-up begins), and, in the worker, when train_loop is entered."""
+    import bench.scale as me  # not __main__: Ray must find the worker's function by its module's name
+    import orchestrator.launcher as launcher
+    import workers.train.entry as entry
+
+    os.environ[MARKS_ENV] = marks  # Ray's local workers inherit the driver's environment
+    real_launch = launcher.launch
+
+    def launch(recipe: Any, config: dict[str, Any], address: str | None) -> None:
+        me._mark("launch")
+        real_launch(recipe, config, address)
+
+    launcher.launch = launch
+    entry.train_loop = me.timed_train_loop  # launch_ray imports it from the module when it runs
+    sys.argv = ["orchestrator", *cli_args]
+    from orchestrator.cli import main
+
+    main()
+
+
+def _marks(folder: Path) -> dict[str, float]:
+    return {p.name: float(p.read_text()) for p in folder.iterdir()} if folder.exists() else {}
+
+
+def _data_wait_fraction(mlflow_db: Path) -> float | None:
+    """perf/data_wait_fraction of the run's first chunk, as the trainer logged it to MLflow: the time
+    train_chunk waited on prefetcher.get and on each next batch, over the chunk's wall time up to its
+    end-of-chunk evaluation (workers/train/trainer.py)."""
+    import sqlite3
+
+    if not mlflow_db.exists():
+        return None
+    con = sqlite3.connect(f"file:{mlflow_db}?mode=ro", uri=True)
+    try:
+        row = con.execute("SELECT value FROM metrics WHERE key = 'perf/data_wait_fraction' ORDER BY step, timestamp "
+                          "LIMIT 1").fetchone()
+    except sqlite3.Error:
+        return None
+    finally:
+        con.close()
+    return float(row[0]) if row else None
+
+
 def bench_first_step(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """`orchestrator run` in a fresh working directory (no MLflow store, no run files, an empty
-    shard cache) to the first training step; the data in the GCS emulator behind the fault proxy."""
+    shard cache) to the first training step, and on to the end of its first chunk; the data in the
+    GCS emulator behind the fault proxy."""
     import yaml
 
     from bench.resume import Lines
@@ -393,20 +470,26 @@ def bench_first_step(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     d = yaml.safe_load(RECIPE.read_text())
     chunk, eval_n = int(d["stages"][0]["chunk_size"]), int(d["data"]["eval_samples"])
-    n = chunk + eval_n  # stage 1's first chunk is then the whole training split: 50K samples
+    # By default the source's 1.2M; stage 1's first chunk is 50K of them either way.
+    n = args.first_step_samples or chunk + eval_n
     size = args.first_step_image_size
     source = make_source(
         str(work / f"source-{args.first_step_real_samples}-{size}px"), args.first_step_real_samples, size
     )
     src = open_dataset(source)
     sample_bytes = sum(int(s["bytes"]) for s in src.manifest["shards"]) // src.num_samples
-    rows_per_shard, rows_per_group = choose_sizes(sample_bytes, None, None)  # as `data pack` sizes them
+    if args.first_step_geometry == "source":  # the row groups `data pack` makes of the source's ~25 KB samples
+        rows_per_shard, rows_per_group = SOURCE_ROWS_PER_SHARD, SOURCE_ROWS_PER_GROUP
+    else:  # as `data pack` sizes them for these (smaller) samples
+        rows_per_shard, rows_per_group = choose_sizes(sample_bytes, None, None)
     out: dict[str, Any] = {
         "first_step_dataset_samples": n,
         "first_step_chunk_samples": chunk,
         "first_step_image_size": size,
         "first_step_sample_bytes": sample_bytes,
+        "first_step_geometry": args.first_step_geometry,
         "first_step_rows_per_group": rows_per_group,
+        "first_step_rows_per_shard": rows_per_shard,
         "first_step_latency_ms_per_request": args.latency_ms,
         "first_step_model_width": args.first_step_width,
     }
@@ -421,6 +504,8 @@ def bench_first_step(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             fresh = work / "fresh"
             shutil.rmtree(fresh, ignore_errors=True)
             fresh.mkdir(parents=True)
+            marks = fresh / "marks"
+            marks.mkdir()
             (fresh / "recipe.yaml").write_text(
                 yaml.safe_dump(_first_step_recipe("gs://scale/data", n, size, args.first_step_width))
             )
@@ -436,7 +521,7 @@ def bench_first_step(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             out["load_average_1m_at_first_step_start"] = round(os.getloadavg()[0], 2)
             t_start = time.time()
             run = subprocess.Popen(
-                [sys.executable, "-m", "orchestrator.cli", "run", "recipe.yaml"],
+                [sys.executable, "-m", "bench.scale", "--child", "run", str(marks), "run", "recipe.yaml"],
                 cwd=fresh,
                 env=env,
                 stdout=subprocess.PIPE,
@@ -445,28 +530,41 @@ def bench_first_step(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             )
             lines = Lines(run)
             seen: dict[str, float] = {}
-            step = None
+            step = chunk_end = None
+            wait_fraction = None
             deadline = time.monotonic() + args.timeout
             try:
-                while step is None:
+                while True:
                     try:
                         p = json.loads(progress.read_text())
                     except (OSError, ValueError):
                         p = {}
                     if p.get("phase"):
                         seen.setdefault(p["phase"], p["updated_at"])
-                    if p.get("phase") == "train" and p.get("global_step", 0) >= 1:
+                    if step is None and p.get("phase") == "train" and p.get("global_step", 0) >= 1:
                         step = p
+                        requests = proxy.counters.requests
+                        if args.no_data_wait:
+                            break
+                    if step is not None and chunk_end is None and (p.get("chunk", 0) >= 1 or p.get("stage_index", 0)):
+                        chunk_end = p  # the first chunk trained and evaluated; its metrics go to MLflow next
+                    if chunk_end is not None:
+                        wait_fraction = _data_wait_fraction(fresh / "mlflow.db")
+                        if wait_fraction is not None:
+                            break
+                    if step is not None and time.monotonic() > deadline:
+                        break  # the first step's figures stand; data_wait_share says it was not reached
                     if run.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(f"the run did not reach a training step:\n{lines.text()[-3000:]}")
+                        what = "a training step" if step is None else "the end of its first chunk in MLflow"
+                        raise RuntimeError(f"the run did not reach {what}:\n{lines.text()[-3000:]}")
                     time.sleep(0.05)
             finally:
                 _stop(run)
-            requests = proxy.counters.requests
             proxy.configure()
     finally:
         stop_emulator(proc)
     first_line = next((t for t, line in lines.lines if line.startswith("run '")), None)
+    mark = _marks(marks)
     out.update(
         {
             "first_step_s": round(step["updated_at"] - t_start, 1),
@@ -480,8 +578,29 @@ def bench_first_step(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "first_step_first_batch_s": round(step["updated_at"] - seen["train"], 1),
             "first_step_gcs_requests": requests,
             "first_step_chunk_bytes": sample_bytes * chunk,
+            # Issue 24's line: from the worker's start (Ray hands it train_loop) to its first optimizer step,
+            # with Ray's own start-up beside it (the driver's launch call to that moment), not counted.
+            "worker_start_to_first_step_s": round(step["updated_at"] - mark["worker_entry"], 2)
+            if "worker_entry" in mark
+            else None,
+            "worker_imports_s": round(mark["worker_imported"] - mark["worker_entry"], 2)
+            if {"worker_entry", "worker_imported"} <= mark.keys()
+            else None,
+            "ray_startup_s": round(mark["worker_entry"] - mark["launch"], 2)
+            if {"worker_entry", "launch"} <= mark.keys()
+            else None,
+            "driver_to_launch_s": round(mark["launch"] - t_start, 2) if "launch" in mark else None,
         }
     )
+    if not args.no_data_wait:
+        out["data_wait_share"] = round(wait_fraction, 4) if wait_fraction is not None else None
+        if chunk_end is not None:
+            # Preload to the first sign of the next chunk: the chunk's training, its evaluation and checkpoint.
+            out["first_chunk_wall_s_upper"] = round(chunk_end["updated_at"] - seen["preload"], 1)
+            out["first_chunk_steps"] = chunk_end["global_step"]
+        if wait_fraction is None:
+            out["data_wait_share_note"] = (f"the first chunk's perf/data_wait_fraction was not in MLflow within "
+                                           f"--timeout {args.timeout:.0f} s (it is logged at the chunk's end)")
     return out
 
 
@@ -579,11 +698,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--real-samples", type=int, default=4096, help="samples of the real set every dataset repeats")
     ap.add_argument("--real-image-size", type=int, default=32, help="px of that set's images (bytes per sample)")
     ap.add_argument("--first-step-real-samples", type=int, default=5000)
-    ap.add_argument("--first-step-image-size", type=int, default=64)
+    ap.add_argument("--first-step-image-size", type=int, default=16,
+                    help="px of the first-step set's images (at 1.2M samples the emulator holds them all in memory)")
+    ap.add_argument("--first-step-samples", type=int, default=1_200_000,
+                    help="samples of the first-step set (0: stage 1's first chunk plus the eval split, ~60K)")
+    ap.add_argument("--first-step-geometry", choices=("source", "pack"), default="source",
+                    help="row groups and shards: the source's (41 rows a group) or as `data pack` sizes these samples")
+    ap.add_argument("--no-data-wait", action="store_true",
+                    help="first-step run: stop at the first step (no data_wait_share: it needs the whole first chunk)")
     ap.add_argument("--first-step-width", type=float, default=0.125, help="model.width of the first-step recipe")
     ap.add_argument("--latency-ms", type=float, default=20.0, help="added by the proxy to every GCS request")
-    ap.add_argument("--timeout", type=float, default=600.0, help="first-step run: give up after this long")
+    ap.add_argument("--timeout", type=float, default=1800.0,
+                    help="first-step run: give up after this long (the first 50K chunk on 2 CPU cores: ~12 min)")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: sizes,first_step")
+    ap.add_argument("--only", default="", help="the one part to run (sizes or first_step): --skip every other")
     ap.add_argument(
         "--workdir", default=None, help="where datasets and runs go (default: a new temp folder, removed after)"
     )
@@ -591,6 +719,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--json", action="store_true", help="one JSON line on stdout")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
+    if args.only:
+        skip |= {"sizes", "first_step"} - {args.only}
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-scale-"))
@@ -639,6 +769,8 @@ if __name__ == "__main__":
             _child_worker(out_path, rest[0], rest[1], int(rest[2]), int(rest[3]))
         elif mode == "status":
             _child_status(out_path, rest[0], rest[1])
+        elif mode == "run":
+            _child_run(out_path, rest)
         else:
             raise SystemExit(f"unknown child {mode}")
     else:
