@@ -358,7 +358,7 @@ def _run_child(mode: str, *argv: str, cwd: str | None = None, env: dict[str, str
 # -- per size -------------------------------------------------------------------------------------
 
 
-def _first_step_recipe(data_uri: str, n: int, image_size: int, width: float) -> dict[str, Any]:
+def _first_step_recipe(data_uri: str, n: int, image_size: int, width: float, chunk: int) -> dict[str, Any]:
     """recipes/unet224.yaml as it is (stages, chunks, batches, resolutions, checkpointing), but a
     small model (compute must not hide the data path), this dataset, and a 2-core CPU worker."""
     import yaml
@@ -369,6 +369,7 @@ def _first_step_recipe(data_uri: str, n: int, image_size: int, width: float) -> 
         {"uri": data_uri, "expected_samples": n, "image_size": [image_size, image_size], "decode_workers": 0}
     )
     d["model"]["width"] = width
+    d["stages"][0]["chunk_size"] = chunk
     d["tracking"]["uri"] = "sqlite:///mlflow.db"
     d["execution"].update({"backend": "ray", "num_workers": 1, "use_gpu": False, "cpus_per_worker": 2})
     return d
@@ -469,7 +470,7 @@ def bench_first_step(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from tests.gcs_emulator import make_bucket, point_gcsfs_at, start_emulator, stop_emulator
 
     d = yaml.safe_load(RECIPE.read_text())
-    chunk, eval_n = int(d["stages"][0]["chunk_size"]), int(d["data"]["eval_samples"])
+    chunk, eval_n = args.first_step_chunk or int(d["stages"][0]["chunk_size"]), int(d["data"]["eval_samples"])
     # By default the source's 1.2M; stage 1's first chunk is 50K of them either way.
     n = args.first_step_samples or chunk + eval_n
     size = args.first_step_image_size
@@ -507,7 +508,7 @@ def bench_first_step(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             marks = fresh / "marks"
             marks.mkdir()
             (fresh / "recipe.yaml").write_text(
-                yaml.safe_dump(_first_step_recipe("gs://scale/data", n, size, args.first_step_width))
+                yaml.safe_dump(_first_step_recipe("gs://scale/data", n, size, args.first_step_width, chunk))
             )
             env = {
                 **os.environ,
@@ -704,6 +705,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="samples of the first-step set (0: stage 1's first chunk plus the eval split, ~60K)")
     ap.add_argument("--first-step-geometry", choices=("source", "pack"), default="source",
                     help="row groups and shards: the source's (41 rows a group) or as `data pack` sizes these samples")
+    ap.add_argument("--first-step-chunk", type=int, default=0,
+                    help="stage 1's chunk_size (0: the recipe's 50K, which issue 24 reads; smaller for a quick check)")
     ap.add_argument("--no-data-wait", action="store_true",
                     help="first-step run: stop at the first step (no data_wait_share: it needs the whole first chunk)")
     ap.add_argument("--first-step-width", type=float, default=0.125, help="model.width of the first-step recipe")
