@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import scale
+from bench import scale_first_step as scale
 
 
 def test_timed_train_loop_marks_the_worker_start_then_runs_train_loop(tmp_path: Path,
