@@ -26,7 +26,8 @@ proxy by STORAGE_EMULATOR_HOST with anonymous credentials; gcsfs for ours). Each
 fresh process, so its memory is its own and nothing is warm from an earlier arm.
 
 Per arm: first_batch_s (dataset opened to first batch in hand), steady_samples_per_s (after the first
-batch), pss_mb (peak PSS of the process and its DataLoader workers, psutil every 20 ms), and:
+batch; second_half_samples_per_s: the pass's second half alone, past any worker start-up), pss_mb
+(peak PSS of the process and its DataLoader workers, psutil every 20 ms), and:
   local: requests  ours: the reader's own count of ranged reads plus manifest, index and shared index;
                    litdata: files opened (from its index: chunk files, or shard files, plus index.json),
                    not traced, so a lower bound for litdata_parquet, which reads a row group at a time
@@ -213,6 +214,7 @@ def ratios(out: dict[str, Any], where: str, res: int) -> None:
         count = "gets" if where == "gcs" else "requests"
         out[f"{where}_{res}_ratio_vs_{peer}"] = {
             "steady_samples_per_s": _ratio(o["steady_samples_per_s"], p["steady_samples_per_s"]),
+            "second_half_samples_per_s": _ratio(o.get("second_half_samples_per_s"), p.get("second_half_samples_per_s")),
             "first_batch_s": _ratio(o["first_batch_s"], p["first_batch_s"]),
             "pss": _ratio(o["pss_mb"], p["pss_mb"]),
             count: _ratio(o.get(count), p.get(count)),
