@@ -335,6 +335,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out["litdata_note"] = ("litdata not installed: its arms skipped (pip install --no-deps litdata==0.2.76 "
                                "lightning-utilities==0.15.3 obstore==0.12.1 polars==2.1.0 polars-runtime-32==2.1.0)")
     out["arms"] = arms
+    out["local_requests_note"] = ("ours: the shard reader's own count of ranged reads, plus manifest, index and "
+                                  "shared index; litdata: the files in its index plus index.json, not traced (a "
+                                  "lower bound for litdata_parquet, which reads a row group at a time)")
+    out["gcs_gets_note"] = "every GET the fault proxy saw during the pass; gets_object_data: those with alt=media"
     out.update({f"{a}_note": NOTES[a] for a in arms if a in NOTES})
     t_all = time.perf_counter()
     try:
