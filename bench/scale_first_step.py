@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.scale import RECIPE, REPO, SOURCE_ROWS_PER_GROUP, SOURCE_ROWS_PER_SHARD, make_source, replicate_dataset
+from bench.scale_data import RECIPE, REPO, SOURCE_ROWS_PER_GROUP, SOURCE_ROWS_PER_SHARD, make_source, replicate_dataset
 
 
 def _first_step_recipe(data_uri: str, n: int, image_size: int, width: float, chunk: int) -> dict[str, Any]:
