@@ -257,7 +257,9 @@ def bench_first_step(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         out["data_wait_share"] = round(wait_fraction, 4) if wait_fraction is not None else None
         if chunk_end is not None:
             # Preload to the first sign of the next chunk: the chunk's training, its evaluation and checkpoint.
-            out["first_chunk_wall_s_upper"] = round(chunk_end["updated_at"] - seen["preload"], 1)
+            # progress.json holds only the latest phase, so a short one may pass unseen.
+            start = seen.get("preload", seen.get("train"))
+            out["first_chunk_wall_s_upper"] = round(chunk_end["updated_at"] - start, 1) if start else None
             out["first_chunk_steps"] = chunk_end["global_step"]
         if wait_fraction is None:
             out["data_wait_share_note"] = (f"the first chunk's perf/data_wait_fraction was not in MLflow within "
