@@ -1,41 +1,57 @@
-"""Our chunk loader beside litdata's on the same samples, in one run.
+"""Our chunk loader beside litdata's on the same samples, in one run (issue 24's peer bench).
 
-Usage: python -m bench.peer --json [--samples 2000] [--sizes 56,224] [--skip gcs,litdata]
+Usage: python -m bench.peer --json [--samples 2000] [--sizes 56,224] [--skip gcs,litdata,resume]
 
-One dataset is synthesized (storage.synth: 224-px JPEG inputs, raw masks, the mask_depth
-columns) and, for litdata, the same encoded bytes (the input JPEG and the raw mask of every
-sample) are written with litdata.optimize (64 MB chunks, its recommended size). Every arm decodes
-with the same functions (workers.data.decode_rgb_into for the JPEG, DCT-scaled to the size asked
-for; storage.codec.decode_mask and a nearest resize for the mask), batch 64, and reads the whole
-dataset once as one chunk:
+One dataset is synthesized (storage.synth: 224-px JPEG inputs, raw masks, the mask_depth columns).
+litdata reads the same encoded bytes two ways: written in its own format (litdata.optimize, 64 MB
+chunks, its recommended size: the input JPEG, the raw mask and the id of every sample), and our own
+shard files read by its ParquetLoader (hard links to them beside the index.json that
+litdata.index_parquet_dataset writes). Every arm decodes with the same functions
+(bench.peer_measure.decode_pair: workers.data.decode_rgb_into for the JPEG, DCT-scaled to the size
+asked for; storage.codec.decode_mask and a nearest resize for the mask), batch 64, and reads the
+whole dataset once as one chunk:
 
-  ours_stream   ChunkPrefetcher streaming the chunk (the first batch's row groups first), decode in
-                the loading process (decode_workers 0: rows still streaming in cannot be forked into
-                DataLoader workers; with workers the chunk is read whole first, see ours_whole)
-  ours_whole    the chunk read whole (read_chunk), then 2 DataLoader workers decode, as before
-  litdata       litdata.StreamingDataset (shuffle) + StreamingDataLoader, 2 workers, over its own
-                chunks of the same bytes (skipped when litdata is not installed: pip install
-                '.[bench]')
+  ours_stream      ChunkPrefetcher streaming the chunk in the batches' order (the trainer's path),
+                   decode in the loading process (rows still streaming in cannot be forked into
+                   DataLoader workers; with workers the chunk is read whole first, see ours_whole)
+  ours_whole       the chunk read whole, then 2 DataLoader workers decode
+  litdata          litdata.StreamingDataset (shuffle, seed 0) + StreamingDataLoader, 2 workers, its format
+  litdata_parquet  the same over our shard files with litdata's ParquetLoader (low_memory: a row group
+                   at a time, the three columns decoded)
 
-Per arm: time to first batch (loader made to first batch in hand), steady samples/s (after the
-first batch), peak PSS of the loading processes (psutil, sampled every 20 ms, the process and its
-children), read requests (ours: the shard reader's ranged reads plus manifest, index and shared
-index; litdata: the chunk files it opens). Local reads are cold: every file of the dataset is
-dropped from the page cache first (posix_fadvise DONTNEED; no root needed). On the GCS emulator
-(gcp-storage-emulator behind tests/fault_proxy.py adding --latency-ms per request) only our arms
-run: litdata's GCS path needs google-cloud-storage against a real endpoint, so its figures there
-are not measured here. Where an arm is handicapped, its key says so (`*_note`).
+Each arm runs twice, locally (every file of the arm dropped from the page cache first:
+posix_fadvise DONTNEED, no root needed) and on gcp-storage-emulator behind tests/fault_proxy.py
+adding --latency-ms to every request (litdata's GCS client is google-cloud-storage, pointed at the
+proxy by STORAGE_EMULATOR_HOST with anonymous credentials; gcsfs for ours). Each arm runs in a
+fresh process, so its memory is its own and nothing is warm from an earlier arm.
+
+Per arm: first_batch_s (dataset opened to first batch in hand), steady_samples_per_s (after the first
+batch; second_half_samples_per_s: the pass's second half alone, past any worker start-up), pss_mb
+(peak PSS of the process and its DataLoader workers, psutil every 20 ms), and:
+  local: requests  ours: the reader's own count of ranged reads plus manifest, index and shared index;
+                   litdata: files opened (from its index: chunk files, or shard files, plus index.json),
+                   not traced, so a lower bound for litdata_parquet, which reads a row group at a time
+  gcs:   gets      GET requests seen at the proxy during the pass (every GET: metadata, index and data);
+                   gets_object_data: those that fetched object bytes (alt=media)
+  resume_exact     the pass is stopped after k = half its batches and resumed, in a new process:
+                   ours the trainer's way (the same batch order from batch k: a fresh prefetcher
+                   streams batches[k:], as train_chunk does after a checkpoint at batch k);
+                   litdata by StreamingDataLoader.state_dict() after k batches, then a new dataset
+                   and loader (a new cache) with load_state_dict. Exact when the ids before the stop
+                   and after the resume are the uninterrupted pass's, in order.
+Ratios are ours_stream / peer (`*_ratio_vs_*`); `acceptance` checks issue 24's lines. Where a
+comparison handicaps one side, a `*_note` key says how.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -43,86 +59,21 @@ from typing import Any
 import numpy as np
 
 from bench import machine
+from bench.peer_measure import BATCH, SEED, WORKERS, PssPeak, drop_page_cache, iterate
 
-BATCH = 64
-WORKERS = 2
-SEED = 0
-
-
-# -- measuring --------------------------------------------------------------------------------------
-
-
-class PssPeak:
-    """Peak PSS (MB) of this process and its children, sampled in a thread."""
-
-    def __init__(self, every_s: float = 0.02) -> None:
-        import psutil
-
-        self._me = psutil.Process()
-        self.peak = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(every_s,), daemon=True)
-
-    def _sample(self) -> float:
-        total = 0
-        for p in [self._me, *self._me.children(recursive=True)]:
-            try:
-                total += p.memory_full_info().pss
-            except Exception:  # noqa: BLE001 - a worker that just exited
-                pass
-        return total / 2**20
-
-    def _run(self, every_s: float) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._sample())
-            self._stop.wait(every_s)
-
-    def __enter__(self) -> PssPeak:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+ARMS = ("ours_stream", "ours_whole", "litdata", "litdata_parquet")
+PEERS = ("litdata", "litdata_parquet", "ours_whole")
+NOTES = {
+    "ours_stream": "decodes in the loading process (no DataLoader workers); the other arms decode in 2",
+    "litdata_parquet": "on GCS it downloads whole shard files (every column, depth and bg_id included, which "
+                       "no arm decodes) before reading them; locally it reads only the 3 columns asked for; "
+                       "its DataLoader workers are spawned, not forked (ParquetLoader refuses fork: Polars)",
+    "litdata": "its chunk files hold only the 3 columns decoded (written from ours by litdata.optimize); "
+               "ours and litdata_parquet hold depth and bg_id beside them",
+}
 
 
-def drop_page_cache(root: str) -> None:
-    """Evict every file under root from the page cache (posix_fadvise: no root needed)."""
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-
-
-def _iterate(loader: Any, t0: float) -> dict[str, float]:
-    first = None
-    n = n_first = 0
-    for batch in loader:
-        k = len(batch[0])
-        if first is None:
-            first, n_first = time.perf_counter(), k
-        n += k
-    end = time.perf_counter()
-    assert first is not None
-    return {"first_batch_s": round(first - t0, 3), "samples": n,
-            "steady_samples_per_s": round((n - n_first) / max(end - first, 1e-9), 1)}
-
-
-# -- decoding (the same for every arm) --------------------------------------------------------------
-
-
-def decode_pair(img: bytes, mask: bytes, res: int) -> tuple[np.ndarray, np.ndarray]:
-    from storage.codec import decode_mask
-    from workers.data import _nearest_index, decode_rgb_into
-
-    out = np.empty((res, res, 3), dtype=np.uint8)
-    decode_rgb_into(img, out)
-    m = decode_mask(mask)
-    m = m[np.ix_(_nearest_index(m.shape[0], res), _nearest_index(m.shape[1], res))]
-    return out, m
+# -- our arms ---------------------------------------------------------------------------------------
 
 
 class _OurSamples:
@@ -134,126 +85,224 @@ class _OurSamples:
     def __len__(self) -> int:
         return len(self.rows["sample_id"])
 
-    def __getitems__(self, idx: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    def __getitems__(self, idx: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        from bench.peer_measure import decode_pair
+
         pairs = [decode_pair(self.rows["fg_bg"][i], self.rows["mask"][i], self.res) for i in idx]
-        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+        ids = np.asarray(self.rows["sample_id"])[np.asarray(idx, dtype=np.int64)]
+        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]), ids
 
 
-# -- arms -------------------------------------------------------------------------------------------
-
-
-def ours(uri: str, res: int, stream: bool) -> dict[str, Any]:
+def _our_pass(uri: str, res: int, stream: bool, start: int = 0) -> tuple[dict[str, Any], Any]:
+    """The chunk (the whole dataset) from batch `start` of its batch order, as train_chunk reads it."""
     from common.plan import batches_for_rank
     from storage.shards import open_dataset
     from workers.data import ChunkPrefetcher, make_loader, stream_order
 
+    t0 = time.perf_counter()
+    ds = open_dataset(uri)
+    ids = np.sort(ds.sample_ids)
+    batches = batches_for_rank(ids, BATCH, 1, 0, [SEED, 3, 0, 0, 0])[start:]
+    pre = ChunkPrefetcher(ds, stream=stream)
+    try:
+        rows = pre.get((0, 0), ids, *stream_order(ids, batches)) if stream else pre.get((0, 0), ids)
+        todo = [np.searchsorted(ids, b).tolist() for b in batches]
+        loader = make_loader(_OurSamples(rows, res), batch_sampler=todo, num_workers=0 if stream else WORKERS)
+        out = iterate(loader, t0)
+    finally:
+        pre.close()
+    return out, ds
+
+
+def ours_arm(uri: str, res: int, stream: bool) -> dict[str, Any]:
     with PssPeak() as pss:
-        t0 = time.perf_counter()
-        ds = open_dataset(uri)
-        ids = np.sort(ds.sample_ids)
-        batches = batches_for_rank(ids, BATCH, 1, 0, [SEED, 3, 0, 0, 0])
-        pre = ChunkPrefetcher(ds, stream=stream)
-        try:
-            order, batch = stream_order(ids, batches)
-            rows = pre.get((0, 0), ids, order, batch) if stream else pre.get((0, 0), ids)
-            position = np.searchsorted(ids, np.concatenate(batches))
-            todo = np.split(position, np.cumsum([len(b) for b in batches])[:-1])
-            loader = make_loader(_OurSamples(rows, res), batch_sampler=[t.tolist() for t in todo],
-                                 num_workers=0 if stream else WORKERS)
-            out = _iterate(loader, t0)
-        finally:
-            pre.close()
+        out, ds = _our_pass(uri, res, stream)
     reads = ds.reader.stats.requests + 2 + len(ds.shared)  # + manifest, index, shared indexes
     shared_reads = sum(t.reader.stats.requests for t in ds.shared.values()) if ds.shared else 0
     return {**out, "pss_mb": round(pss.peak, 1), "requests": reads + shared_reads}
 
 
-@functools.lru_cache(maxsize=1)
-def _opened(src: str) -> Any:
+def ours_resume(uri: str, res: int, stream: bool, k: int) -> dict[str, Any]:
+    """A checkpoint at batch k holds the cursor (stage, chunk, epoch, batch k): the resumed process reads
+    the same chunk and trains batches[k:] of the same order (workers/train/trainer.py train_chunk)."""
+    from common.plan import batches_for_rank
     from storage.shards import open_dataset
 
-    return open_dataset(src)
+    out, _ = _our_pass(uri, res, stream, start=k)
+    # Batches are cut evenly (common/plan.py), so the first k hold k x batch samples only roughly.
+    ids = np.sort(open_dataset(uri).sample_ids)
+    skipped = sum(len(b) for b in batches_for_rank(ids, BATCH, 1, 0, [SEED, 3, 0, 0, 0])[:k])
+    return {"before": None, "skipped": skipped, "after": out["ids"]}
 
 
-def _lit_item(i: int, src: str) -> dict[str, Any]:
-    rows = _opened(src).read_samples([i], columns=("fg_bg", "mask"))
-    return {"img": rows["fg_bg"][0], "mask": rows["mask"][0]}
+# -- one arm in a fresh process ---------------------------------------------------------------------
 
 
-def litdata_write(src_uri: str, out_dir: str, n: int) -> None:
-    """The same encoded bytes as litdata chunks (litdata.optimize, 64 MB chunks)."""
-    import litdata
+def run_arm(arm: str, uri: str, res: int, resume_at: int) -> dict[str, Any]:
+    if arm.startswith("ours_"):
+        stream = arm == "ours_stream"
+        return ours_resume(uri, res, stream, resume_at) if resume_at > 0 else ours_arm(uri, res, stream)
+    from bench import peer_lit
 
-    litdata.optimize(fn=functools.partial(_lit_item, src=src_uri), inputs=list(range(n)), output_dir=out_dir,
-                     chunk_bytes="64MB", num_workers=1, verbose=False)
+    kind = "parquet" if arm == "litdata_parquet" else "native"
+    return peer_lit.lit_resume(uri, kind, res, resume_at) if resume_at > 0 else peer_lit.lit_arm(uri, kind, res)
 
 
-def litdata_write_apart(src_uri: str, out_dir: str, n: int) -> None:
-    """litdata_write in a child process: optimize sets the start method of the whole process
-    (spawn), which would make the other arms' DataLoader workers pickle their chunk."""
-    import subprocess
-    import sys
+def _spawn(arm: str, uri: str, res: int, resume_at: int = 0) -> dict[str, Any]:
+    """run_arm in a child process; its temporary files (litdata's caches) go to a folder removed after."""
+    tmp = tempfile.mkdtemp(prefix=f"peer-{arm}-")
+    out = os.path.join(tmp, "out.json")
+    env = {**os.environ, "TMPDIR": tmp, "PYTHONPATH": os.pathsep.join(filter(None, [str(_REPO), os.environ.get(
+        "PYTHONPATH")]))}
+    try:
+        done = subprocess.run([sys.executable, "-m", "bench.peer", "--child", arm, uri, str(res), str(resume_at), out],
+                              env=env, capture_output=True, text=True, cwd=str(_REPO))
+        if done.returncode or not os.path.exists(out):
+            raise RuntimeError(f"arm {arm} at {res} px ({uri}) failed:\n{done.stderr[-3000:]}")
+        return json.loads(Path(out).read_text())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
-    code = f"import bench.peer as p; p.litdata_write({src_uri!r}, {out_dir!r}, {int(n)})"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+
+_REPO = Path(__file__).resolve().parents[1]
+
+
+def _gets(proxy: Any) -> dict[str, int]:
+    paths = list(proxy.counters.paths)
+    gets = [p for p in paths if p.startswith("GET ")]
+    return {"gets": len(gets), "gets_object_data": sum("alt=media" in p for p in gets), "requests_at_emulator":
+            len(paths)}
+
+
+def measure(arm: str, uri: str, res: int, resume: bool, cold_root: str | None = None, proxy: Any = None,
+            ) -> dict[str, Any]:
+    """One arm's pass (cold locally, GETs counted on the emulator), then its resume check."""
+    if cold_root:
+        drop_page_cache(cold_root)
+    if proxy is not None:
+        proxy.reset_counters()
+    got = _spawn(arm, uri, res)
+    if proxy is not None:
+        got.update(_gets(proxy))
+        got.pop("requests", None)  # the proxy's count is the one that holds on GCS
+    ids = got.pop("ids")
+    got["distinct_samples"] = len(set(ids))
+    if resume:
+        k = max(1, (len(ids) // BATCH) // 2)
+        r = _spawn(arm, uri, res, k)
+        before = r["before"] if r["before"] is not None else ids[: r["skipped"]]
+        got["resume_after_batches"] = k
+        got["resume_exact"] = before == ids[: len(before)] and r["after"] == ids[len(before):]
+    return got
+
+
+# -- ratios and acceptance --------------------------------------------------------------------------
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None:
+        return None
+    return round(a / max(b, 1e-9), 2)
+
+
+def ratios(out: dict[str, Any], where: str, res: int) -> None:
+    o = out.get(f"{where}_{res}_ours_stream")
+    for peer in PEERS:
+        p = out.get(f"{where}_{res}_{peer}")
+        if not o or not p:
+            continue
+        count = "gets" if where == "gcs" else "requests"
+        out[f"{where}_{res}_ratio_vs_{peer}"] = {
+            "steady_samples_per_s": _ratio(o["steady_samples_per_s"], p["steady_samples_per_s"]),
+            "second_half_samples_per_s": _ratio(o.get("second_half_samples_per_s"), p.get("second_half_samples_per_s")),
+            "first_batch_s": _ratio(o["first_batch_s"], p["first_batch_s"]),
+            "pss": _ratio(o["pss_mb"], p["pss_mb"]),
+            count: _ratio(o.get(count), p.get(count)),
+        }
+
+
+def acceptance(out: dict[str, Any], wheres: list[str], sizes: list[int]) -> dict[str, Any]:
+    """Issue 24's first acceptance line, per setting: True, False, or None where an arm did not run."""
+
+    def check(where: str, res: int, peer: str, fn: Any) -> bool | None:
+        o, p = out.get(f"{where}_{res}_ours_stream"), out.get(f"{where}_{res}_{peer}")
+        return None if not o or not p else bool(fn(o, p))
+
+    lines: dict[str, Any] = {}
+    for where in wheres:
+        for res in sizes:
+            key = f"{where}_{res}"
+            a = {
+                "steady_ge_1x_litdata": check(where, res, "litdata",
+                                              lambda o, p: o["steady_samples_per_s"] >= p["steady_samples_per_s"]),
+                "steady_ge_1x_litdata_parquet": check(
+                    where, res, "litdata_parquet", lambda o, p: o["steady_samples_per_s"] >= p["steady_samples_per_s"]),
+                "first_batch_le_litdata": check(where, res, "litdata",
+                                                lambda o, p: o["first_batch_s"] <= p["first_batch_s"]),
+                "pss_le_litdata": check(where, res, "litdata", lambda o, p: o["pss_mb"] <= p["pss_mb"]),
+            }
+            if where == "gcs":
+                a["gets_le_2x_litdata"] = check(where, res, "litdata", lambda o, p: o["gets"] <= 2 * p["gets"])
+                a["gets_le_2x_litdata_parquet"] = check(where, res, "litdata_parquet",
+                                                        lambda o, p: o["gets"] <= 2 * p["gets"])
+            exact = [out[f"{key}_{arm}"].get("resume_exact") for arm in ARMS if f"{key}_{arm}" in out]
+            a["resume_exact"] = None if not exact or None in exact else all(exact)
+            lines[key] = a
+    flat = [v for a in lines.values() for v in a.values()]
+    lines["passed"] = bool(flat) and all(v is True for v in flat)
+    lines["not_measured"] = sum(v is None for v in flat)
+    return lines
+
+
+# -- datasets and settings --------------------------------------------------------------------------
+
+
+def _upload(local: str, uri: str) -> None:
+    from storage import fs as sfs
+
+    for p in sorted(Path(local).rglob("*")):
+        if p.is_file():
+            sfs.write_bytes(sfs.join(uri, str(p.relative_to(local))), p.read_bytes())
+
+
+def _gcs(paths: dict[str, str], arms: list[str], sizes: list[int], latency_ms: float, resume: bool,
+         ) -> dict[str, Any]:
+    from tests.fault_proxy import FaultProxy
+    from tests.gcs_emulator import make_bucket, point_gcsfs_at, start_emulator, stop_emulator
+
+    out: dict[str, Any] = {"gcs_latency_ms_per_request": latency_ms}
+    uris = {"ours_stream": "gs://peer/ds", "ours_whole": "gs://peer/ds", "litdata": "gs://peer/lit",
+            "litdata_parquet": "gs://peer/ds/shards"}
+    proc, url = start_emulator()
+    try:
+        with FaultProxy(url) as proxy:
+            point_gcsfs_at(proxy.url)
+            make_bucket("peer")
+            _upload(paths["ours"], uris["ours_stream"])
+            if "litdata" in arms:
+                _upload(paths["litdata"], uris["litdata"])
+            if "litdata_parquet" in arms:  # our shard objects as they are, and litdata's index beside them
+                from storage import fs as sfs
+
+                sfs.write_bytes(sfs.join(uris["litdata_parquet"], "index.json"),
+                                Path(paths["litdata_parquet"], "index.json").read_bytes())
+            proxy.configure(latency_s=latency_ms / 1000)
+            for res in sizes:
+                for arm in arms:
+                    out[f"gcs_{res}_{arm}"] = measure(arm, uris[arm], res, resume, proxy=proxy)
+                ratios(out, "gcs", res)
+            proxy.configure()
+    finally:
+        stop_emulator(proc)
+    return out
+
+
+def _apart(fn: str, *args: Any) -> None:
+    """A bench.peer_lit function in a child process (litdata.optimize sets the process's start method)."""
+    code = f"import bench.peer_lit as p; p.{fn}(*{args!r})"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(_REPO))
     if done.returncode:
-        if "No module named 'litdata'" in done.stderr:
-            raise ImportError("litdata")
         raise RuntimeError(done.stderr[-2000:])
-
-
-def _collate_pairs(items: list) -> tuple[np.ndarray, np.ndarray]:
-    return np.stack([a for a, _ in items]), np.stack([b for _, b in items])
-
-
-def _decoded_dataset(lit_dir: str, res: int) -> Any:
-    import litdata
-
-    global _Decoded
-    if _Decoded is None:
-        # Module level, so that litdata's worker processes (spawned, if optimize set that) find it.
-        class Decoded(litdata.StreamingDataset):
-            res = 56
-
-            def __getitem__(self, index: Any) -> Any:
-                item = super().__getitem__(index)
-                return decode_pair(item["img"], item["mask"], self.res)
-
-        Decoded.__qualname__ = "_Decoded"
-        _Decoded = Decoded
-    ds = _Decoded(lit_dir, shuffle=True, seed=SEED, cache_dir=tempfile.mkdtemp(prefix="lit-cache-"))
-    ds.res = res
-    return ds
-
-
-_Decoded: Any = None
-
-
-def litdata_arm(lit_dir: str, res: int) -> dict[str, Any]:
-    import litdata
-
-    with PssPeak() as pss:
-        t0 = time.perf_counter()
-        ds = _decoded_dataset(lit_dir, res)
-        loader = litdata.StreamingDataLoader(ds, batch_size=BATCH, num_workers=WORKERS, collate_fn=_collate_pairs)
-        out = _iterate(loader, t0)
-    chunks = len([f for f in os.listdir(lit_dir) if f.endswith(".bin")])
-    return {**out, "pss_mb": round(pss.peak, 1), "requests": chunks + 1}  # + index.json
-
-
-# -- main -------------------------------------------------------------------------------------------
-
-
-def _ratios(out: dict[str, Any], where: str, res: int, peer: str) -> None:
-    o, p = out.get(f"{where}_{res}_ours_stream"), out.get(f"{where}_{res}_{peer}")
-    if not o or not p:
-        return
-    out[f"{where}_{res}_ratio_vs_{peer}"] = {
-        "steady_samples_per_s": round(o["steady_samples_per_s"] / p["steady_samples_per_s"], 2),
-        "first_batch_s": round(o["first_batch_s"] / max(p["first_batch_s"], 1e-9), 2),
-        "pss": round(o["pss_mb"] / max(p["pss_mb"], 1e-9), 2),
-        "requests": round(o["requests"] / max(p["requests"], 1), 2),
-    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -263,82 +312,70 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--sizes", default="56,224", help="decode resolutions")
     ap.add_argument("--rows-per-group", type=int, default=64)
     ap.add_argument("--latency-ms", type=float, default=20.0)
-    ap.add_argument("--skip", default="", help="comma list of: gcs, litdata")
+    ap.add_argument("--skip", default="", help="comma list of: local, gcs, litdata, litdata_parquet, ours_whole, "
+                                               "resume")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
-    os.environ["ORCHESTRATOR_CACHE"] = "off"
+    os.environ["ORCHESTRATOR_CACHE"] = "off"  # every arm reads from storage, not from our disk cache
     os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-    import logging
-
-    logging.getLogger("storage").setLevel(logging.ERROR)
+    from bench.peer_lit import have_litdata
     from storage.synth import synthesize
 
     sizes = [int(s) for s in args.sizes.split(",")]
+    arms = [a for a in ARMS if a not in skip and not (a.startswith("litdata") and "litdata" in skip)]
     work = tempfile.mkdtemp(prefix="bench-peer-")
     out: dict[str, Any] = {"bench": "peer", "machine": machine(), "samples": args.samples, "batch": BATCH,
-                           "image_size": args.image_size, "rows_per_group": args.rows_per_group,
-                           "cold_cache": "posix_fadvise(DONTNEED) on every dataset file before each local arm"}
+                           "loader_workers": WORKERS, "image_size": args.image_size,
+                           "rows_per_group": args.rows_per_group,
+                           "load_average_1m_at_start": round(os.getloadavg()[0], 2),
+                           "cold_cache": "posix_fadvise(DONTNEED) on every file of the arm before each local pass"}
+    if any(a.startswith("litdata") for a in arms) and not have_litdata():
+        arms = [a for a in arms if not a.startswith("litdata")]
+        out["litdata_note"] = ("litdata not installed: its arms skipped (pip install --no-deps litdata==0.2.76 "
+                               "lightning-utilities==0.15.3 obstore==0.12.1 polars==2.1.0 polars-runtime-32==2.1.0)")
+    out["arms"] = arms
+    out["local_requests_note"] = ("ours: the shard reader's own count of ranged reads, plus manifest, index and "
+                                  "shared index; litdata: the files in its index plus index.json, not traced (a "
+                                  "lower bound for litdata_parquet, which reads a row group at a time)")
+    out["gcs_gets_note"] = "every GET the fault proxy saw during the pass; gets_object_data: those with alt=media"
+    out.update({f"{a}_note": NOTES[a] for a in arms if a in NOTES})
     t_all = time.perf_counter()
     try:
-        src = os.path.join(work, "ours")
-        synthesize(src, args.samples, seed=1, image_size=args.image_size, rows_per_group=args.rows_per_group,
-                   workers=1)
-        lit = os.path.join(work, "lit")
-        have_lit = "litdata" not in skip
-        if have_lit:
-            try:
-                litdata_write_apart(src, lit, args.samples)
-            except ImportError:
-                have_lit = False
-                out["litdata_note"] = "litdata not installed (pip install '.[bench]'): its arms skipped"
-        for res in sizes:
-            for stream in (True, False):
-                drop_page_cache(src)
-                out[f"local_{res}_ours_{'stream' if stream else 'whole'}"] = ours(src, res, stream)
-            if have_lit:
-                drop_page_cache(lit)
-                out[f"local_{res}_litdata"] = litdata_arm(lit, res)
-                _ratios(out, "local", res, "litdata")
-            _ratios(out, "local", res, "ours_whole")
-        out["local_ours_stream_note"] = "decodes in the loading process (no DataLoader workers); the others use 2"
+        paths = {"ours": os.path.join(work, "ours"), "litdata": os.path.join(work, "lit"),
+                 "litdata_parquet": os.path.join(work, "pq")}
+        synthesize(paths["ours"], args.samples, seed=1, image_size=args.image_size,
+                   rows_per_group=args.rows_per_group, workers=1)
+        if "litdata" in arms:
+            _apart("litdata_write", paths["ours"], paths["litdata"], args.samples)
+        if "litdata_parquet" in arms:
+            _apart("parquet_view", paths["ours"], paths["litdata_parquet"])
+        local = {"ours_stream": "ours", "ours_whole": "ours", "litdata": "litdata",
+                 "litdata_parquet": "litdata_parquet"}
+        if "local" not in skip:
+            for res in sizes:
+                for arm in arms:
+                    root = paths[local[arm]]
+                    got = measure(arm, root, res, "resume" not in skip, cold_root=root)
+                    if arm.startswith("litdata"):
+                        got["requests"] = len([f for f in os.listdir(root) if f.endswith((".bin", ".parquet"))]) + 1
+                    out[f"local_{res}_{arm}"] = got
+                ratios(out, "local", res)
         if "gcs" not in skip:
-            out.update(_gcs(src, sizes, args.latency_ms))
+            out.update(_gcs(paths, arms, sizes, args.latency_ms, "resume" not in skip))
+        wheres = [w for w in ("local", "gcs") if w not in skip]
+        out["acceptance"] = acceptance(out, wheres, sizes)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    out["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
     out["bench_seconds"] = round(time.perf_counter() - t_all, 1)
     print(json.dumps(out) if args.json else json.dumps(out, indent=2))
     return out
 
 
-def _gcs(src: str, sizes: list[int], latency_ms: float) -> dict[str, Any]:
-    from storage import fs as sfs
-    from tests.fault_proxy import FaultProxy
-    from tests.gcs_emulator import make_bucket, point_gcsfs_at, start_emulator, stop_emulator
-
-    out: dict[str, Any] = {"gcs_latency_ms_per_request": latency_ms}
-    proc, url = start_emulator()
-    try:
-        with FaultProxy(url) as proxy:
-            point_gcsfs_at(proxy.url)
-            make_bucket("peer")
-            uri = "gs://peer/ds"
-            for p in sorted(Path(src).rglob("*")):
-                if p.is_file():
-                    sfs.write_bytes(sfs.join(uri, str(p.relative_to(src))), p.read_bytes())
-            proxy.configure(latency_s=latency_ms / 1000)
-            for res in sizes:
-                for stream in (True, False):
-                    proxy.reset_counters()
-                    got = ours(uri, res, stream)
-                    got["requests_at_emulator"] = len(proxy.counters.paths)
-                    out[f"gcs_{res}_ours_{'stream' if stream else 'whole'}"] = got
-                _ratios(out, "gcs", res, "ours_whole")
-    finally:
-        stop_emulator(proc)
-    out["gcs_litdata_note"] = "litdata not run on the emulator (its GCS path needs google-cloud-storage)"
-    return out
-
-
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 2 and sys.argv[1] == "--child":
+        arm, uri, res, resume_at, out_path = sys.argv[2:7]
+        Path(out_path).write_text(json.dumps(run_arm(arm, uri, int(res), int(resume_at))))
+    else:
+        main()

@@ -33,7 +33,18 @@ Measured, per size:
                    batch's rows in hand, the whole slice, and the ranged reads it took
 Then first_step_s: `orchestrator run` from a fresh working directory to the first training step,
 on a recipe derived from unet224.yaml (small model width, stage 1 at 56 px with a 50K chunk), the
-data in the GCS emulator behind the fault proxy adding --latency-ms to every request.
+data (by default 1.2M samples in the source's row groups, --first-step-samples/-geometry) in the GCS
+emulator behind the fault proxy adding --latency-ms to every request. Issue 24's line is read there:
+  worker_start_to_first_step_s  from the moment Ray hands the worker its train_loop (noted by a thin
+                   wrapper, timed_train_loop) to the first optimizer step (progress.json, written by
+                   the worker at that step); worker_imports_s, the worker's own modules imported,
+                   is inside it
+  ray_startup_s    the driver's launcher.launch call to that moment: Ray's start-up, not counted
+  data_wait_share  the trainer's own perf/data_wait_fraction of the first 50K chunk (read from the
+                   run's MLflow store): time train_chunk waited on prefetcher.get and on each next
+                   batch, over the chunk's wall time; the run goes on to the end of that chunk for
+                   it (--no-data-wait stops at the first step)
+`--only first_step` runs just that part (bench/scale_first_step.py).
 """
 
 from __future__ import annotations
@@ -54,68 +65,19 @@ from typing import Any
 import numpy as np
 
 from bench import machine
-
-REPO = Path(__file__).resolve().parents[1]
-RECIPE = REPO / "recipes" / "unet224.yaml"
-# `data pack`'s geometry for the source's samples (~25 KB each: 200-px JPEG pair, raw mask + depth).
-SOURCE_ROWS_PER_GROUP = 41
-SOURCE_ROWS_PER_SHARD = 5207
-SOURCE_SAMPLE_BYTES = 25_000
+from bench.scale_data import (
+    RECIPE,
+    REPO,
+    SOURCE_ROWS_PER_GROUP,
+    SOURCE_ROWS_PER_SHARD,
+    SOURCE_SAMPLE_BYTES,
+    make_source,
+    replicate_dataset,
+)
 
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-# -- datasets -------------------------------------------------------------------------------------
-
-
-def replicate_dataset(
-    src_uri: str,
-    dest_uri: str,
-    n: int,
-    rows_per_shard: int = SOURCE_ROWS_PER_SHARD,
-    rows_per_group: int = SOURCE_ROWS_PER_GROUP,
-) -> dict[str, Any]:
-    """Write `n` samples to dest_uri with storage's own writer (ShardWriter, in whatever format it
-    writes): sample i holds the values (and depth_mean) of source sample i % len(src), with id i,
-    in shards and row groups of the given geometry. Returns the manifest."""
-    from storage.shards import ShardWriter, open_dataset
-
-    src = open_dataset(src_uri)
-    names = [c.name for c in src.columns]
-    ids = np.sort(src.sample_ids)
-    rows = src.read_samples(ids)
-    extra = {}
-    if "depth_mean" in src.index.column_names:  # so the writer need not decode every depth map again
-        extra["depth_mean"] = src.index_values("depth_mean", ids).tolist()
-    m = len(ids)
-    samples = [
-        {
-            **{c: rows[c][j] for c in names},
-            "height": int(rows["height"][j]),
-            "width": int(rows["width"][j]),
-            **{k: v[j] for k, v in extra.items()},
-        }
-        for j in range(m)
-    ]
-    writer = ShardWriter(
-        dest_uri, rows_per_shard=rows_per_shard, rows_per_group=rows_per_group, columns=src.columns, task=src.task
-    )
-    with writer:
-        for i in range(n):
-            writer.add({**samples[i % m], "sample_id": i})
-        meta = {"meta": src.meta} if src.meta else {}
-        return writer.close({**meta, "source": f"bench.scale: {m} samples of {src_uri} repeated to {n}"})
-
-
-def make_source(dest: str, samples: int, image_size: int) -> str:
-    """The small real set that every bigger dataset repeats (storage.synth)."""
-    from storage.synth import synthesize
-
-    if not os.path.exists(os.path.join(dest, "manifest.json")):
-        synthesize(dest, samples, seed=0, image_size=image_size)
-    return dest
 
 
 # -- children: each measurement in a fresh process, as a new driver or worker would be ------------
@@ -347,144 +309,6 @@ def _run_child(mode: str, *argv: str, cwd: str | None = None, env: dict[str, str
 # -- per size -------------------------------------------------------------------------------------
 
 
-def _first_step_recipe(data_uri: str, n: int, image_size: int, width: float) -> dict[str, Any]:
-    """recipes/unet224.yaml as it is (stages, chunks, batches, resolutions, checkpointing), but a
-    small model (compute must not hide the data path), this dataset, and a 2-core CPU worker."""
-    import yaml
-
-    d = yaml.safe_load(RECIPE.read_text())
-    d["run"].update({"name": "scale-first-step", "storage": "runs"})
-    d["data"].update(
-        {"uri": data_uri, "expected_samples": n, "image_size": [image_size, image_size], "decode_workers": 0}
-    )
-    d["model"]["width"] = width
-    d["tracking"]["uri"] = "sqlite:///mlflow.db"
-    d["execution"].update({"backend": "ray", "num_workers": 1, "use_gpu": False, "cpus_per_worker": 2})
-    return d
-
-
-def _stop(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
-    """Ctrl-C (a checkpoint at the next step, Ray shut down), then SIGKILL to whatever is left."""
-    import signal
-
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGINT)
-            proc.wait(timeout=grace_s)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=30)
-
-
-def bench_first_step(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """`orchestrator run` in a fresh working directory (no MLflow store, no run files, an empty
-    shard cache) to the first training step; the data in the GCS emulator behind the fault proxy."""
-    import yaml
-
-    from bench.resume import Lines
-    from storage.pack import choose_sizes
-    from storage.shards import open_dataset
-    from tests.fault_proxy import FaultProxy
-    from tests.gcs_emulator import make_bucket, point_gcsfs_at, start_emulator, stop_emulator
-
-    d = yaml.safe_load(RECIPE.read_text())
-    chunk, eval_n = int(d["stages"][0]["chunk_size"]), int(d["data"]["eval_samples"])
-    n = chunk + eval_n  # stage 1's first chunk is then the whole training split: 50K samples
-    size = args.first_step_image_size
-    source = make_source(
-        str(work / f"source-{args.first_step_real_samples}-{size}px"), args.first_step_real_samples, size
-    )
-    src = open_dataset(source)
-    sample_bytes = sum(int(s["bytes"]) for s in src.manifest["shards"]) // src.num_samples
-    rows_per_shard, rows_per_group = choose_sizes(sample_bytes, None, None)  # as `data pack` sizes them
-    out: dict[str, Any] = {
-        "first_step_dataset_samples": n,
-        "first_step_chunk_samples": chunk,
-        "first_step_image_size": size,
-        "first_step_sample_bytes": sample_bytes,
-        "first_step_rows_per_group": rows_per_group,
-        "first_step_latency_ms_per_request": args.latency_ms,
-        "first_step_model_width": args.first_step_width,
-    }
-    proc, url = start_emulator()
-    try:
-        with FaultProxy(url) as proxy:
-            point_gcsfs_at(proxy.url)
-            make_bucket("scale")
-            t = time.perf_counter()
-            replicate_dataset(source, "gs://scale/data", n, rows_per_shard, rows_per_group)
-            out["first_step_upload_untimed_s"] = round(time.perf_counter() - t, 1)
-            fresh = work / "fresh"
-            shutil.rmtree(fresh, ignore_errors=True)
-            fresh.mkdir(parents=True)
-            (fresh / "recipe.yaml").write_text(
-                yaml.safe_dump(_first_step_recipe("gs://scale/data", n, size, args.first_step_width))
-            )
-            env = {
-                **os.environ,
-                "PYTHONPATH": str(REPO),
-                "ORCHESTRATOR_CACHE_DIR": str(fresh / "shard-cache"),
-                "RAY_USAGE_STATS_ENABLED": "0",
-            }
-            proxy.configure(latency_s=args.latency_ms / 1000)
-            proxy.reset_counters()
-            progress = fresh / "runs" / "scale-first-step" / "progress.json"
-            out["load_average_1m_at_first_step_start"] = round(os.getloadavg()[0], 2)
-            t_start = time.time()
-            run = subprocess.Popen(
-                [sys.executable, "-m", "orchestrator.cli", "run", "recipe.yaml"],
-                cwd=fresh,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-            lines = Lines(run)
-            seen: dict[str, float] = {}
-            step = None
-            deadline = time.monotonic() + args.timeout
-            try:
-                while step is None:
-                    try:
-                        p = json.loads(progress.read_text())
-                    except (OSError, ValueError):
-                        p = {}
-                    if p.get("phase"):
-                        seen.setdefault(p["phase"], p["updated_at"])
-                    if p.get("phase") == "train" and p.get("global_step", 0) >= 1:
-                        step = p
-                    if run.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(f"the run did not reach a training step:\n{lines.text()[-3000:]}")
-                    time.sleep(0.05)
-            finally:
-                _stop(run)
-            requests = proxy.counters.requests
-            proxy.configure()
-    finally:
-        stop_emulator(proc)
-    first_line = next((t for t, line in lines.lines if line.startswith("run '")), None)
-    out.update(
-        {
-            "first_step_s": round(step["updated_at"] - t_start, 1),
-            "first_step_to_plan_made_s": round(first_line - t_start, 1) if first_line else None,
-            "first_step_to_worker_preload_s": round(seen["preload"] - t_start, 1) if "preload" in seen else None,
-            "first_step_preload_to_step_s": round(step["updated_at"] - seen["preload"], 1)
-            if "preload" in seen
-            else None,
-            # The chunk in memory (the loop's "train" phase begins), then the first batch decoded and trained.
-            "first_step_chunk_fetch_s": round(seen["train"] - seen["preload"], 1) if "preload" in seen else None,
-            "first_step_first_batch_s": round(step["updated_at"] - seen["train"], 1),
-            "first_step_gcs_requests": requests,
-            "first_step_chunk_bytes": sample_bytes * chunk,
-        }
-    )
-    return out
-
-
 def bench_size(n: int, source: str, work: Path, image_size: int, keep_data: bool) -> dict[str, Any]:
     """Driver (new run, then resume), status and one rank's slice and fetch, on an n-sample dataset."""
     data = work / f"data-{n}"
@@ -579,11 +403,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--real-samples", type=int, default=4096, help="samples of the real set every dataset repeats")
     ap.add_argument("--real-image-size", type=int, default=32, help="px of that set's images (bytes per sample)")
     ap.add_argument("--first-step-real-samples", type=int, default=5000)
-    ap.add_argument("--first-step-image-size", type=int, default=64)
+    ap.add_argument("--first-step-image-size", type=int, default=16,
+                    help="px of the first-step set's images (at 1.2M samples the emulator holds them all in memory)")
+    ap.add_argument("--first-step-samples", type=int, default=1_200_000,
+                    help="samples of the first-step set (0: stage 1's first chunk plus the eval split, ~60K)")
+    ap.add_argument("--first-step-geometry", choices=("source", "pack"), default="source",
+                    help="row groups and shards: the source's (41 rows a group) or as `data pack` sizes these samples")
+    ap.add_argument("--first-step-chunk", type=int, default=0,
+                    help="stage 1's chunk_size (0: the recipe's 50K, which issue 24 reads; smaller for a quick check)")
+    ap.add_argument("--no-data-wait", action="store_true",
+                    help="first-step run: stop at the first step (no data_wait_share: it needs the whole first chunk)")
     ap.add_argument("--first-step-width", type=float, default=0.125, help="model.width of the first-step recipe")
     ap.add_argument("--latency-ms", type=float, default=20.0, help="added by the proxy to every GCS request")
-    ap.add_argument("--timeout", type=float, default=600.0, help="first-step run: give up after this long")
+    ap.add_argument("--timeout", type=float, default=1800.0,
+                    help="first-step run: give up after this long (the first 50K chunk on 2 CPU cores: ~12 min)")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: sizes,first_step")
+    ap.add_argument("--only", default="", help="the one part to run (sizes or first_step): --skip every other")
     ap.add_argument(
         "--workdir", default=None, help="where datasets and runs go (default: a new temp folder, removed after)"
     )
@@ -591,6 +426,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--json", action="store_true", help="one JSON line on stdout")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
+    if args.only:
+        skip |= {"sizes", "first_step"} - {args.only}
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-scale-"))
@@ -620,6 +457,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for n in (int(x) for x in args.sizes.split(",")):
                 result["sizes"][str(n)] = bench_size(n, source, work, args.real_image_size, args.keep)
         if "first_step" not in skip:
+            from bench.scale_first_step import bench_first_step
+
             result.update(bench_first_step(args, work))
     finally:
         if not args.keep and not args.workdir:
@@ -639,6 +478,10 @@ if __name__ == "__main__":
             _child_worker(out_path, rest[0], rest[1], int(rest[2]), int(rest[3]))
         elif mode == "status":
             _child_status(out_path, rest[0], rest[1])
+        elif mode == "run":
+            from bench.scale_first_step import child_run
+
+            child_run(out_path, rest)
         else:
             raise SystemExit(f"unknown child {mode}")
     else:
