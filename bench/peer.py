@@ -11,10 +11,10 @@ litdata.index_parquet_dataset writes). Every arm decodes with the same functions
 asked for; storage.codec.decode_mask and a nearest resize for the mask), batch 64, and reads the
 whole dataset once as one chunk:
 
-  ours_stream      ChunkPrefetcher streaming the chunk in the batches' order (the trainer's path),
-                   decode in the loading process (rows still streaming in cannot be forked into
-                   DataLoader workers; with workers the chunk is read whole first, see ours_whole)
-  ours_whole       the chunk read whole, then 2 DataLoader workers decode
+  ours_stream      ChunkPrefetcher streaming the chunk in the batches' order (the trainer's path: the
+                   window shuffle of new runs, data.shuffle_window_mb's default), 2 DataLoader workers
+                   decoding through the spool while the rest of the chunk lands
+  ours_whole       the chunk read whole, then 2 DataLoader workers decode (the same batch order)
   litdata          litdata.StreamingDataset (shuffle, seed 0) + StreamingDataLoader, 2 workers, its format
   litdata_parquet  the same over our shard files with litdata's ParquetLoader (low_memory: a row group
                    at a time, the three columns decoded)
@@ -28,7 +28,7 @@ fresh process, so its memory is its own and nothing is warm from an earlier arm.
 Per arm: first_batch_s (dataset opened to first batch in hand), steady_samples_per_s (after the first
 batch; second_half_samples_per_s: the pass's second half alone, past any worker start-up), pss_mb
 (peak PSS of the process and its DataLoader workers, psutil every 20 ms), and:
-  local: requests  ours: the reader's own count of ranged reads plus manifest, index and shared index;
+  local: requests  ours: the dataset's own count of reads (ShardDataset.requests: open, ranges, shared);
                    litdata: files opened (from its index: chunk files, or shard files, plus index.json),
                    not traced, so a lower bound for litdata_parquet, which reads a row group at a time
   gcs:   gets      GET requests seen at the proxy during the pass (every GET: metadata, index and data);
@@ -64,7 +64,8 @@ from bench.peer_measure import BATCH, SEED, WORKERS, PssPeak, drop_page_cache, i
 ARMS = ("ours_stream", "ours_whole", "litdata", "litdata_parquet")
 PEERS = ("litdata", "litdata_parquet", "ours_whole")
 NOTES = {
-    "ours_stream": "decodes in the loading process (no DataLoader workers); the other arms decode in 2",
+    "ours_stream": "the window shuffle (48 MB windows) and litdata's shuffle differ in what a batch mixes: ours "
+                   "draws each batch from one window of stored row groups, litdata from one chunk file per worker",
     "litdata_parquet": "on GCS it downloads whole shard files (every column, depth and bg_id included, which "
                        "no arm decodes) before reading them; locally it reads only the 3 columns asked for; "
                        "its DataLoader workers are spawned, not forked (ParquetLoader refuses fork: Polars)",
@@ -93,21 +94,32 @@ class _OurSamples:
         return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]), ids
 
 
+def _batches(ds: Any, ids: np.ndarray) -> list[np.ndarray]:
+    """One rank's batches of the chunk `ids` as a new run's trainer takes them: the window shuffle
+    at the recipe's default window (workers/windows.py), one rank."""
+    from common.plan import batches_for_rank, num_steps
+    from common.recipe import SHUFFLE_WINDOW_MB
+    from workers.windows import window_keys
+
+    steps = num_steps(len(ids), BATCH, 1)
+    keys = window_keys(ds, ids, SHUFFLE_WINDOW_MB * 2**20, min_rows=-(-len(ids) // steps))
+    return batches_for_rank(ids, BATCH, 1, 0, [SEED, 3, 0, 0, 0], windows=keys)
+
+
 def _our_pass(uri: str, res: int, stream: bool, start: int = 0) -> tuple[dict[str, Any], Any]:
     """The chunk (the whole dataset) from batch `start` of its batch order, as train_chunk reads it."""
-    from common.plan import batches_for_rank
     from storage.shards import open_dataset
     from workers.data import ChunkPrefetcher, make_loader, stream_order
 
     t0 = time.perf_counter()
     ds = open_dataset(uri)
     ids = np.sort(ds.sample_ids)
-    batches = batches_for_rank(ids, BATCH, 1, 0, [SEED, 3, 0, 0, 0])[start:]
+    batches = _batches(ds, ids)[start:]
     pre = ChunkPrefetcher(ds, stream=stream)
     try:
         rows = pre.get((0, 0), ids, *stream_order(ids, batches)) if stream else pre.get((0, 0), ids)
         todo = [np.searchsorted(ids, b).tolist() for b in batches]
-        loader = make_loader(_OurSamples(rows, res), batch_sampler=todo, num_workers=0 if stream else WORKERS)
+        loader = make_loader(_OurSamples(rows, res), batch_sampler=todo, num_workers=WORKERS)
         out = iterate(loader, t0)
     finally:
         pre.close()
@@ -117,21 +129,18 @@ def _our_pass(uri: str, res: int, stream: bool, start: int = 0) -> tuple[dict[st
 def ours_arm(uri: str, res: int, stream: bool) -> dict[str, Any]:
     with PssPeak() as pss:
         out, ds = _our_pass(uri, res, stream)
-    reads = ds.reader.stats.requests + 2 + len(ds.shared)  # + manifest, index, shared indexes
-    shared_reads = sum(t.reader.stats.requests for t in ds.shared.values()) if ds.shared else 0
-    return {**out, "pss_mb": round(pss.peak, 1), "requests": reads + shared_reads}
+    return {**out, "pss_mb": round(pss.peak, 1), "requests": ds.requests()}
 
 
 def ours_resume(uri: str, res: int, stream: bool, k: int) -> dict[str, Any]:
     """A checkpoint at batch k holds the cursor (stage, chunk, epoch, batch k): the resumed process reads
     the same chunk and trains batches[k:] of the same order (workers/train/trainer.py train_chunk)."""
-    from common.plan import batches_for_rank
     from storage.shards import open_dataset
 
     out, _ = _our_pass(uri, res, stream, start=k)
     # Batches are cut evenly (common/plan.py), so the first k hold k x batch samples only roughly.
-    ids = np.sort(open_dataset(uri).sample_ids)
-    skipped = sum(len(b) for b in batches_for_rank(ids, BATCH, 1, 0, [SEED, 3, 0, 0, 0])[:k])
+    ds = open_dataset(uri)
+    skipped = sum(len(b) for b in _batches(ds, np.sort(ds.sample_ids))[:k])
     return {"before": None, "skipped": skipped, "after": out["ids"]}
 
 
@@ -335,9 +344,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out["litdata_note"] = ("litdata not installed: its arms skipped (pip install --no-deps litdata==0.2.76 "
                                "lightning-utilities==0.15.3 obstore==0.12.1 polars==2.1.0 polars-runtime-32==2.1.0)")
     out["arms"] = arms
-    out["local_requests_note"] = ("ours: the shard reader's own count of ranged reads, plus manifest, index and "
-                                  "shared index; litdata: the files in its index plus index.json, not traced (a "
-                                  "lower bound for litdata_parquet, which reads a row group at a time)")
+    out["local_requests_note"] = ("ours: ShardDataset.requests(), every read the dataset made (manifest, "
+                                  "index, ranges, shared values); litdata: the files in its index plus index.json, "
+                                  "not traced (a lower bound for litdata_parquet, which reads a row group at a time)")
     out["gcs_gets_note"] = "every GET the fault proxy saw during the pass; gets_object_data: those with alt=media"
     out.update({f"{a}_note": NOTES[a] for a in arms if a in NOTES})
     t_all = time.perf_counter()

@@ -144,6 +144,7 @@ def _child_worker(out_path: str, run_dir: str, data_uri: str, stage: int, chunk:
     from storage.plans import load_plan
     from storage.shards import open_dataset
     from workers.data import ChunkPrefetcher
+    from workers.windows import Windows
 
     rec = json.loads(Path(run_dir, "run.json").read_text())
     recipe = validate_recipe(rec["recipe"])
@@ -166,7 +167,10 @@ def _child_worker(out_path: str, run_dir: str, data_uri: str, stage: int, chunk:
     ids = plan.chunk_ids(stage, chunk)
     contiguous = recipe.data.chunking == "row_groups"
     mine = rank_slice(ids, world, rank, contiguous)
-    batches = batches_for_rank(ids, st.batch_size, world, rank, [recipe.run.seed, 3, stage, chunk, 0], contiguous)
+    # The plan's shuffle, as the trainer takes it (workers/windows.py: the window keys of a new run's plan).
+    windows = Windows(ds, plan).of(mine, len(ids), st.batch_size, world)
+    batches = batches_for_rank(ids, st.batch_size, world, rank, [recipe.run.seed, 3, stage, chunk, 0], contiguous,
+                               windows=windows)
     rank_slice_s = time.perf_counter() - t
     # The loop's map from ids to rows of the fetched slice (workers/train/trainer.py; not one of this bench's files).
     t = time.perf_counter()

@@ -5,6 +5,7 @@ them; the spool is gone after close, and a dead process's spool at the next star
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import subprocess
@@ -271,12 +272,12 @@ def test_training_with_decode_workers_from_the_spool_gives_the_same_weights(tiny
     while it lands) trains other batches than training from RAM in process."""
     from common.recipe import validate_recipe
     from orchestrator import runner
-    from tests.conftest import tiny_recipe
+    from tests.conftest import mlflow_history, tiny_recipe
 
     made: list[str | None] = []
     chunk_dir = Spool.chunk_dir
     monkeypatch.setattr(Spool, "chunk_dir", lambda self: made.append(chunk_dir(self)) or made[-1])
-    finals, spooled = {}, {}
+    finals, spooled, run_ids = {}, {}, {}
     for workers, memory in ((0, None), (2, "0")):
         if memory is None:
             monkeypatch.delenv(CHUNK_MEMORY_ENV, raising=False)
@@ -287,10 +288,20 @@ def test_training_with_decode_workers_from_the_spool_gives_the_same_weights(tiny
         d = tmp_path / f"w{workers}"
         d.mkdir()
         monkeypatch.chdir(d)
-        finals[workers] = runner.run(validate_recipe(raw))["weights_sha256"]
+        result = runner.run(validate_recipe(raw))
+        finals[workers] = result["weights_sha256"]
+        run_ids[workers] = json.loads((d / "runs" / "tiny" / "run.json").read_text())["mlflow_run_id"]
         spooled[workers], made[:] = len([m for m in made if m]), []
     assert finals[0] == finals[2]
     assert spooled == {0: 0, 2: 3}  # each of stage 1's 3 chunks went through the spool, none in process
+    # Each chunk reports the budget and what it cost to MLflow: the spooled run held nothing in RAM.
+    budget = mlflow_history(tmp_path / "w2", run_ids[2], "perf/chunk_budget_mb")
+    spilled = mlflow_history(tmp_path / "w2", run_ids[2], "perf/chunk_spilled_mb")
+    ram = mlflow_history(tmp_path / "w2", run_ids[2], "perf/chunk_ram_mb")
+    assert len(budget) == 3 and {v for _, v in budget} == {0.0} and {v for _, v in ram} == {0.0}
+    assert all(v > 0 for _, v in spilled), spilled
+    in_ram = mlflow_history(tmp_path / "w0", run_ids[0], "perf/chunk_ram_mb")
+    assert len(in_ram) == 3 and all(v > 0 for _, v in in_ram), in_ram
     assert _files(tmp_path / "spool") == []
 
 

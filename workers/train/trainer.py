@@ -242,7 +242,11 @@ class Trainer:
         metrics = self.evaluator.evaluate(self.state.model, st)
         if self.session.is_chief:
             self.state.last_eval = metrics
-            perf = {"perf/data_wait_fraction": self._data_wait, "perf/storage_retries": float(RETRY_COUNTER["retries"])}
+            mem = self.prefetcher.memory()  # the chunk memory budget (workers/spool.py) and what it held
+            perf = {"perf/data_wait_fraction": self._data_wait, "perf/storage_retries": float(RETRY_COUNTER["retries"]),
+                    "perf/chunk_ram_mb": mem["peak_ram_bytes"] / 2**20,
+                    "perf/chunk_spilled_mb": mem["spilled_bytes"] / 2**20,
+                    "perf/chunk_budget_mb": mem["budget_bytes"] / 2**20}
             self.state.pending_metrics += [(k, v, c.global_step) for k, v in {**metrics, **perf}.items()]
         entry = self.state.chunk_entry(st.name, chunk)
         if entry is None:
