@@ -19,6 +19,25 @@ from bench.peer_measure import BATCH, SEED, WORKERS, PssPeak, decode_pair, itera
 LIT_KEYS = {"native": ("img", "mask", "sample_id"), "parquet": ("fg_bg", "mask", "sample_id")}
 
 
+def sdk_client_on_the_emulator() -> None:
+    """litdata 0.2.76 downloads chunks through obstore's GCSStore (Rust) whenever obstore is installed,
+    and that client cannot be pointed at an emulator: it ignores STORAGE_EMULATOR_HOST and asks real
+    Google for a token. On the emulator litdata therefore takes its other GCS path, the
+    google-cloud-storage client it uses when obstore is absent or unusable (its own fallback).
+    Called at import, so spawned DataLoader workers (which import this module to unpickle the
+    dataset) take the same path."""
+    if not os.environ.get("STORAGE_EMULATOR_HOST"):
+        return
+    try:
+        from litdata.streaming import async_prefetch, downloader
+    except ImportError:
+        return
+    downloader.obstore_usable = async_prefetch.obstore_usable = lambda: False
+
+
+sdk_client_on_the_emulator()
+
+
 def have_litdata() -> bool:
     try:
         import litdata  # noqa: F401

@@ -15,15 +15,32 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.scale_data import RECIPE, REPO, SOURCE_ROWS_PER_GROUP, SOURCE_ROWS_PER_SHARD, make_source, replicate_dataset
+from bench.scale_data import (
+    RECIPE,
+    REPO,
+    SOURCE_ROWS_PER_GROUP,
+    SOURCE_ROWS_PER_SHARD,
+    SOURCE_SAMPLE_BYTES,
+    make_source,
+    replicate_dataset,
+)
 
 
-def _first_step_recipe(data_uri: str, n: int, image_size: int, width: float, chunk: int) -> dict[str, Any]:
+def _first_step_recipe(data_uri: str, n: int, image_size: int, width: float, chunk: int,
+                       sample_bytes: int) -> dict[str, Any]:
     """recipes/unet224.yaml as it is (stages, chunks, batches, resolutions, checkpointing), but a
-    small model (compute must not hide the data path), this dataset, and a 2-core CPU worker."""
+    small model (compute must not hide the data path), this dataset, and a 2-core CPU worker.
+
+    The shuffle window is reckoned in stored bytes: with samples smaller than the source's ~25 KB
+    the default 48 MB window would hold ~25 KB / sample_bytes times the source's rows (a 16-px set:
+    the whole 50K chunk), so it is scaled to hold the rows, and so the row groups, it holds at the
+    source's size."""
     import yaml
 
+    from common.recipe import SHUFFLE_WINDOW_MB
+
     d = yaml.safe_load(RECIPE.read_text())
+    d["data"]["shuffle_window_mb"] = max(1, round(SHUFFLE_WINDOW_MB * sample_bytes / SOURCE_SAMPLE_BYTES))
     d["run"].update({"name": "scale-first-step", "storage": "runs"})
     d["data"].update(
         {"uri": data_uri, "expected_samples": n, "image_size": [image_size, image_size], "decode_workers": 0}
@@ -153,6 +170,8 @@ def bench_first_step(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "first_step_rows_per_shard": rows_per_shard,
         "first_step_latency_ms_per_request": args.latency_ms,
         "first_step_model_width": args.first_step_width,
+        "first_step_shuffle_window_mb": _first_step_recipe("", n, size, 1.0, chunk, sample_bytes)["data"][
+            "shuffle_window_mb"],
     }
     proc, url = start_emulator()
     try:
@@ -168,7 +187,8 @@ def bench_first_step(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             marks = fresh / "marks"
             marks.mkdir()
             (fresh / "recipe.yaml").write_text(
-                yaml.safe_dump(_first_step_recipe("gs://scale/data", n, size, args.first_step_width, chunk))
+                yaml.safe_dump(_first_step_recipe("gs://scale/data", n, size, args.first_step_width, chunk,
+                                                  sample_bytes))
             )
             env = {
                 **os.environ,

@@ -345,3 +345,47 @@ def test_each_landed_piece_hands_its_freed_heap_back(ds_uri, monkeypatch):
     finally:
         pre.close()
     assert pieces > 2 and len(trims) == pieces
+
+
+class _FirstHeld:
+    """A dataset that records which reads start (is it the first batch's piece?) and holds the
+    first batch's piece until `gate` is set."""
+
+    def __init__(self, ds: Any, first: np.ndarray) -> None:
+        self._ds, self._first = ds, set(np.asarray(first).tolist())
+        self.gate, self.started = threading.Event(), []
+        self._started_lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ds, name)
+
+    def read_samples(self, ids: Any, columns: Any = None) -> dict[str, Any]:
+        first = bool(self._first.intersection(np.asarray(ids).tolist()))
+        with self._started_lock:
+            self.started.append(first)
+        if first:
+            assert self.gate.wait(120), "the test never let the first piece land"
+        return self._ds.read_samples(ids, columns)
+
+
+def test_the_first_piece_is_read_alone_and_the_rest_start_once_it_has_landed(ds_uri):
+    """Breaks if the second piece is fetched beside the first batch's (it took the disk and the
+    cores the first batch waits on: bench.peer's first batch)."""
+    from workers.chunks import stream_pieces
+
+    ids, batches = _chunk(seed=4)
+    ds = _FirstHeld(open_dataset(ds_uri), batches[0])
+    order, batch = stream_order(ids, batches)
+    pieces = stream_pieces(ds, ids, order, batch, PIECE)
+    assert len(pieces) > 2
+    pre = ChunkPrefetcher(ds, budget_bytes=2**30, piece_bytes=PIECE)
+    try:
+        rows = pre.get((0, 0), ids, order, batch)
+        # Two threads are free for pieces: a second piece started with the first would be there by now.
+        threading.Event().wait(1.0)
+        assert ds.started == [True], ds.started
+        ds.gate.set()
+        _same(rows.materialize(), read_chunk(open_dataset(ds_uri), ids))
+        assert ds.started[0] is True and len(ds.started) == len(pieces)
+    finally:
+        pre.close()

@@ -240,3 +240,23 @@ def test_a_footer_copy_that_does_not_end_its_shard_is_refused(tmp_path):
     with pytest.raises(Exception) as err:
         open_dataset(uri).read_samples([1])
     assert "shard-00000.parquet" in str(err.value) and "re-pack" in str(err.value)
+
+
+def test_opening_and_reading_a_dataset_does_not_import_pandas(tmp_path):
+    """Breaks if the reader goes back to pyarrow calls that import pandas on first use
+    (ChunkedArray.to_numpy, pa.array of numpy): 0.2-0.3 s before a worker's first batch."""
+    import os
+    import subprocess
+    import sys
+
+    from storage.synth import synthesize
+
+    uri = str(tmp_path / "ds")
+    synthesize(uri, 40, seed=3, image_size=32, rows_per_group=8, workers=1)
+    code = ("import sys, numpy as np\nfrom storage.shards import open_dataset\n"
+            f"ds = open_dataset({uri!r})\nids = np.sort(ds.sample_ids)[::3]\n"
+            "ds.index_values('shard', ids); ds.read_samples(ids)\nprint('pandas' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path),
+                          env={**os.environ, "ORCHESTRATOR_CACHE": "off"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"

@@ -108,7 +108,11 @@ class StreamingRows(Mapping):
             "width": np.asarray(dataset.index_values("width", self.ids), dtype=np.int32),
         }
         getattr(dataset, "reader", None)  # made here, once: the pieces' threads share it
-        self._futures = [pool.submit(self._land_and_trim, dataset, k) for k in range(len(pieces))]
+        # The first piece (the first batch's row groups) is read alone; the rest start when it has
+        # landed. Fetched beside it, the second piece took the disk and the cores it needed: its
+        # landing went from 0.16 s to 0.27 s (6,000 samples at 224 px, a 48 MB first window).
+        self._pool, self._cancelled = pool, False
+        self._futures = [pool.submit(self._land_and_trim, dataset, 0)] if pieces else []
 
     # -- landing (threads of the process that made the rows) -------------------------------------
 
@@ -121,6 +125,8 @@ class StreamingRows(Mapping):
 
     def _land_and_trim(self, dataset: Any, k: int) -> None:
         self._land(dataset, k)
+        if k == 0:
+            self._start_the_rest(dataset)
         trim_memory()  # the piece's fetched, parsed (and, spilled, its values) bytes are free now: to the OS
 
     def _land(self, dataset: Any, k: int) -> None:
@@ -251,8 +257,21 @@ class StreamingRows(Mapping):
                 return self._errors[k]
         return None
 
+    def _start_the_rest(self, dataset: Any) -> None:
+        with self._lock:
+            if self._cancelled:
+                return
+            try:
+                self._futures += [self._pool.submit(self._land_and_trim, dataset, k)
+                                  for k in range(1, len(self._pieces))]
+            except RuntimeError:  # the prefetcher closed its pool: nobody reads these rows any more
+                self._cancelled = True
+
     def cancel(self) -> None:
-        for f in self._futures:
+        with self._lock:
+            self._cancelled = True
+            futures = list(self._futures)
+        for f in futures:
             f.cancel()
 
     def close(self) -> None:

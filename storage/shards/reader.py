@@ -44,6 +44,31 @@ SHARED_CACHE_BYTES = 64 * 2**20
 _IDS_IN_MESSAGES = 5
 
 
+# Index columns of a fixed-width type viewed as numpy without pyarrow's to_numpy, which imports
+# pandas on its first call: 0.2-0.3 s of a worker's first open, before its first batch (bench.peer).
+_FIXED = {pa.int8(): np.int8, pa.int16(): np.int16, pa.int32(): np.int32, pa.int64(): np.int64,
+          pa.uint8(): np.uint8, pa.uint16(): np.uint16, pa.uint32(): np.uint32, pa.uint64(): np.uint64,
+          pa.float32(): np.float32, pa.float64(): np.float64}
+
+
+def _arrow_positions(pos: np.ndarray) -> pa.Array:
+    """Positions for Table.take as an Arrow array over the numpy bytes: pa.array(numpy) asks
+    whether it was given a pandas object, which imports pandas (see _FIXED)."""
+    data = np.ascontiguousarray(pos, dtype=np.int64)
+    return pa.Array.from_buffers(pa.int64(), len(data), [None, pa.py_buffer(data)])
+
+
+def _numpy(column: pa.ChunkedArray) -> np.ndarray:
+    """An index column as numpy (read-only, as pyarrow's zero-copy view is); other types and
+    columns with nulls through to_numpy."""
+    whole = column.chunk(0) if column.num_chunks == 1 else pa.concat_arrays(column.chunks)
+    dtype = _FIXED.get(whole.type)
+    if dtype is None or whole.null_count or len(whole) == 0:
+        return whole.to_numpy(zero_copy_only=False)
+    item = np.dtype(dtype).itemsize
+    return np.frombuffer(whole.buffers()[1], dtype=dtype, count=len(whole), offset=whole.offset * item)
+
+
 def _describe_ids(ids: np.ndarray) -> str:
     shown = ", ".join(str(int(i)) for i in ids[:_IDS_IN_MESSAGES])
     more = f" and {len(ids) - _IDS_IN_MESSAGES} more" if len(ids) > _IDS_IN_MESSAGES else ""
@@ -88,13 +113,14 @@ class ShardDataset:
         self._stored_names = sample_columns(self.stored_columns)
         self.item = item  # what a row is called in error messages
         self.disk_cache = disk_cache
-        self.sample_ids = index.column("sample_id").to_numpy().astype(np.int64, copy=False)
-        self._shard = index.column("shard").to_numpy().astype(np.int32, copy=False)
-        self._group = index.column("row_group").to_numpy().astype(np.int32, copy=False)
-        self._row = index.column("row").to_numpy().astype(np.int64, copy=False)
+        self.sample_ids = _numpy(index.column("sample_id")).astype(np.int64, copy=False)
+        self._shard = _numpy(index.column("shard")).astype(np.int32, copy=False)
+        self._group = _numpy(index.column("row_group")).astype(np.int32, copy=False)
+        self._row = _numpy(index.column("row")).astype(np.int64, copy=False)
         self._order = np.argsort(self.sample_ids, kind="stable")
         self._sorted_ids = self.sample_ids[self._order]
         self._reader = None
+        self._index_arrays: dict[str, np.ndarray] = {}
         self.open_requests = 0  # what opening it cost (open_dataset sets it): manifest, index, shared indexes
         # The shards' footers the index carried ({} for older datasets): no request per shard.
         mine = {sh["file"] for sh in manifest["shards"]}
@@ -150,7 +176,12 @@ class ShardDataset:
                 "Re-pack the dataset with it, or use a column it has"
             )
         pos = self.positions(ids)
-        return self.index.column(name).take(pa.array(pos, pa.int64())).to_numpy()
+        column = self.index.column(name)
+        if column.type in _FIXED and not column.null_count:
+            if name not in self._index_arrays:  # a view of the column, made once: a take is then numpy's
+                self._index_arrays[name] = _numpy(column)
+            return self._index_arrays[name][pos]
+        return _numpy(column.take(_arrow_positions(pos)))
 
     def depth_means(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """index_values of the fixed layout's per-sample stat (legacy.INDEX_STAT: mean depth, float32)."""
@@ -282,7 +313,7 @@ class ShardDataset:
         names = self._stored_names
         checks: dict[tuple[int, int], list[tuple[int, int, str]]] = {}
         # Taken per read, not held as a Python list: 1.2M checksum strings would cost ~80 MB per worker.
-        sums = self.index.column("checksum").take(pa.array(pos, pa.int64())).to_pylist()
+        sums = self.index.column("checksum").take(_arrow_positions(pos)).to_pylist()
         for p, s, g, expected in zip(pos.tolist(), shard_of.tolist(), group_of.tolist(), sums, strict=True):
             checks.setdefault((s, g), []).append((int(self._row[p]), int(self.sample_ids[p]), expected))
 
@@ -333,6 +364,7 @@ class ShardDataset:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_reader"] = None  # holds a filesystem, a lock and parsed footers: per process
+        state["_index_arrays"] = {}  # views of the index, made again on use: not worth their bytes
         for k in ("_shared_cache", "_shared_cache_bytes", "_shared_lock", "_shared_fetch_lock"):  # per process too
             state.pop(k, None)
         return state
