@@ -21,6 +21,7 @@ import os
 from common.errors import RecipeError
 from common.plan import Plan
 from common.recipe import Recipe
+from workers.spool import available_memory
 
 DECODE_MARGIN = 1.5
 ENV = "ORCHESTRATOR_WORKER_MEMORY_BYTES"
@@ -32,19 +33,7 @@ def available_bytes(recipe: Recipe) -> int | None:
         return int(os.environ[ENV])
     if recipe.execution.backend != "local":
         return None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:
-        return None
+    return available_memory()
 
 
 def stored_bytes_per_sample(ds) -> float:

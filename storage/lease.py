@@ -87,7 +87,8 @@ def _decode(data: bytes | None) -> Lease | None:
         return None  # a torn write from a dying driver is no lease
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this pid runs on this host (one we may not signal counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -104,7 +105,7 @@ def is_live(lease: Lease, now: float | None = None) -> bool:
         return False
     host, _, pid = lease.holder.rpartition(":")
     if host == socket.gethostname() and pid.isdigit():
-        return _pid_alive(int(pid))
+        return pid_alive(int(pid))
     return True
 
 

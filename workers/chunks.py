@@ -19,6 +19,7 @@ import numpy as np
 
 from workers.spool import CHUNK_MEMORY_ENV, MemoryBudget, Spool, default_budget, trim_memory
 from workers.streaming import StreamingRows
+from workers.windows import stored_group_bytes
 
 log = logging.getLogger(__name__)
 
@@ -29,16 +30,6 @@ log = logging.getLogger(__name__)
 # dataset's bytes at once (fetched ranges, their row groups, the parsed rows): bench.scale.
 PIECE_BYTES = 64 * 2**20  # litdata's chunk size: fewer, larger requests (bench.peer)
 PIECES_IN_FLIGHT = 2
-
-
-def _group_bytes(manifest: dict[str, Any]) -> np.ndarray:
-    """Each shard's bytes per row group (its mean): what a piece's size is reckoned in."""
-    per_group = int(manifest.get("rows_per_group") or 256)
-    out = np.empty(len(manifest["shards"]), dtype=np.float64)
-    for i, sh in enumerate(manifest["shards"]):
-        groups = int(sh.get("row_groups") or 0) or max(1, -(-int(sh["rows"]) // per_group))
-        out[i] = int(sh["bytes"]) / groups
-    return out
 
 
 def chunk_pieces(dataset: Any, ids: np.ndarray, piece_bytes: int = PIECE_BYTES) -> list[np.ndarray]:
@@ -54,7 +45,7 @@ def chunk_pieces(dataset: Any, ids: np.ndarray, piece_bytes: int = PIECE_BYTES) 
     new_group = np.ones(n, dtype=bool)
     new_group[1:] = (s[1:] != s[:-1]) | (g[1:] != g[:-1])
     starts = np.flatnonzero(new_group)
-    size = _group_bytes(dataset.manifest)[s[starts]]
+    size = stored_group_bytes(dataset.manifest)[s[starts]]
     before = np.cumsum(size) - size  # bytes of the row groups ahead of each one
     piece_of_group = (before // max(1, int(piece_bytes))).astype(np.int64)
     piece_of = np.repeat(piece_of_group, np.diff(np.append(starts, n)))
@@ -175,7 +166,7 @@ def stream_pieces(dataset: Any, ids: np.ndarray, order: np.ndarray, batch: int,
     if first.all():
         return whole
     uniq, starts = np.unique(key, return_index=True)
-    per_group = _group_bytes(dataset.manifest)
+    per_group = stored_group_bytes(dataset.manifest)
     size = per_group[(uniq >> 32).astype(np.int64)]
     share = float(size[first[starts]].sum()) / max(float(size.sum()), 1.0)
     head = np.flatnonzero(first)

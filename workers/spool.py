@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from storage.cache import CACHE_DIR_ENV, DEFAULT_CACHE_DIR
+from storage.lease import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -410,17 +411,7 @@ def remove_stale(root: str, host: str) -> None:
         return
     for e in entries:
         h, _, rest = e.name.rpartition("-")[0].rpartition("-")
-        if h != host or not rest.isdigit() or not e.is_dir() or _alive(int(rest)):
+        if h != host or not rest.isdigit() or not e.is_dir() or pid_alive(int(rest)):
             continue
         log.info("chunk spool: removing %s, left by a process that is gone", e.path)
         shutil.rmtree(e.path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -28,9 +28,9 @@ MODES = ("chunk", "window")
 def stored_group_bytes(manifest: dict[str, Any]) -> np.ndarray:
     """Each shard's bytes per row group (the shard's mean), from the manifest alone.
 
-    The same reckoning as workers/chunks.py's piece sizes, written out here on purpose: the
-    windows decide the batch order, which a resumed run must reproduce bit for bit, so they must
-    not move when the prefetcher's own sizing heuristic is tuned."""
+    The windows decide the batch order, which a resumed run must reproduce bit for bit: change
+    this and runs in progress train other batches. workers/chunks.py sizes its pieces with it too;
+    a prefetcher that wants another reckoning must not change this one."""
     per_group = int(manifest.get("rows_per_group") or 256)
     out = np.empty(len(manifest["shards"]), dtype=np.float64)
     for i, sh in enumerate(manifest["shards"]):
