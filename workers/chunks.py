@@ -23,13 +23,17 @@ from workers.windows import stored_group_bytes
 
 log = logging.getLogger(__name__)
 
-# A chunk is read in pieces of about this many bytes of row groups, PIECES_IN_FLIGHT at a time
-# (one fetches while another is parsed): a worker holds the chunk's own samples plus a few pieces,
-# not every row group the chunk touches. A random chunk of a big dataset touches nearly all of
-# them (a 100K chunk of 1.2M samples in 41-row groups: 97 %), so reading it whole held ~3x the
-# dataset's bytes at once (fetched ranges, their row groups, the parsed rows): bench.scale.
+# A chunk is read in pieces of about this many bytes of row groups, PIECES_IN_FLIGHT at a time:
+# a worker holds the chunk's own samples plus a piece being fetched and parsed, not every row
+# group the chunk touches. A random chunk of a big dataset touches nearly all of them (a 100K
+# chunk of 1.2M samples in 41-row groups: 97 %), so reading it whole held ~3x the dataset's bytes
+# at once (fetched ranges, their row groups, the parsed rows): bench.scale.
 PIECE_BYTES = 64 * 2**20  # litdata's chunk size: fewer, larger requests (bench.peer)
-PIECES_IN_FLIGHT = 2
+# One piece at a time: a piece parsed beside another took the cores the decode processes need and
+# held twice the transient bytes. bench.peer, 6,000 samples at 56 px, idle 2-core machine, 2 vs 1:
+# local peak PSS 560 -> 429 MB, steady 3,470 -> 3,975 samples/s; GCS at 20 ms 621 -> 531 MB,
+# second-half 5,815 -> 6,265 samples/s (steady 3,156 -> 2,832: the first pieces land one by one).
+PIECES_IN_FLIGHT = 1
 
 
 def chunk_pieces(dataset: Any, ids: np.ndarray, piece_bytes: int = PIECE_BYTES) -> list[np.ndarray]:
