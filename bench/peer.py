@@ -96,14 +96,15 @@ class _OurSamples:
 
 def _batches(ds: Any, ids: np.ndarray) -> list[np.ndarray]:
     """One rank's batches of the chunk `ids` as a new run's trainer takes them: the window shuffle
-    at the recipe's default window (workers/windows.py), one rank."""
-    from common.plan import batches_for_rank, num_steps
+    of a new plan at the recipe's default window (workers/windows.py), one rank."""
+    from common.plan import HEAD_BYTES, Plan, batches_for_rank
     from common.recipe import SHUFFLE_WINDOW_MB
-    from workers.windows import window_keys
+    from workers.windows import Windows
 
-    steps = num_steps(len(ids), BATCH, 1)
-    keys = window_keys(ds, ids, SHUFFLE_WINDOW_MB * 2**20, min_rows=-(-len(ids) // steps))
-    return batches_for_rank(ids, BATCH, 1, 0, [SEED, 3, 0, 0, 0], windows=keys)
+    plan = Plan(SEED, len(ids), ids[:0], ids, (), shuffle="window", shuffle_window_bytes=SHUFFLE_WINDOW_MB * 2**20,
+                shuffle_head_bytes=HEAD_BYTES)
+    order = Windows(ds, plan).order(ids, len(ids), BATCH, 1)
+    return batches_for_rank(ids, BATCH, 1, 0, [SEED, 3, 0, 0, 0], windows=order)
 
 
 def _our_pass(uri: str, res: int, stream: bool, start: int = 0) -> tuple[dict[str, Any], Any]:

@@ -168,7 +168,7 @@ def _child_worker(out_path: str, run_dir: str, data_uri: str, stage: int, chunk:
     contiguous = recipe.data.chunking == "row_groups"
     mine = rank_slice(ids, world, rank, contiguous)
     # The plan's shuffle, as the trainer takes it (workers/windows.py: the window keys of a new run's plan).
-    windows = Windows(ds, plan).of(mine, len(ids), st.batch_size, world)
+    windows = Windows(ds, plan).order(mine, len(ids), st.batch_size, world)
     batches = batches_for_rank(ids, st.batch_size, world, rank, [recipe.run.seed, 3, stage, chunk, 0], contiguous,
                                windows=windows)
     rank_slice_s = time.perf_counter() - t

@@ -117,6 +117,36 @@ def test_a_streamed_window_chunk_lands_its_windows_in_the_order_training_takes_t
     assert sorted(np.concatenate(pieces).tolist()) == list(range(len(mine))), "a position read twice or never"
 
 
+def test_the_first_window_trains_its_head_first_so_the_first_batch_needs_only_the_head(tiny_dataset):
+    """Breaks if the first batch draws from the whole first window again (it would wait on all of
+    its row groups), if a window other than the first is split, or if a sample trains twice."""
+    from common.plan import WindowOrder
+    from workers.windows import window_heads
+
+    ds = open_dataset(tiny_dataset)
+    ids = _chunk(ds)
+    mine = rank_slice(ids, 1, 0)
+    steps = num_steps(len(ids), 16, 1)
+    keys = window_keys(ds, mine, SMALL_WINDOW, min_rows=-(-len(mine) // steps))
+    head = window_heads(ds, mine, keys, 150_000, min_rows=16)  # one ~190 KB row group a head
+    assert int(keys.max()) >= 2 and 0 < head.sum() < len(mine)
+    batches = batches_for_rank(ids, 16, 1, 0, [0, 3, 0, 0, 0], windows=WindowOrder(keys, head))
+    order = np.concatenate(batches)
+    assert sorted(order.tolist()) == sorted(mine.tolist())
+    where = np.searchsorted(mine, order)
+    first_window = keys[where[0]]
+    in_first = keys[where] == first_window
+    n_head = int((head & (keys == first_window)).sum())
+    assert in_first[: int(in_first.sum())].all(), "the first window is not one block"
+    assert head[where[:n_head]].all(), "the first window's head is not trained before the rest of it"
+    head_groups = set(_groups(ds, mine[head & (keys == first_window)]))
+    assert set(_groups(ds, batches[0])) <= head_groups
+    assert len(head_groups) < len(set(_groups(ds, mine[keys == first_window]))), "the head is the whole window"
+    # The same draws without heads: only the order inside the first window differs.
+    plain = np.concatenate(batches_for_rank(ids, 16, 1, 0, [0, 3, 0, 0, 0], windows=keys))
+    assert plain[int(in_first.sum()):].tolist() == order[int(in_first.sum()):].tolist()
+
+
 def test_a_slice_within_one_window_trains_exactly_the_whole_chunk_shuffles_batches(tiny_dataset):
     ds = open_dataset(tiny_dataset)
     ids = _chunk(ds)
@@ -160,10 +190,11 @@ def test_a_new_plan_records_the_window_mode_and_an_old_plan_means_chunk(tiny_dat
     assert (plan.shuffle, plan.shuffle_window_bytes) == ("window", 48 * 2**20)  # the default for new runs
     save_plan(plan, str(tmp_path))
     meta = json.loads((tmp_path / "plan.json").read_text())
-    assert (meta["shuffle"], meta["shuffle_window_bytes"]) == ("window", 48 * 2**20)
-    assert load_plan(str(tmp_path)).shuffle == "window"
+    assert (meta["shuffle"], meta["shuffle_window_bytes"], meta["shuffle_head_bytes"]) == ("window", 48 * 2**20,
+                                                                                            16 * 2**20)
+    assert (load_plan(str(tmp_path)).shuffle, load_plan(str(tmp_path)).shuffle_head_bytes) == ("window", 16 * 2**20)
     # A plan written before the mode existed: no key, so the whole-chunk shuffle, whatever the recipe says.
-    for key in ("shuffle", "shuffle_window_bytes"):
+    for key in ("shuffle", "shuffle_window_bytes", "shuffle_head_bytes"):
         del meta[key]
     (tmp_path / "plan.json").write_text(json.dumps(meta))
     old = load_plan(str(tmp_path))

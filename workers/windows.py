@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from common.plan import Plan, num_steps
+from common.plan import Plan, WindowOrder, num_steps
 from common.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,29 @@ def window_keys(dataset: Any, ids: np.ndarray, window_bytes: int, min_rows: int 
     return merged[window_of_group.reshape(-1)][inverse]
 
 
+def window_heads(dataset: Any, ids: np.ndarray, keys: np.ndarray, head_bytes: int, min_rows: int = 1) -> np.ndarray:
+    """Whether each id of `ids` is in the head of its window (`keys`, from window_keys): the
+    window's row groups, in file order, that start within its first `head_bytes` of stored bytes,
+    and more until they hold `min_rows` ids (a batch). Index only, no shard reads."""
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if len(ids) == 0 or head_bytes <= 0:
+        return np.ones(len(ids), dtype=bool)
+    shard = np.asarray(dataset.index_values("shard", ids), dtype=np.int64)
+    group = np.asarray(dataset.index_values("row_group", ids), dtype=np.int64)
+    uniq, first, inverse = np.unique((shard << 32) | group, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    window = np.asarray(keys, dtype=np.int64)[first]  # every row group lies in one window
+    size = stored_group_bytes(dataset.manifest)[(uniq >> 32).astype(np.int64)]
+    rows = np.bincount(inverse, minlength=len(uniq)).astype(np.float64)
+    # Bytes and ids of the window's row groups ahead of each one (its groups are in file order).
+    starts = np.flatnonzero(np.r_[True, window[1:] != window[:-1]])
+    begin = np.repeat(starts, np.diff(np.r_[starts, len(uniq)]))
+    bytes_ahead = np.cumsum(size) - size
+    rows_ahead = np.cumsum(rows) - rows
+    in_head = (bytes_ahead - bytes_ahead[begin] < head_bytes) | (rows_ahead - rows_ahead[begin] < min_rows)
+    return in_head[inverse]
+
+
 def _merge_small(rows: np.ndarray, min_rows: int) -> np.ndarray:
     """New window number of each window (rows: ids per window, in order): a window closes once it
     holds min_rows; a short tail joins the window before it."""
@@ -86,6 +109,7 @@ class Windows:
             raise ValueError(f"the run's plan shuffles by {plan.shuffle!r}, which this version does not know "
                              f"(it knows {', '.join(MODES)}); resume it with the version that started it")
         self.dataset, self.mode, self.window_bytes = dataset, plan.shuffle, int(plan.shuffle_window_bytes)
+        self.head_bytes = int(plan.shuffle_head_bytes)
         if recipe is not None:
             for field, differs in self._differences(recipe):
                 if differs:
@@ -107,3 +131,12 @@ class Windows:
             return None
         steps = num_steps(chunk_samples, batch_size, world)
         return window_keys(self.dataset, mine, self.window_bytes, min_rows=-(-len(mine) // steps))
+
+    def order(self, mine: np.ndarray, chunk_samples: int, batch_size: int, world: int) -> WindowOrder | None:
+        """What batches_for_rank shuffles `mine` by: its window keys (of) and the windows' heads
+        (the plan's shuffle_head_bytes), or None in chunk mode."""
+        keys = self.of(mine, chunk_samples, batch_size, world)
+        if keys is None:
+            return None
+        batch = -(-len(mine) // num_steps(chunk_samples, batch_size, world))
+        return WindowOrder(keys, window_heads(self.dataset, mine, keys, self.head_bytes, min_rows=batch))

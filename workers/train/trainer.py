@@ -153,7 +153,7 @@ class Trainer:
         contiguous = self.recipe.data.chunking == "row_groups"  # each rank reads only its own row groups
         order_of = functools.partial(batch_order, self.recipe.run.seed, self.world, self.rank, contiguous)
         mine = rank_slice(ids, self.world, self.rank, contiguous)
-        win = self.windows.of(mine, len(ids), st.batch_size, self.world)
+        win = self.windows.order(mine, len(ids), st.batch_size, self.world)
         order = order_of(ids, st.batch_size, (s, chunk, c.epoch), win)[c.batch :]
         rows = self.prefetcher.get((s, chunk), mine, *stream_order(mine, order))
         wait_s = time.perf_counter() - t_chunk
@@ -162,7 +162,7 @@ class Trainer:
             nids = self.plan.chunk_ids(*nxt)
             nmine = rank_slice(nids, self.world, self.rank, contiguous)
             nbatch = self.recipe.stages[nxt[0]].batch_size
-            first = order_of(nids, nbatch, (*nxt, 0), self.windows.of(nmine, len(nids), nbatch, self.world))
+            first = order_of(nids, nbatch, (*nxt, 0), self.windows.order(nmine, len(nids), nbatch, self.world))
             self.prefetcher.prefetch(nxt, nmine, *stream_order(nmine, first))
         check_sizes(rows, self.recipe.data.image_size, self.dataset.describe)
         check_complete(rows, mine, self.dataset.describe)
