@@ -145,15 +145,19 @@ def kill_group(proc: subprocess.Popen) -> None:
 
 def wait_for_cursor(run_dir: Path, predicate, proc: subprocess.Popen, timeout: float = 300) -> dict[str, Any]:
     """Poll cursor.json (rewritten at every checkpoint) until predicate(cursor) holds."""
+    return wait_for_json(run_dir / "cursor.json", lambda d: predicate(d["cursor"]), proc, timeout)["cursor"]
+
+
+def wait_for_json(path: Path, predicate, proc: subprocess.Popen, timeout: float = 300) -> dict[str, Any]:
+    """Poll a JSON file the run rewrites (cursor.json, progress.json) until predicate(its content) holds."""
     deadline = time.monotonic() + timeout
-    path = run_dir / "cursor.json"
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise AssertionError(f"run exited early with {proc.returncode}")
         try:
-            cur = json.loads(path.read_text())["cursor"]
-            if predicate(cur):
-                return cur
+            content = json.loads(path.read_text())
+            if predicate(content):
+                return content
         except (FileNotFoundError, json.JSONDecodeError):
             pass
         time.sleep(0.02)

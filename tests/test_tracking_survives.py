@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from tests.conftest import (
     slow_recipe,
     start_cli,
     wait_for_cursor,
+    wait_for_json,
     write_recipe,
 )
 
@@ -142,28 +142,14 @@ def _interrupt(tmp_path: Path, path: str) -> tuple[int, str]:
         # cursor.json only after the stage-1 checkpoint has committed, by when a fast machine has
         # trained most of that chunk and a stop (polled every 0.5 s on Ray) lands on its last step,
         # where the chunk-end checkpoint stands in for the stop's own.
-        _wait_for_progress(tmp_path / "runs" / "tiny", lambda p: p.get("stage_index") == 1, proc, timeout=400)
+        wait_for_json(tmp_path / "runs" / "tiny" / "progress.json", lambda p: p.get("stage_index") == 1, proc,
+                      timeout=400)
         proc.send_signal(signal.SIGINT)
         rc = proc.wait(timeout=180)
     finally:
         if proc.poll() is None:
             kill_group(proc)
     return rc, (tmp_path / "run.log").read_text()
-
-
-def _wait_for_progress(run_dir: Path, predicate, proc, timeout: float) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"run exited early with {proc.returncode}")
-        try:
-            progress = json.loads((run_dir / "progress.json").read_text())
-            if predicate(progress):
-                return progress
-        except (FileNotFoundError, json.JSONDecodeError):
-            pass
-        time.sleep(0.02)
-    raise AssertionError("timed out waiting for the run to reach the interrupt point")
 
 
 def _stopped_at(log: str, path: str) -> int:
