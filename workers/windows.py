@@ -50,11 +50,7 @@ def window_keys(dataset: Any, ids: np.ndarray, window_bytes: int, min_rows: int 
     n = len(ids)
     if n == 0 or window_bytes <= 0:
         return np.zeros(n, dtype=np.int64)
-    shard = np.asarray(dataset.index_values("shard", ids), dtype=np.int64)
-    group = np.asarray(dataset.index_values("row_group", ids), dtype=np.int64)
-    uniq, inverse = np.unique((shard << 32) | group, return_inverse=True)  # sorted: file order
-    inverse = inverse.reshape(-1)
-    size = stored_group_bytes(dataset.manifest)[(uniq >> 32).astype(np.int64)]
+    uniq, _, inverse, size = _touched_groups(dataset, ids)
     before = np.cumsum(size) - size  # stored bytes of the touched row groups ahead of each one
     _, window_of_group = np.unique((before // int(window_bytes)).astype(np.int64), return_inverse=True)
     rows = np.bincount(window_of_group.reshape(-1), weights=np.bincount(inverse, minlength=len(uniq)))
@@ -69,12 +65,8 @@ def window_heads(dataset: Any, ids: np.ndarray, keys: np.ndarray, head_bytes: in
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     if len(ids) == 0 or head_bytes <= 0:
         return np.ones(len(ids), dtype=bool)
-    shard = np.asarray(dataset.index_values("shard", ids), dtype=np.int64)
-    group = np.asarray(dataset.index_values("row_group", ids), dtype=np.int64)
-    uniq, first, inverse = np.unique((shard << 32) | group, return_index=True, return_inverse=True)
-    inverse = inverse.reshape(-1)
+    uniq, first, inverse, size = _touched_groups(dataset, ids)
     window = np.asarray(keys, dtype=np.int64)[first]  # every row group lies in one window
-    size = stored_group_bytes(dataset.manifest)[(uniq >> 32).astype(np.int64)]
     rows = np.bincount(inverse, minlength=len(uniq)).astype(np.float64)
     # Bytes and ids of the window's row groups ahead of each one (its groups are in file order).
     starts = np.flatnonzero(np.r_[True, window[1:] != window[:-1]])
@@ -83,6 +75,16 @@ def window_heads(dataset: Any, ids: np.ndarray, keys: np.ndarray, head_bytes: in
     rows_ahead = np.cumsum(rows) - rows
     in_head = (bytes_ahead - bytes_ahead[begin] < head_bytes) | (rows_ahead - rows_ahead[begin] < min_rows)
     return in_head[inverse]
+
+
+def _touched_groups(dataset: Any, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The row groups `ids` touch, in file order, as (shard << 32 | row_group keys, the first
+    position in `ids` of each, each id's row group, each row group's stored bytes)."""
+    shard = np.asarray(dataset.index_values("shard", ids), dtype=np.int64)
+    group = np.asarray(dataset.index_values("row_group", ids), dtype=np.int64)
+    uniq, first, inverse = np.unique((shard << 32) | group, return_index=True, return_inverse=True)
+    size = stored_group_bytes(dataset.manifest)[(uniq >> 32).astype(np.int64)]
+    return uniq, first, inverse.reshape(-1), size
 
 
 def _merge_small(rows: np.ndarray, min_rows: int) -> np.ndarray:
