@@ -95,6 +95,10 @@ def test_the_budget_defaults_to_a_share_of_available_memory_or_the_environment(m
     assert 256 * 2**20 <= default_budget() <= 8 * 2**30
     monkeypatch.setenv(CHUNK_MEMORY_ENV, "64M")
     assert default_budget() == 64 * 2**20
+    monkeypatch.setenv(CHUNK_MEMORY_ENV, "lots")
+    with pytest.raises(ValueError, match=rf"^{CHUNK_MEMORY_ENV}='lots' is not a size: .*512M"):
+        default_budget()
+    monkeypatch.setenv(CHUNK_MEMORY_ENV, "64M")
     assert ChunkPrefetcher(_Nothing()).budget_bytes == 64 * 2**20
 
 

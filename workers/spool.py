@@ -89,7 +89,11 @@ def default_budget() -> int:
     """The chunk memory budget: CHUNK_MEMORY_ENV, else MEMORY_SHARE of the available memory."""
     env = os.environ.get(CHUNK_MEMORY_ENV)
     if env:
-        return max(0, parse_bytes(env))
+        try:
+            return max(0, parse_bytes(env))
+        except ValueError:
+            raise ValueError(f"{CHUNK_MEMORY_ENV}={env!r} is not a size: set it to bytes or a size such as 512M "
+                             "or 2G, or unset it for the default") from None
     return int(min(MEMORY_CAP, max(MEMORY_FLOOR, available_memory() * MEMORY_SHARE)))
 
 
