@@ -3,13 +3,18 @@
 Usage: python -m bench.peer --json [--samples 2000] [--sizes 56,224] [--skip gcs,litdata,resume]
 
 One dataset is synthesized (storage.synth: 224-px JPEG inputs, raw masks, the mask_depth columns).
-litdata reads the same encoded bytes two ways: written in its own format (litdata.optimize, 64 MB
-chunks, its recommended size: the input JPEG, the raw mask and the id of every sample), and our own
-shard files read by its ParquetLoader (hard links to them beside the index.json that
-litdata.index_parquet_dataset writes). Every arm decodes with the same functions
-(bench.peer_measure.decode_pair: workers.data.decode_rgb_into for the JPEG, DCT-scaled to the size
-asked for; storage.codec.decode_mask and a nearest resize for the mask), batch 64, and reads the
-whole dataset once as one chunk:
+With --columns decoded (the default) every arm's files hold the two columns the arms decode: ours a
+copy of the synthetic dataset with only its input JPEG and raw mask (the same encoded bytes, the
+same rows per row group), litdata's the same; with --columns all they hold every column of the
+mask_depth dataset (depth maps and background ids too), as the UNet's training reads them. Either
+way both sides hold the same values: no arm reads, checks or spools bytes another does not.
+litdata reads them two ways: written in its own format (litdata.optimize, 64 MB chunks, its
+recommended size: each sample's values and its id), and our own shard files read by its
+ParquetLoader (hard links to them beside the index.json that litdata.index_parquet_dataset
+writes). Every arm decodes with the same functions (bench.peer_measure.decode_pair:
+workers.data.decode_rgb_into for the JPEG, DCT-scaled to the size asked for;
+storage.codec.decode_mask and a nearest resize for the mask), batch 64, and reads the whole
+dataset once as one chunk:
 
   ours_stream      ChunkPrefetcher streaming the chunk in the batches' order (the trainer's path: the
                    window shuffle of new runs, data.shuffle_window_mb's default), 2 DataLoader workers
@@ -27,7 +32,8 @@ fresh process, so its memory is its own and nothing is warm from an earlier arm.
 
 Per arm: first_batch_s (dataset opened to first batch in hand), steady_samples_per_s (after the first
 batch; second_half_samples_per_s: the pass's second half alone, past any worker start-up), pss_mb
-(peak PSS of the process and its DataLoader workers, psutil every 20 ms), and:
+(peak PSS of the process and its DataLoader workers, sampled every 0.1 s by a
+watcher process: bench.peer_measure.PssPeak), and:
   local: requests  ours: the dataset's own count of reads (ShardDataset.requests: open, ranges, shared);
                    litdata: files opened (from its index: chunk files, or shard files, plus index.json),
                    not traced, so a lower bound for litdata_parquet, which reads a row group at a time
@@ -60,17 +66,24 @@ import numpy as np
 
 from bench import machine
 from bench.peer_measure import BATCH, SEED, WORKERS, PssPeak, drop_page_cache, iterate
+from storage.columns import Column
 
+DECODED = (Column("fg_bg", "image"), Column("mask", "raw_u8"))
 ARMS = ("ours_stream", "ours_whole", "litdata", "litdata_parquet")
 PEERS = ("litdata", "litdata_parquet", "ours_whole")
+# What every arm's files hold (--columns): the same encoded values on both sides, so no arm reads,
+# checks or spools bytes another does not. The arms decode fg_bg and mask either way.
+COLUMNS = {"decoded": "fg_bg (224-px JPEG) and mask (raw), as ours and litdata's own format both hold them",
+           "all": "every column of the mask_depth dataset (fg_bg, bg_id, mask, depth), in ours and in litdata's "
+                  "own format; decoded: fg_bg and mask"}
 NOTES = {
     "ours_stream": "the window shuffle (48 MB windows) and litdata's shuffle differ in what a batch mixes: ours "
                    "draws each batch from one window of stored row groups, litdata from one chunk file per worker",
     "litdata_parquet": "on GCS it downloads whole shard files (every column, depth and bg_id included, which "
                        "no arm decodes) before reading them; locally it reads only the 3 columns asked for; "
                        "its DataLoader workers are spawned, not forked (ParquetLoader refuses fork: Polars)",
-    "litdata": "its chunk files hold only the 3 columns decoded (written from ours by litdata.optimize); "
-               "ours and litdata_parquet hold depth and bg_id beside them",
+    "litdata": "its chunk files hold the values our shard rows hold (written from ours by litdata.optimize), "
+               "and the sample id; ours verify a checksum per sample, litdata's are read unchecked",
 }
 
 
@@ -97,12 +110,12 @@ class _OurSamples:
 def _batches(ds: Any, ids: np.ndarray) -> list[np.ndarray]:
     """One rank's batches of the chunk `ids` as a new run's trainer takes them: the window shuffle
     of a new plan at the recipe's default window (workers/windows.py), one rank."""
-    from common.plan import HEAD_BYTES, Plan, batches_for_rank
+    from common.plan import HEAD_BYTES, HEAD_GROWTH, Plan, batches_for_rank
     from common.recipe import SHUFFLE_WINDOW_MB
     from workers.windows import Windows
 
     plan = Plan(SEED, len(ids), ids[:0], ids, (), shuffle="window", shuffle_window_bytes=SHUFFLE_WINDOW_MB * 2**20,
-                shuffle_head_bytes=HEAD_BYTES)
+                shuffle_head_bytes=HEAD_BYTES, shuffle_head_growth=HEAD_GROWTH)
     order = Windows(ds, plan).order(ids, len(ids), BATCH, 1)
     return batches_for_rank(ids, BATCH, 1, 0, [SEED, 3, 0, 0, 0], windows=order)
 
@@ -314,6 +327,22 @@ def _gcs(paths: dict[str, str], arms: list[str], sizes: list[int], latency_ms: f
     return out
 
 
+def decoded_copy(src: str, dest: str, rows_per_group: int) -> None:
+    """Our dataset of the columns every arm decodes (the input JPEG, the raw mask), the same encoded
+    bytes as src's, in row groups of the same number of rows: what litdata's own format holds when
+    written from it, so every arm reads the same bytes."""
+    from storage.shards import ShardWriter, open_dataset
+
+    ds = open_dataset(src)
+    ids = np.sort(ds.sample_ids)
+    with ShardWriter(dest, rows_per_group=rows_per_group, columns=DECODED, task="bench.peer") as w:
+        for start in range(0, len(ids), 1024):
+            rows = ds.read_samples(ids[start:start + 1024], columns=["sample_id", *(c.name for c in DECODED)])
+            w.add_many({"sample_id": int(sid), **{c.name: rows[c.name][i] for c in DECODED}}
+                       for i, sid in enumerate(rows["sample_id"].tolist()))
+        w.close()
+
+
 def _apart(fn: str, *args: Any) -> None:
     """A bench.peer_lit function in a child process (litdata.optimize sets the process's start method)."""
     code = f"import bench.peer_lit as p; p.{fn}(*{args!r})"
@@ -328,6 +357,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--sizes", default="56,224", help="decode resolutions")
     ap.add_argument("--rows-per-group", type=int, default=64)
+    ap.add_argument("--columns", choices=("decoded", "all"), default="decoded",
+                    help="what every arm's files hold: decoded, the input JPEG and the mask (the columns decoded); "
+                         "all, every column of the mask_depth dataset (its depth maps and background ids too)")
     ap.add_argument("--latency-ms", type=float, default=20.0)
     ap.add_argument("--skip", default="", help="comma list of: local, gcs, litdata, litdata_parquet, ours_whole, "
                                                "resume")
@@ -344,7 +376,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work = tempfile.mkdtemp(prefix="bench-peer-")
     out: dict[str, Any] = {"bench": "peer", "machine": machine(), "samples": args.samples, "batch": BATCH,
                            "loader_workers": WORKERS, "image_size": args.image_size,
-                           "rows_per_group": args.rows_per_group,
+                           "rows_per_group": args.rows_per_group, "columns": COLUMNS[args.columns],
                            "load_average_1m_at_start": round(os.getloadavg()[0], 2),
                            "cold_cache": "posix_fadvise(DONTNEED) on every file of the arm before each local pass"}
     if any(a.startswith("litdata") for a in arms) and not have_litdata():
@@ -361,8 +393,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         paths = {"ours": os.path.join(work, "ours"), "litdata": os.path.join(work, "lit"),
                  "litdata_parquet": os.path.join(work, "pq")}
-        synthesize(paths["ours"], args.samples, seed=1, image_size=args.image_size,
+        full = paths["ours"] if args.columns == "all" else os.path.join(work, "full")
+        synthesize(full, args.samples, seed=1, image_size=args.image_size,
                    rows_per_group=args.rows_per_group, workers=1)
+        if args.columns == "decoded":
+            decoded_copy(full, paths["ours"], args.rows_per_group)
         if "litdata" in arms:
             _apart("litdata_write", paths["ours"], paths["litdata"], args.samples)
         if "litdata_parquet" in arms:

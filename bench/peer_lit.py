@@ -13,7 +13,9 @@ import tempfile
 import time
 from typing import Any
 
-from bench.peer_measure import BATCH, SEED, WORKERS, PssPeak, decode_pair, iterate
+import numpy as np
+
+from bench.peer_measure import BATCH, SEED, WORKERS, PssPeak, decode_pair, import_decoders, iterate
 
 # The columns every arm decodes: the input JPEG, the raw mask, and the id that checks the order.
 LIT_KEYS = {"native": ("img", "mask", "sample_id"), "parquet": ("fg_bg", "mask", "sample_id")}
@@ -54,12 +56,19 @@ def _opened(src: str) -> Any:
 
 
 def _lit_item(i: int, src: str) -> dict[str, Any]:
-    rows = _opened(src).read_samples([i], columns=("fg_bg", "mask"))
-    return {"img": rows["fg_bg"][0], "mask": rows["mask"][0], "sample_id": int(i)}
+    """Sample i as a litdata item: every value our shard row holds (the shared background as its
+    id, as our row holds it), the input JPEG under `img`."""
+    ds = _opened(src)
+    names = [c.name for c in ds.stored_columns]
+    rows = ds.read_samples([i], columns=names)
+    item = {("img" if c == "fg_bg" else c): (int(rows[c][0]) if isinstance(rows[c], np.ndarray) else rows[c][0])
+            for c in names}
+    return {**item, "sample_id": int(i)}
 
 
 def litdata_write(src_uri: str, out_dir: str, n: int) -> None:
-    """The same encoded bytes as litdata chunks (litdata.optimize, 64 MB chunks, its recommended size)."""
+    """The same encoded bytes as litdata chunks (litdata.optimize, 64 MB chunks, its recommended size):
+    each sample's stored values, the columns our dataset at src_uri holds."""
     import litdata
 
     litdata.optimize(fn=functools.partial(_lit_item, src=src_uri), inputs=list(range(n)), output_dir=out_dir,
@@ -151,6 +160,8 @@ def _loader(uri: str, kind: str, res: int, cache_dir: str) -> Any:
 def lit_arm(uri: str, kind: str, res: int) -> dict[str, Any]:
     """One pass: first batch, steady samples/s, peak PSS, the ids in the order they came."""
     import litdata  # noqa: F401 - imported before the clock starts, as ours imports its modules
+
+    import_decoders()
 
     cache = tempfile.mkdtemp(prefix="lit-cache-")  # a fresh cache: nothing downloaded before
     with PssPeak() as pss:

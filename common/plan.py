@@ -43,20 +43,31 @@ class StagePlan:
         return self.permutation[chunk * self.chunk_size : (chunk + 1) * self.chunk_size]
 
 
-# Window mode: the chunk's first window starts with its first HEAD_BYTES of row groups (at least a
-# batch), shuffled and trained before the rest of that window, so the first batch waits on these
-# alone. bench.peer, 6,000 samples at 224 px, cold: a 16 MB first piece lands in 0.18-0.24 s, a
-# 48 MB one in 0.49-0.58 s. Only the first window of each chunk is split: the others mix whole.
-HEAD_BYTES = 16 * 2**20
+# Window mode: a chunk's first HEAD_BYTES of row groups (at least a batch) are shuffled and trained
+# before the rest of their window, so the first batch waits on these alone. With a growth (new
+# plans: HEAD_GROWTH), the rest of the leading windows (those that start within one window's rows
+# of the chunk's start, so a small first window does not leave the next one whole) follows in
+# tiers that grow that many times (4, 8, 16 MB, then what is left of each window), each shuffled
+# inside and trained before the next: the reader lands a tier while the one before it trains
+# (workers/chunks.py pieces them so), and the decode processes do not wait for a whole window at
+# once. bench.peer, 2-core machine: the reader lands row groups about twice as fast as 2 decode
+# processes take them at 56 px, so tiers that double keep the landing ahead. The later windows mix
+# whole. Plans made before tiers (a 16 MB head on the first window alone) record growth 1 and keep
+# their order.
+HEAD_BYTES = 4 * 2**20
+HEAD_GROWTH = 2
 
 
 @dataclass(frozen=True)
 class WindowOrder:
-    """A rank's slice in window mode: each id's window (`keys`, in file order) and whether it is in
-    the head of its window (`head`: its window's first row groups; see HEAD_BYTES)."""
+    """A rank's slice in window mode: each id's window (`keys`, in file order) and its tier in its
+    window (`head`: 0 for the window's first row groups, then 1, 2, ...; or a bool, True in the
+    head; see HEAD_BYTES). The tiers order the leading windows: those that start within `span` ids
+    of the slice's start, or the first window alone when `span` is 0 (one-head plans)."""
 
     keys: np.ndarray
     head: np.ndarray
+    span: int = 0
 
 
 @dataclass(frozen=True)
@@ -69,6 +80,7 @@ class Plan:
     shuffle: str = "chunk"  # what a plan saved before the mode was recorded means
     shuffle_window_bytes: int = 0  # window mode: stored bytes of row groups per window
     shuffle_head_bytes: int = 0  # window mode: the first window's head, trained first (0: none)
+    shuffle_head_growth: int = 1  # window mode: tiers after the head grow this many times (1: one head only)
 
     def chunk_ids(self, stage: int, chunk: int) -> np.ndarray:
         return self.stages[stage].chunk_ids(chunk)
@@ -87,6 +99,7 @@ class Plan:
             "shuffle": self.shuffle,
             "shuffle_window_bytes": self.shuffle_window_bytes,
             "shuffle_head_bytes": self.shuffle_head_bytes,
+            "shuffle_head_growth": self.shuffle_head_growth,
         }
 
     def to_npz(self) -> bytes:
@@ -108,7 +121,8 @@ class Plan:
         return cls(meta["seed"], meta["num_samples"], arrays["eval_ids"], arrays["train_ids"], stages,
                    shuffle=str(meta.get("shuffle", "chunk")),
                    shuffle_window_bytes=int(meta.get("shuffle_window_bytes", 0)),
-                   shuffle_head_bytes=int(meta.get("shuffle_head_bytes", 0)))
+                   shuffle_head_bytes=int(meta.get("shuffle_head_bytes", 0)),
+                   shuffle_head_growth=int(meta.get("shuffle_head_growth", 1)))
 
 
 def grouped_permutation(ids: np.ndarray, groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -159,7 +173,8 @@ def make_plan(recipe: Recipe, sample_ids: np.ndarray, row_groups: np.ndarray | N
     by_window = recipe.data.shuffle == "window"
     window = recipe.data.shuffle_window_mb * 2**20 if by_window else 0
     return Plan(recipe.run.seed, n, eval_ids, train_ids, tuple(stages), shuffle=recipe.data.shuffle,
-                shuffle_window_bytes=window, shuffle_head_bytes=min(HEAD_BYTES, window) if by_window else 0)
+                shuffle_window_bytes=window, shuffle_head_bytes=min(HEAD_BYTES, window) if by_window else 0,
+                shuffle_head_growth=HEAD_GROWTH if by_window else 1)
 
 
 def rank_slice(ids: np.ndarray, world_size: int, rank: int, contiguous: bool = False) -> np.ndarray:
@@ -188,19 +203,20 @@ def batches_for_rank(ids: np.ndarray, batch_size: int, world_size: int, rank: in
     if windows is None:
         order = rng.permutation(mine)
     elif isinstance(windows, WindowOrder):
-        order = window_permutation(mine, windows.keys, rng, head=windows.head)
+        order = window_permutation(mine, windows.keys, rng, head=windows.head, span=windows.span)
     else:
         order = window_permutation(mine, windows, rng)
     return [b for b in np.array_split(order, steps)]
 
 
 def window_permutation(ids: np.ndarray, windows: np.ndarray, rng: np.random.Generator,
-                       head: np.ndarray | None = None) -> np.ndarray:
+                       head: np.ndarray | None = None, span: int = 0) -> np.ndarray:
     """`ids` window by window: the windows (`windows`, one key per id) in a seeded order, the ids
-    inside each in a seeded order; with `head` (one flag per id), the head of the window taken first
-    comes before the rest of that window. With a single window it is exactly `rng.permutation(ids)`,
-    the same draws, so a chunk that fits one window trains the batches it trained before windows
-    existed; `head` takes no draws."""
+    inside each in a seeded order. With `head` (one tier per id: 0, 1, ...; or a bool, True for
+    the head) the leading windows train their tiers in order: the windows that start within `span`
+    ids of the start, or with `span` 0 the first window alone. With a single window it is exactly
+    `rng.permutation(ids)`, the same draws, so a chunk that fits one window trains the batches it
+    trained before windows existed; `head` and `span` take no draws."""
     ids = np.asarray(ids)
     windows = np.asarray(windows)
     if len(windows) != len(ids):
@@ -208,13 +224,21 @@ def window_permutation(ids: np.ndarray, windows: np.ndarray, rng: np.random.Gene
     uniq, inverse = np.unique(windows, return_inverse=True)
     if len(uniq) <= 1:
         return rng.permutation(ids)
+    inverse = inverse.reshape(-1)
     position = np.argsort(rng.permutation(len(uniq)))  # each window's place in the seeded order
     within = rng.permutation(len(ids))  # a uniform order inside every window (ties broken at random)
-    place = position[inverse.reshape(-1)]
+    place = position[inverse]
     if head is None:
         return ids[np.lexsort((within, place))]
-    after_head = (place == 0) & ~np.asarray(head, dtype=bool)  # the first window's rows past its head
-    return ids[np.lexsort((within, after_head, place))]
+    head = np.asarray(head)
+    tier = (~head).astype(np.int64) if head.dtype == bool else head.astype(np.int64)
+    if span > 0:
+        by_place = np.bincount(position[inverse], minlength=len(uniq))  # ids of the window at each place
+        leading = (np.cumsum(by_place) - by_place) < span  # the windows that start within span ids
+        lead = leading[place]
+    else:
+        lead = place == 0
+    return ids[np.lexsort((within, np.where(lead, tier, 0), place))]
 
 
 def num_steps(n: int, batch_size: int, world_size: int) -> int:

@@ -69,3 +69,34 @@ def test_without_litdata_its_arms_are_skipped_with_a_note(monkeypatch: pytest.Mo
     out = peer.main(["--samples", "20", "--sizes", "56", "--skip", "local,gcs"])
     assert out["arms"] == ["ours_stream", "ours_whole"]
     assert "pip install --no-deps litdata==0.2.76" in out["litdata_note"]
+
+
+def test_the_decoded_copy_holds_the_same_bytes_of_the_two_decoded_columns_only(tmp_path) -> None:
+    from storage.shards import open_dataset
+    from storage.synth import synthesize
+
+    synthesize(str(tmp_path / "full"), 40, seed=1, image_size=64, rows_per_group=8, workers=1)
+    peer.decoded_copy(str(tmp_path / "full"), str(tmp_path / "dec"), 8)
+    full, dec = open_dataset(str(tmp_path / "full")), open_dataset(str(tmp_path / "dec"))
+    assert [c.name for c in dec.stored_columns] == ["fg_bg", "mask"]  # no depth, no background ids
+    ids = full.sample_ids
+    a, b = full.read_samples(ids, columns=("fg_bg", "mask")), dec.read_samples(ids, columns=("fg_bg", "mask"))
+    assert a["fg_bg"] == b["fg_bg"] and a["mask"] == b["mask"]
+    assert dec.manifest["rows_per_group"] == 8
+
+
+def test_pss_is_sampled_outside_the_measured_process_and_sees_its_memory() -> None:
+    import time
+
+    import numpy as np
+
+    from bench.peer_measure import PssPeak
+
+    with PssPeak() as idle:
+        time.sleep(0.3)
+    with PssPeak() as busy:
+        block = np.ones(200 * 2**20, dtype=np.uint8)  # 200 MB, every page touched
+        time.sleep(0.4)
+        del block
+    assert busy.peak > idle.peak + 150
+    assert busy._proc is not None and busy._proc.returncode == 0  # a watcher process sampled it, and is done

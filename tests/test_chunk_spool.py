@@ -393,3 +393,25 @@ def test_the_first_piece_is_read_alone_and_the_rest_start_once_it_has_landed(ds_
         assert ds.started[0] is True and len(ds.started) == len(pieces)
     finally:
         pre.close()
+
+
+def test_pieces_by_need_keep_each_window_or_tier_whole_and_ramp_up():
+    """Breaks if a unit (row groups first needed together: a window, or a tier of one) is split
+    among pieces while it fits one (its row groups would be scattered requests), if the pieces stop
+    growing from the first, or if a unit larger than a piece is split other than in file order."""
+    from workers.chunks import _pieces_by_need
+
+    mb = 2**20
+    # 12 row groups of 1 MB, 4 positions each; units by first need: groups 0-1 at batch 1, 2-5 at
+    # batches 3-4, 6-11 at batch 9 (in reverse file order, as a shuffle may need them).
+    group = np.repeat(np.arange(12), 4)
+    first = {0: 1, 1: 1, 2: 3, 3: 4, 4: 3, 5: 4, **{g: 9 for g in range(6, 12)}}
+    need = np.array([first[g] for g in group]) + np.tile([0, 1, 2, 3], 12)  # later rows needed later
+    size = np.full(len(group), float(mb))
+    pieces = _pieces_by_need(group, need, size, np.arange(len(group)), piece_bytes=5 * mb, ramp_from=0.5 * mb)
+    got = [sorted(set(group[p].tolist())) for p in pieces]
+    assert got == [[0, 1], [2, 3, 4, 5], [6, 7, 8, 9, 10], [11]]
+    # Small units merge up to the ramp's size: the second piece may take 2 MB, the third 4 MB...
+    pieces = _pieces_by_need(group, need, size, np.arange(len(group)), piece_bytes=64 * mb, ramp_from=3 * mb)
+    assert [sorted(set(group[p].tolist())) for p in pieces] == [list(range(6)), list(range(6, 12))]
+    assert sorted(np.concatenate(pieces).tolist()) == list(range(len(group)))

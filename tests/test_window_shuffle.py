@@ -128,7 +128,7 @@ def test_the_first_window_trains_its_head_first_so_the_first_batch_needs_only_th
     mine = rank_slice(ids, 1, 0)
     steps = num_steps(len(ids), 16, 1)
     keys = window_keys(ds, mine, SMALL_WINDOW, min_rows=-(-len(mine) // steps))
-    head = window_heads(ds, mine, keys, 150_000, min_rows=16)  # one ~190 KB row group a head
+    head = window_heads(ds, mine, keys, 150_000, min_rows=16) == 0  # tier 0: one ~190 KB row group a head
     assert int(keys.max()) >= 2 and 0 < head.sum() < len(mine)
     batches = batches_for_rank(ids, 16, 1, 0, [0, 3, 0, 0, 0], windows=WindowOrder(keys, head))
     order = np.concatenate(batches)
@@ -191,8 +191,8 @@ def test_a_new_plan_records_the_window_mode_and_an_old_plan_means_chunk(tiny_dat
     save_plan(plan, str(tmp_path))
     meta = json.loads((tmp_path / "plan.json").read_text())
     assert (meta["shuffle"], meta["shuffle_window_bytes"], meta["shuffle_head_bytes"]) == ("window", 48 * 2**20,
-                                                                                            16 * 2**20)
-    assert (load_plan(str(tmp_path)).shuffle, load_plan(str(tmp_path)).shuffle_head_bytes) == ("window", 16 * 2**20)
+                                                                                            4 * 2**20)
+    assert (load_plan(str(tmp_path)).shuffle, load_plan(str(tmp_path)).shuffle_head_bytes) == ("window", 4 * 2**20)
     # A plan written before the mode existed: no key, so the whole-chunk shuffle, whatever the recipe says.
     for key in ("shuffle", "shuffle_window_bytes", "shuffle_head_bytes"):
         del meta[key]
@@ -315,3 +315,73 @@ def test_a_run_planned_before_windows_resumes_in_whole_chunk_order(tmp_path, tin
     st = status_json(tmp_path)
     assert st["state"] == "completed" and st["interruptions"] == 1
     assert st["final"]["weights_sha256"] == reference_sha, "an old run changed its batch order on resume"
+
+
+def test_a_one_head_plan_keeps_the_order_it_was_planned_with(tiny_dataset):
+    """A plan from before tiers (shuffle_head_growth absent: 1) must train the batches the code that
+    planned it trained: the first window's head, then the rest of it, the other windows whole."""
+    from common.plan import WindowOrder
+    from workers.windows import window_heads
+
+    ds = open_dataset(tiny_dataset)
+    ids = _chunk(ds)
+    mine = rank_slice(ids, 1, 0)
+    keys = window_keys(ds, mine, SMALL_WINDOW, min_rows=16)
+    tiers = window_heads(ds, mine, keys, 150_000, min_rows=16)  # growth 1: tier 0 (the head) or 1
+    assert set(np.unique(tiers).tolist()) == {0, 1}
+    got = np.concatenate(batches_for_rank(ids, 16, 1, 0, [0, 3, 0, 0, 0], windows=WindowOrder(keys, tiers)))
+    # The one-head order as the code before tiers wrote it, from the same draws.
+    rng = np.random.default_rng([0, 3, 0, 0, 0, 0])
+    uniq, inverse = np.unique(keys, return_inverse=True)
+    place = np.argsort(rng.permutation(len(uniq)))[inverse]
+    within = rng.permutation(len(mine))
+    before = mine[np.lexsort((within, (place == 0) & (tiers != 0), place))]
+    assert got.tolist() == before.tolist()
+
+
+def test_tiers_grow_in_each_window_and_the_leading_windows_train_them_in_order(tiny_dataset):
+    """Breaks if tiers stop growing (head, twice the head, four times...), if a leading window trains
+    a later tier before an earlier one, or if a window past the span is split at all."""
+    from workers.windows import window_heads
+
+    ds = open_dataset(tiny_dataset)
+    mine = np.sort(ds.sample_ids).astype(np.int64)
+    keys = window_keys(ds, mine, 800_000, min_rows=16)  # windows of ~4 row groups of ~190 KB
+    tiers = window_heads(ds, mine, keys, 150_000, min_rows=16, growth=2)
+    of = _groups(ds, mine)
+    for w in np.unique(keys).tolist():
+        by_group = {of[i]: int(tiers[i]) for i in np.flatnonzero(keys == w).tolist()}  # a group's ids share a tier
+        per_group = [by_group[g] for g in sorted(by_group)]
+        assert per_group == sorted(per_group) and per_group[0] == 0  # file order: head first, tiers after
+        if len(per_group) >= 4:  # 0-150 KB head, 150-450 KB tier 1, 450-1050 KB tier 2
+            assert per_group[:4] == [0, 1, 1, 2]
+    # window_permutation on made-up windows: a tiny first window (5 ids), then two of 50.
+    ids = np.arange(105)
+    win = np.r_[np.zeros(5, int), np.ones(50, int), np.full(50, 2)]
+    tier = np.r_[np.zeros(5, int), np.repeat([0, 1, 2], [10, 15, 25]), np.repeat([0, 1, 2], [10, 15, 25])]
+    for seed in range(200):  # a seed that puts the tiny window first and window 1 second
+        place = np.argsort(np.random.default_rng(seed).permutation(3))
+        if place[0] == 0 and place[1] == 1:
+            break
+    order = window_permutation(ids, win, np.random.default_rng(seed), head=tier, span=50)
+    plain = window_permutation(ids, win, np.random.default_rng(seed))
+    assert sorted(order.tolist()) == ids.tolist()
+    assert order[:5].tolist() == plain[:5].tolist()
+    second = order[5:55]
+    assert (win[second] == 1).all() and np.all(np.diff(tier[second]) >= 0), "window 1 is within the span: tiered"
+    assert order[55:].tolist() == plain[55:].tolist(), "window 2 starts past the span: it mixes whole"
+    # Without a span only the first window is tiered (the one-head rule).
+    assert window_permutation(ids, win, np.random.default_rng(seed), head=tier)[5:].tolist() == plain[5:].tolist()
+
+
+def test_a_new_plan_records_tiers_and_an_old_plan_reads_as_one_head(tiny_dataset, tmp_path):
+    from common.plan import HEAD_BYTES, HEAD_GROWTH
+
+    _, plan = _plan(tiny_dataset)
+    assert (plan.shuffle_head_bytes, plan.shuffle_head_growth) == (HEAD_BYTES, HEAD_GROWTH) == (4 * 2**20, 2)
+    save_plan(plan, str(tmp_path))
+    meta = json.loads((tmp_path / "plan.json").read_text())
+    assert meta["shuffle_head_growth"] == 2 and load_plan(str(tmp_path)).shuffle_head_growth == 2
+    del meta["shuffle_head_growth"]  # as the code before tiers wrote it
+    (tmp_path / "plan.json").write_text(json.dumps(meta))
+    assert load_plan(str(tmp_path)).shuffle_head_growth == 1

@@ -109,8 +109,14 @@ def read_chunk(dataset: Any, ids: np.ndarray, piece_bytes: int = PIECE_BYTES,
 # requests than a whole read (a window of adjacent row groups) streams whatever its share.
 STREAM_MAX_SHARE = 0.25
 STREAM_EXTRA_RANGES = 2
+# PIECE_RAMP: pieces by need start at twice the first piece's bytes and double up to PIECE_BYTES,
+# never splitting a window or a tier of one (see _pieces_by_need). A new plan's leading windows
+# train in tiers that grow so (common/plan.py HEAD_GROWTH): each tier lands as its own piece while
+# the one before it trains. One 64 MB piece after the first left the decode processes waiting for
+# all of it (bench.peer at 56 px: ~0.4 s idle after the first batches).
 # Pieces by need are taken when they cost at most this many times file order's requests (plus
-# STREAM_EXTRA_RANGES): windows cost about as many; a whole-chunk shuffle costs several times more.
+# STREAM_EXTRA_RANGES, and one per piece the ramp adds): windows cost about as many; a whole-chunk
+# shuffle costs several times more.
 NEED_ORDER_MAX_RANGES = 1.25
 
 
@@ -125,10 +131,16 @@ def _ranges(group_key: np.ndarray, pieces: list[np.ndarray]) -> int:
 
 
 def _pieces_by_need(group_key: np.ndarray, need: np.ndarray, size: np.ndarray, positions: np.ndarray,
-                    piece_bytes: int) -> list[np.ndarray]:
-    """`positions` cut into pieces of about piece_bytes of whole row groups, the row groups in the
-    order training first needs them (`need`: the batch of each position; ties in file order).
-    `size`: the stored bytes of each position's row group."""
+                    piece_bytes: int, ramp_from: float = 0.0) -> list[np.ndarray]:
+    """`positions` cut into pieces of whole row groups in the order training first needs them
+    (`need`: the batch of each position). `size`: the stored bytes of each position's row group.
+
+    The row groups come in units: runs, in need order, whose first needs follow each other within a
+    batch (a window, or a tier of one, shuffled inside: all its row groups are first needed within
+    its first batches; the next unit's only when it starts). A unit is never split among pieces
+    unless it is larger than piece_bytes (then in file order, so each part is one run of adjacent
+    row groups, as a window is); units merge into pieces up to piece_bytes, or with `ramp_from`, up
+    to twice that for the first piece, doubling to piece_bytes (see PIECE_RAMP)."""
     keys, inverse = np.unique(group_key[positions], return_inverse=True)
     inverse = inverse.reshape(-1)
     first_need = np.full(len(keys), np.iinfo(np.int64).max, dtype=np.int64)
@@ -136,10 +148,24 @@ def _pieces_by_need(group_key: np.ndarray, need: np.ndarray, size: np.ndarray, p
     group_size = np.empty(len(keys), dtype=np.float64)
     group_size[inverse] = size[positions]
     by_need = np.lexsort((keys, first_need))
-    sizes = group_size[by_need]
-    before = np.cumsum(sizes) - sizes  # bytes of the row groups needed ahead of each one
+    fn = first_need[by_need]
+    unit_of = np.cumsum(np.r_[True, np.diff(fn) > 1]) - 1  # a new unit where first needs jump
+    cap, limit = (2.0 * ramp_from if ramp_from > 0 else float(piece_bytes)), float(max(1, int(piece_bytes)))
     piece_of_group = np.empty(len(keys), dtype=np.int64)
-    piece_of_group[by_need] = (before // max(1, int(piece_bytes))).astype(np.int64)
+    piece, held = 0, 0.0
+    for members in np.split(by_need, np.flatnonzero(np.diff(unit_of)) + 1):
+        members = np.sort(members)  # file order: a unit split below is split into runs of adjacent groups
+        unit = float(group_size[members].sum())
+        if held > 0 and held + unit > min(cap, limit):  # this piece is full: the unit starts the next
+            piece, held, cap = piece + 1, 0.0, cap * 2
+        if unit <= limit:
+            piece_of_group[members] = piece
+            held += unit
+            continue
+        before = np.cumsum(group_size[members]) - group_size[members]
+        part = (before // limit).astype(np.int64)
+        piece_of_group[members] = piece + part
+        piece, held, cap = piece + int(part[-1]) + 1, 0.0, cap * 2
     piece_of = piece_of_group[inverse]
     order = np.argsort(piece_of, kind="stable")
     cuts = np.flatnonzero(np.diff(piece_of[order])) + 1
@@ -180,9 +206,12 @@ def stream_pieces(dataset: Any, ids: np.ndarray, order: np.ndarray, batch: int,
     # earlier in a resumed epoch) are needed last.
     need = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
     need[order[::-1]] = (np.arange(len(order)) // max(1, int(batch)))[::-1]
-    by_need = _pieces_by_need(key, need, per_group[(key >> 32).astype(np.int64)], rest, piece_bytes)
+    by_need = _pieces_by_need(key, need, per_group[(key >> 32).astype(np.int64)], rest, piece_bytes,
+                              ramp_from=float(size[first[starts]].sum()))
     file_ranges, need_ranges = _ranges(key, in_file_order), _ranges(key, by_need)
-    tail = by_need if need_ranges <= NEED_ORDER_MAX_RANGES * file_ranges + STREAM_EXTRA_RANGES else in_file_order
+    # The ramp's smaller pieces cost a request each beyond file order's: allowed for.
+    ramp = max(0, len(by_need) - len(in_file_order))
+    tail = by_need if need_ranges <= NEED_ORDER_MAX_RANGES * file_ranges + STREAM_EXTRA_RANGES + ramp else in_file_order
     extra = _ranges(key, [head, *tail]) - _ranges(key, whole)
     if share > STREAM_MAX_SHARE and extra > STREAM_EXTRA_RANGES:
         return whole

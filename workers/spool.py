@@ -85,8 +85,9 @@ def available_memory() -> int:
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
-def default_budget() -> int:
-    """The chunk memory budget: CHUNK_MEMORY_ENV, else MEMORY_SHARE of the available memory."""
+def default_budget(memory_bytes: int | None = None) -> int:
+    """The chunk memory budget: CHUNK_MEMORY_ENV, else MEMORY_SHARE of `memory_bytes` (a worker's
+    memory; by default the memory available now)."""
     env = os.environ.get(CHUNK_MEMORY_ENV)
     if env:
         try:
@@ -94,7 +95,16 @@ def default_budget() -> int:
         except ValueError:
             raise ValueError(f"{CHUNK_MEMORY_ENV}={env!r} is not a size: set it to bytes or a size such as 512M "
                              "or 2G, or unset it for the default") from None
-    return int(min(MEMORY_CAP, max(MEMORY_FLOOR, available_memory() * MEMORY_SHARE)))
+    memory = available_memory() if memory_bytes is None else memory_bytes
+    return int(min(MEMORY_CAP, max(MEMORY_FLOOR, memory * MEMORY_SHARE)))
+
+
+def spool_free_bytes(root: str | None = None) -> int:
+    """Free bytes on the disk the spool (`root`, by default spool_root()) is or would be made on."""
+    path = os.path.abspath(root or spool_root())
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return int(shutil.disk_usage(path).free)
 
 
 def spool_root() -> str:

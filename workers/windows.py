@@ -58,13 +58,16 @@ def window_keys(dataset: Any, ids: np.ndarray, window_bytes: int, min_rows: int 
     return merged[window_of_group.reshape(-1)][inverse]
 
 
-def window_heads(dataset: Any, ids: np.ndarray, keys: np.ndarray, head_bytes: int, min_rows: int = 1) -> np.ndarray:
-    """Whether each id of `ids` is in the head of its window (`keys`, from window_keys): the
-    window's row groups, in file order, that start within its first `head_bytes` of stored bytes,
-    and more until they hold `min_rows` ids (a batch). Index only, no shard reads."""
+def window_heads(dataset: Any, ids: np.ndarray, keys: np.ndarray, head_bytes: int, min_rows: int = 1,
+                 growth: int = 1) -> np.ndarray:
+    """Each id's tier in its window (`keys`, from window_keys), from the window's row groups in
+    file order: 0 (the head) for those that start within its first `head_bytes` of stored bytes,
+    and more until they hold `min_rows` ids (a batch); after it, with `growth` > 1, tier k for those
+    that start within head_bytes * (1 + growth + ... + growth**k), and with growth 1 tier 1 for all
+    the rest. Index only, no shard reads."""
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     if len(ids) == 0 or head_bytes <= 0:
-        return np.ones(len(ids), dtype=bool)
+        return np.zeros(len(ids), dtype=np.int64)
     uniq, first, inverse, size = _touched_groups(dataset, ids)
     window = np.asarray(keys, dtype=np.int64)[first]  # every row group lies in one window
     rows = np.bincount(inverse, minlength=len(uniq)).astype(np.float64)
@@ -73,8 +76,14 @@ def window_heads(dataset: Any, ids: np.ndarray, keys: np.ndarray, head_bytes: in
     begin = np.repeat(starts, np.diff(np.r_[starts, len(uniq)]))
     bytes_ahead = np.cumsum(size) - size
     rows_ahead = np.cumsum(rows) - rows
-    in_head = (bytes_ahead - bytes_ahead[begin] < head_bytes) | (rows_ahead - rows_ahead[begin] < min_rows)
-    return in_head[inverse]
+    ahead = bytes_ahead - bytes_ahead[begin]
+    in_head = (ahead < head_bytes) | (rows_ahead - rows_ahead[begin] < min_rows)
+    if growth > 1:  # the tier whose span holds `ahead`: sum of head_bytes * growth**j for j <= k
+        tier = np.floor(np.log1p(ahead / head_bytes * (growth - 1)) / np.log(growth)).astype(np.int64)
+        tier = np.where(in_head, 0, np.maximum(tier, 1))
+    else:
+        tier = np.where(in_head, 0, 1)
+    return tier[inverse].astype(np.int64)
 
 
 def _touched_groups(dataset: Any, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -112,6 +121,7 @@ class Windows:
                              f"(it knows {', '.join(MODES)}); resume it with the version that started it")
         self.dataset, self.mode, self.window_bytes = dataset, plan.shuffle, int(plan.shuffle_window_bytes)
         self.head_bytes = int(plan.shuffle_head_bytes)
+        self.head_growth = int(plan.shuffle_head_growth)
         if recipe is not None:
             for field, differs in self._differences(recipe):
                 if differs:
@@ -135,10 +145,15 @@ class Windows:
         return window_keys(self.dataset, mine, self.window_bytes, min_rows=-(-len(mine) // steps))
 
     def order(self, mine: np.ndarray, chunk_samples: int, batch_size: int, world: int) -> WindowOrder | None:
-        """What batches_for_rank shuffles `mine` by: its window keys (of) and the windows' heads
-        (the plan's shuffle_head_bytes), or None in chunk mode."""
+        """What batches_for_rank shuffles `mine` by: its window keys (of), each id's tier in its window
+        (the plan's shuffle_head_bytes and shuffle_head_growth) and the span of the leading windows
+        that train tier by tier, or None in chunk mode."""
         keys = self.of(mine, chunk_samples, batch_size, world)
         if keys is None:
             return None
         batch = -(-len(mine) // num_steps(chunk_samples, batch_size, world))
-        return WindowOrder(keys, window_heads(self.dataset, mine, keys, self.head_bytes, min_rows=batch))
+        tiers = window_heads(self.dataset, mine, keys, self.head_bytes, min_rows=batch, growth=self.head_growth)
+        # Tiered plans order the windows that start within one (the largest) window's ids of the start.
+        per_window = np.unique(keys, return_counts=True)[1]
+        span = int(per_window.max()) if self.head_growth > 1 and len(per_window) else 0
+        return WindowOrder(keys, tiers, span)
