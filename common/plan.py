@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.random  # noqa: F401 - with the plan, not on a worker's first batch (numpy imports it lazily: ~17 ms)
 
 from common.errors import RecipeError
 from common.recipe import Recipe

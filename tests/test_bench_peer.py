@@ -100,3 +100,20 @@ def test_pss_is_sampled_outside_the_measured_process_and_sees_its_memory() -> No
         del block
     assert busy.peak > idle.peak + 150
     assert busy._proc is not None and busy._proc.returncode == 0  # a watcher process sampled it, and is done
+
+
+def test_repeated_passes_are_taken_in_turns_and_reported_as_medians() -> None:
+    calls: list[tuple[str, bool]] = []
+    steady = iter([100.0, 300.0, 200.0, 900.0, 50.0, 400.0])
+
+    def one(arm: str, first: bool) -> dict:
+        calls.append((arm, first))
+        return {"first_batch_s": 1.0, "steady_samples_per_s": next(steady), "second_half_samples_per_s": 1.0,
+                "pss_mb": 10.0, "resume_exact": True}
+
+    out = peer.rounds(["ours_stream", "litdata"], 3, one)
+    assert calls == [("ours_stream", True), ("litdata", True), ("ours_stream", False), ("litdata", False),
+                     ("ours_stream", False), ("litdata", False)]
+    assert out["ours_stream"]["steady_samples_per_s"] == 100.0  # median of 100, 200, 50
+    assert out["litdata"]["steady_samples_per_s"] == 400.0  # median of 300, 900, 400
+    assert out["litdata"]["runs"]["steady_samples_per_s"] == [300.0, 900.0, 400.0]

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+import numpy.ma  # noqa: F401 - numpy 2's np.unique imports it on first use: ~10 ms of a worker's first batch
 
 from workers.spool import CHUNK_MEMORY_ENV, MemoryBudget, Spool, default_budget, trim_memory
 from workers.streaming import StreamingRows
