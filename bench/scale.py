@@ -415,6 +415,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="row groups and shards: the source's (41 rows a group) or as `data pack` sizes these samples")
     ap.add_argument("--first-step-chunk", type=int, default=0,
                     help="stage 1's chunk_size (0: the recipe's 50K, which issue 24 reads; smaller for a quick check)")
+    ap.add_argument("--first-step-log", default="",
+                    help="write the first-step run's output here, each line at its time from the start")
     ap.add_argument("--no-data-wait", action="store_true",
                     help="first-step run: stop at the first step (no data_wait_share: it needs the whole first chunk)")
     ap.add_argument("--first-step-width", type=float, default=0.125, help="model.width of the first-step recipe")

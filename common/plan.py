@@ -55,7 +55,7 @@ class StagePlan:
 # processes take them at 56 px, so tiers that double keep the landing ahead. The later windows mix
 # whole. Plans made before tiers (a 16 MB head on the first window alone) record growth 1 and keep
 # their order.
-HEAD_BYTES = 4 * 2**20
+HEAD_BYTES = 1 * 2**20
 HEAD_GROWTH = 2
 
 

@@ -357,3 +357,46 @@ def test_the_drivers_end_of_run_call_warns_when_mlflow_is_down(caplog):
     tracking.end_run(uri, "0123456789abcdef", "FINISHED")  # no traceback
     assert "unreachable: could not mark MLflow run 0123456789abcdef FINISHED" in caplog.text
     assert "hunter2" not in caplog.text and "Retrying" not in caplog.text
+
+
+def test_a_background_sink_keeps_what_it_is_given_until_its_client_is_made(tmp_path, monkeypatch):
+    """The training worker's sink makes its MLflow client in a thread: what it is given before the
+    client exists is kept (not lost, not an outage) and sent once it does; a client that cannot be
+    made raises where it is first needed, as it did when it was made at once."""
+    import threading
+
+    from mlflow.tracking import MlflowClient
+
+    from workers import mlflow_sink
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = MlflowClient(uri).create_run(MlflowClient(uri).create_experiment("bg")).info.run_id
+    gate = threading.Event()
+    real = mlflow_sink.MlflowSink._make_client
+
+    def slow(self, tracking_uri):
+        gate.wait(30)
+        real(self, tracking_uri)
+
+    monkeypatch.setattr(mlflow_sink.MlflowSink, "_make_client", slow)
+    sink = mlflow_sink.MlflowSink(uri, run_id, str(tmp_path / "run"), background=True)
+    sink.log_metrics([("train/loss", 0.5, 1), ("train/loss", 0.25, 2)])
+    sink.set_tags({"orchestrator.precision": "fp32"})
+    assert sink.flush() is False and sink.undelivered() == [("train/loss", 0.5, 1), ("train/loss", 0.25, 2)]
+    sink.connect()  # the trainer's call after its first step: the client is made in a thread
+    assert sink.flush() is False  # not made yet (held at the gate): still kept
+    gate.set()
+    assert sink.close(wait_s=10) is True
+    got = MlflowClient(uri)
+    assert [(m.step, m.value) for m in got.get_metric_history(run_id, "train/loss")] == [(1, 0.5), (2, 0.25)]
+    assert got.get_run(run_id).data.tags["orchestrator.precision"] == "fp32"
+    assert not (tmp_path / "run" / mlflow_sink.SPILL_DIR).exists()  # nothing was taken for an outage
+
+    def broken(self, tracking_uri):
+        self._client_error = ValueError("no such tracking store")
+
+    monkeypatch.setattr(mlflow_sink.MlflowSink, "_make_client", broken)
+    bad = mlflow_sink.MlflowSink(uri, run_id, None, background=True)
+    bad.log_metrics([("train/loss", 1.0, 3)])  # kept: no client yet
+    with pytest.raises(ValueError, match="no such tracking store"):
+        bad.flush(force=True)

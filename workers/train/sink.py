@@ -27,6 +27,9 @@ class NullSink:
     def resume(self, keys: set[str]) -> None:
         pass
 
+    def connect(self) -> None:
+        pass
+
     def load_held(self, keys: list[str]) -> None:
         pass
 
@@ -58,7 +61,9 @@ def open_sink(config: dict[str, Any], is_chief: bool) -> Sink:
         return NullSink()
     from workers.mlflow_sink import MlflowSink  # mlflow is imported by the chief only
 
-    return MlflowSink(config["tracking_uri"], config["mlflow_run_id"], config["run_dir"])
+    # Its client made in the background, after the first step (Trainer): nothing else in a worker
+    # imports mlflow (workers/mlflow_sink.py).
+    return MlflowSink(config["tracking_uri"], config["mlflow_run_id"], config["run_dir"], background=True)
 
 
 def records(sink: Sink) -> bool:

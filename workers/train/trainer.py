@@ -192,6 +192,8 @@ class Trainer:
                 self._steps_this_process += 1
                 _maybe_crash_for_tests(c.global_step)
                 self._progress("train", force=self._steps_this_process == 1)
+                if self._steps_this_process == 1:
+                    self.sink.connect()  # MLflow's client, made in the background from here (mlflow_sink.py)
                 self.checkpointer.poll()  # a background checkpoint that landed: its metrics go to MLflow now
                 stop = stops.ask(self.preemption, self.prefetcher, c.global_step)
                 if c.epoch == st.epochs_per_chunk - 1 and c.batch == len(batches):
