@@ -367,18 +367,18 @@ def test_a_background_sink_keeps_what_it_is_given_until_its_client_is_made(tmp_p
 
     from mlflow.tracking import MlflowClient
 
-    from workers import mlflow_sink
+    from workers import mlflow_client, mlflow_sink
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_id = MlflowClient(uri).create_run(MlflowClient(uri).create_experiment("bg")).info.run_id
     gate = threading.Event()
-    real = mlflow_sink.MlflowSink._make_client
+    real = mlflow_client.ClientMaker._make
 
-    def slow(self, tracking_uri):
+    def slow(self):
         gate.wait(30)
-        real(self, tracking_uri)
+        real(self)
 
-    monkeypatch.setattr(mlflow_sink.MlflowSink, "_make_client", slow)
+    monkeypatch.setattr(mlflow_client.ClientMaker, "_make", slow)
     sink = mlflow_sink.MlflowSink(uri, run_id, str(tmp_path / "run"), background=True)
     sink.log_metrics([("train/loss", 0.5, 1), ("train/loss", 0.25, 2)])
     sink.set_tags({"orchestrator.precision": "fp32"})
@@ -392,10 +392,10 @@ def test_a_background_sink_keeps_what_it_is_given_until_its_client_is_made(tmp_p
     assert got.get_run(run_id).data.tags["orchestrator.precision"] == "fp32"
     assert not (tmp_path / "run" / mlflow_sink.SPILL_DIR).exists()  # nothing was taken for an outage
 
-    def broken(self, tracking_uri):
-        self._client_error = ValueError("no such tracking store")
+    def broken(self):
+        self._error = ValueError("no such tracking store")
 
-    monkeypatch.setattr(mlflow_sink.MlflowSink, "_make_client", broken)
+    monkeypatch.setattr(mlflow_client.ClientMaker, "_make", broken)
     bad = mlflow_sink.MlflowSink(uri, run_id, None, background=True)
     bad.log_metrics([("train/loss", 1.0, 3)])  # kept: no client yet
     with pytest.raises(ValueError, match="no such tracking store"):

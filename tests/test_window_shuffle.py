@@ -191,8 +191,8 @@ def test_a_new_plan_records_the_window_mode_and_an_old_plan_means_chunk(tiny_dat
     save_plan(plan, str(tmp_path))
     meta = json.loads((tmp_path / "plan.json").read_text())
     assert (meta["shuffle"], meta["shuffle_window_bytes"], meta["shuffle_head_bytes"]) == ("window", 48 * 2**20,
-                                                                                            4 * 2**20)
-    assert (load_plan(str(tmp_path)).shuffle, load_plan(str(tmp_path)).shuffle_head_bytes) == ("window", 4 * 2**20)
+                                                                                            2**20)
+    assert (load_plan(str(tmp_path)).shuffle, load_plan(str(tmp_path)).shuffle_head_bytes) == ("window", 2**20)
     # A plan written before the mode existed: no key, so the whole-chunk shuffle, whatever the recipe says.
     for key in ("shuffle", "shuffle_window_bytes", "shuffle_head_bytes"):
         del meta[key]
@@ -378,7 +378,7 @@ def test_a_new_plan_records_tiers_and_an_old_plan_reads_as_one_head(tiny_dataset
     from common.plan import HEAD_BYTES, HEAD_GROWTH
 
     _, plan = _plan(tiny_dataset)
-    assert (plan.shuffle_head_bytes, plan.shuffle_head_growth) == (HEAD_BYTES, HEAD_GROWTH) == (4 * 2**20, 2)
+    assert (plan.shuffle_head_bytes, plan.shuffle_head_growth) == (HEAD_BYTES, HEAD_GROWTH) == (2**20, 2)
     save_plan(plan, str(tmp_path))
     meta = json.loads((tmp_path / "plan.json").read_text())
     assert meta["shuffle_head_growth"] == 2 and load_plan(str(tmp_path)).shuffle_head_growth == 2

@@ -35,7 +35,6 @@ import logging
 import os
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.redact import redact_text
+from workers.mlflow_client import ClientMaker
 
 log = logging.getLogger(__name__)
 
@@ -129,23 +129,10 @@ class _Down(Exception):
 class MlflowSink:
     def __init__(self, tracking_uri: str, run_id: str, run_dir: str | None = None, any_order: bool = False,
                  flush_every_s: float = 0.0, background: bool = False) -> None:
-        # With `background` (the training worker's sink) the client is made later, in a thread that
-        # connect() starts: importing mlflow and opening its store took ~2.5 s of a worker's start
-        # before its first step (bench.scale's first step, sqlite store, 2-core machine). Made in a
-        # thread from the start it took the cores and the GIL the first chunk and the model's set-up
-        # needed (the first step came later still); the trainer calls connect() after its first step,
-        # when a GPU's work overlaps it. Until the client is made, flush() keeps what it is given, as
-        # while MLflow is down (quietly: nothing is down), and a forced flush makes it at once. Only
-        # where nothing else imports mlflow meanwhile: two threads importing its modules at once can
-        # meet a partly imported one (the driver does).
-        self._tracking_uri = tracking_uri
-        self._client: Any = None
-        self._client_error: BaseException | None = None
-        self._connecting: threading.Thread | None = None
-        if not background:
-            self._make_client(tracking_uri)
-            if self._client_error is not None:
-                raise self._client_error
+        # With `background` (the training worker's sink) the client is made after connect(), in a
+        # thread (workers/mlflow_client.py); until then flush() keeps what it is given, as while
+        # MLflow is down (quietly: nothing is down), and a forced flush makes it at once.
+        self._clients = ClientMaker(tracking_uri, background)
         self.run_id = run_id
         self.where = redact_text(tracking_uri)
         # Per metric, the highest step MLflow already held when this process resumed. Steps at or
@@ -170,39 +157,17 @@ class MlflowSink:
         self.flush_every_s = flush_every_s
         self._flushed_at = time.monotonic()
 
-    def _make_client(self, tracking_uri: str) -> None:
-        try:
-            from mlflow.tracking import MlflowClient
-
-            self._client = MlflowClient(tracking_uri=tracking_uri)
-        except BaseException as exc:  # noqa: BLE001 - raised where the client is first needed
-            self._client_error = exc
-
     def connect(self) -> None:
-        """Start making the client in the background (a `background` sink; once)."""
-        if self._client is None and self._client_error is None and self._connecting is None:
-            self._connecting = threading.Thread(target=self._make_client, args=(self._tracking_uri,),
-                                                name="mlflow-client", daemon=True)
-            self._connecting.start()
-
-    def _ready(self) -> bool:
-        return self._client is not None or self._client_error is not None
+        """Begin making the client in the background (a `background` sink; once)."""
+        self._clients.start()
 
     @property
     def client(self) -> Any:
-        """The MlflowClient, once made (starts and waits for it; its error, if making it failed)."""
-        self.connect()
-        if self._connecting is not None:
-            self._connecting.join()
-        if self._client is None:
-            raise self._client_error or RuntimeError("the MLflow client was not made")
-        return self._client
+        return self._clients.get()
 
     @client.setter
     def client(self, client: Any) -> None:
-        if self._connecting is not None:
-            self._connecting.join()
-        self._client, self._client_error = client, None
+        self._clients.set(client)
 
     # ----------------------------------------------------------------- public
     def resume(self, keys: set[str]) -> None:
@@ -254,7 +219,7 @@ class MlflowSink:
         down (tried at most every RETRY_S seconds unless `force`)."""
         if not self._has_work():
             return True
-        if not self._ready() and not force:
+        if not self._clients.ready() and not force:
             return False  # the client is not made yet: kept for the next flush
         if self._down_since is not None and not force and time.monotonic() < self._next_try:
             return False
