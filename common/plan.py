@@ -48,7 +48,7 @@ class StagePlan:
 # before the rest of their window, so the first batch waits on these alone. With a growth (new
 # plans: HEAD_GROWTH), the rest of the leading windows (those that start within one window's rows
 # of the chunk's start, so a small first window does not leave the next one whole) follows in
-# tiers that grow that many times (4, 8, 16 MB, then what is left of each window), each shuffled
+# tiers that grow that many times (2, 4, 8 MB..., then what is left of each window), each shuffled
 # inside and trained before the next: the reader lands a tier while the one before it trains
 # (workers/chunks.py pieces them so), and the decode processes do not wait for a whole window at
 # once. bench.peer, 2-core machine: the reader lands row groups about twice as fast as 2 decode
@@ -62,9 +62,9 @@ HEAD_GROWTH = 2
 @dataclass(frozen=True)
 class WindowOrder:
     """A rank's slice in window mode: each id's window (`keys`, in file order) and its tier in its
-    window (`head`: 0 for the window's first row groups, then 1, 2, ...; or a bool, True in the
-    head; see HEAD_BYTES). The tiers order the leading windows: those that start within `span` ids
-    of the slice's start, or the first window alone when `span` is 0 (one-head plans)."""
+    window (`head`: 0 for the window's first row groups, then 1, 2, ...; see HEAD_BYTES). The tiers
+    order the leading windows: those that start within `span` ids of the slice's start, or the
+    first window alone when `span` is 0 (one-head plans)."""
 
     keys: np.ndarray
     head: np.ndarray
@@ -213,8 +213,8 @@ def batches_for_rank(ids: np.ndarray, batch_size: int, world_size: int, rank: in
 def window_permutation(ids: np.ndarray, windows: np.ndarray, rng: np.random.Generator,
                        head: np.ndarray | None = None, span: int = 0) -> np.ndarray:
     """`ids` window by window: the windows (`windows`, one key per id) in a seeded order, the ids
-    inside each in a seeded order. With `head` (one tier per id: 0, 1, ...; or a bool, True for
-    the head) the leading windows train their tiers in order: the windows that start within `span`
+    inside each in a seeded order. With `head` (one tier per id: 0 for the head, then 1, 2, ...)
+    the leading windows train their tiers in order: the windows that start within `span`
     ids of the start, or with `span` 0 the first window alone. With a single window it is exactly
     `rng.permutation(ids)`, the same draws, so a chunk that fits one window trains the batches it
     trained before windows existed; `head` and `span` take no draws."""
@@ -231,10 +231,9 @@ def window_permutation(ids: np.ndarray, windows: np.ndarray, rng: np.random.Gene
     place = position[inverse]
     if head is None:
         return ids[np.lexsort((within, place))]
-    head = np.asarray(head)
-    tier = (~head).astype(np.int64) if head.dtype == bool else head.astype(np.int64)
+    tier = np.asarray(head, dtype=np.int64)
     if span > 0:
-        by_place = np.bincount(position[inverse], minlength=len(uniq))  # ids of the window at each place
+        by_place = np.bincount(place, minlength=len(uniq))  # ids of the window at each place
         leading = (np.cumsum(by_place) - by_place) < span  # the windows that start within span ids
         lead = leading[place]
     else:

@@ -128,9 +128,10 @@ def test_the_first_window_trains_its_head_first_so_the_first_batch_needs_only_th
     mine = rank_slice(ids, 1, 0)
     steps = num_steps(len(ids), 16, 1)
     keys = window_keys(ds, mine, SMALL_WINDOW, min_rows=-(-len(mine) // steps))
-    head = window_heads(ds, mine, keys, 150_000, min_rows=16) == 0  # tier 0: one ~190 KB row group a head
+    tiers = window_heads(ds, mine, keys, 150_000, min_rows=16)
+    head = tiers == 0  # tier 0: one ~190 KB row group a head
     assert int(keys.max()) >= 2 and 0 < head.sum() < len(mine)
-    batches = batches_for_rank(ids, 16, 1, 0, [0, 3, 0, 0, 0], windows=WindowOrder(keys, head))
+    batches = batches_for_rank(ids, 16, 1, 0, [0, 3, 0, 0, 0], windows=WindowOrder(keys, tiers))
     order = np.concatenate(batches)
     assert sorted(order.tolist()) == sorted(mine.tolist())
     where = np.searchsorted(mine, order)

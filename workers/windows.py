@@ -39,18 +39,20 @@ def stored_group_bytes(manifest: dict[str, Any]) -> np.ndarray:
     return out
 
 
-def window_keys(dataset: Any, ids: np.ndarray, window_bytes: int, min_rows: int = 1) -> np.ndarray:
+def window_keys(dataset: Any, ids: np.ndarray, window_bytes: int, min_rows: int = 1,
+                groups: tuple[np.ndarray, ...] | None = None) -> np.ndarray:
     """The window number (0, 1, ... in file order) of each id of `ids`. Index only, no shard reads.
 
     The row groups `ids` touch, in (shard, row_group) order, are cut every `window_bytes` of their
     stored bytes (whole row groups; one bigger than a window is a window of its own). A window of
     fewer than `min_rows` of `ids` joins the next one (the last such joins the one before), so the
-    first batch, `min_rows` ids, never spans two windows."""
+    first batch, `min_rows` ids, never spans two windows. `groups`: _touched_groups(dataset, ids),
+    when the caller has them."""
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     n = len(ids)
     if n == 0 or window_bytes <= 0:
         return np.zeros(n, dtype=np.int64)
-    uniq, _, inverse, size = _touched_groups(dataset, ids)
+    uniq, _, inverse, size = groups or _touched_groups(dataset, ids)
     before = np.cumsum(size) - size  # stored bytes of the touched row groups ahead of each one
     _, window_of_group = np.unique((before // int(window_bytes)).astype(np.int64), return_inverse=True)
     rows = np.bincount(window_of_group.reshape(-1), weights=np.bincount(inverse, minlength=len(uniq)))
@@ -59,16 +61,16 @@ def window_keys(dataset: Any, ids: np.ndarray, window_bytes: int, min_rows: int 
 
 
 def window_heads(dataset: Any, ids: np.ndarray, keys: np.ndarray, head_bytes: int, min_rows: int = 1,
-                 growth: int = 1) -> np.ndarray:
+                 growth: int = 1, groups: tuple[np.ndarray, ...] | None = None) -> np.ndarray:
     """Each id's tier in its window (`keys`, from window_keys), from the window's row groups in
     file order: 0 (the head) for those that start within its first `head_bytes` of stored bytes,
     and more until they hold `min_rows` ids (a batch); after it, with `growth` > 1, tier k for those
     that start within head_bytes * (1 + growth + ... + growth**k), and with growth 1 tier 1 for all
-    the rest. Index only, no shard reads."""
+    the rest. Index only, no shard reads. `groups` as for window_keys."""
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     if len(ids) == 0 or head_bytes <= 0:
         return np.zeros(len(ids), dtype=np.int64)
-    uniq, first, inverse, size = _touched_groups(dataset, ids)
+    uniq, first, inverse, size = groups or _touched_groups(dataset, ids)
     window = np.asarray(keys, dtype=np.int64)[first]  # every row group lies in one window
     rows = np.bincount(inverse, minlength=len(uniq)).astype(np.float64)
     # Bytes and ids of the window's row groups ahead of each one (its groups are in file order).
@@ -139,20 +141,26 @@ class Windows:
         """Window keys of `mine` (this rank's slice of a chunk of chunk_samples ids, batches of
         batch_size across world ranks), or None in chunk mode. A window holds at least one of this
         rank's batches."""
+        return self._keys(mine, chunk_samples, batch_size, world, None)
+
+    def _keys(self, mine: np.ndarray, chunk_samples: int, batch_size: int, world: int,
+              groups: tuple[np.ndarray, ...] | None) -> np.ndarray | None:
         if self.mode != "window" or not hasattr(self.dataset, "index_values"):
             return None
         steps = num_steps(chunk_samples, batch_size, world)
-        return window_keys(self.dataset, mine, self.window_bytes, min_rows=-(-len(mine) // steps))
+        return window_keys(self.dataset, mine, self.window_bytes, min_rows=-(-len(mine) // steps), groups=groups)
 
     def order(self, mine: np.ndarray, chunk_samples: int, batch_size: int, world: int) -> WindowOrder | None:
         """What batches_for_rank shuffles `mine` by: its window keys (of), each id's tier in its window
         (the plan's shuffle_head_bytes and shuffle_head_growth) and the span of the leading windows
         that train tier by tier, or None in chunk mode."""
-        keys = self.of(mine, chunk_samples, batch_size, world)
-        if keys is None:
+        if self.mode != "window" or not hasattr(self.dataset, "index_values"):
             return None
+        groups = _touched_groups(self.dataset, np.asarray(mine, dtype=np.int64).reshape(-1))  # found once, for both
+        keys = self._keys(mine, chunk_samples, batch_size, world, groups)
         batch = -(-len(mine) // num_steps(chunk_samples, batch_size, world))
-        tiers = window_heads(self.dataset, mine, keys, self.head_bytes, min_rows=batch, growth=self.head_growth)
+        tiers = window_heads(self.dataset, mine, keys, self.head_bytes, min_rows=batch, growth=self.head_growth,
+                             groups=groups)
         # Tiered plans order the windows that start within one (the largest) window's ids of the start.
         per_window = np.unique(keys, return_counts=True)[1]
         span = int(per_window.max()) if self.head_growth > 1 and len(per_window) else 0
