@@ -127,10 +127,11 @@ def run_cli_many(calls: list[tuple[list[str], Path]], timeout: float = 120,
         return out
 
 
-def start_cli(*args: str, cwd: Path, log: Path) -> subprocess.Popen:
-    """A real `orchestrator` process in its own session, so a test can SIGKILL it (and sweep up after)."""
+def start_cli(*args: str, cwd: Path, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """A real `orchestrator` process in its own session, so a test can SIGKILL it (and sweep up after);
+    `env` adds variables (a fault injection) to its environment."""
     return subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, env=cli_env(),
+        [sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, env={**cli_env(), **(env or {})},
         stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
     )
 

@@ -136,12 +136,14 @@ def test_a_store_without_the_run_or_an_older_one_gets_the_runs_records(tmp_path,
 def _interrupt(tmp_path: Path, path: str) -> tuple[int, str]:
     """Start `orchestrator run`, send SIGINT (what Colab's stop button sends first) to that process
     alone, mid-chunk in stage 2; the exit code and the output."""
-    proc = start_cli("run", path, cwd=tmp_path, log=tmp_path / "run.log")
+    # Each step takes 0.1 s longer: the tiny model trains a chunk's 18 steps in under a second,
+    # about the time a stop request takes to reach a Ray worker (polled every 0.5 s), and a stop
+    # that lands on a chunk's last step has the chunk-end checkpoint stand in for its own.
+    proc = start_cli("run", path, cwd=tmp_path, log=tmp_path / "run.log",
+                     env={"ORCHESTRATOR_TEST_STEP_DELAY_S": "0.1"})
     try:
         # progress.json names stage 2 as its first chunk starts (preload), before any of its 18 steps;
-        # cursor.json only after the stage-1 checkpoint has committed, by when a fast machine has
-        # trained most of that chunk and a stop (polled every 0.5 s on Ray) lands on its last step,
-        # where the chunk-end checkpoint stands in for the stop's own.
+        # cursor.json only after the stage-1 checkpoint has committed.
         wait_for_json(tmp_path / "runs" / "tiny" / "progress.json", lambda p: p.get("stage_index") == 1, proc,
                       timeout=400)
         proc.send_signal(signal.SIGINT)

@@ -329,7 +329,12 @@ def next_chunk(plan: Plan, s: int, chunk: int) -> tuple[int, int] | None:
 
 
 def _maybe_crash_for_tests(step: int) -> None:
-    """Fault injection for the restarts-without-progress test: the worker process dies (as an OOM
-    kill would) each time it reaches this step. Unset in normal use."""
+    """Fault injection for tests, unset in normal use. ORCHESTRATOR_TEST_CRASH_AT_STEP: the worker
+    process dies (as an OOM kill would) each time it reaches this step. ORCHESTRATOR_TEST_STEP_DELAY_S:
+    each step takes that much longer, so a test's interrupt lands mid-chunk on any machine (a tiny
+    model's chunk can train faster than the chief's 0.5 s look for a stop request)."""
     if os.environ.get("ORCHESTRATOR_TEST_CRASH_AT_STEP") == str(step):
         os.kill(os.getpid(), 9)
+    delay = os.environ.get("ORCHESTRATOR_TEST_STEP_DELAY_S")
+    if delay:
+        time.sleep(float(delay))
