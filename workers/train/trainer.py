@@ -6,7 +6,7 @@ import functools
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -145,25 +145,31 @@ class Trainer:
             self.train_chunk(c.stage, c.chunk)
         self.finish()
 
-    def train_chunk(self, s: int, chunk: int) -> None:
-        st: StageSection = self.recipe.stages[s]
-        c, ids, seed = self.state.cursor, self.plan.stages[s].chunk_ids(chunk), self.recipe.run.seed
-        self._progress("preload", force=True)
-        t_chunk = time.perf_counter()
+    def _chunk_read(self, s: int, chunk: int, epoch: int = 0, start: int = 0) -> _ChunkRead:
+        """What this rank reads of chunk (s, chunk) when training takes it up at (epoch, batch
+        `start`): one place for train_chunk's read and the next chunk's prefetch."""
+        ids = self.plan.stages[s].chunk_ids(chunk)
         contiguous = self.recipe.data.chunking == "row_groups"  # each rank reads only its own row groups
         order_of = functools.partial(batch_order, self.recipe.run.seed, self.world, self.rank, contiguous)
         mine = rank_slice(ids, self.world, self.rank, contiguous)
-        win = self.windows.order(mine, len(ids), st.batch_size, self.world)
-        order = order_of(ids, st.batch_size, (s, chunk, c.epoch), win)[c.batch :]
-        rows = self.prefetcher.get((s, chunk), mine, *stream_order(mine, order))
+        bs = self.recipe.stages[s].batch_size
+        win = self.windows.order(mine, len(ids), bs, self.world)
+        batches = order_of(ids, bs, (s, chunk, epoch), win)[start:]
+        return _ChunkRead(ids, mine, win, order_of, stream_order(mine, batches))
+
+    def train_chunk(self, s: int, chunk: int) -> None:
+        st: StageSection = self.recipe.stages[s]
+        c, seed = self.state.cursor, self.recipe.run.seed
+        self._progress("preload", force=True)
+        t_chunk = time.perf_counter()
+        read = self._chunk_read(s, chunk, c.epoch, c.batch)
+        ids, mine, win, order_of = read.ids, read.mine, read.windows, read.order_of
+        rows = self.prefetcher.get((s, chunk), mine, *read.stream)
         wait_s = time.perf_counter() - t_chunk
         nxt = next_chunk(self.plan, s, chunk)
         if nxt is not None and self.recipe.data.prefetch:
-            nids = self.plan.chunk_ids(*nxt)
-            nmine = rank_slice(nids, self.world, self.rank, contiguous)
-            nbatch = self.recipe.stages[nxt[0]].batch_size
-            first = order_of(nids, nbatch, (*nxt, 0), self.windows.order(nmine, len(nids), nbatch, self.world))
-            self.prefetcher.prefetch(nxt, nmine, *stream_order(nmine, first))
+            ahead = self._chunk_read(*nxt)
+            self.prefetcher.prefetch(nxt, ahead.mine, *ahead.stream)
         check_sizes(rows, self.recipe.data.image_size, self.dataset.describe)
         check_complete(rows, mine, self.dataset.describe)
         position = {int(sid): i for i, sid in enumerate(rows["sample_id"])}
@@ -309,6 +315,14 @@ def stage_steps(recipe: Recipe, plan: Plan, s: int, world: int) -> int:
     st, sp = recipe.stages[s], plan.stages[s]
     return sum(steps_per_chunk(len(sp.chunk_ids(c)), st.batch_size, st.epochs_per_chunk, world)
                for c in range(sp.num_chunks))
+
+
+class _ChunkRead(NamedTuple):
+    ids: Any  # the chunk's sample ids (every rank's)
+    mine: Any  # this rank's slice of them: what it reads
+    windows: Any  # the plan's window keys of that slice (workers/windows.py), or None
+    order_of: Any  # (ids, batch_size, (stage, chunk, epoch), windows) -> this rank's batches of an epoch
+    stream: tuple  # stream_order(mine, the batches from the cursor on): what the prefetcher streams by
 
 
 def batch_order(seed: int, world: int, rank: int, contiguous: bool, ids: Any, batch_size: int,
