@@ -105,9 +105,13 @@ class FaultProxy:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def configure(self, **faults) -> None:
+    def configure(self, seed: int | None = None, **faults) -> None:
+        """Faults from now on; `seed` restarts the draws, so the requests that follow meet a known
+        sequence (a run of a few requests could otherwise draw no fault at all)."""
         with self._lock:
             self.faults = Faults(**faults)
+            if seed is not None:
+                self._rng = random.Random(seed)
 
     def reset_counters(self) -> None:
         with self._lock:

@@ -81,13 +81,13 @@ class _Gated:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._ds, name)
 
-    def read_samples(self, ids: Any, columns: Any = None) -> dict[str, Any]:
+    def read_samples(self, ids: Any, columns: Any = None, **kw: Any) -> dict[str, Any]:
         if not self._free.intersection(np.asarray(ids).tolist()):
             self.gated += 1
             assert self.gate.wait(120), "the test never opened the gate"
             if self.error is not None:
                 raise self.error
-        return self._ds.read_samples(ids, columns)
+        return self._ds.read_samples(ids, columns, **kw)
 
 
 def test_the_budget_defaults_to_a_share_of_available_memory_or_the_environment(monkeypatch):
@@ -363,13 +363,13 @@ class _FirstHeld:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._ds, name)
 
-    def read_samples(self, ids: Any, columns: Any = None) -> dict[str, Any]:
+    def read_samples(self, ids: Any, columns: Any = None, **kw: Any) -> dict[str, Any]:
         first = bool(self._first.intersection(np.asarray(ids).tolist()))
         with self._started_lock:
             self.started.append(first)
         if first:
             assert self.gate.wait(120), "the test never let the first piece land"
-        return self._ds.read_samples(ids, columns)
+        return self._ds.read_samples(ids, columns, **kw)
 
 
 def test_the_first_piece_is_read_alone_and_the_rest_start_once_it_has_landed(ds_uri):

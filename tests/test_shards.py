@@ -668,3 +668,42 @@ def test_the_size_comes_from_the_first_value_that_reads(tmp_path):
     seg.close()
     got = open_dataset(str(tmp_path / "seg")).read_samples([0])
     assert (got["height"][0], got["width"][0], got["label"][0]) == (5, 9, 1)
+
+
+def test_packed_reads_give_the_list_reads_values_and_a_null_value_is_named(tmp_path):
+    """Breaks if the landing's packed read (storage/shards/groups.py) gives other bytes than
+    read_samples' lists, in another order, or lets a value that is missing from a shard through."""
+    from storage.shards.groups import Packed
+
+    uri = str(tmp_path / "ds")
+    _write(uri)
+    ds = open_dataset(uri)
+    ids = np.random.default_rng(0).permutation(ds.sample_ids)[:25]
+    ids = np.concatenate([ids, ids[:3]])  # repeats come back repeated
+    plain, packed = ds.read_samples(ids), ds.read_samples(ids, packed=True)
+    assert set(plain) == set(packed)
+    kinds = {}
+    for c, want in plain.items():
+        got = packed[c]
+        kinds[c] = type(got).__name__
+        if isinstance(want, np.ndarray):
+            assert got.dtype == want.dtype and np.array_equal(got, want), c
+        else:
+            assert list(got) == want and [got[i] for i in range(len(ids))] == want, c
+    # The unshared bytes columns come packed; the shared background stays a list (one object per value).
+    assert {c for c, k in kinds.items() if k == "Packed"} == {"fg_bg", "mask", "depth"} and kinds["bg"] == "list"
+    assert isinstance(packed["mask"], Packed) and packed["mask"].nbytes >= sum(map(len, plain["mask"]))
+
+    # A value missing from a row group (a null where bytes must be) is named, not read as empty bytes.
+    from storage.shards.groups import GroupColumns, gather, verify_rows
+
+    table = pa.table({"sample_id": pa.array([5, 6], pa.int64()), "mask": pa.array([b"ab", None], pa.binary())})
+    g = GroupColumns(table)
+    col = [Column("mask", "raw_u8")]
+    ok = columns_checksum(col, {"mask": b"ab"})
+    assert verify_rows(g, [(0, 5, ok)], col) is None
+    assert verify_rows(g, [(0, 5, ok), (1, 6, ok)], col) == "sample 6 has a missing value"
+    assert verify_rows(g, [(1, 5, ok)], col) == "sample 5 is not at row 1 where the index puts it"
+    assert "fails its checksum" in verify_rows(g, [(0, 5, "0" * 16)], col)
+    got = gather({(0, 0): g}, {(0, 0): ([1, 0, 2], np.array([0, 1, 0]))}, 3, "mask", "packed")
+    assert list(got) == [None, b"ab", b"ab"] and got.blob == b"abab"  # output 1 and 2 take row 0, 0 takes row 1

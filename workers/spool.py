@@ -32,6 +32,7 @@ import numpy as np
 
 from storage.cache import CACHE_DIR_ENV, DEFAULT_CACHE_DIR
 from storage.lease import pid_alive
+from storage.shards.groups import Packed
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +181,7 @@ def piece_nbytes(values: dict[str, Any]) -> int:
     """What a landed piece's columns hold: arrays' bytes, and each distinct bytes object once."""
     total, seen = 0, set()
     for v in values.values():
-        if isinstance(v, np.ndarray):
+        if isinstance(v, (np.ndarray, Packed)):
             total += v.nbytes
             continue
         for x in v:
@@ -280,6 +281,14 @@ def write_piece(path: str, values: dict[str, Any]) -> FilePiece:
                                                "data": f.tell()}
                     f.write(arr.tobytes())
                     arrays[name] = arr.copy()
+                    continue
+                if isinstance(v, Packed):  # already end to end: one write (storage/shards/groups.py)
+                    blob_at = f.tell()
+                    f.write(v.blob)
+                    footer["columns"][name] = {"kind": "bytes", "blob": blob_at, "index": f.tell(), "rows": len(v)}
+                    index = np.ascontiguousarray(v.index, dtype=np.int64)
+                    f.write(index.tobytes())
+                    arrays[name] = index
                     continue
                 index = np.empty((len(v), 2), dtype=np.int64)
                 blob_at, size, where = f.tell(), 0, {}

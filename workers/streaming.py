@@ -132,7 +132,8 @@ class StreamingRows(Mapping):
     def _land(self, dataset: Any, k: int) -> None:
         sel = self._pieces[k]
         try:
-            part = dataset.read_samples(self.ids[sel])
+            # Packed: each bytes column as one blob and an index, no bytes object per value (groups.py).
+            part = dataset.read_samples(self.ids[sel], packed=True)
             for c in ("height", "width"):  # the index said so; the shard row must agree
                 if not np.array_equal(np.asarray(part[c], dtype=np.int32), self._index[c][sel]):
                     raise DatasetError(f"{self._what}: index and shards disagree on {c} "

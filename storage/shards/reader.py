@@ -24,7 +24,6 @@ from storage.errors import DatasetError
 from storage.shards.fetch import ShardReader
 from storage.shards.format import (
     BASE_INDEX_COLUMNS,
-    CHECKSUM_DIGEST_BYTES,
     COLUMNS_FORMAT,
     LEGACY_MASK_DEPTH_FORMAT,
     parse_parquet,
@@ -33,6 +32,7 @@ from storage.shards.format import (
     shared_key,
     stored_columns,
 )
+from storage.shards.groups import GroupColumns, gather, verify_rows
 from storage.shards.legacy import DEFAULT_TASK, INDEX_STAT
 from storage.shards.manifest import one_line, read_index_and_footers, read_manifest
 
@@ -210,19 +210,21 @@ class ShardDataset:
         shard = self.manifest["shards"][int(self._shard[p])]["file"]
         return f"{self.uri} {shard} row group {int(self._group[p])} sample {int(sample_id)}"
 
-    def read_samples(self, ids: Sequence[int] | np.ndarray, columns: Sequence[str] | None = None) -> dict[str, Any]:
+    def read_samples(self, ids: Sequence[int] | np.ndarray, columns: Sequence[str] | None = None,
+                     packed: bool = False) -> dict[str, Any]:
         """The given samples, in exactly the order of `ids` (repeats allowed).
 
         Returns `sample_id`, every declared column (or just the `columns` asked for, from
         `sample_columns`, or a shared column's id column `<name>_id`), `height`, `width`:
         sample_id/height/width and int64 columns as numpy arrays, the other columns as lists of
-        encoded bytes (decode with storage.columns or storage.codec). Only the row groups that
-        hold the ids are fetched (all at once, through the local cache; storage/shards/fetch.py), and
-        each sample is checked against its checksum: a row group that fails is fetched once more,
-        and a second failure raises DatasetError naming the shard URI. Shared values (/4) are
-        resolved after: each distinct one needed is fetched once (only the row groups of its
-        table that hold it), checked against its own checksum the same way, and kept in memory
-        for the next reads; samples that share one get the same bytes object.
+        encoded bytes (decode with storage.columns or storage.codec); with `packed`, each unshared
+        bytes column as a Packed (storage/shards/groups.py: one blob and an index, indexed like the
+        list). Only the row groups that hold the ids are fetched (all at once, through the local
+        cache; storage/shards/fetch.py), and each sample is checked against its checksum: a row group
+        that fails is fetched once more, and a second failure raises DatasetError naming the shard
+        URI. Shared values (/4) are resolved after: each distinct one needed is fetched once (only
+        the row groups of its table that hold it), checked against its own checksum the same way,
+        and kept in memory for the next reads; samples that share one get the same bytes object.
         """
         columns = (
             self.sample_columns if columns is None else ((columns,) if isinstance(columns, str) else tuple(columns))
@@ -231,35 +233,26 @@ class ShardDataset:
         unknown = [c for c in columns if c not in self.sample_columns and c not in keys]
         if unknown:
             raise ValueError(f"unknown columns {unknown}; choose from {[*self.sample_columns, *keys]}")
-        stored = list(dict.fromkeys(shared_key(c) if c in self.shared else c for c in columns))
         pos = self.positions(ids)
         n = len(pos)
         shard_of, group_of, row_of = self._shard[pos], self._group[pos], self._row[pos]
         wanted = sorted(set(zip(shard_of.tolist(), group_of.tolist(), strict=True)))
         groups = self._read_groups(wanted, pos, shard_of, group_of)
 
-        out_cols: dict[str, list] = {c: [None] * n for c in stored}
         by_group: dict[tuple[int, int], list[int]] = {}
         for i, key in enumerate(zip(shard_of.tolist(), group_of.tolist(), strict=True)):
             by_group.setdefault(key, []).append(i)
-        for key, where in by_group.items():
-            rows = row_of[where].tolist()
-            for c in stored:
-                values, col = groups[key][c], out_cols[c]
-                for dst, r in zip(where, rows, strict=True):
-                    col[dst] = values[r]
-        scalars = {
-            "sample_id": np.int64,
-            "height": np.int32,
-            "width": np.int32,
-            **{c.name: np.int64 for c in self.stored_columns if not c.is_bytes},
-        }
+        where = {key: (dst, row_of[dst]) for key, dst in by_group.items()}
+        ints = {"sample_id", "height", "width", *(c.name for c in self.stored_columns if not c.is_bytes)}
         result: dict[str, Any] = {}
         for c in columns:
+            name = shared_key(c) if c in self.shared else c
+            kind = "int" if name in ints else "packed" if packed and c not in self.shared else "list"
+            values = gather(groups, where, n, name, kind)
             if c in self.shared:
-                result[c] = self._resolve_shared(c, np.asarray(out_cols[shared_key(c)], dtype=np.int64))
+                result[c] = self._resolve_shared(c, values)
             else:
-                result[c] = np.asarray(out_cols[c], dtype=scalars[c]) if c in scalars else out_cols[c]
+                result[c] = values.astype(np.int32) if c in ("height", "width") else values
         if "sample_id" in result and not np.array_equal(
             result["sample_id"], np.asarray(ids, dtype=np.int64).reshape(-1)
         ):
@@ -331,8 +324,8 @@ class ShardDataset:
 
     def _read_groups(
         self, wanted: list[tuple[int, int]], pos: np.ndarray, shard_of: np.ndarray, group_of: np.ndarray
-    ) -> dict[tuple[int, int], dict[str, list]]:
-        """Fetch and parse the wanted row groups ({column: values} each), verifying every sample asked for."""
+    ) -> dict[tuple[int, int], GroupColumns]:
+        """Fetch and parse the wanted row groups, verifying every sample asked for."""
         reader = self.reader
         names = self._stored_names
         checks: dict[tuple[int, int], list[tuple[int, int, str]]] = {}
@@ -350,12 +343,12 @@ class ShardDataset:
                 except (OSError, KeyError, pa.ArrowException) as exc:
                     bad[key] = f"row group {key[1]} cannot be parsed ({type(exc).__name__}: {exc})"
                     continue
-                values = {c: table.column(c).to_pylist() for c in names}
-                reason = _verify_rows(values, checks[key], self.stored_columns, self.item)
+                group = GroupColumns(table)
+                reason = verify_rows(group, checks[key], self.stored_columns, self.item)
                 if reason:
                     bad[key] = f"row group {key[1]}: {reason}"
                 else:
-                    good[key] = values
+                    good[key] = group
             return good, bad
 
         tables, bad = parse(wanted, use_cache=True)
@@ -396,28 +389,6 @@ class ShardDataset:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._init_shared_cache()
-
-
-def _verify_rows(
-    values: dict[str, list], rows: list[tuple[int, int, str]], columns: Sequence[Column], item: str = "sample"
-) -> str | None:
-    """None when each (row, sample id, checksum) matches the row group's values; else what is wrong."""
-    n = len(values["sample_id"])
-    # columns_checksum, inlined: this runs for every sample of every chunk.
-    parts = [(values[c.name], not c.is_bytes) for c in columns]
-    for r, sid, expected in rows:
-        if r >= n or values["sample_id"][r] != sid:
-            return f"{item} {sid} is not at row {r} where the index puts it"
-        h = hashlib.blake2b(digest_size=CHECKSUM_DIGEST_BYTES)
-        try:
-            for col, is_int in parts:
-                h.update(col[r].to_bytes(8, "little", signed=True) if is_int else col[r])
-        except (TypeError, ValueError, AttributeError, OverflowError) as exc:  # a null where a value must be
-            return f"{item} {sid} has a missing or malformed value ({type(exc).__name__}: {exc})"
-        got = h.hexdigest()
-        if got != expected:
-            return f"{item} {sid} fails its checksum (index {expected}, read {got})"
-    return None
 
 
 def shared_table(uri: str, manifest: dict[str, Any], name: str, index: pa.Table,
