@@ -454,7 +454,7 @@ def synthesize(
 
     The bytes depend only on (seed, sample id, image_size), not on `workers`. `progress(n)` is
     called after each chunk with the number of samples just written (an increment, so a rich
-    progress bar's advance() fits). `format` is ShardWriter's: by default the current one (/4,
+    progress bar's advance() fits). `format` is ShardWriter's: by default the current one (/5,
     each of the NUM_BACKGROUNDS backgrounds stored once); storage.shards.LEGACY_MASK_DEPTH_FORMAT
     writes /2 as before it (the same values, every row holding its background).
     """

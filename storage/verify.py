@@ -25,7 +25,7 @@ from common.redact import redact_text
 from storage import codec
 from storage import fs as sfs
 from storage.columns import MASK_DEPTH_COLUMNS, Column, decode_check, is_mask_depth
-from storage.shards import SHARED_FORMAT, DatasetError, columns_checksum, open_dataset, shared_key
+from storage.shards import BLAKE2B, CRC32_FORMAT, DatasetError, columns_checksum, open_dataset, shared_key
 
 # Parallel shard checks; each holds one shard in memory.
 DEFAULT_WORKERS = max(1, min(4, os.cpu_count() or 1))
@@ -37,14 +37,15 @@ SharedCheck = tuple[dict[int, tuple[int, int]], set[int]]
 
 def check_shard(uri: str, shard: dict[str, Any], rows: dict[str, list],
                 columns: tuple[Column, ...] = MASK_DEPTH_COLUMNS,
-                shared: dict[str, SharedCheck] | None = None) -> dict[str, Any]:
+                shared: dict[str, SharedCheck] | None = None, kind: str = BLAKE2B) -> dict[str, Any]:
     """Bad entries of one shard and how many samples passed; `rows` are its index rows.
 
     The file's size and sha256 against the manifest, its row count, every indexed sample at its
-    (row group, row) with its checksum over the stored `columns`, and each column's value
-    decoding per its codec (images and raw arrays at the size the index records). `shared` (/4)
-    maps each shared column to SharedCheck: a sample's id must name a value of the sample's size;
-    one whose value is bad is not ok (the value is reported once, by its own check).
+    (row group, row) with its checksum (of `kind`: the dataset's, format.checksum_of) over the stored
+    `columns`, and each column's value decoding per its codec (images and raw arrays at the size
+    the index records). `shared` (/4, /5) maps each shared column to SharedCheck: a sample's id
+    must name a value of the sample's size; one whose value is bad is not ok (the value is
+    reported once, by its own check).
     """
     name = shard["file"]
     bad: list[dict[str, Any]] = []
@@ -89,7 +90,7 @@ def check_shard(uri: str, shard: dict[str, Any], rows: dict[str, list],
             continue
         values = {c.name: cols[c.name][at].as_py() for c in columns}
         try:
-            got = columns_checksum(columns, values)
+            got = columns_checksum(columns, values, kind)
         except (TypeError, ValueError, AttributeError) as exc:  # a null where a value must be
             fail(sid, f"a value is missing or malformed ({type(exc).__name__}: {exc})")
             continue
@@ -146,9 +147,11 @@ def _shared_checks(uri: str, ds: Any,
         per_file = _rows_per_shard(table, len(files))
         columns = table.columns
         if pool is not None and len(files) > 1:
-            results = list(pool.map(check_shard, [uri] * len(files), files, per_file, [columns] * len(files)))
+            results = list(pool.map(check_shard, [uri] * len(files), files, per_file, [columns] * len(files),
+                                    [None] * len(files), [table.checksum] * len(files)))
         else:
-            results = [check_shard(uri, files[f], per_file[f], columns) for f in range(len(files))]
+            results = [check_shard(uri, files[f], per_file[f], columns, None, table.checksum)
+                       for f in range(len(files))]
         bad_ids: set[int] = set()
         for f, res in enumerate(results):
             checked = set(per_file[f]["sample_id"])
@@ -242,13 +245,13 @@ def verify(uri: str, workers: int | None = None, progress: Callable[[int], None]
         # Shared tables first: what a sample needs of them is known before its shard is checked.
         shared, shared_bad, shared_bytes = _shared_checks(uri, ds, pool)
         if pool is not None:
-            futures = [pool.submit(check_shard, uri, shards[s], per_shard[s], ds.stored_columns, shared)
+            futures = [pool.submit(check_shard, uri, shards[s], per_shard[s], ds.stored_columns, shared, ds.checksum)
                        for s in range(len(shards))]
             for fut in as_completed(futures):
                 add(fut.result())
         else:
             for s in range(len(shards)):
-                add(check_shard(uri, shards[s], per_shard[s], ds.stored_columns, shared))
+                add(check_shard(uri, shards[s], per_shard[s], ds.stored_columns, shared, ds.checksum))
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
@@ -260,9 +263,9 @@ def verify(uri: str, workers: int | None = None, progress: Callable[[int], None]
     bad.sort(key=lambda b: (b["shard"] or "", int(b["sample"]) if (b["sample"] or "").lstrip("-").isdigit() else -1))
     bad = shared_bad + bad  # the shared values first: fixing one fixes every sample that uses it
     note = {}
-    if ds.format != SHARED_FORMAT and is_mask_depth(ds.columns):
+    if not ds.shared and is_mask_depth(ds.columns):
         note = {"note": f"format {ds.format}: reads and trains as it is; every row holds its own background. "
-                        f"`orchestrator data pack SOURCE DEST` again writes {SHARED_FORMAT}, each background stored "
+                        f"`orchestrator data pack SOURCE DEST` again writes {CRC32_FORMAT}, each background stored "
                         "once"}
     return {
         "uri": redact_text(uri),

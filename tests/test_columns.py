@@ -155,15 +155,29 @@ def test_decode_check_names_the_column_and_what_is_wrong():
 
 
 def test_checksums_cover_declared_values_and_equal_the_mask_depth_ones():
-    """Breaks if the checksum skips a column (an int64 label) or changes for existing mask_depth data."""
+    """Breaks if a checksum skips a column (an int64 label), changes for existing data (blake2b up
+    to /4, the fixed layout's sample_checksum), or a format reads with the other kind."""
+    import zlib
+
+    from storage.shards import BLAKE2B, CRC32, READABLE_FORMATS, checksum_of
+
     label = Column("label", "int64")
     assert checksum_bytes(label, -2) == (-2).to_bytes(8, "little", signed=True)
     cols = (Column("image", "image"), label)
-    a = columns_checksum(cols, {"image": b"xyz", "label": 1})
-    assert a != columns_checksum(cols, {"image": b"xyz", "label": 2})
-    assert a != columns_checksum(cols, {"image": b"xyy", "label": 1})
+    for kind in (BLAKE2B, CRC32):
+        a = columns_checksum(cols, {"image": b"xyz", "label": 1}, kind)
+        assert a != columns_checksum(cols, {"image": b"xyz", "label": 2}, kind)
+        assert a != columns_checksum(cols, {"image": b"xyy", "label": 1}, kind)
+        assert len(a) == {BLAKE2B: 16, CRC32: 8}[kind]
+    assert columns_checksum(cols, {"image": b"xyz", "label": 1}, CRC32) == (
+        f"{zlib.crc32((1).to_bytes(8, 'little', signed=True), zlib.crc32(b'xyz')):08x}")
     parts = {"fg_bg": b"a", "bg": b"bc", "mask": b"d", "depth": b"ef"}
-    assert columns_checksum(MASK_DEPTH_COLUMNS, parts) == sample_checksum(b"a", b"bc", b"d", b"ef")
+    assert columns_checksum(MASK_DEPTH_COLUMNS, parts, BLAKE2B) == sample_checksum(b"a", b"bc", b"d", b"ef")
+    assert {f: checksum_of(f) for f in READABLE_FORMATS} == {
+        "orchestrator.shards/1": BLAKE2B, "orchestrator.shards/2": BLAKE2B, "orchestrator.shards/3": BLAKE2B,
+        "orchestrator.shards/4": BLAKE2B, "orchestrator.shards/5": CRC32}
+    with pytest.raises(ValueError, match="unknown checksum 'md5'"):
+        columns_checksum(cols, {"image": b"xyz", "label": 1}, "md5")
 
 
 def test_mask_depth_arrays_keep_their_checks():

@@ -16,8 +16,8 @@ from storage import fs as sfs
 from storage.pack import PackError, pack
 from storage.seed_layout import synthesize_seed_layout
 from storage.shards import (
+    CRC32_FORMAT,
     LEGACY_MASK_DEPTH_FORMAT,
-    SHARED_FORMAT,
     DatasetError,
     ShardWriter,
     open_dataset,
@@ -76,7 +76,7 @@ def test_each_background_is_stored_once_so_size_grows_with_backgrounds_not_sampl
     for n, k in ((24, 2), (48, 2), (48, 8)):
         uri = str(tmp_path / f"n{n}k{k}")
         m = _write(uri, n, k)
-        assert m["format"] == SHARED_FORMAT and m["shared"]["bg"]["num"] == k
+        assert m["format"] == CRC32_FORMAT and m["shared"]["bg"]["num"] == k
         sizes[(n, k)] = (_bytes(uri, m["shared"]["bg"]["files"]), _bytes(uri, m["shards"]))
     bg_bytes = len(_bg(0))
     (t24, s24), (t48, s48), (t48k8, s48k8) = sizes[(24, 2)], sizes[(48, 2)], sizes[(48, 8)]
@@ -99,7 +99,7 @@ def test_pack_stores_each_background_file_once(tmp_path):
     res = pack(str(src), dest, rows_per_shard=16, rows_per_group=4, workers=1)
     m = res.manifest
     used = {line.split("/")[1] for f in (src / "labels").iterdir() for line in f.read_text().splitlines()}
-    assert m["format"] == SHARED_FORMAT and m["shared"]["bg"]["num"] == len(used) < 40
+    assert m["format"] == CRC32_FORMAT and m["shared"]["bg"]["num"] == len(used) < 40
     ds = open_dataset(dest)
     rows = ds.read_samples(ds.sample_ids)
     for j, src_name in enumerate(ds.index_values("source", ds.sample_ids)):
@@ -231,7 +231,7 @@ def test_a_format_2_dataset_reads_and_trains_on_identical_values(tmp_path):
     synthesize(old, 40, seed=6, image_size=SIZE, rows_per_shard=16, rows_per_group=4, workers=1,
                format=LEGACY_MASK_DEPTH_FORMAT)
     a, b = open_dataset(new), open_dataset(old)
-    assert (a.manifest["format"], b.manifest["format"]) == (SHARED_FORMAT, LEGACY_MASK_DEPTH_FORMAT)
+    assert (a.manifest["format"], b.manifest["format"]) == (CRC32_FORMAT, LEGACY_MASK_DEPTH_FORMAT)
     assert "shared" not in b.manifest and b.stored_columns == b.columns
     ids = [9, 0, 33, 21, 9]
     ra, rb = a.read_samples(ids), b.read_samples(ids)

@@ -17,7 +17,7 @@ from storage import codec
 from storage import fs as sfs
 from storage.columns import MASK_DEPTH_COLUMNS, Column, decode_value, encode_value
 from storage.shards import (
-    COLUMNS_FORMAT,
+    CRC32_FORMAT,
     FORMAT,
     LEGACY_MASK_DEPTH_FORMAT,
     DatasetError,
@@ -124,7 +124,7 @@ def test_index_locates_every_sample_and_checksums_its_bytes(uri):
     for i in range(N):  # over the stored values: the background's id in its place (format /4)
         stored = {"fg_bg": got["fg_bg"][i], "bg_id": int(got["bg_id"][i]), "mask": got["mask"][i],
                   "depth": got["depth"][i]}
-        assert idx["checksum"][i] == columns_checksum(ds.stored_columns, stored)
+        assert idx["checksum"][i] == columns_checksum(ds.stored_columns, stored, ds.checksum)
     assert ds.sample_ids.dtype == np.int64 and ds.sample_ids.tolist() == list(range(N))
     assert ds.depth_means([3, 1]).tolist() == [idx["depth_mean"][3], idx["depth_mean"][1]]
 
@@ -429,7 +429,7 @@ def test_a_classification_dataset_round_trips_by_id_and_verifies_clean(uri):
     from storage.verify import verify
 
     m = _write_classification(uri)
-    assert m["format"] == COLUMNS_FORMAT and m["task"] == "classification"
+    assert m["format"] == CRC32_FORMAT and m["task"] == "classification"
     assert m["columns"] == [{"name": "image", "codec": "image"}, {"name": "label", "codec": "int64"}]
     assert m["meta"] == {"classes": CLASSES} and "depth_mean" not in m
     ds = open_dataset(uri)
@@ -463,7 +463,7 @@ def test_a_segmentation_dataset_round_trips_with_list_index_columns(uri):
 
     _write_segmentation(uri)
     ds = open_dataset(uri)
-    assert ds.task == "segmentation" and ds.meta["ignore_index"] == 255 and ds.manifest["format"] == COLUMNS_FORMAT
+    assert ds.task == "segmentation" and ds.meta["ignore_index"] == 255 and ds.manifest["format"] == CRC32_FORMAT
     list_type = ds.index.schema.field("class_pixels").type
     assert pa.types.is_list(list_type) and list_type.value_type == pa.int64()
     ids = [33, 4, 17]
@@ -547,7 +547,7 @@ MALFORMED = {
     "an unknown codec": lambda m: _manifest_text({**m,
                                                   "columns": [{"name": "image", "codec": "webp"}, m["columns"][1]]}),
     "/3 without columns": lambda m: _manifest_text(_without(m, "columns")),
-    "/2 with other columns": lambda m: _manifest_text({**m, "format": FORMAT}),
+    "/2 with other columns": lambda m: _manifest_text({**m, "format": LEGACY_MASK_DEPTH_FORMAT}),
     "meta not an object": lambda m: _manifest_text({**m, "meta": ["cat"]}),
     "task not a string": lambda m: _manifest_text({**m, "task": 3}),
 }
@@ -700,10 +700,13 @@ def test_packed_reads_give_the_list_reads_values_and_a_null_value_is_named(tmp_p
     table = pa.table({"sample_id": pa.array([5, 6], pa.int64()), "mask": pa.array([b"ab", None], pa.binary())})
     g = GroupColumns(table)
     col = [Column("mask", "raw_u8")]
-    ok = columns_checksum(col, {"mask": b"ab"})
-    assert verify_rows(g, [(0, 5, ok)], col) is None
-    assert verify_rows(g, [(0, 5, ok), (1, 6, ok)], col) == "sample 6 has a missing value"
-    assert verify_rows(g, [(1, 5, ok)], col) == "sample 5 is not at row 1 where the index puts it"
-    assert "fails its checksum" in verify_rows(g, [(0, 5, "0" * 16)], col)
+    for kind in ("blake2b", "crc32"):  # up to /4, and /5
+        ok = columns_checksum(col, {"mask": b"ab"}, kind)
+        assert verify_rows(g, [(0, 5, ok)], col, kind) is None
+        assert verify_rows(g, [(0, 5, ok), (1, 6, ok)], col, kind) == "sample 6 has a missing value"
+        assert verify_rows(g, [(1, 5, ok)], col, kind) == "sample 5 is not at row 1 where the index puts it"
+        assert "fails its checksum" in verify_rows(g, [(0, 5, "0" * len(ok))], col, kind)
+    assert "fails its checksum" in verify_rows(g, [(0, 5, columns_checksum(col, {"mask": b"ab"}, "blake2b"))],
+                                               col, "crc32")
     got = gather({(0, 0): g}, {(0, 0): ([1, 0, 2], np.array([0, 1, 0]))}, 3, "mask", "packed")
     assert list(got) == [None, b"ab", b"ab"] and got.blob == b"abab"  # output 1 and 2 take row 0, 0 takes row 1

@@ -47,7 +47,7 @@ from storage.pack.result import PackError, PackResult
 from storage.pack.sizes import choose_sizes, mean_sample_bytes
 from storage.pack.tasks import TASK_COLUMNS, task_meta
 from storage.seed_layout import plan_source
-from storage.shards import INDEX, MANIFEST, SHARED_FORMAT, write_index_and_manifest
+from storage.shards import CRC32_FORMAT, INDEX, MANIFEST, write_index_and_manifest
 from storage.source_plan import SourceError, SourcePlan
 
 log = logging.getLogger("storage.pack")
@@ -112,7 +112,7 @@ def pack(
     if task != DEFAULT_TASK:
         settings["task"] = task
     else:
-        settings["format"] = SHARED_FORMAT
+        settings["format"] = CRC32_FORMAT
     clear_stale(dest, settings, recorded)
     # Each sample's background id and the distinct background files: one sort over the samples.
     bg_ids, bg_refs = background_ids(plan) if task == DEFAULT_TASK else ([], [])

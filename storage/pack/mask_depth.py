@@ -42,10 +42,11 @@ from storage.pack.sizes import DEFAULT_SAMPLE_BYTES, choose_sizes
 from storage.seed_layout import IMAGE_KINDS, member_key
 from storage.shards import (
     BASE_INDEX_COLUMNS,
+    CRC32_FORMAT,
     INDEX_COLUMNS,
     MASK_DEPTH_SHARED,
-    SHARED_FORMAT,
     ShardFileWriter,
+    checksum_of,
     columns_checksum,
     index_table,
     shard_file,
@@ -60,8 +61,9 @@ from storage.source_plan import FileRef, MemberError, SourcePlan
 MASK_THRESHOLD = 128
 # Bad samples named in an error message before "and N more" (the report lists them all).
 BAD_IN_MESSAGE = 20
-# What a mask_depth shard row holds (/4): the background's id in its place; its table's column.
+# What a mask_depth shard row holds (/5): the background's id in its place; its table's column.
 MASK_DEPTH_STORED = stored_columns(MASK_DEPTH_COLUMNS, MASK_DEPTH_SHARED)
+CHECKSUM = checksum_of(CRC32_FORMAT)  # what write_index_and_manifest writes these columns as (shared: /5)
 BG_COLUMN = Column("bg", "image")
 
 
@@ -155,7 +157,7 @@ def run_mask_depth_part(task: PartTask) -> dict[str, Any]:
                 row,
                 h,
                 w,
-                columns_checksum(MASK_DEPTH_STORED, values),
+                columns_checksum(MASK_DEPTH_STORED, values, CHECKSUM),
                 {k: sample_extra.get(k) for k in task.extra_columns},
                 depth_mean=depth_mean,
             )
@@ -192,7 +194,7 @@ def run_backgrounds_part(task: PartTask) -> dict[str, Any]:
                 )
             value = {BG_COLUMN.name: bytes(blob)}
             group, row = writer.add(vid, value, h, w)
-            rows.add(vid, group, row, h, w, columns_checksum((BG_COLUMN,), value))
+            rows.add(vid, group, row, h, w, columns_checksum((BG_COLUMN,), value, CHECKSUM))
         entry = writer.close() if writer is not None else None
     except BaseException:
         if writer is not None:
@@ -228,7 +230,7 @@ def background_tasks(
     tasks = []
     for part, start in enumerate(range(0, len(refs), per_file)):
         chunk = refs[start : start + per_file]
-        h = hashlib.sha256(repr(("backgrounds", PACK_VERSION, SHARED_FORMAT, per_group)).encode())
+        h = hashlib.sha256(repr(("backgrounds", PACK_VERSION, CRC32_FORMAT, per_group)).encode())
         if max_pixels != DEFAULT_MAX_PIXELS:
             h.update(f"|max_pixels={max_pixels}".encode())
         for vid, ref in enumerate(chunk, start):

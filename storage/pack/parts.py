@@ -16,7 +16,7 @@ from storage.pack.mask_depth import MASK_THRESHOLD, run_backgrounds_part, run_ma
 from storage.pack.records import BACKGROUNDS, PACK_VERSION, PartTask
 from storage.pack.sizes import file_kinds
 from storage.pack.tasks import run_task_part
-from storage.shards import SHARED_FORMAT
+from storage.shards import CRC32_FORMAT
 from storage.source_plan import SampleRef, SourcePlan
 
 
@@ -50,7 +50,7 @@ def sample_tasks(
     task, options = (plan.task, dict(plan.options)) if isinstance(plan, TaskPlan) else (DEFAULT_TASK, {})
     kinds = file_kinds(plan)
     if task == DEFAULT_TASK:
-        config["format"] = SHARED_FORMAT
+        config["format"] = CRC32_FORMAT
     if max_pixels != DEFAULT_MAX_PIXELS:  # another limit re-checks every part; the default keeps earlier packs' parts
         config["max_pixels"] = max_pixels
     tasks = []

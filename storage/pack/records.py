@@ -14,7 +14,7 @@ from storage.dest_check import is_packed_file, remove_packed_files
 from storage.layouts.base import DEFAULT_MAX_PIXELS, DEFAULT_TASK
 from storage.shards import MANIFEST, index_table
 
-PACK_VERSION = 1
+PACK_VERSION = 2  # 2: CRC-32 checksums (format /5); parts packed before hold blake2b ones
 STATE_DIR = ".pack"
 # Roles of a part: a shard of samples, or a file of the shared backgrounds (mask_depth).
 SAMPLES, BACKGROUNDS = "samples", "backgrounds"

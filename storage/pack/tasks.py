@@ -20,7 +20,7 @@ from storage.columns import Column
 from storage.layouts.base import BadSample, TaskPlan
 from storage.pack.reading import member_problem, path_of, read_part_files
 from storage.pack.records import IndexRows, PartTask, commit_part
-from storage.shards import BASE_INDEX_COLUMNS, ShardFileWriter, columns_checksum, shard_file
+from storage.shards import BASE_INDEX_COLUMNS, ShardFileWriter, checksum_of, columns_checksum, shard_file, write_format
 from storage.source_plan import MemberError
 
 # The columns of each task's dataset, as its spec declares them (mask_depth: storage.columns.MASK_DEPTH_COLUMNS).
@@ -63,7 +63,7 @@ def run_task_part(task: PartTask) -> dict[str, Any]:
                 row,
                 prep.height,
                 prep.width,
-                columns_checksum(columns, prep.values),
+                columns_checksum(columns, prep.values, checksum_of(write_format(columns, shared=False))),
                 {**{k: sample_extra.get(k) for k in task.extra_columns}, **prep.index},
             )
             merge_stats(stats, prep.stats)

@@ -14,8 +14,11 @@ from storage.errors import DatasetError
 from storage.shards.files import ShardFileWriter, write_index_and_manifest, write_shared_index
 from storage.shards.format import (
     BASE_INDEX_COLUMNS,
+    BLAKE2B,
     CHECKSUM_DIGEST_BYTES,
     COLUMNS_FORMAT,
+    CRC32,
+    CRC32_FORMAT,
     FIXED_COLUMN_FORMATS,
     INDEX,
     LEGACY_MASK_DEPTH_FORMAT,
@@ -26,7 +29,9 @@ from storage.shards.format import (
     SHARD_DIR,
     SHARED_DIR,
     SHARED_FORMAT,
+    SHARED_FORMATS,
     WRITABLE_FORMATS,
+    checksum_of,
     columns_checksum,
     index_table,
     sample_columns,
@@ -43,14 +48,18 @@ from storage.shards.legacy import (
     MASK_DEPTH_FORMAT,
     MASK_DEPTH_SHARED,
     sample_checksum,
+    write_format,
 )
 from storage.shards.reader import SHARED_CACHE_BYTES, ShardDataset, open_dataset, shared_table
 from storage.shards.writer import ShardWriter, SharedTableWriter
 
 __all__ = [
     "BASE_INDEX_COLUMNS",
+    "BLAKE2B",
     "CHECKSUM_DIGEST_BYTES",
     "COLUMNS_FORMAT",
+    "CRC32",
+    "CRC32_FORMAT",
     "FIXED_COLUMN_FORMATS",
     "FORMAT",
     "INDEX",
@@ -66,7 +75,9 @@ __all__ = [
     "SHARED_CACHE_BYTES",
     "SHARED_DIR",
     "SHARED_FORMAT",
+    "SHARED_FORMATS",
     "WRITABLE_FORMATS",
+    "checksum_of",
     "DatasetError",
     "ShardDataset",
     "ShardFileWriter",
@@ -76,6 +87,7 @@ __all__ = [
     "index_table",
     "open_dataset",
     "sample_checksum",
+    "write_format",
     "sample_columns",
     "shard_file",
     "shard_schema",

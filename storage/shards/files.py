@@ -22,19 +22,17 @@ from storage.shards.footers import MANIFEST_KEY as FOOTERS_KEY
 from storage.shards.footers import collect, index_metadata, manifest_entry
 from storage.shards.format import (
     BASE_INDEX_COLUMNS,
-    COLUMNS_FORMAT,
     INDEX,
     LEGACY_MASK_DEPTH_FORMAT,
     MANIFEST,
     ROWS_PER_GROUP,
-    SHARED_FORMAT,
     check_shared,
     sample_columns,
     shard_schema,
     shared_index_file,
     shared_key,
 )
-from storage.shards.legacy import DEFAULT_COLUMNS, DEFAULT_TASK, INDEX_STAT, unshared_format
+from storage.shards.legacy import DEFAULT_COLUMNS, DEFAULT_TASK, INDEX_STAT, write_format
 
 
 class _HashingSink:
@@ -210,8 +208,9 @@ def write_index_and_manifest(
     """Write index.parquet, then manifest.json last: the manifest is the completion marker.
 
     The manifest records `columns` and `task` (default: extra_manifest's "task", else
-    legacy.DEFAULT_TASK); format /4 when `shared` is given (column name -> write_shared_index's
-    entry, each table written before), else /2 for the fixed layout's columns and /3 for others.
+    legacy.DEFAULT_TASK); format legacy.write_format's: /2 for the fixed layout's columns without
+    `shared` (column name -> write_shared_index's entry, each table written before), else /5. The
+    index's checksums must be of that format's kind (format.checksum_of).
     `extra_manifest` adds keys (e.g. "meta", a dict storage does not interpret) but cannot change
     format, task, columns or shared.
     """
@@ -224,10 +223,7 @@ def write_index_and_manifest(
         raise ValueError(f"manifest meta must be a dict, got {type(extra_manifest['meta']).__name__}")
     shared = dict(shared or {})
     check_shared(columns, list(shared))
-    if shared:
-        fmt = SHARED_FORMAT
-    else:
-        fmt = unshared_format(columns) or COLUMNS_FORMAT
+    fmt = write_format(columns, bool(shared))
     uri = sfs.normalize(uri)
     # The shards' footers (and shared indexes) ride in the index: a reader then fetches no footer
     # per shard (storage/shards/footers.py says why there and not in a file of their own).

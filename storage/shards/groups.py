@@ -12,6 +12,7 @@ samples, 99 MB) the landing thread's CPU fell from ~0.45 s (docs/PERFORMANCE.md)
 from __future__ import annotations
 
 import hashlib
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from storage.columns import Column
-from storage.shards.format import CHECKSUM_DIGEST_BYTES
+from storage.shards.format import CHECKSUM_DIGEST_BYTES, CRC32
 
 Group = tuple[int, int]  # (shard, row group)
 # Integer Arrow types as numpy dtypes (DataType.to_pandas_dtype may import pandas: see reader.py's _FIXED).
@@ -120,9 +121,9 @@ class GroupColumns:
 
 
 def verify_rows(g: GroupColumns, rows: list[tuple[int, int, str]], columns: Sequence[Column],
-                item: str = "sample") -> str | None:
+                kind: str, item: str = "sample") -> str | None:
     """None when each (row, sample id, checksum) matches the row group's values; else what is wrong.
-    The checksum is storage.shards.format.columns_checksum's, over slices of the buffers."""
+    The checksum is storage.shards.format.columns_checksum's of `kind`, over slices of the buffers."""
     try:
         sids = g.ints("sample_id").tolist()
         parts = []
@@ -135,19 +136,21 @@ def verify_rows(g: GroupColumns, rows: list[tuple[int, int, str]], columns: Sequ
                 parts.append((True, g.ints(c.name).tolist(), None, valid))
     except (KeyError, TypeError, ValueError, pa.ArrowException) as exc:
         return f"its columns are not the dataset's ({type(exc).__name__}: {exc})"
-    n = g.num_rows
+    n, crc32 = g.num_rows, kind == CRC32
     for r, sid, expected in rows:
         if r >= n or sids[r] != sid:
             return f"{item} {sid} is not at row {r} where the index puts it"
-        h = hashlib.blake2b(digest_size=CHECKSUM_DIGEST_BYTES)
+        h = None if crc32 else hashlib.blake2b(digest_size=CHECKSUM_DIGEST_BYTES)
+        crc = 0
         for is_int, values, data, valid in parts:
             if valid is not None and not valid[r]:
                 return f"{item} {sid} has a missing value"
-            if is_int:
-                h.update(values[r].to_bytes(8, "little", signed=True))
+            part = values[r].to_bytes(8, "little", signed=True) if is_int else data[values[r] : values[r + 1]]
+            if crc32:
+                crc = zlib.crc32(part, crc)
             else:
-                h.update(data[values[r] : values[r + 1]])
-        got = h.hexdigest()
+                h.update(part)
+        got = f"{crc:08x}" if crc32 else h.hexdigest()
         if got != expected:
             return f"{item} {sid} fails its checksum (index {expected}, read {got})"
     return None

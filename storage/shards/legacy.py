@@ -26,15 +26,15 @@ from storage.columns import (
 from storage.shards.format import (
     BASE_INDEX_COLUMNS,
     CHECKSUM_DIGEST_BYTES,
+    CRC32_FORMAT,
     FIXED_COLUMN_FORMATS,
     LEGACY_MASK_DEPTH_FORMAT,
-    SHARED_FORMAT,
 )
 
 # What ShardWriter writes when a caller names no columns (storage.synth, older callers).
 DEFAULT_COLUMNS = MASK_DEPTH_COLUMNS
 DEFAULT_TASK = MASK_DEPTH_TASK
-MASK_DEPTH_FORMAT = SHARED_FORMAT  # what a dataset of the fixed layout is written as now
+MASK_DEPTH_FORMAT = CRC32_FORMAT  # what a dataset of the fixed layout is written as now
 FORMAT = MASK_DEPTH_FORMAT
 # The columns the fixed layout shares (/4): the background, drawn on by many samples.
 MASK_DEPTH_SHARED = ("bg",)
@@ -70,6 +70,13 @@ def layout_for(columns: Sequence[Column]) -> WriterLayout:
 def unshared_format(columns: Sequence[Column]) -> str | None:
     """The format of these columns without shared ones when it is the fixed /2, else None (/3)."""
     return LEGACY_MASK_DEPTH_FORMAT if is_mask_depth(tuple(columns)) else None
+
+
+def write_format(columns: Sequence[Column], shared: bool) -> str:
+    """The format a new dataset of these columns is written as: /2 for the fixed layout without
+    shared columns (its frozen layout, on request), else /5. The writers' checksums follow it
+    (format.checksum_of), so a writer and its manifest agree."""
+    return (unshared_format(columns) if not shared else None) or CRC32_FORMAT
 
 
 def fixed_columns_problem(fmt: str, columns: Sequence[Column]) -> str | None:

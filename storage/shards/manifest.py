@@ -18,9 +18,10 @@ from storage.shards.footers import load as load_footers
 from storage.shards.format import (
     BASE_INDEX_COLUMNS,
     COLUMNS_FORMAT,
+    CRC32_FORMAT,
     MANIFEST,
     READABLE_FORMATS,
-    SHARED_FORMAT,
+    SHARED_FORMATS,
     check_shared,
     parse_parquet,
     shared_key,
@@ -147,8 +148,8 @@ def _manifest_problem(manifest: Any) -> str | None:
         return f"task is {manifest['task']!r}, not a name"
     if manifest.get("meta") is not None and not isinstance(manifest["meta"], dict):
         return f"meta is a {type(manifest['meta']).__name__}, not an object"
-    if manifest["format"] == COLUMNS_FORMAT and manifest.get("columns") is None:
-        return f'format {COLUMNS_FORMAT} without "columns"'
+    if manifest["format"] in (COLUMNS_FORMAT, CRC32_FORMAT) and manifest.get("columns") is None:
+        return f'format {manifest["format"]} without "columns"'
     try:
         columns = columns_from_manifest(manifest)
     except ColumnsError as exc:
@@ -157,14 +158,16 @@ def _manifest_problem(manifest: Any) -> str | None:
     if problem:
         return problem
     shared = manifest.get("shared")
-    if manifest["format"] != SHARED_FORMAT:
-        return (
-            f'format {manifest["format"]} with "shared" (only {SHARED_FORMAT} has shared columns)' if shared else None
-        )
+    fmt = manifest["format"]
+    if fmt not in SHARED_FORMATS:
+        have = " and ".join(SHARED_FORMATS)
+        return f'format {fmt} with "shared" (only {have} have shared columns)' if shared else None
+    if fmt == CRC32_FORMAT and shared is None:
+        return None  # /5 without shared columns
     if manifest.get("columns") is None:
-        return f'format {SHARED_FORMAT} without "columns"'
+        return f'format {fmt} without "columns"'
     if not isinstance(shared, dict) or not shared:
-        return f'format {SHARED_FORMAT} without "shared" (an object: column name -> its table)'
+        return f'format {manifest["format"]} without "shared" (an object: column name -> its table)'
     try:
         check_shared(columns, list(shared))
     except ColumnsError as exc:

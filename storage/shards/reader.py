@@ -25,7 +25,9 @@ from storage.shards.fetch import ShardReader
 from storage.shards.format import (
     BASE_INDEX_COLUMNS,
     COLUMNS_FORMAT,
+    CRC32_FORMAT,
     LEGACY_MASK_DEPTH_FORMAT,
+    checksum_of,
     parse_parquet,
     sample_columns,
     shared_index_file,
@@ -121,6 +123,7 @@ class ShardDataset:
         self.task: str = manifest.get("task") or DEFAULT_TASK
         self.meta: dict[str, Any] = manifest.get("meta") or {}
         self.format: str = manifest.get("format") or LEGACY_MASK_DEPTH_FORMAT
+        self.checksum = checksum_of(self.format)  # of the index's per-sample checksums
         self.shared: dict[str, ShardDataset] = dict(shared or {})
         self.stored_columns = stored_columns(self.columns, tuple(self.shared))
         self.sample_columns = sample_columns(self.columns)
@@ -344,7 +347,7 @@ class ShardDataset:
                     bad[key] = f"row group {key[1]} cannot be parsed ({type(exc).__name__}: {exc})"
                     continue
                 group = GroupColumns(table)
-                reason = verify_rows(group, checks[key], self.stored_columns, self.item)
+                reason = verify_rows(group, checks[key], self.stored_columns, self.checksum, self.item)
                 if reason:
                     bad[key] = f"row group {key[1]}: {reason}"
                 else:
@@ -397,7 +400,8 @@ def shared_table(uri: str, manifest: dict[str, Any], name: str, index: pa.Table,
     entry = manifest["shared"][name]
     column = next(c for c in columns_from_manifest(manifest) if c.name == name)
     sub = {
-        "format": COLUMNS_FORMAT,
+        # Its checksums are of the dataset's kind: /5's shared tables are /5 (without shared columns).
+        "format": CRC32_FORMAT if manifest["format"] == CRC32_FORMAT else COLUMNS_FORMAT,
         "task": f"shared {name}",
         "columns": [column.as_dict()],
         "num_samples": entry["num"],

@@ -20,16 +20,17 @@ from storage.dest_check import remove_packed_files
 from storage.shards.files import ShardFileWriter, write_index_and_manifest, write_shared_index
 from storage.shards.format import (
     BASE_INDEX_COLUMNS,
-    COLUMNS_FORMAT,
+    CRC32,
+    CRC32_FORMAT,
     INDEX,
     MANIFEST,
     ROWS_PER_GROUP,
     ROWS_PER_SHARD,
     SHARD_DIR,
     SHARED_DIR,
-    SHARED_FORMAT,
     WRITABLE_FORMATS,
     check_shared,
+    checksum_of,
     columns_checksum,
     index_table,
     sample_columns,
@@ -38,11 +39,11 @@ from storage.shards.format import (
     shared_key,
     stored_columns,
 )
-from storage.shards.legacy import DEFAULT_COLUMNS, DEFAULT_TASK, layout_for, unshared_format
+from storage.shards.legacy import DEFAULT_COLUMNS, DEFAULT_TASK, layout_for, write_format
 
 
 class SharedTableWriter:
-    """The table of one shared column (format /4): each distinct value (by content) stored once,
+    """The table of one shared column (format /5, so CRC-32 checksums): each distinct value (by content) stored once,
     with a dense id (0, 1, ... in order of first appearance), in files of `rows_per_shard` rows."""
 
     def __init__(
@@ -84,7 +85,7 @@ class SharedTableWriter:
             ("row", row),
             ("height", int(size[0])),
             ("width", int(size[1])),
-            ("checksum", columns_checksum((self.column,), {self.column.name: value})),
+            ("checksum", columns_checksum((self.column,), {self.column.name: value}, CRC32)),
         ):
             self._index[k].append(v)
         if self._file.rows >= self.rows_per_shard:
@@ -122,12 +123,11 @@ class ShardWriter:
     the index too (e.g. classification's `label`, so its counts need no shard reads); any other
     name is an extra key every sample must bring. Extra keys it does not name follow, sorted.
 
-    The fixed layout's columns (legacy.DEFAULT_COLUMNS, the default) are written as format /4
-    (SHARED_FORMAT) with that layout's shared column stored once per distinct value, its encoder's
-    checks and its per-sample index stat (storage/shards/legacy.py);
+    Datasets are written as format /5 (CRC32_FORMAT: CRC-32 checksums). The fixed layout's columns
+    (legacy.DEFAULT_COLUMNS, the default) have that layout's shared column stored once per distinct
+    value, its encoder's checks and its per-sample index stat (storage/shards/legacy.py);
     `format=LEGACY_MASK_DEPTH_FORMAT` writes them as /2 instead, exactly as before columns were
-    declared. `shared` names the shared columns of other column sets (format /4); without, they
-    are written as /3.
+    declared. `shared` names the shared columns of other column sets.
 
     Opening a writer on an existing dataset deletes its manifest first, so a crash mid-rewrite
     leaves a folder that is not a dataset rather than a manifest describing other files.
@@ -154,9 +154,10 @@ class ShardWriter:
         if format is not None and format not in WRITABLE_FORMATS:
             raise ValueError(f"format {format!r}: choose one of {list(WRITABLE_FORMATS)}")
         if shared is None:
-            shared = self._layout.default_shared if format in (None, SHARED_FORMAT) else ()
+            shared = self._layout.default_shared if format in (None, CRC32_FORMAT) else ()
         self.shared = check_shared(self.columns, shared)
-        self.format = SHARED_FORMAT if self.shared else unshared_format(self.columns) or COLUMNS_FORMAT
+        self.format = write_format(self.columns, bool(self.shared))
+        self.checksum = checksum_of(self.format)
         if format is not None and format != self.format:
             raise ValueError(
                 f"format {format!r} cannot hold these columns (shared {list(self.shared)}); they are written as "
@@ -276,7 +277,7 @@ class ShardWriter:
         idx["width"].append(width)
         if stat_name is not None:
             idx[stat_name].append(stat)
-        idx["checksum"].append(columns_checksum(self.stored_columns, values))
+        idx["checksum"].append(columns_checksum(self.stored_columns, values, self.checksum))
         for k in self.index_columns:
             self._extra[k].append(np.int64(values[k]) if k in self._copied else sample[k])
         for k in extra_keys:
