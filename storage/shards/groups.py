@@ -6,7 +6,8 @@ landing keeps or writes to its spool in one write; workers/spool.py).
 Why the buffers and not Table.to_pylist: to_pylist makes a bytes object per value (a copy of every
 byte, and an object per value) that the landing then copied once more into the spool. Slices of
 the buffers are hashed in place and joined with one copy. On bench.peer's 56 px pass (6,000
-samples, 99 MB) the landing thread's CPU fell from ~0.45 s (docs/PERFORMANCE.md).
+samples, 99 MB) the landing threads' CPU fell from 0.44-0.48 s to 0.32-0.39 s, and to 0.24-0.30 s
+with format /5's CRC-32 (docs/PERFORMANCE.md, "Issue 24, third pass").
 """
 
 from __future__ import annotations
