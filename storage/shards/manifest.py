@@ -167,7 +167,7 @@ def _manifest_problem(manifest: Any) -> str | None:
     if manifest.get("columns") is None:
         return f'format {fmt} without "columns"'
     if not isinstance(shared, dict) or not shared:
-        return f'format {manifest["format"]} without "shared" (an object: column name -> its table)'
+        return f'format {fmt} without "shared" (an object: column name -> its table)'
     try:
         check_shared(columns, list(shared))
     except ColumnsError as exc:
