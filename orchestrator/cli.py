@@ -410,6 +410,8 @@ def main() -> None:
     except OrchestratorError as exc:
         prefix = "interrupted" if isinstance(exc, RunInterrupted) else "error"
         err.print(f"{prefix}: {redact_text(str(exc))}", highlight=False, markup=False)
+        if getattr(exc, "lease_lost", False):
+            _exit_at_once(exc.exit_code)
         sys.exit(exc.exit_code)
     except StorageError as exc:
         err.print(f"error: {redact_text(str(exc))}", highlight=False, markup=False)
@@ -431,6 +433,21 @@ def main() -> None:
         err.print(f"error: unexpected {text}; this is a bug in orchestrator: re-run with ORCHESTRATOR_LOG=DEBUG "
                   "for the traceback and report it", highlight=False, markup=False)
         sys.exit(1)
+
+
+def _exit_at_once(code: int) -> None:
+    """A driver that lost its lease stops here and writes nothing more. A normal exit would let
+    the daemon threads it abandoned (a checkpoint's upload, the MLflow store's copy) run on through
+    the exit handlers, then cut them at the interpreter's finalization, where a thread cut inside a
+    C++ library aborts the process: CI once saw SIGABRT ("terminate called without an active
+    exception") instead of exit code 1 after the lost-lease message."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()  # what Ray's own exit handler would do: the local cluster this driver started goes
+    os._exit(code)
 
 
 def _is_usage_error(exc: BaseException) -> bool:
