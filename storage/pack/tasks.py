@@ -37,6 +37,7 @@ def run_task_part(task: PartTask) -> dict[str, Any]:
 
     prepare = PREPARE[task.task]
     columns = TASK_COLUMNS[task.task]
+    kind = checksum_of(write_format(columns, shared=False))  # what the manifest will say these columns are
     blobs = read_part_files(task)
     rows = IndexRows.of(BASE_INDEX_COLUMNS, task.extra_columns)
     bad: list[dict[str, str]] = []
@@ -63,7 +64,7 @@ def run_task_part(task: PartTask) -> dict[str, Any]:
                 row,
                 prep.height,
                 prep.width,
-                columns_checksum(columns, prep.values, checksum_of(write_format(columns, shared=False))),
+                columns_checksum(columns, prep.values, kind),
                 {**{k: sample_extra.get(k) for k in task.extra_columns}, **prep.index},
             )
             merge_stats(stats, prep.stats)
