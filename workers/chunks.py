@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import numpy.ma  # noqa: F401 - numpy 2's np.unique imports it on first use: ~10 ms of a worker's first batch
 
+from workers.landing import Lander
 from workers.spool import CHUNK_MEMORY_ENV, MemoryBudget, Spool, default_budget, trim_memory
 from workers.streaming import StreamingRows
 from workers.windows import stored_group_bytes
@@ -203,10 +204,7 @@ def stream_pieces(dataset: Any, ids: np.ndarray, order: np.ndarray, batch: int,
     head = np.flatnonzero(first)
     rest = np.flatnonzero(~first)
     in_file_order = [rest[p] for p in chunk_pieces(dataset, ids[rest], piece_bytes)]
-    # The batch each position is first needed in; positions the order does not reach (trained
-    # earlier in a resumed epoch) are needed last.
-    need = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
-    need[order[::-1]] = (np.arange(len(order)) // max(1, int(batch)))[::-1]
+    need = _first_need(n, order, batch)
     by_need = _pieces_by_need(key, need, per_group[(key >> 32).astype(np.int64)], rest, piece_bytes,
                               ramp_from=float(size[first[starts]].sum()))
     file_ranges, need_ranges = _ranges(key, in_file_order), _ranges(key, by_need)
@@ -217,6 +215,21 @@ def stream_pieces(dataset: Any, ids: np.ndarray, order: np.ndarray, batch: int,
     if share > STREAM_MAX_SHARE and extra > STREAM_EXTRA_RANGES:
         return whole
     return [head, *tail]
+
+
+def _first_need(n: int, order: np.ndarray, batch: int) -> np.ndarray:
+    """The batch (of `batch` positions of `order`) each of n positions is first needed in;
+    positions the order does not reach (trained earlier in a resumed epoch) are needed last."""
+    need = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
+    order = np.asarray(order, dtype=np.int64)
+    need[order[::-1]] = (np.arange(len(order)) // max(1, int(batch)))[::-1]
+    return need
+
+
+def first_needs(pieces: list[np.ndarray], n: int, order: np.ndarray, batch: int) -> np.ndarray:
+    """The first batch that needs each piece (stream_pieces' pieces of n positions)."""
+    need = _first_need(n, order, batch)
+    return np.array([need[p].min() if len(p) else np.iinfo(np.int64).max for p in pieces], dtype=np.int64)
 
 
 def stream_order(ids: np.ndarray, batches: list[np.ndarray]) -> tuple[np.ndarray | None, int | None]:
@@ -251,8 +264,7 @@ class ChunkPrefetcher:
         self.piece_bytes = int(piece_bytes)
         self.stream = stream and hasattr(dataset, "index_values")
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
-        # Pieces of streamed chunks; more than one in flight: one fetches while another is parsed.
-        self._pieces = ThreadPoolExecutor(max_workers=PIECES_IN_FLIGHT, thread_name_prefix="chunk-piece")
+        self._lander = Lander()  # lands the streamed chunks' pieces: which one next is its policy
         self._pending: dict[tuple, Any] = {}
         self._current: Any = None
         self.budget = MemoryBudget(default_budget() if budget_bytes is None else budget_bytes)
@@ -270,19 +282,23 @@ class ChunkPrefetcher:
         """budget_bytes, ram_bytes (held now), peak_ram_bytes, spilled_bytes (written to the spool)."""
         return self.budget.as_dict()
 
-    def _start(self, ids: np.ndarray, order: np.ndarray | None, batch: int | None) -> Any:
+    def _start(self, ids: np.ndarray, order: np.ndarray | None, batch: int | None, training: bool) -> Any:
+        """A chunk's read begun: `training` when it is needed at once (not prefetched), so its
+        pieces beyond the first batches' wait for the first batch (workers/landing.py)."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if not self.stream or order is None or not batch:
             return self._pool.submit(_read_whole, self.dataset, ids)
         pieces = stream_pieces(self.dataset, ids, order, batch, self.piece_bytes)
-        return StreamingRows(self.dataset, ids, pieces, self._pieces, self.budget, self.spool)
+        needs = first_needs(pieces, len(ids), order, batch) if training else None
+        return StreamingRows(self.dataset, ids, pieces, self._lander, self.budget, self.spool, training=training,
+                             first_needs=needs)
 
     def prefetch(self, key: tuple, ids: np.ndarray, order: np.ndarray | None = None, batch: int | None = None) -> None:
         # One slot: a newer prefetch replaces an older one, so memory holds at most two chunks.
         if key not in self._pending:
             for old in self._pending.values():
                 _let_go(old)
-            self._pending = {key: self._start(ids, order, batch)}
+            self._pending = {key: self._start(ids, order, batch, training=False)}
 
     def failure(self) -> BaseException | None:
         """The error of a background fetch that has already failed (its retries spent), if any."""
@@ -297,7 +313,9 @@ class ChunkPrefetcher:
     def get(self, key: tuple, ids: np.ndarray, order: np.ndarray | None = None, batch: int | None = None) -> Any:
         fut = self._pending.pop(key, None)
         if fut is None:
-            fut = self._start(ids, order, batch)
+            fut = self._start(ids, order, batch, training=True)
+        elif isinstance(fut, StreamingRows):
+            self._lander.add(fut, training=True)  # prefetched: it trains now, its pieces first
         rows = fut if isinstance(fut, StreamingRows) else fut.result()
         if self._current is not None and self._current is not rows:
             _let_go(self._current)  # the chunk before this one is over: its RAM and spool files go
@@ -309,7 +327,7 @@ class ChunkPrefetcher:
             _let_go(old)
         self._current = None
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self._pieces.shutdown(wait=False, cancel_futures=True)
+        self._lander.close()
         self.spool.remove()
 
 

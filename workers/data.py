@@ -152,12 +152,32 @@ def make_loader(samples: torch.utils.data.Dataset, *, batch_size: int | None = N
     threads that fetch it stay in this process). Without a usable spool they are waited for whole."""
     rows = getattr(samples, "rows", None)
     if num_workers > 0 and isinstance(rows, StreamingRows) and not rows.share():
-        samples.rows = rows.materialize()
+        samples.rows = rows = rows.materialize()
+    loader = torch.utils.data.DataLoader
+    if isinstance(rows, StreamingRows) and rows.held:  # a chunk needed at once: see workers/landing.py
+        rows.decoders(num_workers)
+        loader = functools.partial(_FirstBatchLoader, rows=rows)
     if batch_sampler is not None:
-        return torch.utils.data.DataLoader(samples, batch_sampler=batch_sampler, collate_fn=_collate,
-                                           num_workers=num_workers, pin_memory=pin_memory)
-    return torch.utils.data.DataLoader(samples, batch_size=batch_size, collate_fn=_collate,
-                                       num_workers=num_workers, pin_memory=pin_memory)
+        return loader(samples, batch_sampler=batch_sampler, collate_fn=_collate, num_workers=num_workers,
+                      pin_memory=pin_memory)
+    return loader(samples, batch_size=batch_size, collate_fn=_collate, num_workers=num_workers,
+                  pin_memory=pin_memory)
+
+
+class _FirstBatchLoader(torch.utils.data.DataLoader):
+    """A DataLoader that tells the rows it reads when its first batch is out: the rest of a chunk
+    needed at once lands from then on, not beside the first batch's decode (workers/landing.py)."""
+
+    def __init__(self, *args: Any, rows: StreamingRows, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._rows = rows
+
+    def __iter__(self):
+        for i, batch in enumerate(super().__iter__()):
+            if i == 0:
+                self._rows.first_batch_out()
+            yield batch
+        self._rows.first_batch_out()  # no batch at all: nothing stays held
 
 
 def check_sizes(rows: dict[str, Any], expected: tuple[int, int] | None, describe: Any) -> None:

@@ -12,14 +12,15 @@ import os
 import pickle
 import shutil
 import threading
+import time
 import weakref
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
 from storage.errors import DatasetError
+from workers.landing import MAX_HOLD_S, Due, Lander
 from workers.spool import (
     FilePiece,
     MemoryBudget,
@@ -76,8 +77,9 @@ class StreamingRows(Mapping):
     file (or its error file). close() gives the RAM back and removes the chunk's spool files.
     """
 
-    def __init__(self, dataset: Any, ids: np.ndarray, pieces: list[np.ndarray], pool: ThreadPoolExecutor,
-                 budget: MemoryBudget | None = None, spool: Spool | None = None) -> None:
+    def __init__(self, dataset: Any, ids: np.ndarray, pieces: list[np.ndarray], lander: Lander,
+                 budget: MemoryBudget | None = None, spool: Spool | None = None, training: bool = False,
+                 first_needs: np.ndarray | None = None) -> None:
         self.ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         n = len(self.ids)
         self._piece_of = np.empty(n, dtype=np.int64)
@@ -107,12 +109,16 @@ class StreamingRows(Mapping):
             "height": np.asarray(dataset.index_values("height", self.ids), dtype=np.int32),
             "width": np.asarray(dataset.index_values("width", self.ids), dtype=np.int32),
         }
-        getattr(dataset, "reader", None)  # made here, once: the pieces' threads share it
-        # The first piece (the first batch's row groups) is read alone; the rest start when it has
-        # landed. Fetched beside it, the second piece took the disk and the cores it needed: its
-        # landing went from 0.16 s to 0.27 s (6,000 samples at 224 px, a 48 MB first window).
-        self._pool, self._cancelled = pool, False
-        self._futures = [pool.submit(self._land_and_trim, dataset, 0)] if pieces else []
+        getattr(dataset, "reader", None)  # made here, once: the landing thread uses it
+        # Which piece lands when is the lander's (workers/landing.py): one at a time, in order. With
+        # first_needs (the first batch each piece is needed in: a chunk needed at once), pieces
+        # beyond the first batches' wait for the loader's first batch (first_batch_out).
+        self._dataset, self._lander = dataset, lander
+        self._next, self._cancelled = 0, False
+        self._first_needs = None if first_needs is None else np.asarray(first_needs, dtype=np.int64)
+        self._decoders = 1  # batches decoded at once (make_loader says): the pieces they need land while held
+        self._held_since: float | None = None  # when the first piece landed (a hold ends MAX_HOLD_S after)
+        lander.add(self, training)
 
     # -- landing (threads of the process that made the rows) -------------------------------------
 
@@ -123,11 +129,47 @@ class StreamingRows(Mapping):
             self._hold.dir = self._spool.chunk_dir()
         return self._hold.dir
 
-    def _land_and_trim(self, dataset: Any, k: int) -> None:
-        self._land(dataset, k)
+    def due(self) -> Due:
+        """The piece to land next, for the lander (called on its thread, one piece at a time)."""
+        with self._lock:
+            if self._cancelled or self._closed or self._next >= len(self._pieces):
+                return Due(None, True)
+            k = self._next
+            if k > 0 and self._first_needs is not None and self._first_needs[k] >= self._decoders:
+                left = (self._held_since or time.monotonic()) + MAX_HOLD_S - time.monotonic()
+                if left > 0:
+                    return Due(None, False, left)
+                self._first_needs = None  # held long enough: see workers/landing.py MAX_HOLD_S
+            self._next += 1
+            return Due(k, False)
+
+    def land(self, k: int) -> None:
+        """Piece k fetched, checked and held (in RAM or the spool); on the lander's thread."""
+        self._land(self._dataset, k)
         if k == 0:
-            self._start_the_rest(dataset)
+            with self._lock:
+                self._held_since = time.monotonic()
         trim_memory()  # the piece's fetched, parsed (and, spilled, its values) bytes are free now: to the OS
+
+    @property
+    def held(self) -> bool:
+        """Pieces beyond the first batches' wait for first_batch_out()."""
+        return self._first_needs is not None
+
+    def decoders(self, n: int) -> None:
+        """n decode processes are about to take the first n batches: the pieces those need land
+        while the rest is held."""
+        with self._lock:
+            self._decoders = max(1, int(n))
+        self._lander.wake()
+
+    def first_batch_out(self) -> None:
+        """The loader has its first batch: the rest of the chunk lands from now on."""
+        if os.getpid() != self._owner or self._copy or self._first_needs is None:
+            return
+        with self._lock:
+            self._first_needs = None
+        self._lander.wake()
 
     def _land(self, dataset: Any, k: int) -> None:
         sel = self._pieces[k]
@@ -221,6 +263,8 @@ class StreamingRows(Mapping):
         else:
             pieces = np.unique(self._piece_of[positions]).tolist()
         here = os.getpid() == self._owner and not self._copy
+        if here and self._first_needs is not None and any(k > 0 and k >= self._next for k in pieces):
+            self.first_batch_out()  # a read here of a piece still held: it would wait for the hold
         for k in pieces:
             if not here:
                 self._piece_elsewhere(k)
@@ -258,22 +302,11 @@ class StreamingRows(Mapping):
                 return self._errors[k]
         return None
 
-    def _start_the_rest(self, dataset: Any) -> None:
-        with self._lock:
-            if self._cancelled:
-                return
-            try:
-                self._futures += [self._pool.submit(self._land_and_trim, dataset, k)
-                                  for k in range(1, len(self._pieces))]
-            except RuntimeError:  # the prefetcher closed its pool: nobody reads these rows any more
-                self._cancelled = True
-
     def cancel(self) -> None:
+        """Pieces not started are not landed (one landing now finishes)."""
         with self._lock:
             self._cancelled = True
-            futures = list(self._futures)
-        for f in futures:
-            f.cancel()
+        self._lander.wake()
 
     def close(self) -> None:
         """The chunk is over: pieces not started are dropped, the RAM given back to the budget and
@@ -384,7 +417,7 @@ def _rows_elsewhere(state: dict[str, Any]) -> StreamingRows:
     rows._landed = [threading.Event() for _ in rows._pieces]
     rows._lock = threading.Lock()
     rows._shared, rows._closed, rows._all_landed, rows._copy = True, False, False, True
-    rows._spool, rows._futures = None, []
+    rows._spool, rows._first_needs = None, None
     rows._hold = _Holding(None, rows._owner)
     rows._hold.dir = folder
     rows._finalizer = weakref.finalize(rows, lambda: None)
