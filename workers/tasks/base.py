@@ -113,7 +113,9 @@ class Task:
     def samples(self, rows: dict[str, Any], resolution: int, describe: Any, train: bool,
                 flip_key: tuple[int, ...] = ()) -> torch.utils.data.Dataset:
         """The chunk's (or eval split's) samples, decoded a batch at a time by `__getitems__`.
-        `train` turns on the recipe's augmentation, seeded per sample by `flip_key`."""
+        `train` turns on the recipe's augmentation, seeded per sample by `flip_key`. Keep `rows`
+        as the dataset's `.rows` (ImageSamples does): make_loader finds a chunk still streaming in
+        there, shares it with the decode processes and tells it when the first batch is out."""
         raise NotImplementedError
 
     def to_device(self, raw: Any, device: torch.device | str) -> Batch:
