@@ -290,8 +290,7 @@ class ChunkPrefetcher:
             return self._pool.submit(_read_whole, self.dataset, ids)
         pieces = stream_pieces(self.dataset, ids, order, batch, self.piece_bytes)
         needs = first_needs(pieces, len(ids), order, batch) if training else None
-        return StreamingRows(self.dataset, ids, pieces, self._lander, self.budget, self.spool, training=training,
-                             first_needs=needs)
+        return StreamingRows(self.dataset, ids, pieces, self._lander, self.budget, self.spool, first_needs=needs)
 
     def prefetch(self, key: tuple, ids: np.ndarray, order: np.ndarray | None = None, batch: int | None = None) -> None:
         # One slot: a newer prefetch replaces an older one, so memory holds at most two chunks.

@@ -8,8 +8,10 @@ The policy, and why (bench.peer, 6,000 samples, 2-core machine, 2 DataLoader dec
 - A chunk that is needed at once (not prefetched: a start or a resume) lands only what its first
   batches need, one per decode process, until the loader has its first batch in hand
   (StreamingRows.first_batch_out). The rest landing beside that first decode took its cores: the
-  first batch at 224 px came after 0.24 s instead of 0.15 s. A decode process waiting on its piece
-  leaves its core to the landing, so the first pieces cost the first batch nothing.
+  first batch at 224 px came at 0.27 s, 0.24 s with this hold (medians of 6, in turns; the whole
+  pass as long). A decode process waiting on its piece leaves its core to the landing, so the first
+  pieces cost the first batch nothing; holding those too made the first batch 0.18 s but the pass
+  7 % longer (docs/PERFORMANCE.md, issue 24's fourth pass).
 - A chunk held so waits at most MAX_HOLD_S after its first piece, then lands the rest whatever
   happens: a reader that never reports its first batch (a task that reads outside its batch in a
   decode process) is slowed, never stalled.
@@ -38,7 +40,8 @@ class Lander:
     first, training=True, or after those prefetched) and are asked for their next piece (due())
     each time the thread is free; they wake() it when something changed (a hold released, a
     cancel). The thread runs only while some piece is due or held, on a pool of one: an idle
-    lander holds no thread, and at exit the pool's own join waits for at most one piece."""
+    lander holds no thread. close() stops it after the piece it is landing; a lander never closed
+    lands what is left at exit (the pool's own join), as the queued pieces of the pool before it did."""
 
     def __init__(self) -> None:
         self._cv = threading.Condition()

@@ -78,7 +78,7 @@ class StreamingRows(Mapping):
     """
 
     def __init__(self, dataset: Any, ids: np.ndarray, pieces: list[np.ndarray], lander: Lander,
-                 budget: MemoryBudget | None = None, spool: Spool | None = None, training: bool = False,
+                 budget: MemoryBudget | None = None, spool: Spool | None = None,
                  first_needs: np.ndarray | None = None) -> None:
         self.ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         n = len(self.ids)
@@ -111,14 +111,15 @@ class StreamingRows(Mapping):
         }
         getattr(dataset, "reader", None)  # made here, once: the landing thread uses it
         # Which piece lands when is the lander's (workers/landing.py): one at a time, in order. With
-        # first_needs (the first batch each piece is needed in: a chunk needed at once), pieces
-        # beyond the first batches' wait for the loader's first batch (first_batch_out).
+        # first_needs (the first batch each piece is needed in: a chunk needed at once, so it lands
+        # ahead of a prefetched one), pieces beyond the first batches' wait for the loader's first
+        # batch (first_batch_out).
         self._dataset, self._lander = dataset, lander
         self._next, self._cancelled = 0, False
         self._first_needs = None if first_needs is None else np.asarray(first_needs, dtype=np.int64)
         self._decoders = 1  # batches decoded at once (make_loader says): the pieces they need land while held
         self._held_since: float | None = None  # when the first piece landed (a hold ends MAX_HOLD_S after)
-        lander.add(self, training)
+        lander.add(self, training=first_needs is not None)
 
     # -- landing (threads of the process that made the rows) -------------------------------------
 
