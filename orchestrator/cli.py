@@ -8,13 +8,14 @@ import os
 import posixpath
 import signal
 import sys
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from common.errors import OrchestratorError, RecipeError, RunError, RunInterrupted
+from orchestrator.process_exit import exit_code, leave, leave_at_once
 from storage.errors import StorageError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -411,7 +412,7 @@ def main() -> None:
         prefix = "interrupted" if isinstance(exc, RunInterrupted) else "error"
         err.print(f"{prefix}: {redact_text(str(exc))}", highlight=False, markup=False)
         if getattr(exc, "lease_lost", False):
-            _exit_at_once(exc.exit_code)
+            leave_at_once(exc.exit_code)
         sys.exit(exc.exit_code)
     except StorageError as exc:
         err.print(f"error: {redact_text(str(exc))}", highlight=False, markup=False)
@@ -435,21 +436,6 @@ def main() -> None:
         sys.exit(1)
 
 
-def _exit_at_once(code: int) -> None:
-    """A driver that lost its lease stops here and writes nothing more. A normal exit would let
-    the daemon threads it abandoned (a checkpoint's upload, the MLflow store's copy) run on through
-    the exit handlers, then cut them at the interpreter's finalization, where a thread cut inside a
-    C++ library aborts the process: CI once saw SIGABRT ("terminate called without an active
-    exception") instead of exit code 1 after the lost-lease message."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    logging.shutdown()
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()  # what Ray's own exit handler would do: the local cluster this driver started goes
-    os._exit(code)
-
-
 def _is_usage_error(exc: BaseException) -> bool:
     """click's ClickException, whichever click raised it: typer >= 0.29 vendors its own
     (typer._click), whose exceptions are not the `click` package's."""
@@ -471,5 +457,17 @@ def _show_usage_error(exc: BaseException) -> None:
     sys.exit(exc.exit_code)
 
 
+def entry() -> NoReturn:
+    """The process's entry point (the `orchestrator` script, `python -m orchestrator.cli`): `main`,
+    then an exit that skips the interpreter's teardown (orchestrator/process_exit.py says why).
+    `main` alone raises SystemExit, for callers that run it inside their own process."""
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exit_code(exc.code)
+    leave(code)
+
+
 if __name__ == "__main__":
-    main()
+    entry()

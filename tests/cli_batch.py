@@ -6,8 +6,9 @@ two more importing torch for the recipe check, to print one line: the tables of 
 interpreter imports the CLI and torch once, then forks a child per call. Each child is a process of its
 own, as `python -m orchestrator.cli ARGS` would be: its cwd, its stdout and stderr (the file
 descriptors themselves, so whatever writes to them, logging, rich, C code, lands in that call's
-files), stdin from /dev/null, the CLI module run as __main__ by runpy, and the interpreter's own exit
-(an uncaught exception prints its traceback and exits 1; atexit handlers run). Nothing one call does
+files), stdin from /dev/null, the CLI module run as __main__ by runpy, and the CLI's own exit
+(orchestrator/process_exit.py: threads joined, atexit handlers run, no teardown; an uncaught exception
+prints its traceback and exits 1). Nothing one call does
 (environment, caches, module state) reaches another: each starts from the zygote's state after the
 imports, never from a sibling's.
 
@@ -19,7 +20,6 @@ imports, never from a sibling's.
 
 from __future__ import annotations
 
-import atexit
 import gc
 import importlib
 import json
@@ -29,6 +29,8 @@ import signal
 import sys
 import time
 from typing import Any
+
+from orchestrator.process_exit import exit_code, leave
 
 
 def _child(call: dict[str, Any]) -> None:
@@ -46,30 +48,14 @@ def _child(call: dict[str, Any]) -> None:
     # modules it pulled in) leaves sys.modules, or runpy would warn about running a module imported before.
     sys.modules.pop("orchestrator.cli", None)
     try:
-        runpy.run_module("orchestrator.cli", run_name="__main__", alter_sys=True)
+        runpy.run_module("orchestrator.cli", run_name="__main__", alter_sys=True)  # ends in process_exit.leave
         code = 0
     except SystemExit as exc:
-        code = _exit_code(exc.code)
+        code = exit_code(exc.code)
     except BaseException:  # what the interpreter does with an uncaught exception: its traceback, exit 1
         sys.excepthook(*sys.exc_info())
         code = 1
-    # The interpreter's way out, less the teardown of every module: with torch loaded that teardown takes
-    # about a second per process, which the calls being measured never pay (their CLI exits before it
-    # imports torch, or is a fresh process whose exit the OS does). atexit handlers and buffers still run.
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def _exit_code(code: object) -> int:
-    """sys.exit's argument as the process's exit status: None is 0, a message is printed and is 1."""
-    if code is None:
-        return 0
-    if isinstance(code, int):
-        return code & 0xFF
-    print(code, file=sys.stderr)
-    return 1
+    leave(code)
 
 
 def main() -> None:

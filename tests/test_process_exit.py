@@ -1,0 +1,69 @@
+"""A finished `orchestrator` command exits with its own code even when a native library would abort in
+the interpreter's teardown (pyarrow's thread pools did, in CI), and still joins its threads and runs
+its atexit handlers (orchestrator/process_exit.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import cli_env
+
+# A command run through the CLI's entry point (or through `main` alone), in a process that holds what a
+# real run can hold at its end: a non-daemon thread still finishing a write, an atexit handler, and an
+# object whose teardown aborts the process as a native pool torn down under a live worker does.
+_PROBE = """
+import atexit, os, sys, threading, time
+from pathlib import Path
+out = Path(sys.argv[1])
+how = sys.argv[2]
+sys.argv = ["orchestrator", *sys.argv[3:]]
+
+class AbortsAtTeardown:
+    def __del__(self):
+        os.write(2, b"teardown reached\\n")
+        os.abort()
+
+pool = AbortsAtTeardown()
+
+def upload():
+    time.sleep(1.5)  # outlives the quicker commands: only a join lets it finish
+    (out / "thread").write_text("done")
+
+threading.Thread(target=upload).start()
+atexit.register(lambda: (out / "atexit").write_text("ran"))
+from orchestrator import cli
+if how == "entry":
+    cli.entry()
+else:
+    cli.main()
+"""
+
+
+def _probe(tmp_path: Path, how: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _PROBE, str(tmp_path), how, *args], cwd=tmp_path, env=cli_env(),
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(("args", "code"), [(("--help",), 0), (("run", "missing.yaml"), 2)],
+                         ids=["finished", "refused"])
+def test_a_command_exits_with_its_code_past_a_teardown_that_would_abort(tmp_path, args, code):
+    """Breaks if the entry point lets the interpreter tear down (the abort then ends the process with
+    SIGABRT), cuts a running thread short, skips atexit handlers, or loses the command's exit code."""
+    res = _probe(tmp_path, "entry", *args)
+    assert res.returncode == code, res.stderr
+    assert "teardown reached" not in res.stderr
+    assert (tmp_path / "thread").read_text() == "done"
+    assert (tmp_path / "atexit").read_text() == "ran"
+
+
+def test_without_the_entry_point_the_same_teardown_aborts(tmp_path):
+    """The probe's abort is real: through `main` and the interpreter's own exit, the process dies
+    with SIGABRT after its work, as `data pack` did in CI. Without this, the test above proves nothing."""
+    res = _probe(tmp_path, "main", "--help")
+    assert res.returncode == -6, res.stderr
+    assert "teardown reached" in res.stderr
+    assert (tmp_path / "atexit").read_text() == "ran"
