@@ -41,9 +41,14 @@ def leave(code: int) -> NoReturn:
     """End a process whose command has finished: threads joined, atexit handlers run, output
     flushed, and no interpreter teardown (see the module's docstring)."""
     shutdown = getattr(threading, "_shutdown", None)  # CPython 3.8-3.14; elsewhere the handlers still run
-    if shutdown is not None:
-        shutdown()
-    atexit._run_exitfuncs()
+    try:
+        if shutdown is not None:
+            shutdown()
+        atexit._run_exitfuncs()
+    except KeyboardInterrupt:  # Ctrl-C while a thread finishes: stop now, as asked, without a traceback
+        print("interrupted while finishing; re-run the same command to resume from the last checkpoint",
+              file=sys.stderr)
+        code = 130
     _flush()
     os._exit(code)
 

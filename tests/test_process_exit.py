@@ -67,3 +67,27 @@ def test_without_the_entry_point_the_same_teardown_aborts(tmp_path):
     assert res.returncode == -6, res.stderr
     assert "teardown reached" in res.stderr
     assert (tmp_path / "atexit").read_text() == "ran"
+
+
+def test_ctrl_c_while_a_thread_finishes_exits_130_without_a_traceback(tmp_path):
+    """Breaks if a Ctrl-C during the exit's join of a still-running thread prints a traceback
+    instead of the one-line interrupted message and exit code 130."""
+    import signal
+    import time
+
+    probe = _PROBE.replace("time.sleep(1.5)", "time.sleep(120)").replace(
+        "def upload():", "(out / 'started').write_text('')\ndef upload():")
+    proc = subprocess.Popen([sys.executable, "-c", probe, str(tmp_path), "entry", "--help"], cwd=tmp_path,
+                            env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "started").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(3)  # --help is done by then: the process is joining the 120-s thread
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "interrupted while finishing" in stderr
+    assert not (tmp_path / "thread").exists()
