@@ -414,7 +414,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if any(a.startswith("litdata") for a in arms) and not have_litdata():
         arms = [a for a in arms if not a.startswith("litdata")]
         out["litdata_note"] = ("litdata not installed: its arms skipped (pip install --no-deps litdata==0.2.76 "
-                               "lightning-utilities==0.15.3 obstore==0.12.1 polars==2.1.0 polars-runtime-32==2.1.0)")
+                               "lightning-utilities==0.15.3 obstore==0.12.1 polars==2.1.0 polars-runtime-32==2.1.0; "
+                               "then pip install boto3, which litdata imports)")
     out["arms"] = arms
     out["local_requests_note"] = ("ours: ShardDataset.requests(), every read the dataset made (manifest, "
                                   "index, ranges, shared values); litdata: the files in its index plus index.json, "
