@@ -129,7 +129,8 @@ class DataSection(_Strict):
                     "samples shuffled inside each, so the first batch needs one window, not most of the chunk, and "
                     "training starts while the rest streams in. chunk: the whole slice shuffled at once (runs "
                     "planned before this field existed). Recorded in the run's plan at its start: a run keeps its "
-                    "mode.")
+                    "mode. A window mixes only samples stored near each other: for data packed from folders that "
+                    "group similar images (classes, backgrounds) use chunk (README: Mind the stored order).")
     shuffle_window_mb: int = Field(
         SHUFFLE_WINDOW_MB, ge=1, le=1 << 20,
         description="window shuffle: stored MB (2^20 bytes) of row groups per window, at least one batch of "

@@ -23,6 +23,7 @@ from storage.errors import MountDropped, StorageError, StorageUnavailable
 from storage.layout import CURSOR_JSON, ERROR_JSON, FINAL_JSON
 from storage.plans import load_plan, save_plan
 from workers.preemption import PreemptedError, StopRequested
+from workers.windows import stored_order_note
 
 
 def resolve_data(recipe: Recipe, console: Console) -> str:
@@ -217,6 +218,9 @@ def _new_run(recipe: Recipe, rdir: str, data_uri: str, ds: Any, console: Console
         data_uri=data_uri, mlflow_run_id=run_id, mlflow_experiment_id=exp_id, tracking_uri=tracking_uri,
     )
     console.print(f"run '{recipe.run.name}': new, {_plan_line(plan)}; run storage {rdir}; MLflow run {run_id}")
+    note = stored_order_note(ds, plan, recipe.stages[0].batch_size)
+    if note:
+        console.print(f"note: {note}", highlight=False, markup=False)
     return rec, plan
 
 

@@ -93,6 +93,27 @@ CLI_PRELOAD = ("orchestrator.cli", "torch", "yaml", "pydantic.main", "pydantic.t
                "pyarrow.parquet", "PIL.Image", "sqlite3", "rich.progress", "zoneinfo", "cloudpickle")
 
 
+def cli_in_process(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
+    """`orchestrator ARGS` through the CLI's own main() in this process (no interpreter start-up):
+    (exit code, stderr); stdout stays in capsys."""
+    from orchestrator import cli
+
+    argv = sys.argv
+    handler = signal.getsignal(signal.SIGTERM)
+    sys.argv = ["orchestrator", *args]
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    finally:
+        sys.argv = argv
+        signal.signal(signal.SIGTERM, handler)
+    captured = capsys.readouterr()
+    sys.stdout.write(captured.out)
+    return code, captured.err
+
+
 def run_cli_many(calls: list[tuple[list[str], Path]], timeout: float = 120,
                  parallel: int = 2) -> list[subprocess.CompletedProcess]:
     """run_cli for each (args, cwd), each its own process, forked from one interpreter that has imported

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import kill_group, run_cli, start_cli, write_recipe
+from tests.conftest import cli_in_process, kill_group, run_cli, start_cli, write_recipe
 
 RUN = "tinydepth"
 # A few layers of every kind, given in both spellings: the model's own and the updates' (Encoder.0.0).
@@ -78,27 +77,6 @@ def write_spec(root: Path, spec: dict[str, Any]) -> str:
     path = root / f"{spec['name']}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return str(path)
-
-
-def cli_in_process(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
-    """`orchestrator ARGS` through the CLI's own main() in this process (no interpreter start-up):
-    (exit code, stderr); stdout stays in capsys."""
-    from orchestrator import cli
-
-    argv = sys.argv
-    handler = signal.getsignal(signal.SIGTERM)
-    sys.argv = ["orchestrator", *args]
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    finally:
-        sys.argv = argv
-        signal.signal(signal.SIGTERM, handler)
-    captured = capsys.readouterr()
-    sys.stdout.write(captured.out)
-    return code, captured.err
 
 
 def layer_files(root: Path, name: str) -> dict[str, tuple[float, bytes]]:

@@ -386,3 +386,71 @@ def test_a_new_plan_records_tiers_and_an_old_plan_reads_as_one_head(tiny_dataset
     del meta["shuffle_head_growth"]  # as the code before tiers wrote it
     (tmp_path / "plan.json").write_text(json.dumps(meta))
     assert load_plan(str(tmp_path)).shuffle_head_growth == 1
+
+
+# -- data stored in its source's order -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def class_sorted(tmp_path_factory) -> str:
+    """An ImageFolder of 1,200 96-px samples (~4 MB) packed as `data pack` stores it: class by class;
+    and the same samples synthesized (stored in no order)."""
+    from storage.pack import pack
+    from storage.synth_tasks import synthesize_task, synthesize_task_seed_layout
+
+    root = tmp_path_factory.mktemp("sorted")
+    synthesize_task_seed_layout("classification", str(root / "raw"), 1200, seed=5, image_size=96, workers=1)
+    pack(str(root / "raw"), str(root / "ds"), task="classification", workers=1, rows_per_group=64)
+    synthesize_task("classification", str(root / "synth"), 1200, seed=5, image_size=96, rows_per_group=64, workers=1)
+    return str(root)
+
+
+def _window_plan(uri: str, shuffle: str, window_mb: int) -> tuple:
+    ds = open_dataset(uri)
+    stage = {"name": "train", "resolution": 96, "batch_size": 64, "chunk_size": 1000, "lr": 0.003}
+    recipe = validate_recipe(tiny_recipe(uri, task="classification", model={"name": "basenet", "width": 1.0},
+                                         loss={"labels": {"cross_entropy": 1.0}}, stages=[stage],
+                                         data={"shuffle": shuffle, "shuffle_window_mb": window_mb}))
+    return ds, plan_for_dataset(recipe, ds)
+
+
+def test_windows_over_class_sorted_storage_hold_few_classes_a_batch_and_a_new_run_is_told(class_sorted):
+    """Breaks if the note about data stored in order goes, or fires where it does not apply (a chunk
+    that fits one window, the whole-chunk shuffle, a synthesized set stored in no order); and shows
+    why it is there: in small windows a batch of the class-sorted set holds a few classes, the
+    whole-chunk shuffle's holds nearly all."""
+    from workers.windows import stored_order_note
+
+    ds, plan = _window_plan(f"{class_sorted}/ds", "window", 1)
+    ids = plan.stages[0].chunk_ids(0)
+    labels = dict(zip(ids.tolist(), np.asarray(ds.index_values("label", ids)).tolist(), strict=True))
+
+    def classes_a_batch(p) -> float:
+        order = Windows(ds, p).order(ids, len(ids), 64, 1)
+        return float(np.median([len({labels[i] for i in b.tolist()})
+                                for b in batches_for_rank(ids, 64, 1, 0, [0, 3, 0, 0, 0], windows=order)]))
+
+    _, whole = _window_plan(f"{class_sorted}/ds", "chunk", 1)
+    assert classes_a_batch(plan) <= 4 < 8 <= classes_a_batch(whole)
+    note = stored_order_note(ds, plan, 64)
+    assert note is not None and "imagefolder" in note and "data.shuffle: chunk" in note
+    assert stored_order_note(ds, whole, 64) is None
+    assert stored_order_note(ds, _window_plan(f"{class_sorted}/ds", "window", 48)[1], 64) is None
+    synth, synth_plan = _window_plan(f"{class_sorted}/synth", "window", 1)
+    assert stored_order_note(synth, synth_plan, 64) is None
+
+
+def test_data_pack_of_more_than_a_window_notes_the_stored_order(class_sorted, tmp_path, capsys, monkeypatch):
+    """Breaks if `data pack` stops noting that a dataset larger than one default window is stored in
+    its source's order, or notes it for one that fits a window (the default window scaled down
+    here: packing 48 MB takes a minute)."""
+    import orchestrator.data_cli as data_cli
+    from tests.conftest import cli_in_process
+
+    code, err = cli_in_process(capsys, "data", "pack", f"{class_sorted}/raw", str(tmp_path / "a"), "--task",
+                               "classification", "--workers", "1")
+    assert code == 0 and "packed 1200 samples" in err and "stored in the source's order" not in err
+    monkeypatch.setattr(data_cli, "SHUFFLE_WINDOW_MB", 1)
+    code, err = cli_in_process(capsys, "data", "pack", f"{class_sorted}/raw", str(tmp_path / "b"), "--task",
+                               "classification", "--workers", "1")
+    assert code == 0 and "stored in the source's order (imagefolder)" in err and "data.shuffle: chunk" in err
