@@ -75,15 +75,23 @@ def test_ctrl_c_while_a_thread_finishes_exits_130_without_a_traceback(tmp_path):
     import signal
     import time
 
-    probe = _PROBE.replace("time.sleep(1.5)", "time.sleep(120)").replace(
-        "def upload():", "(out / 'started').write_text('')\ndef upload():")
+    # The probe marks the moment its exit starts joining the thread (a wrapper around the join it
+    # calls), so the Ctrl-C lands there however slowly this machine runs the command before it.
+    joining = ("_join = threading._shutdown\n"
+               "def _marked():\n"
+               "    (out / 'joining').write_text('')\n"
+               "    _join()\n"
+               "threading._shutdown = _marked\n"
+               "from orchestrator import cli")
+    probe = _PROBE.replace("time.sleep(1.5)", "time.sleep(120)").replace("from orchestrator import cli", joining, 1)
     proc = subprocess.Popen([sys.executable, "-c", probe, str(tmp_path), "entry", "--help"], cwd=tmp_path,
                             env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while not (tmp_path / "started").exists() and time.monotonic() < deadline:
+        deadline = time.monotonic() + 100
+        while not (tmp_path / "joining").exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        time.sleep(3)  # --help is done by then: the process is joining the 120-s thread
+        assert (tmp_path / "joining").exists(), "the probe never reached its exit's join"
+        time.sleep(0.2)  # from the mark into the join itself
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=60)
     finally:

@@ -17,6 +17,7 @@ from common.recipe import validate_recipe
 from storage.plans import load_plan, save_plan
 from storage.shards import open_dataset
 from tests.conftest import (
+    cli_in_process,
     kill_group,
     run_cli,
     slow_recipe,
@@ -445,7 +446,6 @@ def test_data_pack_of_more_than_a_window_notes_the_stored_order(class_sorted, tm
     its source's order, or notes it for one that fits a window (the default window scaled down
     here: packing 48 MB takes a minute)."""
     import orchestrator.data_cli as data_cli
-    from tests.conftest import cli_in_process
 
     code, err = cli_in_process(capsys, "data", "pack", f"{class_sorted}/raw", str(tmp_path / "a"), "--task",
                                "classification", "--workers", "1")
