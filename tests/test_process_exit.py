@@ -77,7 +77,11 @@ def test_ctrl_c_while_a_thread_finishes_exits_130_without_a_traceback(tmp_path):
 
     # The probe marks the moment its exit starts joining the thread (a wrapper around the join it
     # calls), so the Ctrl-C lands there however slowly this machine runs the command before it.
-    joining = ("_join = threading._shutdown\n"
+    # Ctrl-C as a terminal delivers it: a test run started in the background (CI's runner, `cmd &`)
+    # hands its children SIGINT ignored, and Python then installs no handler of its own.
+    joining = ("import signal\n"
+               "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+               "_join = threading._shutdown\n"
                "def _marked():\n"
                "    (out / 'joining').write_text('')\n"
                "    _join()\n"
