@@ -13,7 +13,6 @@ from rich.console import Console
 # where a typer.BadParameter raised in a command body would surface as a traceback.
 from common.errors import RecipeError, RunError
 from common.plugins import is_import_path
-from common.recipe import SHUFFLE_WINDOW_MB
 from common.redact import check_no_credentials, redact_text
 from common.tasks import MASK_DEPTH, get_task_spec, task_names
 
@@ -262,9 +261,11 @@ def data_pack(
                                             "epoch).")] = 40_000_000,
 ) -> None:
     """Pack a raw dataset into Parquet shards + index + manifest. Killed? Run it again: it continues."""
+    from common.recipe import SHUFFLE_WINDOW_MB
     from orchestrator.progress import count_progress
     from storage.pack import PackError, pack
     from storage.source_plan import SourceError
+    from workers.windows import STORED_ORDER_ADVICE
 
     for value, what in ((source, "SOURCE"), (dest, "DEST"), (report, "--report")):
         check_no_credentials(value, what)
@@ -309,9 +310,8 @@ def data_pack(
     stored = sum(int(sh.get("bytes") or 0) for sh in (res.manifest or {}).get("shards", []))
     if stored > SHUFFLE_WINDOW_MB * 2**20:  # more than one default window: see workers/windows.py stored_order_note
         err.print(f"note: the samples are stored in the source's order ({(res.manifest or {}).get('source_layout')}); "
-                  "the window shuffle (data.shuffle: window, the default) mixes only samples stored near each "
-                  "other: if the source's folders group similar images (classes, backgrounds), train with "
-                  "data.shuffle: chunk (README: \"Mind the stored order\")", highlight=False, markup=False)
+                  f"the window shuffle (data.shuffle: window, the default) mixes only samples stored near each "
+                  f"other: {STORED_ORDER_ADVICE}", highlight=False, markup=False)
     if res.skipped:
         err.print(f"skipped {len(res.skipped)} bad sample(s)"
                   + (f", listed in {report}" if report else "; add --report FILE to list them"), highlight=False)

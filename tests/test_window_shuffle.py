@@ -445,12 +445,12 @@ def test_data_pack_of_more_than_a_window_notes_the_stored_order(class_sorted, tm
     """Breaks if `data pack` stops noting that a dataset larger than one default window is stored in
     its source's order, or notes it for one that fits a window (the default window scaled down
     here: packing 48 MB takes a minute)."""
-    import orchestrator.data_cli as data_cli
+    import common.recipe
 
     code, err = cli_in_process(capsys, "data", "pack", f"{class_sorted}/raw", str(tmp_path / "a"), "--task",
                                "classification", "--workers", "1")
     assert code == 0 and "packed 1200 samples" in err and "stored in the source's order" not in err
-    monkeypatch.setattr(data_cli, "SHUFFLE_WINDOW_MB", 1)
+    monkeypatch.setattr(common.recipe, "SHUFFLE_WINDOW_MB", 1)  # data pack reads it when it runs
     code, err = cli_in_process(capsys, "data", "pack", f"{class_sorted}/raw", str(tmp_path / "b"), "--task",
                                "classification", "--workers", "1")
     assert code == 0 and "stored in the source's order (imagefolder)" in err and "data.shuffle: chunk" in err

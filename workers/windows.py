@@ -167,6 +167,11 @@ class Windows:
         return WindowOrder(keys, tiers, span)
 
 
+# What to do about it, said alike by `data pack` and a new run.
+STORED_ORDER_ADVICE = ("if its folders group similar images (classes, backgrounds), so will each batch: train it with "
+                       "data.shuffle: chunk, which mixes the whole chunk (README: \"Mind the stored order\")")
+
+
 def stored_order_note(dataset: Any, plan: Plan, first_batch: int) -> str | None:
     """A note for a new run whose window shuffle will mix only what is stored near each other in a
     dataset stored in its source's order, or None.
@@ -186,7 +191,4 @@ def stored_order_note(dataset: Any, plan: Plan, first_batch: int) -> str | None:
     if windows <= 1:
         return None
     return (f"data.shuffle is window: the first chunk trains in {windows} windows of consecutive stored row groups, "
-            f"and this dataset is stored in its source's order ({manifest['source_layout']}). If its folders group "
-            "similar images (classes, backgrounds), so will each batch; a new run with data.shuffle: chunk mixes the "
-            "whole chunk (README: \"Mind the stored order\")")
-
+            f"and this dataset is stored in its source's order ({manifest['source_layout']}); {STORED_ORDER_ADVICE}")
