@@ -259,17 +259,26 @@ def data_pack(
                                        help="Images of more pixels than this are bad samples, named with their size "
                                             "(default 40,000,000: 40 MP decodes in ~120 MB, every "
                                             "epoch).")] = 40_000_000,
+    order: Annotated[str,
+                     typer.Option("--order",
+                                  help="How the samples are stored: shuffled (the default: every row group a draw "
+                                       "from the whole dataset, so the default window shuffle mixes classes) or "
+                                       "source (the source's order, e.g. class by class). Sample ids are the "
+                                       "source's either way.")] = "shuffled",
 ) -> None:
     """Pack a raw dataset into Parquet shards + index + manifest. Killed? Run it again: it continues."""
     from common.recipe import SHUFFLE_WINDOW_MB
     from orchestrator.progress import count_progress
     from storage.pack import PackError, pack
+    from storage.pack.order import ORDERS
     from storage.source_plan import SourceError
     from workers.windows import STORED_ORDER_ADVICE
 
     for value, what in ((source, "SOURCE"), (dest, "DEST"), (report, "--report")):
         check_no_credentials(value, what)
     _check_task(task)
+    if order not in ORDERS:
+        raise RecipeError(f"--order {order!r}: expected one of {', '.join(ORDERS)}")
     columns = _parse_columns(column, task)
     if task == "mask_depth" and (classes or depth_units_per_m):
         raise RecipeError("--classes and --depth-units-per-m apply to --task classification, segmentation or depth")
@@ -293,7 +302,7 @@ def data_pack(
                    rows_per_group=rows_per_group,
                    workers=workers, address=address, columns=columns, progress=progress, on_plan=on_plan,
                    task=task, classes=classes, depth_units_per_m=depth_units_per_m, force=True,
-                   max_pixels=max_pixels)
+                   max_pixels=max_pixels, order=order)
     except (SourceError, PackError) as exc:
         raise RunError(str(exc)) from None
     finally:
@@ -308,7 +317,8 @@ def data_pack(
     err.print(f"packed {res.packed} samples{what} into {res.shards} shards at {redact_text(res.dest)} in "
               f"{res.seconds:.1f} s{reused}", highlight=False)
     stored = sum(int(sh.get("bytes") or 0) for sh in (res.manifest or {}).get("shards", []))
-    if stored > SHUFFLE_WINDOW_MB * 2**20:  # more than one default window: see workers/windows.py stored_order_note
+    # More than one default window, stored in order: see workers/windows.py stored_order_note.
+    if order == "source" and stored > SHUFFLE_WINDOW_MB * 2**20:
         err.print(f"note: the samples are stored in the source's order ({(res.manifest or {}).get('source_layout')}); "
                   f"the window shuffle (data.shuffle: window, the default) mixes only samples stored near each "
                   f"other: {STORED_ORDER_ADVICE}", highlight=False, markup=False)

@@ -394,14 +394,19 @@ def test_a_new_plan_records_tiers_and_an_old_plan_reads_as_one_head(tiny_dataset
 
 @pytest.fixture(scope="module")
 def class_sorted(tmp_path_factory) -> str:
-    """An ImageFolder of 1,200 96-px samples (~4 MB) packed as `data pack` stores it: class by class;
+    """An ImageFolder of 1,200 96-px samples (~4 MB) packed in its source's order, class by class
+    (`data pack --order source`, and every pack before storage/pack/order.py), and as `data pack`
+    stores it by default (shuffled; shards of 320 in row groups of 16, so that 20 blocks of 16
+    consecutive samples are dealt to each of 4 shards: at the default sizes, ~128 blocks a shard);
     and the same samples synthesized (stored in no order)."""
     from storage.pack import pack
     from storage.synth_tasks import synthesize_task, synthesize_task_seed_layout
 
     root = tmp_path_factory.mktemp("sorted")
     synthesize_task_seed_layout("classification", str(root / "raw"), 1200, seed=5, image_size=96, workers=1)
-    pack(str(root / "raw"), str(root / "ds"), task="classification", workers=1, rows_per_group=64)
+    pack(str(root / "raw"), str(root / "ds"), task="classification", workers=1, rows_per_group=64, order="source")
+    pack(str(root / "raw"), str(root / "shuffled"), task="classification", workers=1, rows_per_group=16,
+         rows_per_shard=320)
     synthesize_task("classification", str(root / "synth"), 1200, seed=5, image_size=96, rows_per_group=64, workers=1)
     return str(root)
 
@@ -434,23 +439,78 @@ def test_windows_over_class_sorted_storage_hold_few_classes_a_batch_and_a_new_ru
     _, whole = _window_plan(f"{class_sorted}/ds", "chunk", 1)
     assert classes_a_batch(plan) <= 4 < 8 <= classes_a_batch(whole)
     note = stored_order_note(ds, plan, 64)
-    assert note is not None and "imagefolder" in note and "data.shuffle: chunk" in note
+    assert note is not None and "imagefolder" in note and "data.shuffle: chunk" in note and "--order source" in note
     assert stored_order_note(ds, whole, 64) is None
     assert stored_order_note(ds, _window_plan(f"{class_sorted}/ds", "window", 48)[1], 64) is None
     synth, synth_plan = _window_plan(f"{class_sorted}/synth", "window", 1)
     assert stored_order_note(synth, synth_plan, 64) is None
 
 
+def test_a_default_pack_stores_class_sorted_samples_so_that_small_windows_mix_the_classes(class_sorted):
+    """Breaks if `data pack` goes back to storing the source's order (or shuffles only within a
+    shard: the 4 shards here would then hold 2 to 4 classes each), or if a new run is told about
+    the stored order of a dataset stored shuffled. The sample ids and labels stay the source's.
+    Stored in the source's order, the same windows hold at most 4 classes a batch (the test above)."""
+    from workers.windows import stored_order_note
+
+    ds, plan = _window_plan(f"{class_sorted}/shuffled", "window", 1)
+    assert ds.manifest["stored_order"] == {"order": "shuffled", "seed": 0, "block_rows": 16}
+    assert len(ds.manifest["shards"]) == 4
+    ids = plan.stages[0].chunk_ids(0)
+    labels = dict(zip(ids.tolist(), np.asarray(ds.index_values("label", ids)).tolist(), strict=True))
+    order = Windows(ds, plan).order(ids, len(ids), 64, 1)
+    assert len(np.unique(order.keys)) >= 3, "the 1 MB windows must cut this chunk for the test to mean anything"
+    per_batch = [len({labels[i] for i in b.tolist()}) for b in batches_for_rank(ids, 64, 1, 0, [0, 3, 0, 0, 0],
+                                                                                windows=order)]
+    assert np.median(per_batch) >= 7, per_batch
+    assert stored_order_note(ds, plan, 64) is None
+    sorted_ds = open_dataset(f"{class_sorted}/ds")
+    assert sorted_ds.manifest["stored_order"] == {"order": "source"}
+    # The same samples under the same ids, with the same labels, stored in another order.
+    assert sorted(ds.sample_ids.tolist()) == sorted(sorted_ds.sample_ids.tolist())
+    assert ds.sample_ids.tolist() != sorted_ds.sample_ids.tolist()
+    every = np.sort(ds.sample_ids)
+    assert np.asarray(ds.index_values("label", every)).tolist() == np.asarray(
+        sorted_ds.index_values("label", every)).tolist()
+    # Each shard holds most classes (shuffled within a shard only, each would hold 3 or 4).
+    shard_of = ds.index.column("shard").to_numpy()
+    label_of = np.asarray(ds.index.column("label").to_numpy())
+    assert min(len(set(label_of[shard_of == s].tolist())) for s in range(4)) >= 8
+
+
+def test_the_stored_order_deals_runs_of_a_row_group_across_shards_and_is_fixed():
+    """Breaks if the stored order stops being a permutation, stops being the same for the same
+    sizes (a killed pack's re-run cuts its parts by it), stops reading the source in runs of a
+    row group (a remote zip would be read member by member), or keeps a shard's runs together."""
+    from storage.pack.order import stored_order
+
+    o = stored_order(1000, 200, 10)
+    assert sorted(o.tolist()) == list(range(1000)) and o.tolist() == stored_order(1000, 200, 10).tolist()
+    assert o.tolist() != stored_order(1000, 200, 20).tolist()
+    for s in range(0, 1000, 200):
+        part = np.sort(o[s : s + 200])
+        runs = np.split(part, np.flatnonzero(np.diff(part) != 1) + 1)
+        assert all(len(r) % 10 == 0 for r in runs), "a part reads whole blocks of 10 consecutive samples"
+        assert len(runs) >= 10, "a part's blocks come from all over the source"
+        assert o[s : s + 10].tolist() != sorted(o[s : s + 10].tolist()), "a row group holds one block"
+    assert stored_order(1000, 200, 10, "source").tolist() == list(range(1000))
+
+
 def test_data_pack_of_more_than_a_window_notes_the_stored_order(class_sorted, tmp_path, capsys, monkeypatch):
-    """Breaks if `data pack` stops noting that a dataset larger than one default window is stored in
-    its source's order, or notes it for one that fits a window (the default window scaled down
-    here: packing 48 MB takes a minute)."""
+    """Breaks if `data pack --order source` stops noting that a dataset larger than one default window
+    is stored in its source's order, or notes it for one that fits a window (the default window
+    scaled down here: packing 48 MB takes a minute) or for a default (shuffled) pack."""
     import common.recipe
 
     code, err = cli_in_process(capsys, "data", "pack", f"{class_sorted}/raw", str(tmp_path / "a"), "--task",
-                               "classification", "--workers", "1")
+                               "classification", "--workers", "1", "--order", "source")
     assert code == 0 and "packed 1200 samples" in err and "stored in the source's order" not in err
     monkeypatch.setattr(common.recipe, "SHUFFLE_WINDOW_MB", 1)  # data pack reads it when it runs
     code, err = cli_in_process(capsys, "data", "pack", f"{class_sorted}/raw", str(tmp_path / "b"), "--task",
-                               "classification", "--workers", "1")
+                               "classification", "--workers", "1", "--order", "source")
     assert code == 0 and "stored in the source's order (imagefolder)" in err and "data.shuffle: chunk" in err
+    code, err = cli_in_process(capsys, "data", "pack", f"{class_sorted}/raw", str(tmp_path / "c"), "--task",
+                               "classification", "--workers", "1")
+    assert code == 0 and "packed 1200 samples" in err and "stored in the source's order" not in err
+    code, err = cli_in_process(capsys, "data", "pack", f"{class_sorted}/raw", str(tmp_path / "d"), "--order", "random")
+    assert code == 2 and "--order 'random'" in err and "shuffled, source" in err

@@ -168,7 +168,8 @@ class Windows:
 
 
 # What to do about it, said alike by `data pack` and a new run.
-STORED_ORDER_ADVICE = ("if its folders group similar images (classes, backgrounds), so will each batch: train it with "
+STORED_ORDER_ADVICE = ("if its folders group similar images (classes, backgrounds), so will each batch: pack it again "
+                       "without --order source (data pack stores samples shuffled by default), or train it with "
                        "data.shuffle: chunk, which mixes the whole chunk (README: \"Mind the stored order\")")
 
 
@@ -176,14 +177,18 @@ def stored_order_note(dataset: Any, plan: Plan, first_batch: int) -> str | None:
     """A note for a new run whose window shuffle will mix only what is stored near each other in a
     dataset stored in its source's order, or None.
 
-    `data pack` stores samples in the order of its source (an ImageFolder class by class, the source's
-    mask-depth set background by background), and a window is a run of consecutive stored row groups:
-    on such data each batch holds a few classes. Measured (docs/PERFORMANCE.md, "Window shuffle on
+    A dataset packed with `--order source`, or by a version before storage/pack/order.py, holds its
+    samples in the order of its source (an ImageFolder class by class, the source's mask-depth set
+    background by background), and a window is a run of consecutive stored row groups: on such data
+    each batch holds a few classes. Measured (docs/PERFORMANCE.md, "Window shuffle on
     data stored in order"): BaseNet on 6,000 class-sorted samples in 1 MB windows, 3 classes a batch,
     reached 0.65 accuracy where shuffle: chunk reached 1.00. Synthesized sets (no source layout) are
     stored in no order, and a chunk that fits one window is shuffled whole: no note for either."""
     manifest = getattr(dataset, "manifest", None) or {}
-    if plan.shuffle != "window" or not manifest.get("source_layout") or not plan.stages:
+    # storage/pack/order.py: `data pack` stores shuffled unless told --order source; packs made
+    # before it existed record no stored_order and are in their source's order.
+    shuffled = (manifest.get("stored_order") or {}).get("order") == "shuffled"
+    if plan.shuffle != "window" or not manifest.get("source_layout") or shuffled or not plan.stages:
         return None
     ids = plan.stages[0].chunk_ids(0)
     keys = Windows(dataset, plan).of(ids, len(ids), max(1, int(first_batch)), 1)

@@ -7,6 +7,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import pyarrow as pa
@@ -31,6 +32,7 @@ from storage.pack.mask_depth import (
     background_tasks,
     backgrounds_table,
 )
+from storage.pack.order import DEFAULT_ORDER, order_entry, stored_order
 from storage.pack.parts import default_workers, run_parts, sample_tasks
 from storage.pack.records import (
     BACKGROUNDS,
@@ -71,6 +73,7 @@ def pack(
     depth_units_per_m: float | None = None,
     force: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    order: str = DEFAULT_ORDER,
 ) -> PackResult:
     """Pack `source` into a dataset at `dest`.
 
@@ -91,6 +94,8 @@ def pack(
     class-names file (one per line) for segmentation/classification sources without one;
     `depth_units_per_m` the unit of 16-bit depth PNGs (default 1000: millimetres; KITTI: 256).
     An image (or depth array) of more than `max_pixels` pixels is a bad sample, named with its size.
+    `order` is how the samples are stored (storage/pack/order.py): shuffled, the default, or the
+    source's order; sample ids are the source's either way.
 
     DEST must be empty or hold only files this tool writes (storage.dest_check; ForeignDestError
     otherwise, unless `force`); a re-pack removes only the files an earlier pack recorded.
@@ -104,11 +109,15 @@ def pack(
         what = "no label_info lines / manifest rows" if task == DEFAULT_TASK else "no images"
         raise SourceError(f"{redact_text(plan.source)}: empty source: no samples found ({what})")
     rps, rpg = choose_sizes(mean_sample_bytes(plan), rows_per_shard, rows_per_group)
+    source_rank = {str(s.sample_id): i for i, s in enumerate(plan.samples)}
+    plan = replace(plan, samples=[plan.samples[i] for i in stored_order(len(plan.samples), rps, rpg, order)])
     # A re-pack first removes the manifest: a crash mid-way then leaves no dataset describing
     # shards that are being rewritten.
     recorded = recorded_files(dest)
     sfs.remove(sfs.join(dest, MANIFEST))
     settings = {"version": PACK_VERSION, "rows_per_shard": rps, "rows_per_group": rpg, "samples": len(plan.samples)}
+    if order != "source":  # packs from before the stored order had none: theirs was the source's
+        settings["order"] = order_entry(order, rpg)
     if task != DEFAULT_TASK:
         settings["task"] = task
     else:
@@ -148,7 +157,10 @@ def pack(
     )
     log.info("pack: %d parts run (%s), %d reused", len(todo), where, reused + bg_reused)
 
-    bad = list(plan.bad) + [b for p in sorted(records) for b in records[p]["bad"]]
+    # The parts' bad samples in the source's order (the parts hold shuffled samples), as listed before.
+    found = sorted((b for p in sorted(records) for b in records[p]["bad"]),
+                   key=lambda b: (b["sample"] not in source_rank, source_rank.get(b["sample"], 0)))
+    bad = list(plan.bad) + found
     bad = [{**b, "path": redact_text(b["path"])} for b in bad]
     packed = sum(records[p]["rows"] for p in records)
     result = PackResult(dest=dest, skipped=bad, unlisted=plan.unlisted, parts=len(tasks), parts_reused=reused)
@@ -163,7 +175,7 @@ def pack(
         _write_report(report, result.report)
         raise PackError(refusal)
 
-    manifest, n_shards = _write_dataset(dest, plan, task, rps, rpg, bad, records, bg_records, recorded)
+    manifest, n_shards = _write_dataset(dest, plan, task, rps, rpg, bad, records, bg_records, recorded, order)
     result.packed, result.shards, result.manifest = packed, n_shards, manifest
     result.seconds = time.monotonic() - t0
     result.report = {
@@ -197,6 +209,7 @@ def _write_dataset(
     records: dict[int, dict[str, Any]],
     bg_records: dict[int, dict[str, Any]],
     recorded: set[str],
+    order: str,
 ) -> tuple[dict[str, Any], int]:
     """The parts' index rows joined into the dataset's index, then manifest.json (last: it makes the
     dataset); stray shards of empty parts removed. Returns the manifest and the number of shards."""
@@ -217,6 +230,7 @@ def _write_dataset(
         "source_layout": plan.kind,
         "rows_per_group": rpg,
         "rows_per_shard": rps,
+        "stored_order": order_entry(order, rpg),
         "mask_threshold": MASK_THRESHOLD,
         "pack": {"version": PACK_VERSION, "skipped": len(bad), "unlisted": len(plan.unlisted)},
     }
