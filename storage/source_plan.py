@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from storage import fs as sfs
+from storage.zip_ranges import prefetch
 
 
 def zip_member_uri(zip_uri: str, member: str) -> str:
@@ -49,8 +50,12 @@ def read_members(container: Container, members: list[str]) -> dict[str, bytes | 
     out: dict[str, bytes | MemberError] = {}
     if container.is_zip:
         fs, path = sfs.filesystem(container.uri)
-        with fs.open(path, "rb") as f, zipfile.ZipFile(f) as zf:
-            # In archive order, so a remote zip is read front to back through its readahead cache.
+        with fs.open(path, "rb") as f, zipfile.ZipFile(f) as listed:
+            # A remote zip: every member's bytes fetched first, in a few concurrent requests
+            # (storage/zip_ranges.py says why); zipfile then reads them as from the file.
+            source = f if sfs.is_local(container.uri) else prefetch(fs, path, f, listed, members)
+            zf = listed if source is f else zipfile.ZipFile(source)
+            # In archive order, so a local zip is read front to back.
             infos = {i.filename: i for i in zf.infolist()}
             for m in sorted(members, key=lambda m: infos[m].header_offset if m in infos else -1):
                 try:

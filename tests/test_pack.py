@@ -338,3 +338,37 @@ def test_pack_runs_its_parts_as_ray_tasks_when_a_cluster_is_there(seed_src, pack
         ray.shutdown()
     assert where == ["ray"]
     assert _shas(str(tmp_path / "ray")) == _shas(packed)
+
+
+def test_zip_members_read_from_fetched_ranges_are_the_members_bytes(tmp_path):
+    """Breaks if storage/zip_ranges.py serves a byte other than the file's (stored or deflated members),
+    if a read the fetched ranges do not cover is not taken from the file, or if nearby members stop
+    sharing a request."""
+    import random
+
+    from storage.zip_ranges import PrefetchedFile, member_ranges, prefetch
+
+    archive = tmp_path / "m.zip"
+    rng = random.Random(0)
+    with zipfile.ZipFile(archive, "w") as zf:
+        for i in range(40):
+            # 10-40 KB each: members 10 apart are more than GAP_BYTES (64 KB) apart
+            data = rng.randbytes(rng.randrange(10_000, 40_000)) if i % 2 else b"ab" * rng.randrange(5_000, 20_000)
+            zf.writestr(f"d/{i:03d}.bin", data, compress_type=zipfile.ZIP_DEFLATED if i % 3 else zipfile.ZIP_STORED)
+    fs, path = sfs.filesystem(str(archive))
+    wanted = [f"d/{i:03d}.bin" for i in (3, 4, 5, 6, 20, 31, 39)]
+    with fs.open(path, "rb") as f, zipfile.ZipFile(f) as listed:
+        expected = {m: listed.read(m) for m in listed.namelist()}
+        assert len(member_ranges(listed, wanted)) == 4, "members within GAP_BYTES share one request, no others"
+        pf = prefetch(fs, path, f, listed, wanted)
+        with zipfile.ZipFile(pf) as zf:
+            assert {m: zf.read(m) for m in wanted} == {m: expected[m] for m in wanted}
+            assert pf.fallback_reads == 0, "the central directory and the wanted members were fetched"
+            assert zf.read("d/010.bin") == expected["d/010.bin"]  # not fetched: read from the file
+        assert pf.fallback_reads > 0
+        # Only a member's own range fetched (a failed request drops its range): the rest from the file.
+        info = listed.getinfo("d/020.bin")
+        f.seek(info.header_offset)
+        lone = PrefetchedFile(f, [(info.header_offset, f.read(4000))])
+        with zipfile.ZipFile(lone) as zf:
+            assert [zf.read(m) for m in wanted] == [expected[m] for m in wanted]
