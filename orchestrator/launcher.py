@@ -76,8 +76,32 @@ def init_ray(address: str | None) -> None:
     runtime_env = None if in_job else {"env_vars": worker_env(), "worker_process_setup_hook": SETUP_HOOK}
     # "local", not None, without --address: None would join whatever cluster
     # /tmp/ray/ray_current_cluster names, and hang when that cluster is gone.
-    ray.init(address=address or "local", dashboard_host="127.0.0.1", logging_level=logging.WARNING,
-             log_to_driver=os.environ.get("ORCHESTRATOR_WORKER_LOGS") == "1", runtime_env=runtime_env)
+    options = {"address": address or "local", "dashboard_host": "127.0.0.1", "logging_level": logging.WARNING,
+               "log_to_driver": os.environ.get("ORCHESTRATOR_WORKER_LOGS") == "1", "runtime_env": runtime_env}
+    if address:
+        ray.init(**options)
+        return
+    _start_local_ray(ray, options)
+
+
+# Ray gives a new local node 30 s (hard-coded in ray/_private/node.py) to register its raylet;
+# a loaded 2-core machine can miss that, and Ray raises a bare Exception saying so. It is a
+# transient fault: started again, the node comes up (seen in CI rehearsals under load).
+STARTUP_TIMED_OUT = "timed out during startup"
+LOCAL_START_ATTEMPTS = 2
+
+
+def _start_local_ray(ray: Any, options: dict[str, Any]) -> None:
+    from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_fixed
+
+    def again(state: Any) -> None:
+        log.warning("Ray's local node did not start in time (%s); starting it again", state.outcome.exception())
+        ray.shutdown()
+
+    for attempt in Retrying(stop=stop_after_attempt(LOCAL_START_ATTEMPTS), wait=wait_fixed(1), reraise=True,
+                            retry=retry_if_exception(lambda e: STARTUP_TIMED_OUT in str(e)), before_sleep=again):
+        with attempt:
+            ray.init(**options)
 
 
 def scaling_config(ex: Any):
