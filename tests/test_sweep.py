@@ -10,8 +10,9 @@ import yaml
 
 from tests.conftest import run_cli, tiny_recipe, write_recipe
 
-PAIRS = [({"bce": 1}, {"rmse": 1}), ({"dice": 1}, {"berhu": 1}), ({"tversky": 1}, {"grad": 1}),
-         ({"bce_dice": 1}, {"ssim": 1})]
+# Two runs: what is checked is the sweep (runs, params, compare, resume); each loss is trained in
+# tests/test_losses.py. Four runs took 267 s of the suite on 2 cores.
+PAIRS = [({"dice": 1}, {"berhu": 1}), ({"tversky": 1}, {"grad": 1})]
 
 
 def _sweep_file(tmp_path: Path, data: str) -> str:
@@ -28,14 +29,14 @@ def _sweep_file(tmp_path: Path, data: str) -> str:
 
 
 @pytest.mark.ray
-def test_a_sweep_of_four_loss_pairs_completes_as_four_runs_and_compare_tables_them(tmp_path: Path, tiny_dataset):
+def test_a_sweep_of_two_loss_pairs_completes_as_two_runs_and_compare_tables_them(tmp_path: Path, tiny_dataset):
     from mlflow.tracking import MlflowClient
 
     sweep = _sweep_file(tmp_path, tiny_dataset)
     res = run_cli("sweep", sweep, cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
-    names = ["ls-bce-rmse", "ls-dice-berhu", "ls-tversky-grad", "ls-bce_dice-ssim"]
+    names = ["ls-dice-berhu", "ls-tversky-grad"]
     steps = {}
     for name in names:
         st = json.loads(run_cli("status", name, "--json", cwd=tmp_path).stdout)
@@ -65,8 +66,8 @@ def test_a_sweep_of_four_loss_pairs_completes_as_four_runs_and_compare_tables_th
     # The sweep as a whole resumes: run again, nothing is trained twice and no run is added.
     again = run_cli("sweep", sweep, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "all 4 runs completed already" in again.stderr  # reported without starting Ray and Tune
-    assert len(client.search_runs([client.get_experiment_by_name("ls").experiment_id])) == 4
+    assert "all 2 runs completed already" in again.stderr  # reported without starting Ray and Tune
+    assert len(client.search_runs([client.get_experiment_by_name("ls").experiment_id])) == 2
     for name in names:
         st = json.loads(run_cli("status", name, "--json", cwd=tmp_path).stdout)
         assert st["global_step"] == steps[name] and st["interruptions"] == 0
