@@ -14,12 +14,14 @@ goes to the file itself, so nothing is read differently, only sooner.
 
 from __future__ import annotations
 
-import bisect
 import io
 import zipfile
 from typing import Any
 
+from fsspec.utils import merge_offset_ranges
+
 from storage import fs as sfs
+from storage.ranges_file import RangesFile
 
 # One request covers nearby members up to this many bytes: large enough that a run of a row
 # group's members (~1 MB) is one request, small enough that a part's requests run side by side.
@@ -37,72 +39,20 @@ def member_ranges(zf: zipfile.ZipFile, members: list[str]) -> list[tuple[int, in
     end_of = {i.filename: (offsets[k + 1] if k + 1 < len(infos) else zf.start_dir) for k, i in enumerate(infos)}
     by_name = {i.filename: i for i in infos}
     wanted = sorted((by_name[m].header_offset, end_of[m]) for m in set(members) if m in by_name)
-    merged: list[tuple[int, int]] = []
-    for start, end in wanted:
-        if merged and start - merged[-1][1] <= GAP_BYTES and end - merged[-1][0] <= MERGE_BYTES:
-            merged[-1] = (merged[-1][0], end)
-        else:
-            merged.append((start, end))
-    return merged
+    if not wanted:
+        return []
+    _, starts, ends = merge_offset_ranges([""] * len(wanted), [s for s, _ in wanted], [e for _, e in wanted],
+                                          max_gap=GAP_BYTES, max_block=MERGE_BYTES, sort=False)
+    return list(zip(starts, ends, strict=True))
 
 
-class PrefetchedFile(io.RawIOBase):
-    """A seekable read-only file that serves reads from fetched byte ranges, and the rest from `f`."""
-
-    def __init__(self, f: Any, ranges: list[tuple[int, bytes]]) -> None:
-        self._f = f
-        self._ranges = sorted(ranges, key=lambda r: r[0])
-        self._starts = [r[0] for r in self._ranges]
-        self._pos = 0
-        self.fallback_reads = 0  # reads the ranges did not cover (the central directory's, a failed range's)
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        if whence == io.SEEK_SET:
-            self._pos = offset
-        elif whence == io.SEEK_CUR:
-            self._pos += offset
-        else:
-            self._pos = self._f.seek(offset, io.SEEK_END)
-        return self._pos
-
-    def read(self, n: int | None = -1) -> bytes:
-        if n is None or n < 0:  # to the end (zipfile reads the end record so)
-            n = max(0, self._f.seek(0, io.SEEK_END) - self._pos)
-        k = bisect.bisect_right(self._starts, self._pos) - 1
-        if k >= 0:
-            start, data = self._ranges[k]
-            lo = self._pos - start
-            if lo + n <= len(data):
-                self._pos += n
-                return data[lo : lo + n]
-        self.fallback_reads += 1
-        self._f.seek(self._pos)
-        out = self._f.read(n)
-        self._pos += len(out)
-        return out
-
-    def readinto(self, b: Any) -> int:
-        data = self.read(len(b))
-        b[: len(data)] = data
-        return len(data)
-
-
-def prefetch(fs: Any, path: str, f: Any, zf: zipfile.ZipFile, members: list[str]) -> PrefetchedFile:
+def prefetch(fs: Any, path: str, f: Any, zf: zipfile.ZipFile, members: list[str]) -> RangesFile:
     """`f` (the open zip file of `zf`) with the ranges of `members` fetched: open a new ZipFile on
-    the result to read them."""
+    the result to read them. A range whose request failed is left to `f`."""
     # The central directory and end record too: the ZipFile opened on the result reads them again.
     size = f.seek(0, io.SEEK_END)
     ranges = member_ranges(zf, members) + [(zf.start_dir, size)]
     got = sfs.cat_ranges(fs, [path] * len(ranges), [s for s, _ in ranges], [e for _, e in ranges])
-    fetched = [(s, bytes(r)) for (s, e), r in zip(ranges, got, strict=True)
-               if not isinstance(r, BaseException) and len(r) == e - s]
-    return PrefetchedFile(f, fetched)
+    fetched = {s: bytes(r) for (s, e), r in zip(ranges, got, strict=True)
+               if not isinstance(r, BaseException) and len(r) == e - s}
+    return RangesFile(size, fetched, fallback=f)

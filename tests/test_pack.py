@@ -346,7 +346,8 @@ def test_zip_members_read_from_fetched_ranges_are_the_members_bytes(tmp_path):
     sharing a request."""
     import random
 
-    from storage.zip_ranges import PrefetchedFile, member_ranges, prefetch
+    from storage.ranges_file import RangesFile
+    from storage.zip_ranges import member_ranges, prefetch
 
     archive = tmp_path / "m.zip"
     rng = random.Random(0)
@@ -369,6 +370,7 @@ def test_zip_members_read_from_fetched_ranges_are_the_members_bytes(tmp_path):
         # Only a member's own range fetched (a failed request drops its range): the rest from the file.
         info = listed.getinfo("d/020.bin")
         f.seek(info.header_offset)
-        lone = PrefetchedFile(f, [(info.header_offset, f.read(4000))])
+        head = f.read(4000)
+        lone = RangesFile(f.seek(0, io.SEEK_END), {info.header_offset: head}, fallback=f)
         with zipfile.ZipFile(lone) as zf:
             assert [zf.read(m) for m in wanted] == [expected[m] for m in wanted]
