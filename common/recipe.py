@@ -129,8 +129,9 @@ class DataSection(_Strict):
                     "samples shuffled inside each, so the first batch needs one window, not most of the chunk, and "
                     "training starts while the rest streams in. chunk: the whole slice shuffled at once (runs "
                     "planned before this field existed). Recorded in the run's plan at its start: a run keeps its "
-                    "mode. A window mixes only samples stored near each other: for data packed from folders that "
-                    "group similar images (classes, backgrounds) use chunk (README: Mind the stored order).")
+                    "mode. A window mixes only samples stored near each other: data pack stores them shuffled, but "
+                    "for a dataset packed with --order source (or before) from folders that group similar images "
+                    "(classes, backgrounds) use chunk (README: Mind the stored order).")
     shuffle_window_mb: int = Field(
         SHUFFLE_WINDOW_MB, ge=1, le=1 << 20,
         description="window shuffle: stored MB (2^20 bytes) of row groups per window, at least one batch of "
