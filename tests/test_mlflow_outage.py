@@ -83,6 +83,9 @@ def server(tmp_path, migrated_db):
 def test_an_mlflow_outage_mid_run_loses_no_point_and_stops_no_training(tmp_path, tiny_dataset, reference_sha, server,
                                                                        monkeypatch):
     monkeypatch.setenv("ORCHESTRATOR_MLFLOW_RETRY_S", "0.5")
+    # The run may reach its end before the server is back (a restart took over a minute on a loaded
+    # 2-core machine): its end waits for MLflow, here long enough for any restart.
+    monkeypatch.setenv("ORCHESTRATOR_MLFLOW_FINAL_WAIT_S", "200")
     recipe = slow_recipe(tiny_dataset)
     recipe["tracking"]["uri"] = server.uri
     path = write_recipe(tmp_path / "r.yaml", recipe)
