@@ -17,11 +17,17 @@ class RangesFile(io.RawIOBase):
 
     def __init__(self, size: int, parts: Mapping[int, bytes | memoryview], fallback: Any = None) -> None:
         self._size = size
-        self._parts = sorted(parts.items())
+        self._parts = sorted(parts.items(), key=lambda p: p[0])
         self._starts = [start for start, _ in self._parts]
         self._fallback = fallback
         self._pos = 0
         self.fallback_reads = 0
+
+    def add(self, parts: Mapping[int, bytes | memoryview]) -> None:
+        """More fetched ranges (a reader that learns what it needs from the file's own directory,
+        read through the fallback, fetches the rest then)."""
+        self._parts = sorted([*self._parts, *parts.items()], key=lambda p: p[0])
+        self._starts = [start for start, _ in self._parts]
 
     def readable(self) -> bool:
         return True

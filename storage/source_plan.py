@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from storage import fs as sfs
-from storage.zip_ranges import prefetch
+from storage.zip_ranges import fetch_members, open_remote
 
 
 def zip_member_uri(zip_uri: str, member: str) -> str:
@@ -50,20 +50,22 @@ def read_members(container: Container, members: list[str]) -> dict[str, bytes | 
     out: dict[str, bytes | MemberError] = {}
     if container.is_zip:
         fs, path = sfs.filesystem(container.uri)
-        with fs.open(path, "rb") as f, zipfile.ZipFile(f) as listed:
+        with fs.open(path, "rb") as f:
             # A remote zip: every member's bytes fetched first, in a few concurrent requests
             # (storage/zip_ranges.py says why); zipfile then reads them as from the file.
-            source = f if sfs.is_local(container.uri) else prefetch(fs, path, f, listed, members)
-            zf = listed if source is f else zipfile.ZipFile(source)
-            # In archive order, so a local zip is read front to back.
-            infos = {i.filename: i for i in zf.infolist()}
-            for m in sorted(members, key=lambda m: infos[m].header_offset if m in infos else -1):
-                try:
-                    out[m] = zf.read(infos[m]) if m in infos else MemberError("missing from the zip")
-                except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
-                    out[m] = MemberError(f"zip member unreadable ({type(exc).__name__}: {exc})")
-                except Exception as exc:  # noqa: BLE001 - zlib.error and friends: a bad member, not a crash
-                    out[m] = MemberError(f"zip member unreadable ({type(exc).__name__}: {exc})")
+            source = f if sfs.is_local(container.uri) else open_remote(f)
+            with zipfile.ZipFile(source) as zf:
+                if source is not f:
+                    fetch_members(fs, path, zf, members, source)
+                # In archive order, so a local zip is read front to back.
+                infos = {i.filename: i for i in zf.infolist()}
+                for m in sorted(members, key=lambda m: infos[m].header_offset if m in infos else -1):
+                    try:
+                        out[m] = zf.read(infos[m]) if m in infos else MemberError("missing from the zip")
+                    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
+                        out[m] = MemberError(f"zip member unreadable ({type(exc).__name__}: {exc})")
+                    except Exception as exc:  # noqa: BLE001 - zlib.error and friends: a bad member, not a crash
+                        out[m] = MemberError(f"zip member unreadable ({type(exc).__name__}: {exc})")
         return out
     return read_files([sfs.join(container.uri, m) for m in members], keys=members)
 

@@ -8,8 +8,9 @@ stores samples shuffled"). Here the byte range of every wanted member (its local
 descriptor: from its header offset to the next member's) is fetched first, runs of adjacent members
 merged into one request of up to MERGE_BYTES, all in flight together (storage.fs.cat_ranges); then
 zipfile reads the members from those bytes as from the file, with its own header parsing,
-decompression and CRC check. A read outside the fetched ranges (or of a range whose request failed)
-goes to the file itself, so nothing is read differently, only sooner.
+decompression and CRC check. The zip is opened once, on a storage/ranges_file.py RangesFile that
+reads its directory through to the file; a read outside the fetched ranges (or of a range whose
+request failed) goes to the file too, so nothing is read differently, only sooner.
 """
 
 from __future__ import annotations
@@ -46,13 +47,16 @@ def member_ranges(zf: zipfile.ZipFile, members: list[str]) -> list[tuple[int, in
     return list(zip(starts, ends, strict=True))
 
 
-def prefetch(fs: Any, path: str, f: Any, zf: zipfile.ZipFile, members: list[str]) -> RangesFile:
-    """`f` (the open zip file of `zf`) with the ranges of `members` fetched: open a new ZipFile on
-    the result to read them. A range whose request failed is left to `f`."""
-    # The central directory and end record too: the ZipFile opened on the result reads them again.
-    size = f.seek(0, io.SEEK_END)
-    ranges = member_ranges(zf, members) + [(zf.start_dir, size)]
+def open_remote(f: Any) -> RangesFile:
+    """`f`, an open remote zip, as a RangesFile that reads through to it: open the ZipFile on this
+    (its directory is read through to `f` once), then fetch_members() before reading members."""
+    return RangesFile(f.seek(0, io.SEEK_END), {}, fallback=f)
+
+
+def fetch_members(fs: Any, path: str, zf: zipfile.ZipFile, members: list[str], into: RangesFile) -> None:
+    """Fetch the byte ranges of `members` of `zf` (opened on `into`) into `into`, all requests in
+    flight together. A range whose request failed is left to the file."""
+    ranges = member_ranges(zf, members)
     got = sfs.cat_ranges(fs, [path] * len(ranges), [s for s, _ in ranges], [e for _, e in ranges])
-    fetched = {s: bytes(r) for (s, e), r in zip(ranges, got, strict=True)
-               if not isinstance(r, BaseException) and len(r) == e - s}
-    return RangesFile(size, fetched, fallback=f)
+    into.add({s: bytes(r) for (s, e), r in zip(ranges, got, strict=True)
+              if not isinstance(r, BaseException) and len(r) == e - s})

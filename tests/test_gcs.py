@@ -87,7 +87,7 @@ def test_pack_reads_zips_from_a_bucket_and_verify_checks_the_result_there(gcs: G
 
 def test_pack_reads_a_bucket_of_zips_in_few_requests_to_the_same_dataset_as_from_disk(gcs: Gcs, tmp_path):
     """Breaks if a remote zip's members go back to being read one small read at a time (this pack
-    took 2,892 requests that way, 212 with the members fetched by range: storage/zip_ranges.py), if
+    took 2,892 requests that way, 178 with the members fetched by range: storage/zip_ranges.py), if
     the fetched ranges change a byte of what is packed, or if a damaged member in a remote zip is
     not named as a bad sample."""
     import zipfile

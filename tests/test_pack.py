@@ -342,12 +342,12 @@ def test_pack_runs_its_parts_as_ray_tasks_when_a_cluster_is_there(seed_src, pack
 
 def test_zip_members_read_from_fetched_ranges_are_the_members_bytes(tmp_path):
     """Breaks if storage/zip_ranges.py serves a byte other than the file's (stored or deflated members),
-    if a read the fetched ranges do not cover is not taken from the file, or if nearby members stop
-    sharing a request."""
+    if the zip's directory or a member it did not fetch is not read through to the file, if a fetched
+    member is read from the file again, or if nearby members stop sharing a request."""
     import random
 
     from storage.ranges_file import RangesFile
-    from storage.zip_ranges import member_ranges, prefetch
+    from storage.zip_ranges import fetch_members, member_ranges, open_remote
 
     archive = tmp_path / "m.zip"
     rng = random.Random(0)
@@ -358,17 +358,22 @@ def test_zip_members_read_from_fetched_ranges_are_the_members_bytes(tmp_path):
             zf.writestr(f"d/{i:03d}.bin", data, compress_type=zipfile.ZIP_DEFLATED if i % 3 else zipfile.ZIP_STORED)
     fs, path = sfs.filesystem(str(archive))
     wanted = [f"d/{i:03d}.bin" for i in (3, 4, 5, 6, 20, 31, 39)]
-    with fs.open(path, "rb") as f, zipfile.ZipFile(f) as listed:
-        expected = {m: listed.read(m) for m in listed.namelist()}
-        assert len(member_ranges(listed, wanted)) == 4, "members within GAP_BYTES share one request, no others"
-        pf = prefetch(fs, path, f, listed, wanted)
-        with zipfile.ZipFile(pf) as zf:
+    with fs.open(path, "rb") as f:
+        with zipfile.ZipFile(f) as plain:
+            expected = {m: plain.read(m) for m in plain.namelist()}
+            assert len(member_ranges(plain, wanted)) == 4, "members within GAP_BYTES share one request, no others"
+        source = open_remote(f)
+        with zipfile.ZipFile(source) as zf:
+            directory_reads = source.fallback_reads
+            assert directory_reads > 0, "the directory is read through to the file"
+            fetch_members(fs, path, zf, wanted, source)
             assert {m: zf.read(m) for m in wanted} == {m: expected[m] for m in wanted}
-            assert pf.fallback_reads == 0, "the central directory and the wanted members were fetched"
+            assert source.fallback_reads == directory_reads, "a fetched member was read from the file again"
             assert zf.read("d/010.bin") == expected["d/010.bin"]  # not fetched: read from the file
-        assert pf.fallback_reads > 0
-        # Only a member's own range fetched (a failed request drops its range): the rest from the file.
-        info = listed.getinfo("d/020.bin")
+            assert source.fallback_reads > directory_reads
+        # Only part of one member's range fetched (as after a failed request): the rest from the file.
+        with zipfile.ZipFile(archive) as listing:
+            info = listing.getinfo("d/020.bin")
         f.seek(info.header_offset)
         head = f.read(4000)
         lone = RangesFile(f.seek(0, io.SEEK_END), {info.header_offset: head}, fallback=f)
