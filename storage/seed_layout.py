@@ -38,6 +38,7 @@ from storage.source_plan import (
     SourcePlan,
     read_members,
 )
+from storage.zip_ranges import locate_members
 
 # Container names as written by `data synth --layout seed`, then accepted aliases.
 CONTAINERS: dict[str, tuple[str, ...]] = {
@@ -87,11 +88,13 @@ def open_container(kind: str, source: str) -> Container | None:
             c = Container(kind, archive, is_zip=True)
             fs, path = sfs.filesystem(archive)
             with fs.open(path, "rb") as f, zipfile.ZipFile(f) as zf:
+                located = locate_members(zf)
                 for info in zf.infolist():
                     if info.is_dir() or info.filename.startswith(_JUNK) or info.filename.endswith(_JUNK):
                         continue
                     c.entries[member_key(kind, info.filename)] = Entry(info.filename, info.file_size,
-                                                                       f"{info.file_size}:{info.CRC:08x}")
+                                                                       f"{info.file_size}:{info.CRC:08x}",
+                                                                       located.get(info.filename))
             return c
     return None
 

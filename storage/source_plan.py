@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from storage import fs as sfs
-from storage.zip_ranges import fetch_members, open_remote
+from storage.zip_ranges import ZipAt, fetch_members, open_remote, read_located
 
 
 def zip_member_uri(zip_uri: str, member: str) -> str:
@@ -22,6 +22,7 @@ class Entry:
     member: str  # path inside the container (zip member name, or path relative to the folder)
     size: int
     stamp: str  # changes when the file changes: CRC for zips, size/mtime or etag for folders
+    at: ZipAt | None = None  # a zip member: where it lies, so that a part reads it without the directory
 
 
 @dataclass
@@ -41,13 +42,21 @@ class MemberError(Exception):
     """A file or zip member that cannot be read; the message says why."""
 
 
-def read_members(container: Container, members: list[str]) -> dict[str, bytes | MemberError]:
+def read_members(container: Container, members: list[str],
+                 located: dict[str, ZipAt] | None = None) -> dict[str, bytes | MemberError]:
     """Bytes of each member (or the MemberError saying why not), one open of a zip per call.
 
+    `located`: where each member of a zip lies (the plan's listing, Entry.at); with every member
+    there, the zip's directory is not read again (storage/zip_ranges.py read_located says why).
     Each call opens its own handle: zip readers shared between threads or processes are what
     broke the source's zip-backed loaders.
     """
     out: dict[str, bytes | MemberError] = {}
+    if container.is_zip and located is not None and all(m in located for m in members):
+        fs, path = sfs.filesystem(container.uri)
+        for m, got in read_located(fs, path, {m: located[m] for m in members}).items():
+            out[m] = got if isinstance(got, bytes) else MemberError(f"zip member unreadable ({got})")
+        return out
     if container.is_zip:
         fs, path = sfs.filesystem(container.uri)
         with fs.open(path, "rb") as f:

@@ -1,23 +1,29 @@
-"""Reading many members of a remote zip in a few concurrent ranged requests.
+"""Reading many members of a zip in a few concurrent ranged requests, without its directory.
 
 zipfile reads a member through seeks and small reads of the file it is given. On a remote file
 (gcsfs) each of those misses the read cache as soon as the members read are not one after another,
 and costs a request: packing 6,000 samples from seed-layout zips on the GCS emulator at 20 ms a
 request took 96,134 requests and 184 s in the source's order (docs/PERFORMANCE.md, "`data pack`
-stores samples shuffled"). Here the byte range of every wanted member (its local header, data and
-descriptor: from its header offset to the next member's) is fetched first, runs of adjacent members
-merged into one request of up to MERGE_BYTES, all in flight together (storage.fs.cat_ranges); then
-zipfile reads the members from those bytes as from the file, with its own header parsing,
-decompression and CRC check. The zip is opened once, on a storage/ranges_file.py RangesFile that
-reads its directory through to the file; a read outside the fetched ranges (or of a range whose
-request failed) goes to the file too, so nothing is read differently, only sooner.
+stores samples shuffled"). And a ZipFile parses the whole central directory before any read: 3.4 s
+and 30 MB for a zip of the source's 400K members, in every part of a pack.
+
+So the planner's listing records where each member lies (locate_members: a ZipAt per member), and a
+part reads its members with read_located: their byte ranges (from a member's header to the next
+member's) merged into requests of up to MERGE_BYTES, all in flight together (storage.fs.cat_ranges),
+each member then taken from its local header and checked against the listing's CRC-32. A member
+the listing did not locate is read by zipfile; in a remote zip, on a storage/ranges_file.py
+RangesFile that reads the directory through to the file and holds the members' ranges fetched the
+same way (open_remote, fetch_members).
 """
 
 from __future__ import annotations
 
+import bisect
 import io
+import struct
 import zipfile
-from typing import Any
+import zlib
+from typing import Any, NamedTuple
 
 from fsspec.utils import merge_offset_ranges
 
@@ -30,6 +36,87 @@ MERGE_BYTES = 8 * 2**20
 # Members this close are fetched in one request, the bytes between them read and dropped: a request
 # costs a round trip (20 ms and more), 64 KB at a bucket's ~100 MB/s under one ms.
 GAP_BYTES = 64 * 2**10
+
+
+class ZipAt(NamedTuple):
+    """Where a member lies and how it is stored, from the zip's central directory."""
+
+    start: int  # its local header's offset
+    end: int  # the next member's header (or the directory): its header, data and descriptor lie before
+    method: int  # zipfile.ZIP_STORED or ZIP_DEFLATED (others are read through zipfile)
+    compressed: int
+    size: int
+    crc: int
+    flags: int
+
+
+def locate_members(zf: zipfile.ZipFile) -> dict[str, ZipAt]:
+    """Each member's ZipAt, from an opened zip's directory (read once, by the planner)."""
+    infos = sorted(zf.infolist(), key=lambda i: i.header_offset)
+    ends = [i.header_offset for i in infos[1:]] + [zf.start_dir]
+    return {i.filename: ZipAt(i.header_offset, end, i.compress_type, i.compress_size, i.file_size, i.CRC, i.flag_bits)
+            for i, end in zip(infos, ends, strict=True)}
+
+
+# Why our own member reader: zipfile reads a member only through a ZipFile, which parses the whole
+# central directory first. A part of a pack reads a few thousand members of a zip whose directory
+# the planner has already read; at the source's size (400K members a zip) a parse takes 3.4 s and
+# 30 MB read, per part and per zip (docs/PERFORMANCE.md). What a member needs beyond the directory's
+# record is its 30-byte local header: stored and deflated data are read here, checked against the
+# directory's CRC-32 and size; any other method, or encryption, goes through zipfile.
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, (version..sizes), name length, extra length
+
+
+def member_data(blob: bytes | memoryview, name: str, at: ZipAt) -> bytes:
+    """The member's bytes from `blob`, its range [at.start, at.end); zipfile.BadZipFile when they are
+    not what the directory says."""
+    if len(blob) < _LOCAL_HEADER.size:
+        raise zipfile.BadZipFile(f"truncated local header of {name!r}")
+    signature, n, extra = _LOCAL_HEADER.unpack_from(blob)
+    if signature != b"PK\x03\x04":
+        raise zipfile.BadZipFile(f"bad magic number for file header of {name!r}")
+    begin = _LOCAL_HEADER.size + n + extra
+    data = blob[begin : begin + at.compressed]
+    if len(data) != at.compressed:
+        raise zipfile.BadZipFile(f"truncated data of {name!r}")
+    if at.method == zipfile.ZIP_STORED:
+        out = bytes(data)
+    else:
+        z = zlib.decompressobj(-15)
+        out = z.decompress(data) + z.flush()
+    if len(out) != at.size or zlib.crc32(out) != at.crc:
+        raise zipfile.BadZipFile(f"Bad CRC-32 for file {name!r}")
+    return out
+
+
+def read_located(fs: Any, path: str, located: dict[str, ZipAt]) -> dict[str, bytes | str]:
+    """Each member's bytes, or why not (a one-line reason), reading only the members' ranges (merged
+    as member_ranges does, all requests in flight together), never the zip's directory."""
+    simple = {m: at for m, at in located.items()
+              if at.method in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) and not at.flags & 0x1}
+    out: dict[str, bytes | str] = {}
+    if len(simple) < len(located):  # another method or encryption: zipfile's own reader
+        with fs.open(path, "rb") as f, zipfile.ZipFile(f) as zf:
+            for m in located.keys() - simple.keys():
+                try:
+                    out[m] = zf.read(m)
+                except Exception as exc:  # noqa: BLE001 - a bad member, not a crash
+                    out[m] = f"{type(exc).__name__}: {exc}"
+    spans = sorted((at.start, at.end) for at in simple.values())
+    if spans:
+        _, starts, ends = merge_offset_ranges([""] * len(spans), [s for s, _ in spans], [e for _, e in spans],
+                                              max_gap=GAP_BYTES, max_block=MERGE_BYTES, sort=False)
+        got = sfs.cat_ranges(fs, [path] * len(starts), starts, ends)
+        for m, at in simple.items():
+            k = bisect.bisect_right(starts, at.start) - 1  # the merged range holding the member's
+            if isinstance(got[k], BaseException):
+                out[m] = f"{type(got[k]).__name__}: {sfs.describe_error(got[k])}"
+                continue
+            try:
+                out[m] = member_data(memoryview(got[k])[at.start - starts[k] : at.end - starts[k]], m, at)
+            except (zipfile.BadZipFile, zlib.error) as exc:
+                out[m] = f"{type(exc).__name__}: {exc}"
+    return out
 
 
 def member_ranges(zf: zipfile.ZipFile, members: list[str]) -> list[tuple[int, int]]:

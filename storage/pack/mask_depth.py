@@ -27,7 +27,7 @@ from storage.layouts.base import (
     TaskPlan,
 )
 from storage.layouts.samples import open_image
-from storage.pack.reading import member_problem, path_of, read_part_files
+from storage.pack.reading import member_problem, path_of, read_part_files, zip_locations
 from storage.pack.records import (
     BACKGROUNDS,
     PACK_VERSION,
@@ -250,6 +250,7 @@ def background_tasks(
                 {},
                 role=BACKGROUNDS,
                 max_pixels=max_pixels,
+                zip_at=zip_locations(plan, ((ref.container, ref.member) for ref in chunk)),
             )
         )
     return tasks

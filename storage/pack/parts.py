@@ -13,6 +13,7 @@ from typing import Any
 
 from storage.layouts.base import DEFAULT_MAX_PIXELS, DEFAULT_TASK, TaskPlan, set_max_pixels
 from storage.pack.mask_depth import MASK_THRESHOLD, run_backgrounds_part, run_mask_depth_part
+from storage.pack.reading import zip_locations
 from storage.pack.records import BACKGROUNDS, PACK_VERSION, PartTask
 from storage.pack.sizes import file_kinds
 from storage.pack.tasks import run_task_part
@@ -74,6 +75,7 @@ def sample_tasks(
                 options,
                 bg_ids=ids,
                 max_pixels=max_pixels,
+                zip_at=zip_locations(plan, (f for _, _, files, _ in samples for f in files.values())),
             )
         )
     return tasks

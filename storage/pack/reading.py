@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from storage.pack.records import PartTask
-from storage.source_plan import Container, MemberError, read_files, read_members
+from storage.source_plan import Container, MemberError, SourcePlan, read_files, read_members
+from storage.zip_ranges import ZipAt
 
 
 def read_part_files(task: PartTask) -> dict[tuple[int | None, str], bytes | MemberError]:
@@ -22,7 +25,8 @@ def read_part_files(task: PartTask) -> dict[tuple[int | None, str], bytes | Memb
                 blobs.update({(None, k): v for k, v in read_files(uris).items()})
         else:
             kind, uri, is_zip = task.containers[c]
-            got = read_members(Container(kind, uri, is_zip), sorted(members))
+            located = {m: task.zip_at[(c, m)] for m in members if (c, m) in task.zip_at} if is_zip else None
+            got = read_members(Container(kind, uri, is_zip), sorted(members), located)
             blobs.update({(c, k): v for k, v in got.items()})
     return blobs
 
@@ -38,3 +42,19 @@ def member_problem(kind: str, blob: MemberError) -> str:
     return (
         f"{kind}: missing partner file" if str(blob) in ("file missing", "missing from the zip") else f"{kind}: {blob}"
     )
+
+
+def zip_locations(plan: SourcePlan, files: Iterable[tuple[int | None, str]]) -> dict[tuple[int, str], ZipAt]:
+    """PartTask.zip_at for the files (container, member) of a part: where the plan's listing found
+    each zip member."""
+    from storage.seed_layout import member_key
+
+    out: dict[tuple[int, str], ZipAt] = {}
+    for c, member in files:
+        if c is None or not plan.containers[c].is_zip:
+            continue
+        container = plan.containers[c]
+        entry = container.entries.get(member) or container.entries.get(member_key(container.kind, member))
+        if entry is not None and entry.member == member and entry.at is not None:
+            out[(c, member)] = entry.at
+    return out

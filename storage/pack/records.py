@@ -37,6 +37,9 @@ class PartTask:
     role: str = SAMPLES  # or BACKGROUNDS: samples are then (bg id, name, {"bg": file}, {})
     bg_ids: list[int] = field(default_factory=list)  # mask_depth: each sample's background id
     max_pixels: int = DEFAULT_MAX_PIXELS  # images over this are bad samples (--max-pixels)
+    # Where each zip member the part reads lies ((container, member) -> storage.zip_ranges.ZipAt,
+    # from the plan's listing): the part then reads no zip directory.
+    zip_at: dict[tuple[int, str], Any] = field(default_factory=dict)
 
 
 @dataclass
