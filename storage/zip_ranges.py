@@ -90,8 +90,8 @@ def member_data(blob: bytes | memoryview, name: str, at: ZipAt) -> bytes:
 
 
 def read_located(fs: Any, path: str, located: dict[str, ZipAt]) -> dict[str, bytes | str]:
-    """Each member's bytes, or why not (a one-line reason), reading only the members' ranges (merged
-    as member_ranges does, all requests in flight together), never the zip's directory."""
+    """Each member's bytes, or why not (a one-line reason), reading only the members' ranges
+    (merge_spans, all requests in flight together), never the zip's directory."""
     simple = {m: at for m, at in located.items()
               if at.method in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) and not at.flags & 0x1}
     out: dict[str, bytes | str] = {}
@@ -102,11 +102,10 @@ def read_located(fs: Any, path: str, located: dict[str, ZipAt]) -> dict[str, byt
                     out[m] = zf.read(m)
                 except Exception as exc:  # noqa: BLE001 - a bad member, not a crash
                     out[m] = f"{type(exc).__name__}: {exc}"
-    spans = sorted((at.start, at.end) for at in simple.values())
-    if spans:
-        _, starts, ends = merge_offset_ranges([""] * len(spans), [s for s, _ in spans], [e for _, e in spans],
-                                              max_gap=GAP_BYTES, max_block=MERGE_BYTES, sort=False)
-        got = sfs.cat_ranges(fs, [path] * len(starts), starts, ends)
+    if simple:
+        ranges = merge_spans((at.start, at.end) for at in simple.values())
+        starts = [s for s, _ in ranges]
+        got = sfs.cat_ranges(fs, [path] * len(ranges), starts, [e for _, e in ranges])
         for m, at in simple.items():
             k = bisect.bisect_right(starts, at.start) - 1  # the merged range holding the member's
             if isinstance(got[k], BaseException):
@@ -119,19 +118,21 @@ def read_located(fs: Any, path: str, located: dict[str, ZipAt]) -> dict[str, byt
     return out
 
 
-def member_ranges(zf: zipfile.ZipFile, members: list[str]) -> list[tuple[int, int]]:
-    """Byte ranges [start, end) to fetch for `members` (names in the zip; others are skipped),
-    those within GAP_BYTES of each other merged up to MERGE_BYTES, in file order."""
-    infos = sorted(zf.infolist(), key=lambda i: i.header_offset)
-    offsets = [i.header_offset for i in infos]
-    end_of = {i.filename: (offsets[k + 1] if k + 1 < len(infos) else zf.start_dir) for k, i in enumerate(infos)}
-    by_name = {i.filename: i for i in infos}
-    wanted = sorted((by_name[m].header_offset, end_of[m]) for m in set(members) if m in by_name)
-    if not wanted:
+def merge_spans(spans: Any) -> list[tuple[int, int]]:
+    """Byte ranges [start, end) of members, those within GAP_BYTES of each other merged up to
+    MERGE_BYTES (fsspec's merge_offset_ranges), in file order."""
+    spans = sorted(spans)
+    if not spans:
         return []
-    _, starts, ends = merge_offset_ranges([""] * len(wanted), [s for s, _ in wanted], [e for _, e in wanted],
+    _, starts, ends = merge_offset_ranges([""] * len(spans), [s for s, _ in spans], [e for _, e in spans],
                                           max_gap=GAP_BYTES, max_block=MERGE_BYTES, sort=False)
     return list(zip(starts, ends, strict=True))
+
+
+def member_ranges(zf: zipfile.ZipFile, members: list[str]) -> list[tuple[int, int]]:
+    """merge_spans of `members` of an opened zip (names not in it are skipped)."""
+    located = locate_members(zf)
+    return merge_spans((located[m].start, located[m].end) for m in set(members) if m in located)
 
 
 def open_remote(f: Any) -> RangesFile:
