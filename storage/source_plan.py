@@ -4,12 +4,11 @@ and the other tasks' layouts (storage/layouts/) build these."""
 
 from __future__ import annotations
 
-import zipfile
 from dataclasses import dataclass, field
 from typing import Any
 
 from storage import fs as sfs
-from storage.zip_ranges import ZipAt, fetch_members, open_remote, read_located
+from storage.zip_ranges import ZipAt, read_zip_members
 
 
 def zip_member_uri(zip_uri: str, member: str) -> str:
@@ -46,36 +45,15 @@ def read_members(container: Container, members: list[str],
                  located: dict[str, ZipAt] | None = None) -> dict[str, bytes | MemberError]:
     """Bytes of each member (or the MemberError saying why not), one open of a zip per call.
 
-    `located`: where each member of a zip lies (the plan's listing, Entry.at); with every member
-    there, the zip's directory is not read again (storage/zip_ranges.py read_located says why).
+    `located`: where each member of a zip lies (the plan's listing, Entry.at); those are read from
+    their ranges without the zip's directory (storage/zip_ranges.py says why), the rest by zipfile.
     Each call opens its own handle: zip readers shared between threads or processes are what
     broke the source's zip-backed loaders.
     """
-    out: dict[str, bytes | MemberError] = {}
-    if container.is_zip and located is not None and all(m in located for m in members):
-        fs, path = sfs.filesystem(container.uri)
-        for m, got in read_located(fs, path, {m: located[m] for m in members}).items():
-            out[m] = got if isinstance(got, bytes) else MemberError(f"zip member unreadable ({got})")
-        return out
     if container.is_zip:
         fs, path = sfs.filesystem(container.uri)
-        with fs.open(path, "rb") as f:
-            # A remote zip: every member's bytes fetched first, in a few concurrent requests
-            # (storage/zip_ranges.py says why); zipfile then reads them as from the file.
-            source = f if sfs.is_local(container.uri) else open_remote(f)
-            with zipfile.ZipFile(source) as zf:
-                if source is not f:
-                    fetch_members(fs, path, zf, members, source)
-                # In archive order, so a local zip is read front to back.
-                infos = {i.filename: i for i in zf.infolist()}
-                for m in sorted(members, key=lambda m: infos[m].header_offset if m in infos else -1):
-                    try:
-                        out[m] = zf.read(infos[m]) if m in infos else MemberError("missing from the zip")
-                    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
-                        out[m] = MemberError(f"zip member unreadable ({type(exc).__name__}: {exc})")
-                    except Exception as exc:  # noqa: BLE001 - zlib.error and friends: a bad member, not a crash
-                        out[m] = MemberError(f"zip member unreadable ({type(exc).__name__}: {exc})")
-        return out
+        got = read_zip_members(fs, path, members, located or {})
+        return {m: g if isinstance(g, bytes) else MemberError(g) for m, g in got.items()}
     return read_files([sfs.join(container.uri, m) for m in members], keys=members)
 
 

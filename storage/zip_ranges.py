@@ -8,18 +8,15 @@ stores samples shuffled"). And a ZipFile parses the whole central directory befo
 and 30 MB for a zip of the source's 400K members, in every part of a pack.
 
 So the planner's listing records where each member lies (locate_members: a ZipAt per member), and a
-part reads its members with read_located: their byte ranges (from a member's header to the next
+part reads its members with read_zip_members: their byte ranges (from a member's header to the next
 member's) merged into requests of up to MERGE_BYTES, all in flight together (storage.fs.cat_ranges),
 each member then taken from its local header and checked against the listing's CRC-32. A member
-the listing did not locate is read by zipfile; in a remote zip, on a storage/ranges_file.py
-RangesFile that reads the directory through to the file and holds the members' ranges fetched the
-same way (open_remote, fetch_members).
+the listing did not locate, or stored another way, is read by zipfile, as before.
 """
 
 from __future__ import annotations
 
 import bisect
-import io
 import struct
 import zipfile
 import zlib
@@ -28,7 +25,6 @@ from typing import Any, NamedTuple
 from fsspec.utils import merge_offset_ranges
 
 from storage import fs as sfs
-from storage.ranges_file import RangesFile
 
 # One request covers nearby members up to this many bytes: large enough that a run of a row
 # group's members (~1 MB) is one request, small enough that a part's requests run side by side.
@@ -89,32 +85,36 @@ def member_data(blob: bytes | memoryview, name: str, at: ZipAt) -> bytes:
     return out
 
 
-def read_located(fs: Any, path: str, located: dict[str, ZipAt]) -> dict[str, bytes | str]:
-    """Each member's bytes, or why not (a one-line reason), reading only the members' ranges
-    (merge_spans, all requests in flight together), never the zip's directory."""
-    simple = {m: at for m, at in located.items()
-              if at.method in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) and not at.flags & 0x1}
+def read_zip_members(fs: Any, path: str, members: list[str],
+                     located: dict[str, ZipAt]) -> dict[str, bytes | str]:
+    """Each member's bytes, or why not (a one-line reason: "missing from the zip", or "zip member
+    unreadable (...)"). Located stored or deflated members are read from their ranges only (merge_spans,
+    all requests in flight together), never the zip's directory; the rest through zipfile."""
+    simple = {m: located[m] for m in members if m in located
+              and located[m].method in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) and not located[m].flags & 0x1}
     out: dict[str, bytes | str] = {}
-    if len(simple) < len(located):  # another method or encryption: zipfile's own reader
+    others = [m for m in members if m not in simple]
+    if others:  # not located, another method, or encrypted: zipfile's own reader
         with fs.open(path, "rb") as f, zipfile.ZipFile(f) as zf:
-            for m in located.keys() - simple.keys():
+            infos = {i.filename: i for i in zf.infolist()}
+            # In archive order, so a local zip is read front to back.
+            for m in sorted(others, key=lambda m: infos[m].header_offset if m in infos else -1):
                 try:
-                    out[m] = zf.read(m)
-                except Exception as exc:  # noqa: BLE001 - a bad member, not a crash
-                    out[m] = f"{type(exc).__name__}: {exc}"
+                    out[m] = zf.read(infos[m]) if m in infos else "missing from the zip"
+                except Exception as exc:  # noqa: BLE001 - zlib.error and friends: a bad member, not a crash
+                    out[m] = f"zip member unreadable ({type(exc).__name__}: {exc})"
     if simple:
         ranges = merge_spans((at.start, at.end) for at in simple.values())
         starts = [s for s, _ in ranges]
         got = sfs.cat_ranges(fs, [path] * len(ranges), starts, [e for _, e in ranges])
         for m, at in simple.items():
             k = bisect.bisect_right(starts, at.start) - 1  # the merged range holding the member's
-            if isinstance(got[k], BaseException):
-                out[m] = f"{type(got[k]).__name__}: {sfs.describe_error(got[k])}"
-                continue
             try:
+                if isinstance(got[k], BaseException):
+                    raise got[k]
                 out[m] = member_data(memoryview(got[k])[at.start - starts[k] : at.end - starts[k]], m, at)
-            except (zipfile.BadZipFile, zlib.error) as exc:
-                out[m] = f"{type(exc).__name__}: {exc}"
+            except Exception as exc:  # noqa: BLE001 - a failed request or a bad member, not a crash
+                out[m] = f"zip member unreadable ({type(exc).__name__}: {exc})"
     return out
 
 
@@ -127,24 +127,3 @@ def merge_spans(spans: Any) -> list[tuple[int, int]]:
     _, starts, ends = merge_offset_ranges([""] * len(spans), [s for s, _ in spans], [e for _, e in spans],
                                           max_gap=GAP_BYTES, max_block=MERGE_BYTES, sort=False)
     return list(zip(starts, ends, strict=True))
-
-
-def member_ranges(zf: zipfile.ZipFile, members: list[str]) -> list[tuple[int, int]]:
-    """merge_spans of `members` of an opened zip (names not in it are skipped)."""
-    located = locate_members(zf)
-    return merge_spans((located[m].start, located[m].end) for m in set(members) if m in located)
-
-
-def open_remote(f: Any) -> RangesFile:
-    """`f`, an open remote zip, as a RangesFile that reads through to it: open the ZipFile on this
-    (its directory is read through to `f` once), then fetch_members() before reading members."""
-    return RangesFile(f.seek(0, io.SEEK_END), {}, fallback=f)
-
-
-def fetch_members(fs: Any, path: str, zf: zipfile.ZipFile, members: list[str], into: RangesFile) -> None:
-    """Fetch the byte ranges of `members` of `zf` (opened on `into`) into `into`, all requests in
-    flight together. A range whose request failed is left to the file."""
-    ranges = member_ranges(zf, members)
-    got = sfs.cat_ranges(fs, [path] * len(ranges), [s for s, _ in ranges], [e for _, e in ranges])
-    into.add({s: bytes(r) for (s, e), r in zip(ranges, got, strict=True)
-              if not isinstance(r, BaseException) and len(r) == e - s})

@@ -340,14 +340,13 @@ def test_pack_runs_its_parts_as_ray_tasks_when_a_cluster_is_there(seed_src, pack
     assert _shas(str(tmp_path / "ray")) == _shas(packed)
 
 
-def test_zip_members_read_from_fetched_ranges_are_the_members_bytes(tmp_path):
-    """Breaks if storage/zip_ranges.py serves a byte other than the file's (stored or deflated members),
-    if the zip's directory or a member it did not fetch is not read through to the file, if a fetched
-    member is read from the file again, or if nearby members stop sharing a request."""
+def test_zip_members_not_located_by_the_plan_are_read_through_zipfile_beside_the_located(tmp_path):
+    """Breaks if a member the listing did not locate is not read (through zipfile), if a member
+    missing from the zip stops being "missing from the zip" (a missing partner, said so), if either
+    reader changes a byte, or if nearby located members stop sharing a request."""
     import random
 
-    from storage.ranges_file import RangesFile
-    from storage.zip_ranges import fetch_members, member_ranges, open_remote
+    from storage.zip_ranges import locate_members, merge_spans, read_zip_members
 
     archive = tmp_path / "m.zip"
     rng = random.Random(0)
@@ -356,29 +355,16 @@ def test_zip_members_read_from_fetched_ranges_are_the_members_bytes(tmp_path):
             # 10-40 KB each: members 10 apart are more than GAP_BYTES (64 KB) apart
             data = rng.randbytes(rng.randrange(10_000, 40_000)) if i % 2 else b"ab" * rng.randrange(5_000, 20_000)
             zf.writestr(f"d/{i:03d}.bin", data, compress_type=zipfile.ZIP_DEFLATED if i % 3 else zipfile.ZIP_STORED)
-    fs, path = sfs.filesystem(str(archive))
+    with zipfile.ZipFile(archive) as zf:
+        expected = {m: zf.read(m) for m in zf.namelist()}
+        located = locate_members(zf)
     wanted = [f"d/{i:03d}.bin" for i in (3, 4, 5, 6, 20, 31, 39)]
-    with fs.open(path, "rb") as f:
-        with zipfile.ZipFile(f) as plain:
-            expected = {m: plain.read(m) for m in plain.namelist()}
-            assert len(member_ranges(plain, wanted)) == 4, "members within GAP_BYTES share one request, no others"
-        source = open_remote(f)
-        with zipfile.ZipFile(source) as zf:
-            directory_reads = source.fallback_reads
-            assert directory_reads > 0, "the directory is read through to the file"
-            fetch_members(fs, path, zf, wanted, source)
-            assert {m: zf.read(m) for m in wanted} == {m: expected[m] for m in wanted}
-            assert source.fallback_reads == directory_reads, "a fetched member was read from the file again"
-            assert zf.read("d/010.bin") == expected["d/010.bin"]  # not fetched: read from the file
-            assert source.fallback_reads > directory_reads
-        # Only part of one member's range fetched (as after a failed request): the rest from the file.
-        with zipfile.ZipFile(archive) as listing:
-            info = listing.getinfo("d/020.bin")
-        f.seek(info.header_offset)
-        head = f.read(4000)
-        lone = RangesFile(f.seek(0, io.SEEK_END), {info.header_offset: head}, fallback=f)
-        with zipfile.ZipFile(lone) as zf:
-            assert [zf.read(m) for m in wanted] == [expected[m] for m in wanted]
+    spans = merge_spans((located[m].start, located[m].end) for m in wanted)
+    assert len(spans) == 4, "members within GAP_BYTES share one request, no others"
+    fs, path = sfs.filesystem(str(archive))
+    some = {m: located[m] for m in wanted[::2]}
+    got = read_zip_members(fs, path, [*wanted, "d/nope.bin"], some)
+    assert got == {**{m: expected[m] for m in wanted}, "d/nope.bin": "missing from the zip"}
 
 
 def test_a_zip_member_located_by_the_plan_is_read_without_the_zips_directory(tmp_path):
@@ -387,7 +373,7 @@ def test_a_zip_member_located_by_the_plan_is_read_without_the_zips_directory(tmp
     one-line reason, or if a method of zipfile's own (bzip2) is not read through zipfile."""
     import random
 
-    from storage.zip_ranges import locate_members, read_located
+    from storage.zip_ranges import locate_members, read_zip_members
 
     archive = tmp_path / "m.zip"
     rng = random.Random(1)
@@ -407,21 +393,21 @@ def test_a_zip_member_located_by_the_plan_is_read_without_the_zips_directory(tmp
     blank.write_bytes(archive.read_bytes()[:directory] + bytes(archive.stat().st_size - directory))
     with pytest.raises(zipfile.BadZipFile):
         zipfile.ZipFile(blank)
-    got = read_located(fs, str(blank), {m: located[m] for m in plain})
+    got = read_zip_members(fs, str(blank), plain, {m: located[m] for m in plain})
     assert got == {m: expected[m] for m in plain}
     # bzip2 goes through zipfile (on the intact file).
     bz = [m for m in expected if located[m].method == zipfile.ZIP_BZIP2]
-    assert read_located(fs, path, {m: located[m] for m in bz}) == {m: expected[m] for m in bz}
+    assert read_zip_members(fs, path, bz, {m: located[m] for m in bz}) == {m: expected[m] for m in bz}
     # A flipped data byte of a stored member, and a wrong offset: reasons, not bytes.
     stored = next(m for m in plain if located[m].method == zipfile.ZIP_STORED and located[m].size > 100)
     at = located[stored]
     data = bytearray(archive.read_bytes())
     data[at.end - 50] ^= 0xFF
     (tmp_path / "flipped.zip").write_bytes(bytes(data))
-    assert read_located(fs, str(tmp_path / "flipped.zip"), {stored: at}) == {
-        stored: f"BadZipFile: Bad CRC-32 for file {stored!r}"}
+    assert read_zip_members(fs, str(tmp_path / "flipped.zip"), [stored], {stored: at}) == {
+        stored: f"zip member unreadable (BadZipFile: Bad CRC-32 for file {stored!r})"}
     moved = at._replace(start=at.start + 1)
-    assert "bad magic number" in read_located(fs, path, {stored: moved})[stored]
+    assert "bad magic number" in read_zip_members(fs, path, [stored], {stored: moved})[stored]
 
 
 def test_pack_parts_carry_where_each_zip_member_lies(tmp_path):

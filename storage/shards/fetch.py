@@ -4,9 +4,10 @@ all requests in flight together, footers once per process, through the local cac
 
 from __future__ import annotations
 
+import io
 import logging
 import threading
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +18,6 @@ from fsspec.utils import merge_offset_ranges
 from storage import fs as sfs
 from storage.cache import ByteCache
 from storage.errors import ShardFetchError
-from storage.ranges_file import RangesFile
 from storage.retry import is_transient, storage_retry
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,48 @@ class PreloadStats:
             k: getattr(self, k)
             for k in ("requests", "bytes_fetched", "groups_fetched", "groups_from_cache", "refetches")
         }
+
+
+class _RangesFile(io.RawIOBase):
+    """A read-only file of known size whose bytes are known only in the fetched ranges.
+
+    pyarrow reads a row group's column chunks through it; a read outside the fetched ranges is
+    a bug in the range planning and fails loudly rather than returning zeros.
+    """
+
+    def __init__(self, size: int, parts: Mapping[int, bytes | memoryview]) -> None:
+        self._size = size
+        self._parts = sorted(parts.items())
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: self._size}[whence]
+        self._pos = base + offset
+        return self._pos
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = self._size - self._pos
+        for start, blob in self._parts:
+            if start <= self._pos and self._pos + n <= start + len(blob):
+                out = blob[self._pos - start : self._pos - start + n]
+                self._pos += n
+                return out
+        raise OSError(f"read of {n} bytes at {self._pos} outside the fetched row groups")
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
 
 
 def group_range(meta: pq.FileMetaData, group: int) -> tuple[int, int]:
@@ -243,7 +285,7 @@ class ShardReader:
 
     def read_group(self, shard: int, group: int, fetched: tuple[int, Buffer], columns: Sequence[str]) -> pa.Table:
         start, blob = fetched
-        f = RangesFile(int(self.shards[shard]["bytes"]), {start: blob})
+        f = _RangesFile(int(self.shards[shard]["bytes"]), {start: blob})
         return pq.ParquetFile(f, metadata=self.footers([shard])[shard]).read_row_group(group, columns=list(columns))
 
     # -- I/O -------------------------------------------------------------------------------------
